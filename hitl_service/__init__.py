@@ -1,0 +1,1 @@
+"""hitl-service: hand a chatbot conversation to a human agent and back."""

@@ -1,0 +1,227 @@
+"""The Provider contract: what a backend implements to serve handoffs.
+
+The core owns persistence, idempotency, dedupe, the retry policy, event
+numbering and fan-out; a provider only translates to and from its backend.
+Providers never touch the store or generated protobuf code; they may import
+the leaf utilities ``hitl_service.clock`` and ``hitl_service.secret``.
+
+A third-party provider is a distribution that registers a factory under the
+entry-point group ``hitl_service.providers``::
+
+    [project.entry-points."hitl_service.providers"]
+    acme = "acme_hitl:create_provider"
+
+The factory is called with a :class:`ProviderDeps` and returns a
+:class:`Provider`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TextIO, runtime_checkable
+
+if TYPE_CHECKING:
+    import httpx
+    from prometheus_client import CollectorRegistry
+    from starlette.routing import BaseRoute
+
+    from hitl_service.clock import Clock
+    from providers.types import (
+        Capabilities,
+        CatchUp,
+        Message,
+        ProviderChat,
+        ProviderUser,
+        SendResult,
+        StartRequest,
+        StartResult,
+        UserProfile,
+        WebhookBatch,
+    )
+
+
+@runtime_checkable
+class EventSink(Protocol):
+    """Where a provider pushes events it learns outside a webhook.
+
+    The local console and any provider that holds a socket to its backend
+    use it; webhook providers are called through ``parse_webhook`` instead.
+    """
+
+    async def deliver(self, batch: WebhookBatch) -> int:
+        """Commits the batch's events; returns how many were new.
+
+        Returns only after the events are durably stored.
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderDeps:
+    """What the composition root hands a provider factory.
+
+    Attributes:
+        env: The process environment merged with ``.env``; providers read
+            their own ``HITL_<NAME>_*`` settings from it.
+        sink: Where to push events that do not come through a webhook.
+        clock: Time source; use it instead of ``datetime.now``/``sleep``.
+        registry: Prometheus registry for the provider's own metrics.
+        data_dir: A directory the provider may keep local files in.
+        http_transport: httpx transport to use (tests inject fakes); None
+            means the default network transport.
+    """
+
+    env: Mapping[str, str]
+    sink: EventSink
+    clock: Clock
+    registry: CollectorRegistry
+    data_dir: Path
+    http_transport: httpx.AsyncBaseTransport | None = None
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """A backend that serves handoffs. All network calls take a timeout.
+
+    Errors: raise ``ProviderUnavailable`` for transient failures (the core
+    retries), ``ProviderRejected`` (or ``ChatInactive``/``ProviderAuthError``)
+    for permanent ones, ``WebhookRejected`` from ``parse_webhook``.
+
+    ``ProviderUser.state`` and ``ProviderChat.state`` may be updated in place
+    during a call; the core persists them afterwards.
+    """
+
+    name: str
+    capabilities: Capabilities
+
+    async def open(self) -> None:
+        """Prepares clients and background work; called once at start-up."""
+        ...
+
+    async def close(self) -> None:
+        """Releases clients; called once at shutdown."""
+        ...
+
+    async def probe(self, *, timeout: float) -> Sequence[str]:
+        """Checks settings and reachability.
+
+        Returns:
+            Problems in plain words, each naming the setting to fix; empty
+            when everything works.
+
+        Raises:
+            ProviderUnavailable: The backend cannot be reached.
+        """
+        ...
+
+    async def upsert_user(
+        self, profile: UserProfile, user: ProviderUser | None, *, timeout: float
+    ) -> ProviderUser:
+        """Creates the user's identity at the backend, or updates it.
+
+        Args:
+            profile: Name, e-mail and picture as the caller registered them.
+            user: The identity from an earlier call, to reuse; None the
+                first time.
+        """
+        ...
+
+    async def start(
+        self, request: StartRequest, user: ProviderUser, *, timeout: float
+    ) -> StartResult:
+        """Opens a chat for the handoff with the transcript, routed to a group.
+
+        Resume ``request.previous_chat`` when the backend keeps one chat per
+        user. Must be safe to call again for the same ``request.request_id``
+        after an uncertain failure (reuse an already open chat).
+        """
+        ...
+
+    async def send(
+        self,
+        chat: ProviderChat,
+        user: ProviderUser,
+        message: Message,
+        *,
+        request_id: str,
+        uncertain: bool,
+        timeout: float,
+    ) -> SendResult:
+        """Delivers an end-user message to the agent side.
+
+        Args:
+            request_id: The idempotency key; pass it to the backend as its
+                own (LiveChat ``custom_id``).
+            uncertain: An earlier attempt of this request may have reached the
+                backend: look for ``request_id`` in the chat first and send
+                only what is missing.
+
+        Bodies the backend cannot carry natively go as readable text.
+
+        Raises:
+            ChatInactive: The chat is closed.
+        """
+        ...
+
+    async def stop(
+        self, chat: ProviderChat, user: ProviderUser, reason: str, *, timeout: float
+    ) -> None:
+        """Closes the chat at the backend. Closing a closed chat is a no-op."""
+        ...
+
+    def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> WebhookBatch:
+        """Verifies and normalizes one inbound webhook delivery.
+
+        Pure and fast: no network calls. Raises ``WebhookRejected`` (and only
+        that) for anything it refuses.
+        """
+        ...
+
+    async def catch_up(
+        self, chat: ProviderChat, user: ProviderUser, checkpoint: str, *, timeout: float
+    ) -> CatchUp:
+        """Lists what happened in the chat after ``checkpoint`` ("" = start).
+
+        Returned events carry the same dedupe keys their webhooks would, so
+        overlap with delivered webhooks is harmless. Providers without a
+        history API return an empty ``CatchUp``.
+        """
+        ...
+
+    def routes(self) -> Sequence[BaseRoute]:
+        """Extra HTTP routes the sidecar serves for this provider (may be empty)."""
+        ...
+
+
+@runtime_checkable
+class SupportsCommands(Protocol):
+    """A provider with its own CLI subcommands (``hitl-service <name> ...``).
+
+    The CLI builds and opens the configured provider, then hands it the
+    arguments after the provider name.
+    """
+
+    async def run_command(self, argv: Sequence[str], out: TextIO) -> int:
+        """Runs one subcommand; writes plain-words output to ``out``.
+
+        Returns:
+            The process exit status.
+        """
+        ...
+
+
+class ProviderFactory(Protocol):
+    """Builds a provider; what the entry point names."""
+
+    def __call__(self, deps: ProviderDeps) -> Provider:
+        """Reads the provider's settings from ``deps.env`` and builds it.
+
+        Raises:
+            ProviderConfigError: A setting is missing or malformed.
+        """
+        ...
+
+
+__all__ = ["EventSink", "Provider", "ProviderDeps", "ProviderFactory", "SupportsCommands"]
