@@ -1,0 +1,247 @@
+"""Settings from the environment (plus ``.env`` and command-line flags).
+
+Every problem is reported as a ``ConfigError`` naming the variable to fix;
+``hitl-service serve`` prints it as one line and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+from hitl_service.secret import Secret
+
+LogFormat = Literal["json", "console"]
+_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed."""
+
+    def __init__(self, variable: str, message: str) -> None:
+        super().__init__(f"{variable}: {message}")
+        self.variable = variable
+
+
+@dataclass(frozen=True, slots=True)
+class StoreUrl:
+    """A parsed ``HITL_STORE_URL``; ``repr`` hides any password."""
+
+    scheme: Literal["sqlite", "postgresql"]
+    path: Path | None = None  # sqlite
+    dsn: Secret = field(default_factory=lambda: Secret(""))  # postgresql
+
+    def redacted(self) -> str:
+        """The URL with any password masked, for logs and ``check``."""
+        if self.scheme == "sqlite":
+            return f"sqlite:///{self.path}"
+        parts = urlsplit(self.dsn.reveal())
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        user = (
+            f"{parts.username}:***@"
+            if parts.password
+            else f"{parts.username}@"
+            if parts.username
+            else ""
+        )
+        return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the core reads from its environment.
+
+    Provider settings (``HITL_<PROVIDER>_*``) stay in ``env`` and are parsed
+    by the provider itself.
+    """
+
+    provider: str = "local"
+    grpc_addr: str = "127.0.0.1:50051"
+    http_addr: str = "127.0.0.1:8080"
+    store_url: StoreUrl = field(
+        default_factory=lambda: StoreUrl("sqlite", path=Path("./var/hitl.db"))
+    )
+    data_dir: Path = Path("./var")
+    log_format: LogFormat = "json"
+    log_level: str = "info"
+    http_max_body: int = 1024 * 1024
+    provider_timeout: float = 10.0
+    request_budget: float = 25.0
+    stream_max_seconds: float = 3600.0
+    stream_buffer: int = 4096
+    queue_timeout: float = 0.0
+    idle_timeout: float = 0.0
+    reconcile_interval: float = 60.0
+    grace_seconds: float = 10.0
+    api_tokens: tuple[Secret, ...] = ()
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    store_pool_min: int = 2
+    store_pool_max: int = 10
+    store_poll_only: bool = False
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Parses settings; ``env`` defaults to ``.env`` overlaid by ``os.environ``.
+
+        Raises:
+            ConfigError: A value is malformed.
+        """
+        if env is None:
+            env = load_environment()
+        get = env.get
+        default_format: LogFormat = "console" if sys.stderr.isatty() else "json"
+        raw_format = get("HITL_LOG_FORMAT", default_format)
+        if raw_format not in ("json", "console"):
+            raise ConfigError("HITL_LOG_FORMAT", f"must be json or console, not {raw_format!r}")
+        log_format: LogFormat = "json" if raw_format == "json" else "console"
+        log_level = get("HITL_LOG_LEVEL", "info").lower()
+        if log_level not in _LEVELS:
+            raise ConfigError("HITL_LOG_LEVEL", f"must be one of {', '.join(_LEVELS)}")
+        provider = get("HITL_PROVIDER", "local").strip()
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", provider):
+            raise ConfigError("HITL_PROVIDER", f"{provider!r} is not a provider name")
+        tls = {
+            name: _optional_path(env, f"HITL_GRPC_TLS_{name.upper()}")
+            for name in ("cert", "key", "client_ca")
+        }
+        if (tls["cert"] is None) != (tls["key"] is None):
+            raise ConfigError(
+                "HITL_GRPC_TLS_KEY", "set both HITL_GRPC_TLS_CERT and HITL_GRPC_TLS_KEY"
+            )
+        if tls["client_ca"] is not None and tls["cert"] is None:
+            raise ConfigError("HITL_GRPC_TLS_CLIENT_CA", "needs HITL_GRPC_TLS_CERT and _KEY too")
+        tokens = tuple(
+            Secret(t.strip()) for t in get("HITL_API_TOKENS", "").split(",") if t.strip()
+        )
+        return cls(
+            provider=provider,
+            grpc_addr=parse_addr("HITL_GRPC_ADDR", get("HITL_GRPC_ADDR", cls.grpc_addr)),
+            http_addr=parse_addr("HITL_HTTP_ADDR", get("HITL_HTTP_ADDR", cls.http_addr)),
+            store_url=parse_store_url(get("HITL_STORE_URL", "sqlite:///./var/hitl.db")),
+            data_dir=Path(get("HITL_DATA_DIR", "./var")),
+            log_format=log_format,
+            log_level=log_level,
+            http_max_body=_int(env, "HITL_HTTP_MAX_BODY", cls.http_max_body, minimum=1024),
+            provider_timeout=_duration(env, "HITL_PROVIDER_TIMEOUT", cls.provider_timeout, 0.1),
+            request_budget=_duration(env, "HITL_REQUEST_BUDGET", cls.request_budget, 0.1),
+            stream_max_seconds=_duration(env, "HITL_STREAM_MAX_SECONDS", 3600.0, 1.0),
+            stream_buffer=_int(env, "HITL_STREAM_BUFFER", cls.stream_buffer, minimum=16),
+            queue_timeout=_duration(env, "HITL_QUEUE_TIMEOUT", 0.0, 0.0),
+            idle_timeout=_duration(env, "HITL_IDLE_TIMEOUT", 0.0, 0.0),
+            reconcile_interval=_duration(env, "HITL_RECONCILE_INTERVAL", 60.0, 0.0),
+            grace_seconds=_duration(env, "HITL_GRACE_SECONDS", cls.grace_seconds, 0.0),
+            api_tokens=tokens,
+            tls_cert=tls["cert"],
+            tls_key=tls["key"],
+            tls_client_ca=tls["client_ca"],
+            store_pool_min=_int(env, "HITL_STORE_POOL_MIN", cls.store_pool_min, minimum=1),
+            store_pool_max=_int(env, "HITL_STORE_POOL_MAX", cls.store_pool_max, minimum=1),
+            store_poll_only=_bool(env, "HITL_STORE_POLL_ONLY", default=False),
+            env=dict(env),
+        )
+
+
+def load_environment(dotenv: Path = Path(".env")) -> dict[str, str]:
+    """``.env`` (if present) overlaid by the process environment."""
+    merged: dict[str, str] = {}
+    if dotenv.is_file():
+        merged.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
+    merged.update(os.environ)
+    return merged
+
+
+def parse_store_url(raw: str) -> StoreUrl:
+    """Parses ``sqlite:///relative.db``, ``sqlite:////abs.db`` or ``postgresql://…``.
+
+    Raises:
+        ConfigError: Anything else; the message never repeats a password.
+    """
+    var = "HITL_STORE_URL"
+    if raw.startswith("sqlite:"):
+        if not raw.startswith("sqlite:///") or len(raw) == len("sqlite:///"):
+            raise ConfigError(
+                var, "an SQLite URL looks like sqlite:///relative/path.db or sqlite:////abs/path.db"
+            )
+        return StoreUrl("sqlite", path=Path(raw[len("sqlite:///") :]))
+    if raw.startswith(("postgresql://", "postgres://")):
+        parts = urlsplit(raw)
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ConfigError(var, "the PostgreSQL URL has a malformed port") from None
+        if not parts.hostname and "host=" not in parts.query:
+            raise ConfigError(var, "the PostgreSQL URL names no host")
+        return StoreUrl("postgresql", dsn=Secret(raw))
+    scheme = raw.split(":", 1)[0] if ":" in raw else ""
+    shown = f"scheme {scheme!r}" if scheme else "a value without a scheme"
+    raise ConfigError(var, f"expected sqlite:///PATH or postgresql://..., got {shown}")
+
+
+def parse_addr(variable: str, raw: str) -> str:
+    """Validates ``host:port`` (``[v6]:port`` too); port 0 means any free port."""
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})", raw.strip())
+    if match is None or int(match.group(2)) > 65535:
+        raise ConfigError(variable, f"expected HOST:PORT, got {raw!r}")
+    return raw.strip()
+
+
+def _int(env: Mapping[str, str], variable: str, default: int, *, minimum: int) -> int:
+    raw = env.get(variable)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(variable, f"expected a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(variable, f"must be at least {minimum}")
+    return value
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}
+
+
+def _duration(env: Mapping[str, str], variable: str, default: float, minimum: float) -> float:
+    raw = env.get(variable)
+    if raw is None or raw.strip() == "":
+        return default
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|)\s*", raw)
+    if match is None:
+        raise ConfigError(variable, f"expected a duration like 30s, 5m or 1h, got {raw!r}")
+    value = float(match.group(1)) * _UNITS[match.group(2)]
+    if value < minimum:
+        raise ConfigError(variable, f"must be at least {minimum}s")
+    return value
+
+
+def _bool(env: Mapping[str, str], variable: str, *, default: bool) -> bool:
+    raw = env.get(variable, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(variable, f"expected true or false, got {raw!r}")
+
+
+def _optional_path(env: Mapping[str, str], variable: str) -> Path | None:
+    raw = env.get(variable, "").strip()
+    if not raw:
+        return None
+    path = Path(raw)
+    if not path.is_file():
+        raise ConfigError(variable, f"no readable file at {raw}")
+    return path

@@ -1,0 +1,31 @@
+"""Storage: the ``Store`` interface and its backends, chosen by URL scheme."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hitl_service.store.base import DuplicateKey, OpenSessionExists, Store, Tx
+
+if TYPE_CHECKING:
+    from hitl_service.config import Settings
+
+
+def open_store(settings: Settings) -> Store:
+    """Builds (does not yet open) the store ``HITL_STORE_URL`` names."""
+    url = settings.store_url
+    if url.scheme == "sqlite":
+        from hitl_service.store.sqlite import SqliteStore
+
+        assert url.path is not None  # parse_store_url sets it for sqlite
+        return SqliteStore(url.path)
+    from hitl_service.store.postgres import PostgresStore  # needs the postgres extra
+
+    return PostgresStore(
+        url.dsn,
+        pool_min=settings.store_pool_min,
+        pool_max=settings.store_pool_max,
+        poll_only=settings.store_poll_only,
+    )
+
+
+__all__ = ["DuplicateKey", "OpenSessionExists", "Store", "Tx", "open_store"]

@@ -1,0 +1,221 @@
+"""Row ↔ record conversions shared by the SQL stores.
+
+Rows arrive as mappings whose timestamp columns are already ``datetime``
+(each backend converts its own representation) and whose JSON columns are
+text or already-decoded values.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from hitl_service.codec import (
+    agent_from_json,
+    agent_to_json,
+    kind_from_json,
+    kind_to_json,
+)
+from hitl_service.domain import (
+    LogEvent,
+    OutboxItem,
+    OutboxKind,
+    OutboxStatus,
+    Session,
+    SessionState,
+    User,
+)
+from providers.types import EndedBy, InboundEvent, ProviderUser, Started
+
+Row = Mapping[str, Any]
+
+SESSION_COLUMNS = (
+    "id, user_id, provider, state, request_id, title, description, group_id, metadata, "
+    "external_chat_id, chat_state, agent, created_at, updated_at, ended_at, end_reason, "
+    "ended_by, stop_requested_at, last_activity_at, catch_up_checkpoint"
+)
+OUTBOX_COLUMNS = (
+    "id, session_id, kind, request_id, payload, status, attempts, attempts_settled, "
+    "next_attempt_at, lease_owner, lease_until, last_error, error_code, result, created_at, "
+    "done_at"
+)
+USER_COLUMNS = "id, name, email, picture_url, external_id, created_at, updated_at"
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON text."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def loads(value: Any) -> Any:
+    """Decodes JSON text; passes already-decoded values through."""
+    if value is None:
+        return None
+    if isinstance(value, str | bytes | bytearray):
+        return json.loads(value)
+    return value
+
+
+def utc(value: datetime) -> datetime:
+    """The same instant, as an aware UTC datetime."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def user_from_row(row: Row) -> User:
+    """A users row → User."""
+    return User(
+        id=row["id"],
+        name=row["name"],
+        email=row["email"],
+        picture_url=row["picture_url"],
+        external_id=row["external_id"] or "",
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def provider_user_from_row(row: Row) -> ProviderUser:
+    """A provider_users row → ProviderUser."""
+    return ProviderUser(external_user_id=row["external_user_id"], state=loads(row["state"]) or {})
+
+
+def session_from_row(row: Row) -> Session:
+    """A sessions row → Session."""
+    return Session(
+        id=row["id"],
+        user_id=row["user_id"],
+        provider=row["provider"],
+        state=SessionState(row["state"]),
+        request_id=row["request_id"],
+        title=row["title"],
+        description=row["description"],
+        group_id=row["group_id"],
+        metadata=loads(row["metadata"]) or {},
+        external_chat_id=row["external_chat_id"],
+        chat_state=loads(row["chat_state"]) or {},
+        agent=agent_from_json(loads(row["agent"])),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        ended_at=row["ended_at"],
+        end_reason=row["end_reason"],
+        ended_by=EndedBy(row["ended_by"]),
+        stop_requested_at=row["stop_requested_at"],
+        last_activity_at=row["last_activity_at"],
+        catch_up_checkpoint=row["catch_up_checkpoint"],
+    )
+
+
+def session_values(session: Session) -> dict[str, Any]:
+    """Session → column values (timestamps as datetime, JSON as text)."""
+    return {
+        "id": session.id,
+        "user_id": session.user_id,
+        "provider": session.provider,
+        "state": session.state.value,
+        "request_id": session.request_id,
+        "title": session.title,
+        "description": session.description,
+        "group_id": session.group_id,
+        "metadata": dumps(session.metadata),
+        "external_chat_id": session.external_chat_id,
+        "chat_state": dumps(session.chat_state),
+        "agent": dumps(agent_to_json(session.agent)) if session.agent else None,
+        "created_at": session.created_at,
+        "updated_at": session.updated_at,
+        "ended_at": session.ended_at,
+        "end_reason": session.end_reason,
+        "ended_by": session.ended_by.value,
+        "stop_requested_at": session.stop_requested_at,
+        "last_activity_at": session.last_activity_at,
+        "catch_up_checkpoint": session.catch_up_checkpoint,
+    }
+
+
+def event_from_row(row: Row) -> LogEvent:
+    """An events row → LogEvent."""
+    return LogEvent(
+        seq=int(row["seq"]),
+        session_id=row["session_id"],
+        user_id=row["user_id"],
+        occurred_at=row["occurred_at"],
+        kind=kind_from_json(row["kind"], loads(row["data"])),
+    )
+
+
+def outbox_from_row(row: Row) -> OutboxItem:
+    """An outbox row → OutboxItem."""
+    return OutboxItem(
+        id=row["id"],
+        session_id=row["session_id"],
+        kind=OutboxKind(row["kind"]),
+        request_id=row["request_id"],
+        payload=loads(row["payload"]) or {},
+        status=OutboxStatus(row["status"]),
+        attempts=int(row["attempts"]),
+        attempts_settled=int(row["attempts_settled"]),
+        next_attempt_at=row["next_attempt_at"],
+        lease_owner=row["lease_owner"],
+        lease_until=row["lease_until"],
+        last_error=row["last_error"],
+        error_code=row["error_code"],
+        result=loads(row["result"]) or {},
+        created_at=row["created_at"],
+        done_at=row["done_at"],
+    )
+
+
+def outbox_values(item: OutboxItem) -> dict[str, Any]:
+    """OutboxItem → column values."""
+    return {
+        "id": item.id,
+        "session_id": item.session_id,
+        "kind": item.kind.value,
+        "request_id": item.request_id,
+        "payload": dumps(item.payload),
+        "status": item.status.value,
+        "attempts": item.attempts,
+        "attempts_settled": item.attempts_settled,
+        "next_attempt_at": item.next_attempt_at,
+        "lease_owner": item.lease_owner,
+        "lease_until": item.lease_until,
+        "last_error": item.last_error,
+        "error_code": item.error_code,
+        "result": dumps(item.result),
+        "created_at": item.created_at,
+        "done_at": item.done_at,
+    }
+
+
+def inbound_to_json(event: InboundEvent) -> str:
+    """A parked InboundEvent → JSON text."""
+    tag, data = kind_to_json(event.kind)
+    return dumps(
+        {
+            "external_chat_id": event.external_chat_id,
+            "kind": tag,
+            "data": data,
+            "dedupe_key": event.dedupe_key,
+            "occurred_at": event.occurred_at.isoformat() if event.occurred_at else None,
+            "author_id": event.author_id,
+        }
+    )
+
+
+def inbound_from_json(text: Any) -> InboundEvent:
+    """JSON text → parked InboundEvent."""
+    data = loads(text)
+    kind = kind_from_json(data["kind"], data["data"])
+    if isinstance(kind, Started):
+        raise ValueError("a started event is never parked")
+    occurred = data.get("occurred_at")
+    return InboundEvent(
+        external_chat_id=data["external_chat_id"],
+        kind=kind,
+        dedupe_key=data["dedupe_key"],
+        occurred_at=datetime.fromisoformat(occurred) if occurred else None,
+        author_id=data.get("author_id", ""),
+    )

@@ -1,0 +1,491 @@
+"""A thin async client for the LiveChat HTTP APIs.
+
+One ``httpx.AsyncClient`` serves the agent, customer and configuration chat
+APIs (v3.6) and the accounts API. Each method makes exactly one HTTP attempt;
+the core owns retries. Transport failures and transient error types become
+``ProviderUnavailable``; every other refusal becomes :class:`ApiError`, which
+the provider maps to the contract's errors with the context it knows.
+
+Credentials go on each request, never on the client, so fetching a media URL
+carries none. The client never stores cookies: customer cookies belong to
+one end user each and travel explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.cookiejar
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from http.cookies import CookieError, SimpleCookie
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import httpx
+import structlog
+
+from hitl_service.secret import Secret
+from providers.errors import ProviderUnavailable
+from providers.livechat.models import as_dict, as_int, as_str
+from providers.livechat.settings import LiveChatSettings
+
+log = structlog.get_logger(__name__)
+
+API_VERSION: Final = "v3.6"
+# Types LiveChat uses for trouble on its side; worth retrying (core's policy).
+TRANSIENT_TYPES: Final = frozenset(
+    {"too_many_requests", "internal", "service_unavailable", "request_timeout"}
+)
+_SERVER_SIDE_TYPES: Final = frozenset({"internal", "service_unavailable", "request_timeout"})
+_COOKIE_NAME_RE: Final = re.compile(r"^__lc[A-Za-z0-9_]*$")
+_COOKIE_VALUE_RE: Final = re.compile(r"^[A-Za-z0-9._~+/=:-]*$")
+_USER_AGENT: Final = "hitl-service-livechat/1"
+
+
+class ApiError(Exception):
+    """LiveChat refused a call with a (non-transient) ``error.type``.
+
+    Attributes:
+        api: ``agent``, ``customer``, ``configuration`` or ``accounts``.
+        method: The method (or endpoint) called.
+        type: LiveChat's ``error.type`` (accounts: its ``oauth_exception``).
+        detail: LiveChat's message, shortened; never holds our secrets.
+        status: The HTTP status.
+        data: ``error.data``, if any.
+    """
+
+    def __init__(
+        self,
+        api: str,
+        method: str,
+        type_: str,
+        detail: str,
+        status: int,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(f"LiveChat {api} {method} refused: {type_}: {detail}")
+        self.api = api
+        self.method = method
+        self.type = type_
+        self.detail = detail
+        self.status = status
+        self.data: Mapping[str, Any] = data or {}
+
+
+class FetchFailed(Exception):
+    """A media URL could not be fetched within the limits."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenGrant:
+    """A customer token from the cookie grant.
+
+    Attributes:
+        access_token: The customer's Bearer token.
+        customer_id: ``entity_id``: the customer id.
+        expires_in: Lifetime in seconds.
+        organization_id: The organization the token belongs to.
+        cookies: The ``__lc_*`` cookies to replay for the same customer.
+    """
+
+    access_token: Secret
+    customer_id: str
+    expires_in: int
+    organization_id: str
+    cookies: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """Bytes of a fetched media URL."""
+
+    content: bytes
+    content_type: str
+
+
+class _NoCookies(http.cookiejar.DefaultCookiePolicy):
+    """Refuses every cookie, so one user's cookies never reach another's call."""
+
+    def set_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+    def return_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    value = headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def cookie_header(cookies: Mapping[str, str]) -> str:
+    """The ``Cookie`` header for a customer's saved ``__lc_*`` cookies."""
+    parts = [
+        f"{name}={value}"
+        for name, value in sorted(cookies.items())
+        if _COOKIE_NAME_RE.match(name) and _COOKIE_VALUE_RE.match(value)
+    ]
+    return "; ".join(parts)
+
+
+def cookies_from(response: httpx.Response) -> dict[str, str]:
+    """The ``__lc_*`` cookies a response sets (empty values are dropped)."""
+    found: dict[str, str] = {}
+    for header in response.headers.get_list("set-cookie"):
+        jar: SimpleCookie = SimpleCookie()
+        try:
+            jar.load(header)
+        except CookieError:
+            continue
+        for name, morsel in jar.items():
+            if _COOKIE_NAME_RE.match(name) and morsel.value:
+                found[name] = morsel.value
+    return found
+
+
+class LiveChatClient:
+    """Calls the LiveChat APIs; one instance per provider.
+
+    Args:
+        settings: Base URLs, credentials and limits.
+        transport: httpx transport to use; None for the network.
+    """
+
+    def __init__(
+        self, settings: LiveChatSettings, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self._settings = settings
+        self._transport = transport
+        self._http: httpx.AsyncClient | None = None
+        self._warned_lifecycle: set[tuple[str, str]] = set()
+
+    async def open(self) -> None:
+        """Creates the HTTP client."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                transport=self._transport,
+                cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
+                headers={"User-Agent": _USER_AGENT},
+                timeout=self._settings.request_timeout,
+                follow_redirects=False,
+            )
+
+    async def aclose(self) -> None:
+        """Closes the HTTP client."""
+        if self._http is not None:
+            http_client, self._http = self._http, None
+            await http_client.aclose()
+
+    @property
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            raise RuntimeError("LiveChatClient.open() was not called")
+        return self._http
+
+    def _timeout(self, timeout: float) -> httpx.Timeout:
+        if timeout <= 0:
+            raise ProviderUnavailable("the call ran out of time before reaching LiveChat")
+        return httpx.Timeout(min(timeout, self._settings.request_timeout))
+
+    def _region_headers(self) -> dict[str, str]:
+        return {"X-Region": self._settings.region} if self._settings.region else {}
+
+    async def agent(
+        self, method: str, body: Mapping[str, Any], *, timeout: float, idempotent: bool = False
+    ) -> Any:
+        """Calls an Agent Chat API method with the agent token (Basic)."""
+        return await self._action("agent", method, body, timeout=timeout, idempotent=idempotent)
+
+    async def configuration(
+        self, method: str, body: Mapping[str, Any], *, timeout: float, idempotent: bool = False
+    ) -> Any:
+        """Calls a Configuration API method with the agent token (Basic)."""
+        return await self._action(
+            "configuration", method, body, timeout=timeout, idempotent=idempotent
+        )
+
+    async def customer(
+        self,
+        method: str,
+        body: Mapping[str, Any],
+        *,
+        token: Secret,
+        timeout: float,
+        idempotent: bool = False,
+    ) -> Any:
+        """Calls a Customer Chat API method with a customer token (Bearer)."""
+        return await self._action(
+            "customer", method, body, timeout=timeout, idempotent=idempotent, token=token
+        )
+
+    async def customer_upload(
+        self, *, token: Secret, filename: str, content: bytes, content_type: str, timeout: float
+    ) -> str:
+        """Uploads a file with customer ``upload_file``.
+
+        Returns:
+            The CDN URL to put in a ``file`` event.
+        """
+        result = await self._send(
+            "customer",
+            "upload_file",
+            files={"file": (filename, content, content_type or "application/octet-stream")},
+            token=token,
+            timeout=timeout,
+            idempotent=True,  # an upload alone changes nothing the agent sees
+        )
+        url = as_str(as_dict(result).get("url"))
+        if not url:
+            raise ApiError("customer", "upload_file", "invalid_response", "no url returned", 200)
+        return url
+
+    async def _action(
+        self,
+        api: str,
+        method: str,
+        body: Mapping[str, Any],
+        *,
+        timeout: float,
+        idempotent: bool,
+        token: Secret | None = None,
+    ) -> Any:
+        return await self._send(
+            api, method, json_body=body, token=token, timeout=timeout, idempotent=idempotent
+        )
+
+    async def _send(
+        self,
+        api: str,
+        method: str,
+        *,
+        timeout: float,
+        idempotent: bool,
+        json_body: Mapping[str, Any] | None = None,
+        files: Mapping[str, tuple[str, bytes, str]] | None = None,
+        token: Secret | None = None,
+    ) -> Any:
+        url = f"{self._settings.api_url}/{API_VERSION}/{api}/action/{method}"
+        headers = self._region_headers()
+        params: dict[str, str] = {}
+        if api == "customer":
+            assert token is not None
+            headers["Authorization"] = "Bearer " + token.reveal()
+            params["organization_id"] = self._settings.organization_id
+        else:
+            headers["Authorization"] = "Basic " + self._settings.agent_token.reveal()
+        request = self._client.build_request(
+            "POST",
+            url,
+            json=dict(json_body) if json_body is not None else None,
+            files=files,
+            headers=headers,
+            params=params,
+            timeout=self._timeout(timeout),
+        )
+        response = await self._exchange(request, api, method, idempotent=idempotent)
+        return self._decode(response, api, method, idempotent=idempotent)
+
+    async def _exchange(
+        self, request: httpx.Request, api: str, method: str, *, idempotent: bool
+    ) -> httpx.Response:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        where = f"LiveChat {api} {method}"
+        try:
+            response = await self._client.send(request)
+        except (httpx.ConnectTimeout, httpx.PoolTimeout):
+            raise ProviderUnavailable(f"{where}: timed out connecting") from None
+        except httpx.TimeoutException:
+            log.warning("livechat.timeout", api=api, method=method)
+            raise ProviderUnavailable(
+                f"{where}: timed out waiting for the answer", uncertain=not idempotent
+            ) from None
+        except httpx.ConnectError:
+            host = urlsplit(str(request.url)).netloc
+            raise ProviderUnavailable(f"{where}: cannot connect to {host}") from None
+        except httpx.TransportError as exc:
+            # The connection broke after the request went out: it may have run.
+            log.warning("livechat.connection_lost", api=api, method=method, error=type(exc).__name__)
+            raise ProviderUnavailable(
+                f"{where}: the connection was lost before the answer", uncertain=not idempotent
+            ) from None
+        self._check_lifecycle(api, response)
+        log.debug(
+            "livechat.call",
+            api=api,
+            method=method,
+            status=response.status_code,
+            debug_id=response.headers.get("x-debug-id", ""),
+            bytes=len(response.content),
+            ms=round((loop.time() - started) * 1000, 1),
+        )
+        return response
+
+    def _check_lifecycle(self, api: str, response: httpx.Response) -> None:
+        for header in ("legacy", "deprecation"):
+            value = response.headers.get(header)
+            if value and (header, value) not in self._warned_lifecycle:
+                self._warned_lifecycle.add((header, value))
+                log.warning(
+                    "livechat.api_lifecycle",
+                    api=api,
+                    stage=header,
+                    until=_short(value, 40),
+                    version=API_VERSION,
+                )
+
+    def _decode(self, response: httpx.Response, api: str, method: str, *, idempotent: bool) -> Any:
+        status = response.status_code
+        debug_id = response.headers.get("x-debug-id", "")
+        try:
+            body: Any = response.json() if response.content else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = None
+        if 200 <= status < 300:
+            if body is None:
+                log.warning("livechat.bad_json", api=api, method=method, debug_id=debug_id)
+                raise ProviderUnavailable(
+                    f"LiveChat {api} {method}: the answer is not JSON", uncertain=not idempotent
+                )
+            return body
+        error = as_dict(as_dict(body).get("error"))
+        error_type = as_str(error.get("type"))
+        if not error_type:
+            error_type = (
+                "too_many_requests" if status == 429 else "internal" if status >= 500 else "unknown"
+            )
+        detail = _short(as_str(error.get("message")) or f"HTTP {status}")
+        log.warning(
+            "livechat.error",
+            api=api,
+            method=method,
+            status=status,
+            error_type=error_type,
+            debug_id=debug_id,
+        )
+        if error_type in TRANSIENT_TYPES or status >= 500:
+            server_side = error_type in _SERVER_SIDE_TYPES or status >= 500
+            raise ProviderUnavailable(
+                f"LiveChat {api} {method} failed: {error_type}: {detail}",
+                retry_after=_retry_after(response.headers),
+                uncertain=server_side and not idempotent,
+            )
+        raise ApiError(api, method, error_type, detail, status, as_dict(error.get("data")))
+
+    async def customer_token(self, cookies: Mapping[str, str], *, timeout: float) -> TokenGrant:
+        """Runs the ``cookie`` grant: a token for the customer the cookies name.
+
+        Without cookies LiveChat creates a new customer; with them it returns
+        a fresh token for the same one.
+
+        Raises:
+            ApiError: The accounts API refused (``type`` is its
+                ``oauth_exception``).
+            ProviderUnavailable: Transport failure or server trouble.
+        """
+        s = self._settings
+        body = {
+            "grant_type": "cookie",
+            "client_id": s.client_id,
+            "response_type": "token",
+            "organization_id": s.organization_id,
+            "redirect_uri": s.redirect_uri,
+        }
+        headers = self._region_headers()
+        if jar := cookie_header(cookies):
+            headers["Cookie"] = jar
+        request = self._client.build_request(
+            "POST",
+            f"{s.accounts_url}/v2/customer/token",
+            json=body,
+            headers=headers,
+            timeout=self._timeout(timeout),
+        )
+        # Without cookies a lost answer may have created a customer we never learn of.
+        response = await self._exchange(request, "accounts", "customer_token", idempotent=True)
+        status = response.status_code
+        try:
+            payload = as_dict(response.json())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            payload = {}
+        if status == 429 or status >= 500:
+            raise ProviderUnavailable(
+                f"LiveChat accounts customer token: HTTP {status}",
+                retry_after=_retry_after(response.headers),
+            )
+        if not 200 <= status < 300:
+            kind = as_str(payload.get("oauth_exception")) or as_str(
+                as_dict(payload.get("error")).get("type")
+            )
+            detail = as_str(payload.get("exception_description")) or as_str(
+                as_dict(payload.get("error")).get("message")
+            )
+            log.warning("livechat.error", api="accounts", status=status, error_type=kind)
+            raise ApiError(
+                "accounts", "customer_token", kind or "unknown", _short(detail), status
+            )
+        access_token = as_str(payload.get("access_token"))
+        customer_id = as_str(payload.get("entity_id"))
+        if not access_token or not customer_id:
+            raise ProviderUnavailable("LiveChat accounts customer token: incomplete answer")
+        merged = {**dict(cookies), **cookies_from(response)}
+        return TokenGrant(
+            access_token=Secret(access_token),
+            customer_id=customer_id,
+            expires_in=as_int(payload.get("expires_in"), 28800) or 28800,
+            organization_id=as_str(payload.get("organization_id")),
+            cookies=merged,
+        )
+
+    async def fetch(self, url: str, *, max_bytes: int, timeout: float) -> Fetched:
+        """Downloads a media URL given by the caller, up to ``max_bytes``.
+
+        No credentials are sent. Redirects are followed (a few).
+
+        Raises:
+            FetchFailed: Unreachable, not 200, or larger than ``max_bytes``.
+        """
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise FetchFailed("not an http(s) URL")
+        try:
+            async with self._client.stream(
+                "GET", url, timeout=self._timeout(timeout), follow_redirects=True
+            ) as response:
+                if response.status_code != 200:
+                    raise FetchFailed(f"HTTP {response.status_code}")
+                declared = as_int(response.headers.get("content-length"), -1)
+                if declared > max_bytes:
+                    raise FetchFailed("larger than the upload limit")
+                chunks: list[bytes] = []
+                total = 0
+                async for chunk in response.aiter_bytes():
+                    total += len(chunk)
+                    if total > max_bytes:
+                        raise FetchFailed("larger than the upload limit")
+                    chunks.append(chunk)
+                content_type = response.headers.get("content-type", "").split(";")[0].strip()
+                return Fetched(b"".join(chunks), content_type)
+        except httpx.HTTPError as exc:
+            raise FetchFailed(type(exc).__name__) from None
+        except ProviderUnavailable:
+            raise FetchFailed("no time left") from None

@@ -1,0 +1,256 @@
+"""Message bodies to LiveChat events and back, and readable text fallbacks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+from providers.livechat.models import LcEvent, as_dict, as_int, as_list, as_str
+from providers.types import (
+    Author,
+    ButtonKind,
+    Card,
+    CardButton,
+    Location,
+    Media,
+    MediaKind,
+    Message,
+)
+
+MAX_TEXT_BYTES: Final = 16_000
+"""Largest text per event. LiveChat says 16 KB; staying under 16,000 bytes is
+safe whichever KB it means."""
+MAX_BUTTONS: Final = 13
+_SPLIT_LOOKBACK: Final = 1024  # prefer breaking at whitespace within the last KB
+
+_BUTTON_TYPES: Final = {ButtonKind.MESSAGE: "message", ButtonKind.URL: "url", ButtonKind.PHONE: "phone"}
+_AUTHOR_LABELS: Final = {Author.USER: "User", Author.BOT: "Bot", Author.AGENT: "Agent"}
+
+
+def split_text(text: str, limit: int = MAX_TEXT_BYTES) -> list[str]:
+    """Splits text into pieces of at most ``limit`` UTF-8 bytes.
+
+    Pieces never cut a character in two, and break after whitespace when
+    there is some near the end of a piece, so words stay whole. Joining the
+    pieces gives the text back exactly.
+    """
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return [text]
+    pieces: list[str] = []
+    start = 0
+    while len(data) - start > limit:
+        end = start + limit
+        # Back up to a character boundary: continuation bytes are 0b10xxxxxx.
+        while end > start and (data[end] & 0xC0) == 0x80:
+            end -= 1
+        window = data[max(start, end - _SPLIT_LOOKBACK) : end]
+        cut = max(window.rfind(b" "), window.rfind(b"\n"), window.rfind(b"\t"))
+        if cut >= 0:
+            end = max(start, end - _SPLIT_LOOKBACK) + cut + 1
+        pieces.append(data[start:end].decode("utf-8", "surrogatepass"))
+        start = end
+    pieces.append(data[start:].decode("utf-8", "surrogatepass"))
+    return pieces
+
+
+def human_size(size: int) -> str:
+    """``1536`` -> ``1.5 KB``."""
+    value = float(size)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{int(value)} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} bytes"  # pragma: no cover - the loop always returns
+
+
+def media_name(media: Media) -> str:
+    """The file name to show: the given name, else the URL's last segment."""
+    if media.name:
+        return media.name
+    tail = media.url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return tail or "file"
+
+
+def media_text(media: Media) -> str:
+    """A readable link for a file that could not be attached."""
+    details = [d for d in (media.mime_type, human_size(media.size_bytes) if media.size_bytes else "") if d]
+    suffix = f" ({', '.join(details)})" if details else ""
+    text = f"📎 {media_name(media)}{suffix}: {media.url}"
+    return f"{text}\n{media.caption}" if media.caption else text
+
+
+def location_text(location: Location) -> str:
+    """A location as readable text with a map link."""
+    lines = [f"📍 {location.name}" if location.name else "📍 Location"]
+    if location.address:
+        lines.append(location.address)
+    lines.append(f"https://maps.google.com/?q={location.latitude:.6f},{location.longitude:.6f}")
+    return "\n".join(lines)
+
+
+def card_text(card: Card) -> str:
+    """A card as readable text (the fallback when rich messages are refused)."""
+    lines = [line for line in (card.title, card.subtitle) if line]
+    if card.image_url:
+        lines.append(card.image_url)
+    for button in card.buttons:
+        lines.append(f"• {button.text}: {button.value}" if button.value else f"• {button.text}")
+    return "\n".join(lines) or "(empty card)"
+
+
+def card_event(card: Card, postback_prefix: str) -> dict[str, Any]:
+    """A ``rich_message`` event (template ``cards``) for a card.
+
+    Buttons beyond LiveChat's 13 are left out here; the caller sends them
+    as text.
+    """
+    element: dict[str, Any] = {}
+    if card.title:
+        element["title"] = card.title
+    if card.subtitle:
+        element["subtitle"] = card.subtitle
+    if card.image_url:
+        element["image"] = {"url": card.image_url}
+    buttons = []
+    for index, button in enumerate(card.buttons[:MAX_BUTTONS]):
+        entry: dict[str, Any] = {
+            "text": button.text,
+            "type": _BUTTON_TYPES.get(button.kind, "message"),
+            "value": button.value or button.text,
+            "postback_id": f"{postback_prefix}btn{index + 1}",
+            "user_ids": [],
+        }
+        if button.kind is ButtonKind.URL:
+            entry["target"] = "new"
+        buttons.append(entry)
+    if buttons:
+        element["buttons"] = buttons
+    return {"type": "rich_message", "template_id": "cards", "elements": [element]}
+
+
+def overflow_buttons_text(card: Card) -> str:
+    """The buttons a rich message could not hold, as text; ``""`` if none."""
+    extra = card.buttons[MAX_BUTTONS:]
+    return "\n".join(f"• {b.text}: {b.value}" if b.value else f"• {b.text}" for b in extra)
+
+
+def body_text(message: Message) -> str:
+    """Any message body as one readable text."""
+    body = message.body
+    if isinstance(body, str):
+        return body
+    if isinstance(body, Media):
+        return media_text(body)
+    if isinstance(body, Location):
+        return location_text(body)
+    return card_text(body)
+
+
+def transcript_lines(history: Sequence[Message]) -> list[str]:
+    """The bot transcript, one entry per line, each marked with its author."""
+    lines = []
+    for message in history:
+        label = _AUTHOR_LABELS.get(message.author, "User")
+        stamp = f"[{message.created_at:%H:%M}] " if message.created_at else ""
+        lines.append(f"{stamp}{label}: {body_text(message)}")
+    return lines
+
+
+def start_texts(
+    title: str, description: str, history: Sequence[Message], metadata: Mapping[str, str]
+) -> list[str]:
+    """The texts of a new handoff's first events: a summary, then the transcript.
+
+    Each text is under the event size limit.
+    """
+    summary = ["🤖 Handoff from the bot"]
+    if title:
+        summary.append(f"Title: {title}")
+    if description:
+        summary.append(f"Description: {description}")
+    for key in sorted(metadata):
+        summary.append(f"{key}: {metadata[key]}")
+    texts = split_text("\n".join(summary))
+    lines = transcript_lines(history)
+    if lines:
+        texts.extend(split_text("Bot transcript:\n" + "\n".join(lines)))
+    return texts
+
+
+def media_kind(content_type: str) -> MediaKind:
+    """The media kind for a MIME type."""
+    major = content_type.split("/", 1)[0].strip().lower()
+    return {"image": MediaKind.IMAGE, "audio": MediaKind.AUDIO, "video": MediaKind.VIDEO}.get(
+        major, MediaKind.FILE
+    )
+
+
+def event_to_message(event: LcEvent) -> Message | None:
+    """An agent's ``message``/``file``/``rich_message`` event as a Message.
+
+    Returns:
+        None for event types that carry nothing for the end user.
+    """
+    raw = event.raw
+    body: str | Media | Card
+    if event.type == "message":
+        body = as_str(raw.get("text"))
+        if not body:
+            return None
+    elif event.type == "file":
+        url = as_str(raw.get("url"))
+        if not url:
+            return None
+        content_type = as_str(raw.get("content_type"))
+        body = Media(
+            kind=media_kind(content_type),
+            url=url,
+            name=as_str(raw.get("name")),
+            mime_type=content_type,
+            size_bytes=max(0, as_int(raw.get("size"))),
+            caption=as_str(raw.get("alternative_text")),
+        )
+    elif event.type == "rich_message":
+        card = rich_message_card(raw)
+        if card is None:
+            return None
+        body = card
+    else:
+        return None
+    return Message(body=body, author=Author.AGENT, id=event.id, created_at=event.created_at)
+
+
+_KIND_BY_TYPE: Final = {"url": ButtonKind.URL, "webview": ButtonKind.URL, "phone": ButtonKind.PHONE}
+
+
+def rich_message_card(raw: Mapping[str, Any]) -> Card | None:
+    """A rich message as one Card; later elements are folded into the subtitle."""
+    elements = [as_dict(e) for e in as_list(raw.get("elements")) if isinstance(e, dict)]
+    if not elements:
+        return None
+    head = elements[0]
+    buttons = tuple(
+        CardButton(
+            text=as_str(b.get("text")),
+            kind=_KIND_BY_TYPE.get(as_str(b.get("type")), ButtonKind.MESSAGE),
+            value=as_str(b.get("value")),
+        )
+        for b in (as_dict(x) for x in as_list(head.get("buttons")))
+        if as_str(b.get("text"))
+    )
+    subtitle = as_str(head.get("subtitle"))
+    extra = []
+    for element in elements[1:]:
+        parts = [as_str(element.get("title")), as_str(element.get("subtitle"))]
+        parts += [as_str(as_dict(b).get("text")) for b in as_list(element.get("buttons"))]
+        if text := " - ".join(p for p in parts if p):
+            extra.append(text)
+    if extra:
+        subtitle = "\n".join([subtitle, *extra]) if subtitle else "\n".join(extra)
+    return Card(
+        title=as_str(head.get("title")),
+        subtitle=subtitle,
+        image_url=as_str(as_dict(head.get("image")).get("url")),
+        buttons=buttons,
+    )
