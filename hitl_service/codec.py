@@ -134,6 +134,22 @@ def message_from_json(data: JSON) -> Message:
     )
 
 
+_TAGS: dict[type, str] = {
+    Started: "started",
+    Queued: "queued",
+    AgentAssigned: "agent_assigned",
+    AgentMessage: "agent_message",
+    Transferred: "transferred",
+    Ended: "ended",
+    Failed: "failed",
+}
+
+
+def kind_tag(kind: LogKind) -> str:
+    """The log's name for an event kind (``agent_message``, ``ended`` …)."""
+    return _TAGS[type(kind)]
+
+
 def kind_to_json(kind: LogKind) -> tuple[str, JSON]:
     """A log event kind → (tag, JSON)."""
     if isinstance(kind, Started):

@@ -140,9 +140,10 @@ class OutboxItem:
     done_at: datetime | None = None
 
     @property
-    def uncertain(self) -> bool:
-        """An earlier attempt may have reached the provider."""
-        return self.attempts > self.attempts_settled
+    def earlier_attempt_uncertain(self) -> bool:
+        """While an attempt runs (counted in ``attempts``): an earlier one may
+        have reached the provider, so this one must check before resending."""
+        return self.attempts - 1 > self.attempts_settled
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,141 @@
+"""``hitl.v1.HitlService``: validates requests, calls the core, converts.
+
+Errors are raised as domain errors; the interceptor turns them into gRPC
+statuses with details.
+"""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from hitl_service.api import validation
+from hitl_service.api.convert import event_to_pb, session_to_pb, user_to_pb
+from hitl_service.core.hub import HubClosed
+from hitl_service.errors import Code, FieldViolation, HitlError, InvalidArgument
+from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from hitl_service.core import HitlCore
+
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+
+_MARGIN = 0.25  # seconds kept back from the caller's deadline to answer in time
+
+
+class HitlServicer(pb_grpc.HitlServiceServicer):
+    """The gRPC face of ``HitlCore``."""
+
+    def __init__(self, core: HitlCore) -> None:
+        self._core = core
+        self._settings = core.ctx.settings
+
+    def _budget(self, context: Context) -> float:
+        """Seconds this RPC may spend: the caller's deadline, capped."""
+        budget = self._settings.request_budget
+        remaining = context.time_remaining()
+        if remaining is not None:
+            budget = min(budget, remaining - _MARGIN)
+        return max(0.05, budget)
+
+    async def CreateUser(
+        self, request: pb.CreateUserRequest, context: Context
+    ) -> pb.CreateUserResponse:
+        """See proto."""
+        user = await self._core.create_user(validation.parse_create_user(request))
+        return pb.CreateUserResponse(user=user_to_pb(user))
+
+    async def StartHitl(
+        self, request: pb.StartHitlRequest, context: Context
+    ) -> pb.StartHitlResponse:
+        """See proto."""
+        session = await self._core.start_handoff(
+            validation.parse_start(request), self._budget(context)
+        )
+        return pb.StartHitlResponse(session=session_to_pb(session))
+
+    async def SendMessage(
+        self, request: pb.SendMessageRequest, context: Context
+    ) -> pb.SendMessageResponse:
+        """See proto."""
+        outcome = await self._core.send_message(
+            validation.parse_send(request), self._budget(context)
+        )
+        return pb.SendMessageResponse(
+            message_id=outcome.message_id, external_message_id=outcome.external_message_id
+        )
+
+    async def StopHitl(self, request: pb.StopHitlRequest, context: Context) -> pb.StopHitlResponse:
+        """See proto."""
+        session = await self._core.stop_handoff(
+            validation.parse_stop(request), self._budget(context)
+        )
+        return pb.StopHitlResponse(session=session_to_pb(session))
+
+    async def GetSession(
+        self, request: pb.GetSessionRequest, context: Context
+    ) -> pb.GetSessionResponse:
+        """See proto."""
+        session = await self._core.get_session(validation.parse_session_id(request))
+        return pb.GetSessionResponse(session=session_to_pb(session))
+
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: Context
+    ) -> pb.ListSessionsResponse:
+        """See proto."""
+        state, size, before = validation.parse_list(request)
+        page = await self._core.list_sessions(
+            user_id=request.user_id, state=state, before=before, limit=size
+        )
+        token = validation.encode_page_token(request, page.next_before) if page.next_before else ""
+        return pb.ListSessionsResponse(
+            sessions=[session_to_pb(s) for s in page.sessions], next_page_token=token
+        )
+
+    async def StreamEvents(
+        self, request: pb.StreamEventsRequest, context: Context
+    ) -> AsyncIterator[pb.Event]:
+        """See proto."""
+        violations: list[FieldViolation] = []
+        try:
+            after = validation.parse_after_cursor(request.after_cursor)
+        except InvalidArgument as exc:
+            violations.extend(exc.violations)
+            after = None
+        if request.session_id and not validation.ID_RE.fullmatch(request.session_id):
+            violations.append(FieldViolation("session_id", "is not a session id"))
+        if violations:
+            raise InvalidArgument(violations)
+        if request.session_id:
+            await self._core.get_session(request.session_id)  # NOT_FOUND for unknown ids
+        head = await self._core.ctx.store.head()
+        if after is not None and after > head:
+            raise InvalidArgument(
+                [FieldViolation("after_cursor", f"is ahead of the log (newest cursor is {head})")]
+            )
+        clock = self._core.ctx.clock
+        until = clock.monotonic() + self._settings.stream_max_seconds
+        events = self._core.subscribe(after, request.session_id, until=until)
+        metrics = self._core.ctx.metrics
+        metrics.stream_subscribers.inc()
+        try:
+            # The subscription's cursor is fixed: from here the client can
+            # miss nothing, so tell it.
+            await context.send_initial_metadata((("x-stream-head", str(head)),))
+            async with aclosing(events):
+                async for event in events:
+                    yield event_to_pb(event)
+        except HubClosed:
+            raise HitlError(
+                Code.UNAVAILABLE,
+                "SERVER_SHUTTING_DOWN",
+                "the server is shutting down; reconnect with the last cursor received",
+            ) from None
+        finally:
+            metrics.stream_subscribers.dec()

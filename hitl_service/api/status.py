@@ -1,0 +1,63 @@
+"""Domain errors → gRPC status with ``google.rpc`` rich details."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from hitl_service.errors import Code, HitlError
+
+DOMAIN = "hitl.v1"
+
+_CODES = {
+    Code.INVALID_ARGUMENT: code_pb2.INVALID_ARGUMENT,
+    Code.NOT_FOUND: code_pb2.NOT_FOUND,
+    Code.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,
+    Code.UNAVAILABLE: code_pb2.UNAVAILABLE,
+    Code.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
+    Code.INTERNAL: code_pb2.INTERNAL,
+}
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]  # every google.rpc detail is a Message
+    return packed
+
+
+def to_status(error: HitlError) -> grpc.Status:
+    """A ``grpc.Status`` carrying ErrorInfo and, for bad input, BadRequest."""
+    details = [
+        _pack(
+            error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
+        )
+    ]
+    if error.violations:
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=v.field, description=v.description
+                        )
+                        for v in error.violations
+                    ]
+                )
+            )
+        )
+    status = status_pb2.Status(code=_CODES[error.code], message=error.message, details=details)
+    return rpc_status.to_status(status)
+
+
+def internal_error(error_id: str) -> grpc.Status:
+    """The status for our own bugs: no traceback, an id to find the log line."""
+    return to_status(
+        HitlError(
+            Code.INTERNAL,
+            "INTERNAL_ERROR",
+            f"internal error; quote error_id {error_id} when reporting it",
+            metadata={"error_id": error_id},
+        )
+    )

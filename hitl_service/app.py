@@ -1,0 +1,232 @@
+"""The composition root: builds every part from settings and runs them.
+
+``build_app`` is the only place that wires concrete classes together; tests
+call it with a fake clock, an injected HTTP transport or store, and get the
+same service production runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from hitl_service.clock import Clock, SystemClock
+from hitl_service.config import ConfigError
+from hitl_service.core import HitlCore
+from hitl_service.core.context import CoreContext
+from hitl_service.core.retry import ProviderCalls
+from hitl_service.metrics import Metrics
+from hitl_service.server import NOT_SERVING, SERVICE_NAME, SERVING, bind, build_grpc_server
+from hitl_service.sidecar import EmbeddedServer, build_http_server, build_sidecar
+from hitl_service.store import open_store
+from providers.base import ProviderDeps
+from providers.errors import ProviderConfigError
+from providers.registry import UnknownProviderError, available_providers, load_provider_factory
+
+if TYPE_CHECKING:
+    import grpc
+    import httpx
+    from grpc_health.v1 import health
+    from starlette.applications import Starlette
+
+    from hitl_service.config import Settings
+    from hitl_service.core.ingest import Ingestor
+    from hitl_service.store.base import Store
+    from providers.base import Provider
+    from providers.types import WebhookBatch
+
+log = structlog.get_logger(__name__)
+
+
+class _LateSink:
+    """The provider's EventSink, bound to the core once the core exists."""
+
+    def __init__(self) -> None:
+        self._ingestor: Ingestor | None = None
+
+    def bind(self, ingestor: Ingestor) -> None:
+        self._ingestor = ingestor
+
+    async def deliver(self, batch: WebhookBatch) -> int:
+        if self._ingestor is None:
+            raise RuntimeError("events arrived before the core was built")
+        return await self._ingestor.deliver(batch)
+
+
+def load_provider(
+    settings: Settings,
+    *,
+    sink: Any,
+    clock: Clock,
+    registry: CollectorRegistry,
+    http_transport: httpx.AsyncBaseTransport | None = None,
+) -> Provider:
+    """Builds the configured provider.
+
+    Raises:
+        ConfigError: Unknown provider name or a bad provider setting.
+    """
+    try:
+        factory = load_provider_factory(settings.provider)
+    except UnknownProviderError:
+        known = ", ".join(available_providers())
+        raise ConfigError(
+            "HITL_PROVIDER", f"no provider named {settings.provider!r} (known: {known})"
+        ) from None
+    deps = ProviderDeps(
+        env=settings.env,
+        sink=sink,
+        clock=clock,
+        registry=registry,
+        data_dir=settings.data_dir,
+        http_transport=http_transport,
+    )
+    try:
+        return factory(deps)
+    except ProviderConfigError as exc:
+        raise ConfigError(exc.setting, str(exc).removeprefix(f"{exc.setting}: ")) from None
+
+
+@dataclass
+class App:
+    """The whole service: store, provider, core, gRPC server and sidecar."""
+
+    settings: Settings
+    store: Store
+    provider: Provider
+    core: HitlCore
+    metrics: Metrics
+    grpc_server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    sidecar: Starlette
+    grpc_port: int = 0
+    http_port: int = 0
+    _http: EmbeddedServer | None = None
+    _http_task: asyncio.Task[None] | None = None
+    _started: list[str] = field(default_factory=list)
+
+    async def start(self) -> None:
+        """Opens the store and provider, starts serving, then reports SERVING.
+
+        Raises:
+            StoreUnavailable: The store cannot be opened.
+            OSError: A listen address is taken.
+        """
+        await self.health.set(SERVICE_NAME, NOT_SERVING)
+        await self.store.open()
+        self._started.append("store")
+        await self.provider.open()
+        self._started.append("provider")
+        await self.core.start()
+        self._started.append("core")
+        self.grpc_port = bind(self.grpc_server, self.settings)
+        await self.grpc_server.start()
+        self._started.append("grpc")
+        host, _, port = self.settings.http_addr.rpartition(":")
+        sock = _listen(host.strip("[]"), int(port), "HITL_HTTP_ADDR")
+        self.http_port = sock.getsockname()[1]
+        self._http = build_http_server(self.sidecar, host.strip("[]"), self.http_port)
+        self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]), name="sidecar")
+        self._started.append("http")
+        await self.health.set(SERVICE_NAME, SERVING)
+        await self.health.set("", SERVING)
+        log.info(
+            "service.ready",
+            provider=self.provider.name,
+            store=self.store.backend,
+            grpc_port=self.grpc_port,
+            http_port=self.http_port,
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown in the documented order; safe to call twice."""
+        grace = self.settings.grace_seconds if grace is None else grace
+        if "grpc" in self._started:
+            await self.health.enter_graceful_shutdown()
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            await self._http_task
+            self._http = self._http_task = None
+        self.core.close_streams()
+        if "grpc" in self._started:
+            await self.grpc_server.stop(grace)
+        if "core" in self._started:
+            await self.core.stop(grace)
+        if "provider" in self._started:
+            await self.provider.close()
+        if "store" in self._started:
+            await self.store.close()
+        self._started.clear()
+        log.info("service.stopped")
+
+
+def _listen(host: str, port: int, variable: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port} ({variable}): {exc.strerror}") from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def build_app(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    http_transport: httpx.AsyncBaseTransport | None = None,
+    store: Store | None = None,
+    registry: CollectorRegistry | None = None,
+) -> App:
+    """Wires the service from settings (nothing is started or opened).
+
+    Raises:
+        ConfigError: A setting is wrong; the message names the variable.
+    """
+    clock = clock or SystemClock()
+    registry = registry or CollectorRegistry()
+    sink = _LateSink()
+    provider = load_provider(
+        settings, sink=sink, clock=clock, registry=registry, http_transport=http_transport
+    )
+    store = store or open_store(settings)
+    metrics = Metrics(registry)
+    ctx = CoreContext(
+        store=store,
+        provider=provider,
+        clock=clock,
+        settings=settings,
+        metrics=metrics,
+        calls=ProviderCalls(
+            provider=provider.name,
+            clock=clock,
+            metrics=metrics,
+            call_timeout=settings.provider_timeout,
+        ),
+        owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+    )
+    core = HitlCore(ctx)
+    sink.bind(core.ingestor)
+    grpc_server, health_servicer = build_grpc_server(core, settings, metrics)
+    sidecar = build_sidecar(core, provider, settings, metrics)
+    return App(
+        settings=settings,
+        store=store,
+        provider=provider,
+        core=core,
+        metrics=metrics,
+        grpc_server=grpc_server,
+        health=health_servicer,
+        sidecar=sidecar,
+    )

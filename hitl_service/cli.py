@@ -1,0 +1,260 @@
+"""``hitl-service``: serve, check, demo, and provider subcommands.
+
+Every failure a person can fix is printed as one plain line naming the
+setting; no tracebacks for configuration mistakes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from hitl_service.config import ConfigError, Settings, load_environment
+from hitl_service.secret import Secret
+
+EXIT_CONFIG = 2
+EXIT_PROBLEMS = 1
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Environment (.env, then process) overlaid by command-line flags."""
+    env = load_environment()
+    for flag, variable in (
+        ("provider", "HITL_PROVIDER"),
+        ("grpc_addr", "HITL_GRPC_ADDR"),
+        ("http_addr", "HITL_HTTP_ADDR"),
+        ("store_url", "HITL_STORE_URL"),
+        ("log_format", "HITL_LOG_FORMAT"),
+    ):
+        value = getattr(args, flag, None)
+        if value:
+            env[variable] = value
+    return Settings.from_env(env)
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--provider", help="overrides HITL_PROVIDER")
+    parser.add_argument("--grpc-addr", help="overrides HITL_GRPC_ADDR")
+    parser.add_argument("--http-addr", help="overrides HITL_HTTP_ADDR")
+    parser.add_argument("--store-url", help="overrides HITL_STORE_URL")
+    parser.add_argument(
+        "--log-format", choices=("json", "console"), help="overrides HITL_LOG_FORMAT"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used for ``--help``)."""
+    parser = argparse.ArgumentParser(
+        prog="hitl-service",
+        description="Hand a chatbot conversation to a human agent and back.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the service")
+    _add_overrides(serve)
+    check = commands.add_parser("check", help="validate settings and probe store and provider")
+    _add_overrides(check)
+    demo = commands.add_parser(
+        "demo", help="terminal client: start a handoff and chat with the agent"
+    )
+    demo.add_argument("--target", default="", help="gRPC address (default: HITL_GRPC_ADDR)")
+    demo.add_argument("--name", default="Demo User", help="the end user's name")
+    demo.add_argument("--user", default="demo-user", help="the end user's external id")
+    demo.add_argument("--title", default="Demo handoff", help="title shown to the agent")
+    demo.add_argument("--message", action="append", default=[], help="a line to send (repeatable)")
+    demo.add_argument("--group", default="", help="group to route to")
+    demo.add_argument("--token", default="", help="API token, if HITL_API_TOKENS is set")
+    demo.add_argument(
+        "--exit-after-send",
+        action="store_true",
+        help="leave the handoff open and exit once the messages are sent",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hitl-service`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] not in ("serve", "check", "demo", "-h", "--help"):
+        return _provider_command(argv)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_CONFIG
+    try:
+        settings = _settings(args) if args.command != "demo" else Settings.from_env()
+    except ConfigError as exc:
+        print(f"hitl-service: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "serve":
+        return asyncio.run(_serve(settings))
+    if args.command == "check":
+        return asyncio.run(_check(settings, sys.stdout))
+    from hitl_service.demo import run_demo
+
+    return asyncio.run(run_demo(args, settings, sys.stdout))
+
+
+async def _serve(settings: Settings) -> int:
+    from hitl_service.app import build_app
+    from hitl_service.errors import StoreUnavailable
+    from hitl_service.logs import SecretRedactor, configure_logging
+
+    redactor = SecretRedactor(_secrets(settings))
+    configure_logging(log_format=settings.log_format, level=settings.log_level, redactor=redactor)
+    try:
+        app = build_app(settings)
+    except ConfigError as exc:
+        print(f"hitl-service: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await app.start()
+    except (StoreUnavailable, OSError) as exc:
+        print(f"hitl-service: cannot start: {exc}", file=sys.stderr)
+        await app.stop(grace=0)
+        return EXIT_PROBLEMS
+    _print_banner(app, sys.stderr)
+    await stop.wait()
+    print("hitl-service: stopping (draining calls and the outbox)", file=sys.stderr)
+    await app.stop()
+    return 0
+
+
+def _print_banner(app: object, out: TextIO) -> None:
+    from hitl_service.app import App
+
+    assert isinstance(app, App)
+    host = app.settings.http_addr.rpartition(":")[0]
+    http = f"http://{host}:{app.http_port}"
+    grpc_host = app.settings.grpc_addr.rpartition(":")[0]
+    lines = [
+        f"hitl-service is serving with the {app.provider.name} provider",
+        f"  gRPC     {grpc_host}:{app.grpc_port}  (hitl.v1.HitlService, health, reflection)",
+        f"  HTTP     {http}  (/healthz /readyz /metrics /webhooks/{app.provider.name})",
+    ]
+    paths = {getattr(route, "path", "") for route in app.provider.routes()}
+    if "/console" in paths:
+        lines.append(f"  console  {http}/console  <- open this to act as the agent")
+    lines.append("  try it:  .venv/bin/hitl-service demo   (in another terminal)")
+    print("\n".join(lines), file=out, flush=True)
+
+
+def _secrets(settings: Settings) -> list[Secret]:
+    """Every configured secret, for the log redactor's safety net."""
+    found: list[Secret] = list(settings.api_tokens)
+    if settings.store_url.scheme == "postgresql":
+        found.append(settings.store_url.dsn)
+    for key, value in settings.env.items():
+        upper = key.upper()
+        if upper.startswith("HITL_") and any(w in upper for w in ("TOKEN", "SECRET", "PASSWORD")):
+            found.extend(Secret(v) for v in value.split(",") if v)
+    return found
+
+
+async def _check(settings: Settings, out: TextIO) -> int:
+    """Validates settings and probes store and provider; plain-words report."""
+    from prometheus_client import CollectorRegistry
+
+    from hitl_service.app import load_provider
+    from hitl_service.clock import SystemClock
+    from hitl_service.errors import StoreUnavailable
+    from hitl_service.store import open_store
+    from providers.errors import ProviderError
+
+    problems = 0
+    out.write(
+        f"settings: ok (provider {settings.provider}, gRPC {settings.grpc_addr}, "
+        f"HTTP {settings.http_addr})\n"
+    )
+    store = open_store(settings)
+    try:
+        await store.open()
+        version = await store.schema_version()
+        out.write(f"store: ok ({settings.store_url.redacted()}, schema version {version})\n")
+    except StoreUnavailable as exc:
+        problems += 1
+        out.write(f"store: PROBLEM (HITL_STORE_URL): {exc}\n")
+    finally:
+        await store.close()
+    try:
+        provider = load_provider(
+            settings, sink=None, clock=SystemClock(), registry=CollectorRegistry()
+        )
+    except ConfigError as exc:
+        out.write(f"provider {settings.provider}: PROBLEM: {exc}\n")
+        return EXIT_CONFIG
+    await provider.open()
+    try:
+        found = list(await provider.probe(timeout=settings.provider_timeout))
+    except ProviderError as exc:
+        found = [f"cannot reach the provider: {exc}"]
+    finally:
+        await provider.close()
+    if found:
+        problems += len(found)
+        for problem in found:
+            out.write(f"provider {provider.name}: PROBLEM: {problem}\n")
+    else:
+        out.write(f"provider {provider.name}: ok\n")
+    out.write("all checks passed\n" if not problems else f"{problems} problem(s) found\n")
+    return 0 if not problems else EXIT_PROBLEMS
+
+
+def _provider_command(argv: list[str]) -> int:
+    """``hitl-service <provider> <args>``: the provider's own subcommands."""
+    from providers.registry import available_providers
+
+    name, rest = argv[0], argv[1:]
+    if name not in available_providers():
+        print(
+            f"hitl-service: unknown command {name!r}; try serve, check, demo, or a provider "
+            f"name ({', '.join(available_providers())})",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    try:
+        env = load_environment()
+        env["HITL_PROVIDER"] = name
+        settings = Settings.from_env(env)
+    except ConfigError as exc:
+        print(f"hitl-service: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return asyncio.run(_run_provider_command(settings, rest))
+
+
+async def _run_provider_command(settings: Settings, argv: list[str]) -> int:
+    from prometheus_client import CollectorRegistry
+
+    from hitl_service.app import load_provider
+    from hitl_service.clock import SystemClock
+    from providers.base import SupportsCommands
+    from providers.errors import ProviderError
+
+    try:
+        provider = load_provider(
+            settings, sink=None, clock=SystemClock(), registry=CollectorRegistry()
+        )
+    except ConfigError as exc:
+        print(f"hitl-service: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not isinstance(provider, SupportsCommands):
+        print(f"hitl-service: the {provider.name} provider has no commands", file=sys.stderr)
+        return EXIT_CONFIG
+    await provider.open()
+    try:
+        return await provider.run_command(argv, sys.stdout)
+    except ProviderError as exc:
+        print(f"hitl-service {provider.name}: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    finally:
+        with contextlib.suppress(Exception):
+            await provider.close()

@@ -1,0 +1,36 @@
+"""What every part of the core shares: store, provider, clock, settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hitl_service.clock import Clock
+    from hitl_service.config import Settings
+    from hitl_service.core.retry import ProviderCalls
+    from hitl_service.metrics import Metrics
+    from hitl_service.store.base import Store
+    from providers.base import Provider
+
+
+@dataclass(frozen=True, slots=True)
+class CoreContext:
+    """Dependencies of the core's services.
+
+    Attributes:
+        owner: This replica's identity, written into outbox leases.
+    """
+
+    store: Store
+    provider: Provider
+    clock: Clock
+    settings: Settings
+    metrics: Metrics
+    calls: ProviderCalls
+    owner: str
+
+    @property
+    def provider_name(self) -> str:
+        """The configured provider's name."""
+        return self.provider.name

@@ -1,0 +1,173 @@
+"""Fan-out of the event log to StreamEvents subscribers.
+
+One reader per process follows the log by cursor and keeps the newest
+events in a bounded buffer; every subscriber reads the shared buffer from
+its own cursor and falls back to the store when it is further behind than
+the buffer reaches. Memory is bounded by the buffer, whatever the number or
+speed of subscribers, and a slow subscriber never blocks the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from bisect import bisect_right
+from typing import TYPE_CHECKING
+
+import structlog
+
+from hitl_service.errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator, Sequence
+
+    from hitl_service.clock import Clock
+    from hitl_service.domain import LogEvent
+    from hitl_service.store.base import Store
+
+log = structlog.get_logger(__name__)
+
+
+class HubClosed(Exception):
+    """The hub shut down; subscribers should end their streams."""
+
+
+def _seq(event: LogEvent) -> int:
+    return event.seq
+
+
+class EventHub:
+    """Follows the log and serves subscribers from a shared buffer."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        *,
+        buffer_size: int = 4096,
+        read_batch: int = 512,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._size = buffer_size
+        self._batch = read_batch
+        self._poll = poll_interval
+        self._buf: list[LogEvent] = []
+        self._floor = 0  # the buffer holds every event with floor < seq <= head
+        self._head = 0
+        self._signal = asyncio.Event()
+        self._closed = False
+        self.subscribers = 0
+
+    @property
+    def head(self) -> int:
+        """The newest cursor this replica has read."""
+        return self._head
+
+    async def start(self) -> None:
+        """Starts at the store's head: the buffer begins empty."""
+        self._head = self._floor = await self._store.head()
+
+    async def run(self) -> None:
+        """Reads new events into the buffer until ``close()``."""
+        while not self._closed:
+            try:
+                await self._store.wait_for_events(self._head, self._poll)
+                await self._read_new()
+            except StoreUnavailable as exc:
+                log.warning("hub.store_unavailable", error=str(exc))
+                await self._clock.sleep(self._poll)
+
+    async def _read_new(self) -> None:
+        while not self._closed:
+            events = await self._store.read_events(after=self._head, limit=self._batch)
+            if not events:
+                return
+            self._append(events)
+            if len(events) < self._batch:
+                return
+
+    def _append(self, events: Sequence[LogEvent]) -> None:
+        self._buf.extend(events)
+        self._head = self._buf[-1].seq
+        # Trim in chunks, so the copy is amortized over many appends.
+        if len(self._buf) > 2 * self._size:
+            cut = len(self._buf) - self._size
+            self._floor = self._buf[cut - 1].seq
+            del self._buf[:cut]
+        signal, self._signal = self._signal, asyncio.Event()
+        signal.set()
+
+    def close(self) -> None:
+        """Ends every subscription (they raise ``HubClosed``)."""
+        self._closed = True
+        self._signal.set()
+
+    def subscribe(
+        self, after: int | None, session_id: str = "", *, until: float | None = None
+    ) -> AsyncGenerator[LogEvent]:
+        """Events with cursor > ``after`` (None: from now), then live ones.
+
+        Args:
+            after: Start after this cursor; None means events committed from
+                now on.
+            session_id: Only this session's events; empty means all.
+            until: Monotonic time at which to stop (the iterator just ends).
+
+        Raises:
+            HubClosed: The hub shut down.
+
+        The starting cursor is fixed when this returns, before iteration
+        begins: nothing committed after the call can be missed.
+        """
+        return self._follow(self._head if after is None else after, session_id, until)
+
+    async def _follow(
+        self, cursor: int, session_id: str, until: float | None
+    ) -> AsyncGenerator[LogEvent]:
+        self.subscribers += 1
+        try:
+            while True:
+                if self._closed:
+                    raise HubClosed
+                if cursor < self._floor:
+                    cursor, events = await self._from_store(cursor, session_id)
+                    for event in events:
+                        yield event
+                    continue
+                start = bisect_right(self._buf, cursor, key=_seq)
+                fresh = self._buf[start:]
+                if fresh:
+                    for event in fresh:
+                        if not session_id or event.session_id == session_id:
+                            yield event
+                    cursor = fresh[-1].seq
+                    continue
+                signal = self._signal
+                if self._head > cursor:
+                    continue
+                if until is None:
+                    await signal.wait()
+                    continue
+                remaining = until - self._clock.monotonic()
+                if remaining <= 0:
+                    return
+                try:
+                    async with asyncio.timeout(remaining):
+                        await signal.wait()
+                except TimeoutError:
+                    return
+        finally:
+            self.subscribers -= 1
+
+    async def _from_store(self, cursor: int, session_id: str) -> tuple[int, list[LogEvent]]:
+        """Reads a page behind the buffer; returns the new cursor and events."""
+        head = self._head
+        events = list(
+            await self._store.read_events(after=cursor, limit=self._batch, session_id=session_id)
+        )
+        if events:
+            return events[-1].seq, events
+        # Nothing (for this session) up to the store's head, which is at
+        # least the head we noted before reading.
+        return max(cursor, head), []

@@ -1,0 +1,138 @@
+"""Inbound events: verified batches from providers become log events.
+
+One transaction per batch: dedupe keys, session state and log events commit
+together, before the webhook is answered. Events for chats that are not
+ours are dropped, except while a start is in flight: the provider may
+report on a chat before we have recorded its id, so such events are parked
+and applied when the start commits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+
+from hitl_service.codec import kind_tag
+from hitl_service.core.state import Ignored, apply_event
+from providers.types import AgentMessage, InboundEvent
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from hitl_service.core.context import CoreContext
+    from hitl_service.core.outbox import Outbox
+    from hitl_service.domain import Session
+    from hitl_service.store.base import Tx
+    from providers.types import WebhookBatch
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class IngestResult:
+    """What happened to a batch's events."""
+
+    added: int = 0
+    duplicates: int = 0
+    foreign: int = 0
+    parked: int = 0
+    ignored: int = 0
+
+    @property
+    def outcome(self) -> str:
+        """One word for logs and metrics."""
+        if self.added:
+            return "accepted"
+        if self.duplicates:
+            return "duplicate"
+        return "ignored"
+
+
+class Ingestor:
+    """Commits provider events; also the ``EventSink`` providers push to."""
+
+    def __init__(self, ctx: CoreContext, outbox: Outbox) -> None:
+        self._ctx = ctx
+        self._outbox = outbox
+
+    async def deliver(self, batch: WebhookBatch) -> int:
+        """See ``providers.base.EventSink``."""
+        return (await self.ingest(batch)).added
+
+    async def ingest(self, batch: WebhookBatch) -> IngestResult:
+        """Commits the batch's new events; returns after the commit."""
+        result = IngestResult()
+        if not batch.events:
+            return result
+        ctx = self._ctx
+        provider = ctx.provider_name
+        now = ctx.clock.now()
+        failed_items: list[str] = []
+        kinds: list[str] = []
+        async with ctx.store.transaction() as tx:
+            for event in batch.events:
+                session = await tx.find_session_by_chat(provider, event.external_chat_id)
+                if session is None:
+                    if await tx.has_starting_sessions(provider) and await tx.claim_dedupe_key(
+                        provider, event.dedupe_key, now
+                    ):
+                        await tx.park_event(provider, event, now)
+                        result.parked += 1
+                    else:
+                        result.foreign += 1
+                    continue
+                if not await tx.claim_dedupe_key(provider, event.dedupe_key, now):
+                    result.duplicates += 1
+                    continue
+                added = await apply_inbound(tx, ctx, session, event, now, failed_items)
+                kinds.extend(added)
+                result.added += len(added)
+                result.ignored += 0 if added else 1
+        self._outbox.signal_many(failed_items)
+        for kind in kinds:
+            ctx.metrics.events_appended.labels(kind).inc()
+        return result
+
+
+async def apply_inbound(
+    tx: Tx,
+    ctx: CoreContext,
+    session: Session,
+    event: InboundEvent,
+    now: datetime,
+    failed_items: list[str],
+) -> list[str]:
+    """Applies one event to a locked session inside ``tx``.
+
+    Returns:
+        The kinds of the log events appended (empty if ignored).
+    """
+    if isinstance(event.kind, AgentMessage) and event.author_id:
+        own = await tx.get_provider_user(session.user_id, ctx.provider_name)
+        if own is not None and own.external_user_id == event.author_id:
+            log.debug("ingest.echo", session_id=session.id)
+            return []
+    try:
+        kinds = apply_event(session, event.kind, now)
+    except Ignored as why:
+        log.info(
+            "ingest.ignored",
+            session_id=session.id,
+            kind=kind_tag(event.kind),
+            reason=str(why),
+        )
+        return []
+    tags = []
+    for kind in kinds:
+        await tx.append_event(session.id, session.user_id, event.occurred_at or now, kind)
+        tags.append(kind_tag(kind))
+    await tx.update_session(session)
+    if not session.state.is_open:
+        failed_items.extend(
+            await tx.fail_pending_outbox(
+                session.id, now, "SESSION_ENDED", "the session ended before delivery"
+            )
+        )
+    return tags

@@ -1,0 +1,196 @@
+"""Background upkeep: timeouts, catch-up with the provider, pruning.
+
+Everything here is driven from the store, so it survives restarts and works
+the same on every replica (dedupe keys and the outbox make repeated work
+harmless).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import structlog
+
+from hitl_service.core.ingest import apply_inbound
+from hitl_service.core.sessions import request_stop
+from hitl_service.core.state import finish
+from hitl_service.domain import SessionState
+from hitl_service.errors import FailedPrecondition, StoreUnavailable
+from providers.errors import ProviderError
+from providers.types import EndedBy, Failed, ProviderChat
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from hitl_service.core.context import CoreContext
+    from hitl_service.core.outbox import Outbox
+    from hitl_service.domain import Session
+
+log = structlog.get_logger(__name__)
+
+IDEMPOTENCY_RETENTION = timedelta(hours=48)
+DEDUPE_RETENTION = timedelta(days=7)
+PARKED_RETENTION = timedelta(minutes=10)
+_PAGE = 500
+
+
+def _words(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{int(seconds // 3600)} h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds // 60)} min"
+    return f"{seconds:g} s"
+
+
+class Maintenance:
+    """Periodic sweeps over open sessions."""
+
+    def __init__(self, ctx: CoreContext, outbox: Outbox) -> None:
+        self._ctx = ctx
+        self._outbox = outbox
+        self._last_prune = float("-inf")
+        self._last_catch_up = float("-inf")
+
+    @property
+    def sweep_interval(self) -> float:
+        """Seconds between sweeps: fine enough for the shortest timeout."""
+        settings = self._ctx.settings
+        timeouts = [t for t in (settings.queue_timeout, settings.idle_timeout) if t > 0]
+        return max(0.5, min([5.0, *(t / 4 for t in timeouts)]))
+
+    async def run(self) -> None:
+        """Sweeps until cancelled."""
+        ctx = self._ctx
+        while True:
+            try:
+                await self.sweep()
+            except StoreUnavailable as exc:
+                log.warning("maintenance.store_unavailable", error=str(exc))
+            except Exception:
+                log.exception("maintenance.error")
+            await ctx.clock.sleep(self.sweep_interval)
+
+    async def sweep(self, *, force_catch_up: bool = False) -> None:
+        """One pass: timeouts, catch-up when due, pruning when due."""
+        ctx = self._ctx
+        now = ctx.clock.now()
+        mono = ctx.clock.monotonic()
+        interval = ctx.settings.reconcile_interval
+        catch_up = ctx.provider.capabilities.catch_up and (
+            force_catch_up or (interval > 0 and mono - self._last_catch_up >= interval)
+        )
+        if catch_up:
+            self._last_catch_up = mono
+        open_sessions = 0
+        after = ""
+        while True:
+            page = await ctx.store.list_open_sessions(after_id=after, limit=_PAGE)
+            for session in page:
+                open_sessions += 1
+                await self._check_timeouts(session, now)
+                if catch_up and session.external_chat_id and session.state.is_open:
+                    await self.catch_up(session)
+            if len(page) < _PAGE:
+                break
+            after = page[-1].id
+        ctx.metrics.active_sessions.set(open_sessions)
+        if mono - self._last_prune >= 3600:
+            self._last_prune = mono
+            removed = await ctx.store.prune(
+                idempotency_before=now - IDEMPOTENCY_RETENTION,
+                dedupe_before=now - DEDUPE_RETENTION,
+                parked_before=now - PARKED_RETENTION,
+            )
+            log.info("maintenance.pruned", rows=removed)
+
+    async def _check_timeouts(self, session: Session, now: datetime) -> None:
+        settings = self._ctx.settings
+        age = (now - session.created_at).total_seconds()
+        if session.state is SessionState.STARTING:
+            limit = settings.request_budget * 2 + settings.provider_timeout
+            if age > limit:
+                await self._fail_interrupted_start(session, now)
+            return
+        if session.stop_requested_at is not None:
+            return
+        waiting = session.state in (SessionState.REQUESTED, SessionState.QUEUED)
+        if waiting and settings.queue_timeout > 0 and age > settings.queue_timeout:
+            words = _words(settings.queue_timeout)
+            await self._time_out(session, "queue", f"no agent took the handoff within {words}")
+            return
+        idle_since = session.last_activity_at or session.created_at
+        idle = (now - idle_since).total_seconds()
+        if settings.idle_timeout > 0 and idle > settings.idle_timeout:
+            words = _words(settings.idle_timeout)
+            await self._time_out(session, "idle", f"the user was silent for {words}")
+
+    async def _time_out(self, session: Session, kind: str, reason: str) -> None:
+        try:
+            item, head = await request_stop(self._ctx, session.id, reason, EndedBy.TIMEOUT)
+        except FailedPrecondition:
+            return  # changed meanwhile (still starting)
+        if item is None:
+            return
+        self._ctx.metrics.timeouts.labels(kind).inc()
+        log.info("session.timeout", session_id=session.id, kind=kind)
+        if head:
+            self._outbox.start_attempt(item)
+        else:
+            self._outbox.kick()
+
+    async def _fail_interrupted_start(self, session: Session, now: datetime) -> None:
+        ctx = self._ctx
+        detail = "the service stopped while the handoff was starting"
+        async with ctx.store.transaction() as tx:
+            current = await tx.get_session(session.id)
+            if current is None or current.state is not SessionState.STARTING:
+                return
+            finish(current, SessionState.FAILED, detail, EndedBy.UNSPECIFIED, now)
+            await tx.update_session(current)
+            await tx.append_event(
+                current.id, current.user_id, now, Failed("START_INTERRUPTED", detail)
+            )
+        log.warning("session.start_interrupted", session_id=session.id)
+
+    async def catch_up(self, session: Session) -> int:
+        """Asks the provider what happened in the chat since the checkpoint.
+
+        Returns:
+            How many log events this added (events webhooks never delivered).
+        """
+        ctx = self._ctx
+        user = await ctx.store.get_provider_user(session.user_id, ctx.provider_name)
+        if user is None:
+            return 0
+        chat = ProviderChat(session.external_chat_id, dict(session.chat_state))
+        try:
+            listing = await ctx.calls.once(
+                "catch_up",
+                lambda t: ctx.provider.catch_up(chat, user, session.catch_up_checkpoint, timeout=t),
+            )
+        except ProviderError as exc:
+            log.info("catch_up.failed", session_id=session.id, error=str(exc))
+            return 0
+        now = ctx.clock.now()
+        added: list[str] = []
+        failed_items: list[str] = []
+        async with ctx.store.transaction() as tx:
+            current = await tx.get_session(session.id)
+            if current is None:
+                return 0
+            for event in listing.events:
+                if event.external_chat_id != current.external_chat_id:
+                    continue
+                if await tx.claim_dedupe_key(ctx.provider_name, event.dedupe_key, now):
+                    added.extend(await apply_inbound(tx, ctx, current, event, now, failed_items))
+            if listing.checkpoint and listing.checkpoint != current.catch_up_checkpoint:
+                current.catch_up_checkpoint = listing.checkpoint
+                await tx.update_session(current)
+        self._outbox.signal_many(failed_items)
+        if added:
+            ctx.metrics.catch_up_events.labels(ctx.provider_name).inc(len(added))
+            for tag in added:
+                ctx.metrics.events_appended.labels(tag).inc()
+            log.info("catch_up.recovered", session_id=session.id, events=len(added))
+        return len(added)

@@ -1,0 +1,325 @@
+"""The outbox: provider calls (sends, stops) stored before they are made,
+delivered in order per session, once.
+
+Each attempt is recorded before the call (``attempts``) and settled after;
+an attempt that may have reached the provider but whose outcome we never
+learned (timeout, lost response, crash) makes the next attempt *uncertain*,
+and the provider then checks for the request id before sending again. A
+crashed replica's claims expire (``lease_until``) and any replica takes
+them over. RPCs wait on their item; a background loop retries the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import structlog
+
+from hitl_service.codec import message_from_json
+from hitl_service.core.state import finish
+from hitl_service.domain import OutboxItem, OutboxKind, OutboxStatus, SessionState
+from hitl_service.errors import StoreUnavailable
+from providers.errors import (
+    ChatInactive,
+    ProviderAuthError,
+    ProviderRejected,
+    ProviderUnavailable,
+)
+from providers.types import Ended, EndedBy, ProviderChat, ProviderUser
+
+if TYPE_CHECKING:
+    from hitl_service.core.context import CoreContext
+    from hitl_service.domain import Session
+
+log = structlog.get_logger(__name__)
+
+SEND_TTL = timedelta(minutes=15)
+"""A message not delivered within this time fails with DELIVERY_EXPIRED."""
+STOP_TTL = timedelta(hours=24)
+"""A stop keeps being retried this long."""
+
+
+class Outbox:
+    """Delivers outbox items: inline for RPCs, in the background for retries."""
+
+    def __init__(
+        self, ctx: CoreContext, *, concurrency: int = 64, poll_interval: float = 1.0
+    ) -> None:
+        self._ctx = ctx
+        self._concurrency = concurrency
+        self._poll_interval = poll_interval
+        self._wake = asyncio.Event()
+        self._finished: dict[str, asyncio.Event] = {}
+        self._inflight: dict[str, asyncio.Task[OutboxItem]] = {}
+        self._stopping = False
+
+    @property
+    def lease(self) -> timedelta:
+        """How long a claim protects an attempt; longer than any attempt."""
+        return timedelta(seconds=self._ctx.settings.provider_timeout * 2 + 5)
+
+    def kick(self) -> None:
+        """Makes the background loop look for due items now."""
+        self._wake.set()
+
+    # --- attempts ------------------------------------------------------------
+    def start_attempt(self, item: OutboxItem) -> asyncio.Task[OutboxItem]:
+        """Runs one attempt of a claimed item in its own task.
+
+        The task outlives a cancelled RPC, so an attempt is never cut off
+        half-way by a caller going away.
+        """
+        task = asyncio.create_task(self._attempt(item), name=f"outbox-{item.id}")
+        self._inflight[item.id] = task
+        task.add_done_callback(lambda _: self._inflight.pop(item.id, None))
+        return task
+
+    async def _attempt(self, item: OutboxItem) -> OutboxItem:
+        ctx = self._ctx
+        try:
+            session = await ctx.store.get_session(item.session_id)
+            user = (
+                await ctx.store.get_provider_user(session.user_id, ctx.provider_name)
+                if session is not None
+                else None
+            )
+            if session is None or user is None or not session.external_chat_id:
+                return await self._settle_failed(
+                    item, "SESSION_NOT_READY", "the session has no chat"
+                )
+            if item.kind is OutboxKind.SEND and not session.state.is_open:
+                return await self._settle_failed(item, "SESSION_ENDED", "the session has ended")
+            if item.kind is OutboxKind.STOP and not session.state.is_open:
+                return await self._settle_done(item, session, None, {})
+            chat = ProviderChat(session.external_chat_id, dict(session.chat_state))
+            chat_before, user_before = dict(chat.state), dict(user.state)
+            try:
+                result = await self._call(item, chat, user)
+            except ChatInactive as exc:
+                if item.kind is OutboxKind.STOP:
+                    result = {}  # already closed: the stop is done
+                else:
+                    return await self._settle_failed(item, exc.code, str(exc))
+            except ProviderAuthError as exc:
+                return await self._settle_failed(item, exc.code, str(exc), setting=exc.setting)
+            except ProviderRejected as exc:
+                return await self._settle_failed(item, exc.code, str(exc))
+            except ProviderUnavailable as exc:
+                return await self._settle_retry(item, str(exc), exc.retry_after, exc.uncertain)
+            changed_user = user if user.state != user_before else None
+            if chat.state != chat_before:
+                session.chat_state = chat.state
+            return await self._settle_done(item, session, changed_user, result)
+        except StoreUnavailable:
+            log.warning("outbox.store_unavailable", item_id=item.id)
+            return item  # the lease expires and the item is retried
+        except Exception:
+            log.exception("outbox.attempt_error", item_id=item.id, kind=item.kind.value)
+            return await self._settle_retry(item, "internal error", None, uncertain=True)
+        finally:
+            self._signal(item.id)
+            self.kick()
+
+    async def _call(
+        self, item: OutboxItem, chat: ProviderChat, user: ProviderUser
+    ) -> dict[str, str]:
+        ctx = self._ctx
+        provider = ctx.provider
+        uncertain = item.earlier_attempt_uncertain
+        if item.kind is OutboxKind.SEND:
+            message = message_from_json(item.payload["message"])
+            sent = await ctx.calls.once(
+                "send",
+                lambda t: provider.send(
+                    chat, user, message, request_id=item.request_id, uncertain=uncertain, timeout=t
+                ),
+            )
+            return {"external_message_id": sent.external_message_id}
+        reason = str(item.payload.get("reason", ""))
+        await ctx.calls.once("stop", lambda t: provider.stop(chat, user, reason, timeout=t))
+        return {}
+
+    # --- outcomes ------------------------------------------------------------
+    async def _settle_done(
+        self,
+        item: OutboxItem,
+        session: Session,
+        user: ProviderUser | None,
+        result: dict[str, str],
+    ) -> OutboxItem:
+        ctx = self._ctx
+        now = ctx.clock.now()
+        async with ctx.store.transaction() as tx:
+            if user is not None:
+                await tx.put_provider_user(session.user_id, ctx.provider_name, user)
+            current = await tx.get_session(session.id)
+            if current is not None:
+                current.chat_state = session.chat_state
+                if item.kind is OutboxKind.STOP and current.state.is_open:
+                    by = EndedBy(item.payload.get("by", EndedBy.CALLER.value))
+                    reason = str(item.payload.get("reason", "")) or "stopped by the caller"
+                    finish(current, SessionState.ENDED, reason, by, now)
+                    await tx.append_event(
+                        current.id, current.user_id, now, Ended(reason=reason, by=by)
+                    )
+                    await tx.fail_pending_outbox(
+                        current.id, now, "SESSION_ENDED", "the session ended before delivery"
+                    )
+                await tx.update_session(current)
+            item.status = OutboxStatus.DONE
+            item.result = result
+            item.done_at = now
+            item.lease_owner, item.lease_until = "", None
+            item.last_error = item.error_code = ""
+            await tx.update_outbox(item)
+        ctx.metrics.outbox_outcomes.labels(item.kind.value, "done").inc()
+        if item.kind is OutboxKind.STOP:
+            ctx.metrics.events_appended.labels("ended").inc()
+        return item
+
+    async def _settle_failed(
+        self,
+        item: OutboxItem,
+        code: str,
+        message: str,
+        *,
+        setting: str = "",
+    ) -> OutboxItem:
+        ctx = self._ctx
+        now = ctx.clock.now()
+        async with ctx.store.transaction() as tx:
+            item.status = OutboxStatus.FAILED
+            item.error_code = code
+            item.last_error = f"{message} (setting: {setting})" if setting else message
+            item.done_at = now
+            item.lease_owner, item.lease_until = "", None
+            item.result = {"setting": setting} if setting else {}
+            await tx.update_outbox(item)
+            if item.kind is OutboxKind.STOP:
+                # The stop failed for good: let the provider's own end events
+                # apply again instead of being ignored as "ours".
+                session = await tx.get_session(item.session_id)
+                if session is not None and session.stop_requested_at is not None:
+                    session.stop_requested_at = None
+                    await tx.update_session(session)
+        ctx.metrics.outbox_outcomes.labels(item.kind.value, "failed").inc()
+        log.warning("outbox.failed", item_id=item.id, kind=item.kind.value, code=code)
+        return item
+
+    async def _settle_retry(
+        self, item: OutboxItem, error: str, retry_after: float | None, uncertain: bool
+    ) -> OutboxItem:
+        ctx = self._ctx
+        now = ctx.clock.now()
+        ttl = SEND_TTL if item.kind is OutboxKind.SEND else STOP_TTL
+        delay = ctx.calls.backoff.delay(item.attempts, retry_after)
+        if now + timedelta(seconds=delay) > item.created_at + ttl:
+            return await self._settle_failed(
+                item, "DELIVERY_EXPIRED", f"not delivered within {ttl}; last error: {error}"
+            )
+        async with ctx.store.transaction() as tx:
+            if not uncertain:
+                item.attempts_settled += 1
+            item.next_attempt_at = now + timedelta(seconds=delay)
+            item.lease_owner, item.lease_until = "", None
+            item.last_error = error
+            await tx.update_outbox(item)
+        ctx.metrics.outbox_outcomes.labels(item.kind.value, "retry").inc()
+        log.info(
+            "outbox.retry",
+            item_id=item.id,
+            kind=item.kind.value,
+            attempt=item.attempts,
+            wait=round(delay, 3),
+            uncertain=uncertain,
+        )
+        return item
+
+    # --- waiting ---------------------------------------------------------------
+    def _signal(self, item_id: str) -> None:
+        event = self._finished.pop(item_id, None)
+        if event is not None:
+            event.set()
+
+    def signal_many(self, item_ids: list[str]) -> None:
+        """Wakes RPCs waiting on items another path settled (session ended)."""
+        for item_id in item_ids:
+            self._signal(item_id)
+
+    async def wait(self, item: OutboxItem, timeout: float) -> OutboxItem:
+        """Waits until the item is settled or ``timeout`` passes.
+
+        Re-reads the store at least every poll interval, so an item another
+        replica settles is seen too.
+        """
+        ctx = self._ctx
+        deadline = ctx.clock.monotonic() + timeout
+        while item.status is OutboxStatus.PENDING:
+            remaining = deadline - ctx.clock.monotonic()
+            if remaining <= 0:
+                break
+            event = self._finished.setdefault(item.id, asyncio.Event())
+            task = self._inflight.get(item.id)
+            try:
+                async with asyncio.timeout(min(remaining, self._poll_interval)):
+                    if task is not None:
+                        await asyncio.shield(task)
+                    else:
+                        await event.wait()
+            except TimeoutError:
+                pass
+            latest = await ctx.store.get_outbox(item.id)
+            if latest is None:
+                break
+            item = latest
+        return item
+
+    # --- background loop ---------------------------------------------------------
+    async def run(self) -> None:
+        """Claims due items and attempts them until ``stop()``."""
+        ctx = self._ctx
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                await self._claim_and_start()
+                pending, next_due = await ctx.store.outbox_stats()
+            except StoreUnavailable as exc:
+                log.warning("outbox.store_unavailable", error=str(exc))
+                pending, next_due = 0, None
+            ctx.metrics.outbox_depth.set(pending)
+            wait = self._poll_interval
+            if next_due is not None:
+                wait = min(wait, max(0.0, (next_due - ctx.clock.now()).total_seconds()))
+            try:
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def _claim_and_start(self) -> None:
+        free = self._concurrency - len(self._inflight)
+        if free <= 0:
+            return
+        ctx = self._ctx
+        now = ctx.clock.now()
+        async with ctx.store.transaction() as tx:
+            items = await tx.claim_outbox(ctx.owner, now, now + self.lease, free)
+            for item in items:
+                item.attempts += 1  # recorded before the call: a crash leaves it uncertain
+                await tx.update_outbox(item)
+        for item in items:
+            self.start_attempt(item)
+
+    async def stop(self, timeout: float) -> None:
+        """Stops claiming and waits up to ``timeout`` for attempts in flight."""
+        self._stopping = True
+        self.kick()
+        tasks = list(self._inflight.values())
+        if tasks:
+            _, still = await asyncio.wait(tasks, timeout=timeout)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still)

@@ -1,0 +1,374 @@
+"""Handoffs: start, stop, read and list sessions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+import structlog
+
+from hitl_service.codec import kind_tag
+from hitl_service.core.ingest import apply_inbound
+from hitl_service.core.state import finish
+from hitl_service.domain import (
+    IdempotencyRecord,
+    OutboxItem,
+    OutboxKind,
+    OutboxStatus,
+    Session,
+    SessionState,
+    new_id,
+)
+from hitl_service.errors import FailedPrecondition, NotFound, Unavailable
+from hitl_service.store.base import OpenSessionExists
+from providers.errors import ProviderAuthError, ProviderRejected, ProviderUnavailable
+from providers.types import (
+    EndedBy,
+    Failed,
+    ProviderChat,
+    ProviderUser,
+    Started,
+    StartRequest,
+    StartResult,
+    UserProfile,
+)
+
+if TYPE_CHECKING:
+    from hitl_service.core.commands import StartHandoff, StopHandoff
+    from hitl_service.core.context import CoreContext
+    from hitl_service.core.outbox import Outbox
+    from hitl_service.domain import User
+    from hitl_service.store.base import Tx
+
+log = structlog.get_logger(__name__)
+
+START_SCOPE = "StartHitl"
+STOP_SCOPE = "StopHitl"
+
+
+async def get_session(ctx: CoreContext, session_id: str) -> Session:
+    """The session, or ``NotFound``."""
+    session = await ctx.store.get_session(session_id)
+    if session is None:
+        raise NotFound("session", session_id)
+    return session
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPage:
+    """One page of ``ListSessions``."""
+
+    sessions: list[Session]
+    next_before: tuple[datetime, str] | None
+
+
+async def list_sessions(
+    ctx: CoreContext,
+    *,
+    user_id: str,
+    state: SessionState | None,
+    before: tuple[datetime, str] | None,
+    limit: int,
+) -> SessionPage:
+    """Newest first; ``next_before`` is None on the last page."""
+    rows = await ctx.store.list_sessions(
+        user_id=user_id, state=state, before=before, limit=limit + 1
+    )
+    page = rows[:limit]
+    more = len(rows) > limit
+    return SessionPage(page, (page[-1].created_at, page[-1].id) if more and page else None)
+
+
+async def start_handoff(ctx: CoreContext, cmd: StartHandoff, budget: float) -> Session:
+    """Opens a handoff at the provider; idempotent by ``request_id``.
+
+    Raises:
+        NotFound: Unknown user.
+        FailedPrecondition: The user has another open session
+            (SESSION_ALREADY_OPEN), the request id was used for another
+            request (REQUEST_ID_REUSED), or the provider refused.
+        Unavailable: The provider stayed unreachable within the budget.
+    """
+    deadline = ctx.clock.monotonic() + budget
+    async with ctx.store.transaction() as tx:
+        record = await tx.get_idempotency(START_SCOPE, cmd.request_id)
+        if record is not None:
+            if record.request_hash != cmd.request_hash():
+                raise reused_request_id(cmd.request_id)
+            existing = await tx.get_session(record.resource_id)
+            assert existing is not None  # idempotency records point at kept sessions
+            return _replay(existing)
+        user, session = await _insert_session(tx, ctx, cmd)
+        provider_user = await tx.get_provider_user(cmd.user_id, ctx.provider_name)
+        previous = await tx.last_session_with_chat(cmd.user_id, ctx.provider_name)
+    try:
+        identity, result = await _call_provider(
+            ctx, user, provider_user, previous, session, cmd, deadline
+        )
+    except ProviderAuthError as exc:
+        await _fail_start(ctx, session, exc.code, str(exc))
+        raise FailedPrecondition(exc.code, str(exc), setting=exc.setting) from None
+    except ProviderRejected as exc:
+        await _fail_start(ctx, session, exc.code, str(exc))
+        raise FailedPrecondition(exc.code, str(exc), session_id=session.id) from None
+    except ProviderUnavailable as exc:
+        # Nothing was opened for sure: forget the request id, so retrying
+        # the same request starts afresh (the provider reuses an open chat).
+        await _fail_start(ctx, session, "PROVIDER_UNAVAILABLE", str(exc), forget=cmd.request_id)
+        raise Unavailable("PROVIDER_UNAVAILABLE", f"the provider is unreachable: {exc}") from None
+    return await _commit_start(ctx, session, identity, result)
+
+
+async def _insert_session(tx: Tx, ctx: CoreContext, cmd: StartHandoff) -> tuple[User, Session]:
+    """Inserts the STARTING session and its idempotency record."""
+    user = await tx.get_user(cmd.user_id)
+    if user is None:
+        raise NotFound("user", cmd.user_id)
+    now = ctx.clock.now()
+    session = Session(
+        id=new_id("ses"),
+        user_id=cmd.user_id,
+        provider=ctx.provider_name,
+        state=SessionState.STARTING,
+        created_at=now,
+        updated_at=now,
+        request_id=cmd.request_id,
+        title=cmd.title,
+        description=cmd.description,
+        group_id=cmd.group_id,
+        metadata=dict(cmd.metadata),
+        last_activity_at=now,
+    )
+    try:
+        await tx.insert_session(session)
+    except OpenSessionExists as exc:
+        raise FailedPrecondition(
+            "SESSION_ALREADY_OPEN",
+            f"user {cmd.user_id} already has an open session {exc.session_id}; stop it first",
+            session_id=exc.session_id,
+        ) from None
+    await tx.put_idempotency(
+        IdempotencyRecord(START_SCOPE, cmd.request_id, cmd.request_hash(), session.id, now)
+    )
+    return user, session
+
+
+def _replay(session: Session) -> Session:
+    """The answer to a repeated StartHitl."""
+    if session.state is SessionState.STARTING:
+        raise Unavailable(
+            "START_IN_PROGRESS",
+            f"session {session.id} is still starting; retry shortly",
+            session_id=session.id,
+        )
+    if session.state is SessionState.FAILED and session.ended_by is EndedBy.UNSPECIFIED:
+        raise FailedPrecondition(
+            "START_FAILED",
+            f"the provider refused this handoff: {session.end_reason}",
+            session_id=session.id,
+        )
+    return session
+
+
+async def _call_provider(
+    ctx: CoreContext,
+    user: User,
+    provider_user: ProviderUser | None,
+    previous: Session | None,
+    session: Session,
+    cmd: StartHandoff,
+    deadline: float,
+) -> tuple[ProviderUser, StartResult]:
+    provider = ctx.provider
+    profile = UserProfile(
+        id=user.id,
+        name=user.name,
+        email=user.email,
+        picture_url=user.picture_url,
+        external_id=user.external_id,
+    )
+    identity = await ctx.calls.with_retries(
+        "upsert_user",
+        lambda t: provider.upsert_user(profile, provider_user, timeout=t),
+        budget=max(0.1, deadline - ctx.clock.monotonic()),
+    )
+    async with ctx.store.transaction() as tx:  # keep the identity even if the start fails
+        await tx.put_provider_user(user.id, ctx.provider_name, identity)
+    request = StartRequest(
+        session_id=session.id,
+        user=profile,
+        title=cmd.title,
+        description=cmd.description,
+        history=cmd.history,
+        group_id=cmd.group_id,
+        metadata=cmd.metadata,
+        request_id=cmd.request_id,
+        previous_chat=(
+            ProviderChat(previous.external_chat_id, dict(previous.chat_state))
+            if previous is not None
+            else None
+        ),
+    )
+    state_before = dict(identity.state)
+    try:
+        result = await ctx.calls.with_retries(
+            "start",
+            lambda t: provider.start(request, identity, timeout=t),
+            budget=max(0.1, deadline - ctx.clock.monotonic()),
+        )
+    finally:
+        if identity.state != state_before:  # e.g. a refreshed token
+            async with ctx.store.transaction() as tx:
+                await tx.put_provider_user(user.id, ctx.provider_name, identity)
+    return identity, result
+
+
+async def _commit_start(
+    ctx: CoreContext, session: Session, identity: ProviderUser, result: StartResult
+) -> Session:
+    now = ctx.clock.now()
+    tags: list[str] = []
+    async with ctx.store.transaction() as tx:
+        current = await tx.get_session(session.id)
+        assert current is not None  # we inserted it; sessions are never deleted
+        current.state = SessionState.REQUESTED
+        current.external_chat_id = result.chat.external_chat_id
+        current.chat_state = dict(result.chat.state)
+        current.group_id = result.group_id or current.group_id
+        current.updated_at = now
+        await tx.put_provider_user(current.user_id, ctx.provider_name, identity)
+        started = Started(ctx.provider_name, current.external_chat_id, current.group_id)
+        await tx.append_event(current.id, current.user_id, now, started)
+        await tx.update_session(current)
+        tags.append(kind_tag(started))
+        fresh = [
+            event
+            for event in result.events
+            if await tx.claim_dedupe_key(ctx.provider_name, event.dedupe_key, now)
+        ]
+        # Parked events had their dedupe keys claimed when they were parked.
+        parked = await tx.take_parked_events(ctx.provider_name, current.external_chat_id)
+        for event in (*fresh, *parked):
+            tags.extend(await apply_inbound(tx, ctx, current, event, now, []))
+        session = current
+    for tag in tags:
+        ctx.metrics.events_appended.labels(tag).inc()
+    log.info("session.started", session_id=session.id, parked=len(parked))
+    return session
+
+
+async def _fail_start(
+    ctx: CoreContext, session: Session, code: str, detail: str, *, forget: str = ""
+) -> None:
+    now = ctx.clock.now()
+    async with ctx.store.transaction() as tx:
+        current = await tx.get_session(session.id)
+        assert current is not None
+        finish(current, SessionState.FAILED, detail, EndedBy.UNSPECIFIED, now)
+        await tx.update_session(current)
+        await tx.append_event(current.id, current.user_id, now, Failed(code=code, detail=detail))
+        if forget:
+            await tx.delete_idempotency(START_SCOPE, forget)
+    ctx.metrics.events_appended.labels("failed").inc()
+    log.warning("session.start_failed", session_id=session.id, code=code)
+
+
+async def stop_handoff(
+    ctx: CoreContext, outbox: Outbox, cmd: StopHandoff, budget: float
+) -> Session:
+    """Closes the chat at the provider; returns the ENDED session.
+
+    Stopping an ended or failed session returns it unchanged.
+
+    Raises:
+        NotFound: Unknown session.
+        FailedPrecondition: The session is still starting, or the provider
+            refused to close the chat.
+        Unavailable: The provider has not confirmed within the budget; the
+            stop stays queued and is retried (STOP_PENDING).
+    """
+    item, head = await request_stop(ctx, cmd.session_id, cmd.reason, EndedBy.CALLER)
+    if item is None:
+        return await get_session(ctx, cmd.session_id)
+    if head and item.status is OutboxStatus.PENDING and item.lease_owner == ctx.owner:
+        outbox.start_attempt(item)
+    else:
+        outbox.kick()
+    item = await outbox.wait(item, budget)
+    if item.status is OutboxStatus.FAILED:
+        raise FailedPrecondition(
+            item.error_code or "STOP_FAILED",
+            f"the provider did not close the chat: {item.last_error}",
+            session_id=cmd.session_id,
+            **({"setting": item.result["setting"]} if item.result.get("setting") else {}),
+        )
+    session = await get_session(ctx, cmd.session_id)
+    if item.status is OutboxStatus.PENDING and session.state.is_open:
+        raise Unavailable(
+            "STOP_PENDING",
+            "the provider has not confirmed the stop yet; it is retried in the background",
+            session_id=cmd.session_id,
+        )
+    return session
+
+
+async def request_stop(
+    ctx: CoreContext, session_id: str, reason: str, by: EndedBy
+) -> tuple[OutboxItem | None, bool]:
+    """Records the intent to stop a session (once) in the outbox.
+
+    Returns:
+        The stop item (None if the session is already over) and whether this
+        call claimed it for an immediate attempt.
+    """
+    now = ctx.clock.now()
+    async with ctx.store.transaction() as tx:
+        session = await tx.get_session(session_id)
+        if session is None:
+            raise NotFound("session", session_id)
+        if not session.state.is_open:
+            return None, False
+        if session.state is SessionState.STARTING:
+            raise FailedPrecondition(
+                "SESSION_STARTING",
+                f"session {session_id} is still starting; stop it once StartHitl returned",
+                session_id=session_id,
+            )
+        record = await tx.get_idempotency(STOP_SCOPE, session_id)
+        if record is not None:
+            existing = await tx.get_outbox(record.resource_id)
+            if existing is not None and existing.status is not OutboxStatus.FAILED:
+                return existing, False
+            await tx.delete_idempotency(STOP_SCOPE, session_id)
+        item = OutboxItem(
+            id=new_id("stp"),
+            session_id=session_id,
+            kind=OutboxKind.STOP,
+            request_id=f"stop-{session_id}",
+            payload={"reason": reason, "by": by.value},
+            status=OutboxStatus.PENDING,
+            created_at=now,
+            next_attempt_at=now,
+            attempts=1,
+            lease_owner=ctx.owner,
+            lease_until=now + timedelta(seconds=ctx.settings.provider_timeout * 2 + 5),
+        )
+        head = await tx.insert_outbox(item)
+        if not head:
+            item.attempts, item.lease_owner, item.lease_until = 0, "", None
+            await tx.update_outbox(item)
+        session.stop_requested_at = now
+        session.updated_at = now
+        await tx.update_session(session)
+        await tx.put_idempotency(IdempotencyRecord(STOP_SCOPE, session_id, "", item.id, now))
+    return item, head
+
+
+def reused_request_id(request_id: str) -> FailedPrecondition:
+    """The error for a request id reused with a different request."""
+    return FailedPrecondition(
+        "REQUEST_ID_REUSED",
+        f"request_id {request_id!r} was already used for a different request",
+        request_id=request_id,
+    )

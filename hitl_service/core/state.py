@@ -1,0 +1,128 @@
+"""The session state machine: which provider events change what, and what
+goes into the log.
+
+REQUESTED → QUEUED → ASSIGNED → ENDED, with transfers back to QUEUED or to
+another agent, and FAILED when the provider refused. Ended and failed
+sessions take no further events; anything impossible is ignored (and the
+caller logs why), never half-applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from hitl_service.domain import Session, SessionState
+from providers.types import (
+    Agent,
+    AgentAssigned,
+    AgentMessage,
+    Author,
+    Ended,
+    EndedBy,
+    EventKind,
+    Failed,
+    Queued,
+    Transferred,
+)
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+_END_WORDS = {
+    EndedBy.AGENT: "the agent closed the chat",
+    EndedBy.USER: "the user closed the chat",
+    EndedBy.CALLER: "stopped by the caller",
+    EndedBy.TIMEOUT: "timed out",
+    EndedBy.PROVIDER: "the provider closed the chat",
+    EndedBy.UNSPECIFIED: "the chat was closed",
+}
+
+
+class Ignored(Exception):
+    """The event does not apply to the session; ``str()`` says why."""
+
+
+def apply_event(session: Session, kind: EventKind, now: datetime) -> list[EventKind]:
+    """Applies one provider event to ``session`` in place.
+
+    Returns:
+        The events to append to the log, in order (an agent message from an
+        agent nobody assigned yet is preceded by an ``AgentAssigned``).
+
+    Raises:
+        Ignored: The event changes nothing (duplicate information, a closed
+            session, our own stop in flight); ``session`` is untouched.
+    """
+    if not session.state.is_open:
+        raise Ignored(f"session is {session.state.value}")
+    if session.state is SessionState.STARTING:
+        raise Ignored("session is not started yet")
+    if isinstance(kind, Queued):
+        _set(session, SessionState.QUEUED, None, now)
+        return [kind]
+    if isinstance(kind, AgentAssigned):
+        if session.state is SessionState.ASSIGNED and _same(session.agent, kind.agent):
+            raise Ignored("agent already assigned")
+        _set(session, SessionState.ASSIGNED, kind.agent, now)
+        return [kind]
+    if isinstance(kind, AgentMessage):
+        return _agent_message(session, kind, now)
+    if isinstance(kind, Transferred):
+        transferred = replace(kind, from_agent=kind.from_agent or session.agent)
+        if kind.to_agent is not None:
+            _set(session, SessionState.ASSIGNED, kind.to_agent, now)
+        else:
+            _set(session, SessionState.QUEUED, None, now)
+        return [transferred]
+    if isinstance(kind, Ended):
+        if session.stop_requested_at is not None:
+            raise Ignored("our own stop is in flight; it records the end")
+        ended = kind if kind.reason else replace(kind, reason=_END_WORDS[kind.by])
+        finish(session, SessionState.ENDED, ended.reason, ended.by, now)
+        return [ended]
+    assert isinstance(kind, Failed)
+    finish(session, SessionState.FAILED, kind.detail or kind.code, EndedBy.PROVIDER, now)
+    return [kind]
+
+
+def finish(session: Session, state: SessionState, reason: str, by: EndedBy, now: datetime) -> None:
+    """Moves ``session`` to ENDED or FAILED."""
+    session.state = state
+    session.ended_at = now
+    session.end_reason = reason
+    session.ended_by = by
+    session.updated_at = now
+    session.stop_requested_at = None
+
+
+def _agent_message(session: Session, kind: AgentMessage, now: datetime) -> list[EventKind]:
+    agent = kind.agent
+    current = session.agent
+    if current is not None and current.id == agent.id:
+        # Webhooks for messages may carry only the agent id; keep the name
+        # and avatar learned when the agent joined.
+        agent = Agent(
+            id=agent.id,
+            name=agent.name or current.name,
+            avatar_url=agent.avatar_url or current.avatar_url,
+        )
+    message = replace(kind.message, author=Author.AGENT)
+    out: list[EventKind] = []
+    if session.state is not SessionState.ASSIGNED or current is None:
+        out.append(AgentAssigned(agent=agent))
+        _set(session, SessionState.ASSIGNED, agent, now)
+    else:
+        session.updated_at = now
+    out.append(AgentMessage(message=message, agent=agent))
+    return out
+
+
+def _set(session: Session, state: SessionState, agent: Agent | None, now: datetime) -> None:
+    session.state = state
+    session.agent = agent
+    session.updated_at = now
+
+
+def _same(a: Agent | None, b: Agent) -> bool:
+    return a is not None and a.id == b.id

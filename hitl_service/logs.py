@@ -1,0 +1,120 @@
+"""Logging: structlog configured once at start-up, one JSON (or console)
+stream for our logs and the standard library's (grpc, uvicorn, asyncio).
+
+Secrets are kept out by design (they live in ``Secret``, whose ``str`` is
+masked); ``redact_secrets`` is the second line of defence: it masks known
+secret-bearing keys and any value that contains a registered secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from hitl_service.secret import Secret
+
+_SECRET_KEYS = frozenset(
+    {
+        "authorization",
+        "password",
+        "secret",
+        "secret_key",
+        "token",
+        "access_token",
+        "refresh_token",
+        "agent_token",
+        "api_token",
+        "cookie",
+        "set-cookie",
+        "dsn",
+    }
+)
+_MASK = "**********"
+
+
+class SecretRedactor:
+    """A structlog processor masking secrets in every event.
+
+    Keys that name secrets are masked whatever their value; string values
+    that contain a registered secret have it replaced.
+    """
+
+    def __init__(self, secrets: Iterable[Secret] = ()) -> None:
+        self._values: list[str] = []
+        self.register(secrets)
+
+    def register(self, secrets: Iterable[Secret]) -> None:
+        """Adds secret values to look for (empty and very short ones skipped)."""
+        for secret in secrets:
+            value = secret.reveal()
+            if len(value) >= 6 and value not in self._values:
+                self._values.append(value)
+
+    def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+        for key in list(event_dict):
+            event_dict[key] = self._clean(key, event_dict[key])
+        return event_dict
+
+    def _clean(self, key: str, value: Any) -> Any:
+        if key.lower() in _SECRET_KEYS and value not in (None, ""):
+            return _MASK
+        if isinstance(value, str):
+            for secret in self._values:
+                if secret in value:
+                    value = value.replace(secret, _MASK)
+            return value
+        if isinstance(value, MutableMapping):
+            return {k: self._clean(str(k), v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._clean("", v) for v in value]
+        return value
+
+
+def configure_logging(
+    *, log_format: str, level: str, redactor: SecretRedactor, cache: bool = True
+) -> None:
+    """Configures structlog and routes standard-library logging through it."""
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redactor,
+    ]
+    renderer: Processor
+    if log_format == "console":
+        renderer = structlog.dev.ConsoleRenderer()
+    else:
+        renderer = structlog.processors.JSONRenderer()
+    numeric = logging.getLevelName(level.upper())
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.dict_tracebacks if log_format == "json" else _identity,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=cache,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    # Chatty libraries: their INFO lines duplicate our canonical ones.
+    for name in ("uvicorn.access", "httpx", "httpcore", "aiosqlite", "asyncio"):
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+
+
+def _identity(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    return event_dict

@@ -1,0 +1,124 @@
+"""Prometheus collectors, all on one registry passed in (no global state).
+
+gRPC metrics keep the names dashboards know (go-grpc-prometheus); ours use
+the ``hitl_`` prefix, base units and bounded labels (never session, chat or
+user ids).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+class Metrics:
+    """Every collector the service exports."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        rpc = ("grpc_type", "grpc_service", "grpc_method")
+        self.grpc_started = Counter(
+            "grpc_server_started_total", "RPCs started on the server.", rpc, registry=registry
+        )
+        self.grpc_handled = Counter(
+            "grpc_server_handled_total",
+            "RPCs completed on the server, by status code.",
+            (*rpc, "grpc_code"),
+            registry=registry,
+        )
+        self.grpc_msg_received = Counter(
+            "grpc_server_msg_received_total", "Messages received.", rpc, registry=registry
+        )
+        self.grpc_msg_sent = Counter(
+            "grpc_server_msg_sent_total", "Messages sent.", rpc, registry=registry
+        )
+        self.grpc_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Time to handle an RPC (streams: until they end).",
+            rpc,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.webhooks = Counter(
+            "hitl_webhook_requests_total",
+            "Inbound webhook deliveries by outcome "
+            "(accepted, duplicate, ignored, rejected, too_large, failed, unavailable).",
+            ("provider", "outcome"),
+            registry=registry,
+        )
+        self.webhook_seconds = Histogram(
+            "hitl_webhook_duration_seconds",
+            "Time from receiving a webhook to answering it.",
+            ("provider",),
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.events_appended = Counter(
+            "hitl_events_appended_total",
+            "Events committed to the log, by kind.",
+            ("kind",),
+            registry=registry,
+        )
+        self.provider_seconds = Histogram(
+            "hitl_provider_request_duration_seconds",
+            "Provider calls by operation and outcome (ok, unavailable, rejected, error).",
+            ("provider", "operation", "outcome"),
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.outbox_depth = Gauge(
+            "hitl_outbox_pending",
+            "Provider calls (sends, stops) waiting to be delivered.",
+            registry=registry,
+        )
+        self.outbox_outcomes = Counter(
+            "hitl_outbox_attempts_total",
+            "Outbox delivery attempts by kind and outcome (done, retry, failed).",
+            ("kind", "outcome"),
+            registry=registry,
+        )
+        self.active_sessions = Gauge(
+            "hitl_sessions_open",
+            "Sessions not ended or failed (refreshed by the maintenance loop).",
+            registry=registry,
+        )
+        self.stream_subscribers = Gauge(
+            "hitl_stream_subscribers",
+            "Open StreamEvents streams on this replica.",
+            registry=registry,
+        )
+        self.stream_lag = Histogram(
+            "hitl_stream_delivery_seconds",
+            "Time from an event's commit to its read by this replica's fan-out.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.catch_up_events = Counter(
+            "hitl_catch_up_events_total",
+            "Events recovered by catch-up that no webhook had delivered.",
+            ("provider",),
+            registry=registry,
+        )
+        self.timeouts = Counter(
+            "hitl_session_timeouts_total",
+            "Sessions ended by a timeout, by kind (queue, idle).",
+            ("kind",),
+            registry=registry,
+        )

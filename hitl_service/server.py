@@ -1,0 +1,72 @@
+"""The grpc.aio server: HitlService, health, reflection, one interceptor."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from hitl_service.api.interceptor import ServiceInterceptor
+from hitl_service.api.servicer import HitlServicer
+from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from hitl_service.config import Settings
+    from hitl_service.core import HitlCore
+    from hitl_service.metrics import Metrics
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HitlService"].full_name
+MAX_MESSAGE_BYTES = 1024 * 1024  # media travels as URLs, so 1 MiB is plenty
+
+GRPC_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Keep idle StreamEvents connections alive through proxies and NATs.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.so_reuseport", 0),
+)
+
+
+def build_grpc_server(
+    core: HitlCore, settings: Settings, metrics: Metrics
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """The server with every service registered (not yet bound or started)."""
+    server = grpc.aio.server(
+        interceptors=[ServiceInterceptor(metrics, settings.api_tokens)],
+        options=GRPC_OPTIONS,
+    )
+    pb_grpc.add_HitlServiceServicer_to_server(HitlServicer(core), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    return server, health_servicer
+
+
+def bind(server: grpc.aio.Server, settings: Settings) -> int:
+    """Binds the configured address (TLS when configured); returns the port."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        port = server.add_insecure_port(settings.grpc_addr)
+    else:
+        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+        credentials = grpc.ssl_server_credentials(
+            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+        port = server.add_secure_port(settings.grpc_addr, credentials)
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.grpc_addr} (HITL_GRPC_ADDR)")
+    return port
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

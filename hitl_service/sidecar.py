@@ -1,0 +1,259 @@
+"""The HTTP sidecar: provider webhooks, health, readiness and metrics.
+
+Starlette on uvicorn in the same event loop as the gRPC server, on its own
+port. A webhook is answered 200 only after its events are committed; bad
+input gets a 4xx with a JSON reason, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import structlog
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from structlog.contextvars import bind_contextvars, clear_contextvars
+
+from hitl_service.codec import kind_to_json
+from hitl_service.domain import DeadLetter, new_id
+from hitl_service.errors import StoreUnavailable
+from hitl_service.store.rows import dumps
+from providers.errors import ProviderError, WebhookRejected
+
+if TYPE_CHECKING:
+    from hitl_service.config import Settings
+    from hitl_service.core import HitlCore
+    from hitl_service.metrics import Metrics
+    from hitl_service.store.base import Store
+    from providers.base import Provider
+    from providers.types import WebhookBatch
+
+log = structlog.get_logger(__name__)
+
+
+class BodyTooLarge(Exception):
+    """The request body is over the limit."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Reads the body, refusing more than ``limit`` bytes without buffering it."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def error(status: int, reason: str, **extra: object) -> JSONResponse:
+    """A 4xx/5xx answer with a JSON reason."""
+    return JSONResponse({"error": reason, **extra}, status_code=status)
+
+
+class Readiness:
+    """Caches the provider probe: readiness checks come often, probes cost."""
+
+    def __init__(self, store: Store, provider: Provider, *, ttl: float = 30.0) -> None:
+        self._store = store
+        self._provider = provider
+        self._ttl = ttl
+        self._checked_at = float("-inf")
+        self._problems: list[str] = []
+
+    async def check(self, timeout: float) -> dict[str, str]:
+        """Problems by component; empty when ready."""
+        problems: dict[str, str] = {}
+        try:
+            await self._store.ping()
+        except StoreUnavailable as exc:
+            problems["store"] = str(exc)
+        now = time.monotonic()
+        if now - self._checked_at >= self._ttl or self._problems:
+            try:
+                self._problems = list(await self._provider.probe(timeout=timeout))
+            except ProviderError as exc:
+                self._problems = [f"provider unreachable: {exc}"]
+            self._checked_at = now
+        if self._problems:
+            problems["provider"] = "; ".join(self._problems)
+        return problems
+
+
+def build_sidecar(
+    core: HitlCore, provider: Provider, settings: Settings, metrics: Metrics
+) -> Starlette:
+    """The sidecar app with the generic routes plus the provider's own."""
+    readiness = Readiness(core.ctx.store, provider)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        problems = await readiness.check(timeout=min(5.0, settings.provider_timeout))
+        if problems:
+            return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ready", "store": "ok", "provider": "ok"})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def webhook(request: Request) -> Response:
+        name = request.path_params["provider"]
+        with _webhook_context(request, name) as outcome:
+            if name != provider.name:
+                outcome[0] = "unknown_provider"
+                return error(404, f"no provider named {name!r} is configured here")
+            try:
+                body = await read_body(request, settings.http_max_body)
+            except BodyTooLarge:
+                outcome[0] = "too_large"
+                return error(413, f"body larger than {settings.http_max_body} bytes")
+            except ClientDisconnect:
+                outcome[0] = "disconnected"
+                return error(400, "the client disconnected before sending the whole body")
+            try:
+                batch = provider.parse_webhook(request.headers, body)
+            except WebhookRejected as exc:
+                outcome[0] = "rejected"
+                return error(exc.status, exc.reason)
+            try:
+                result = await core.ingest(batch)
+            except StoreUnavailable as exc:
+                outcome[0] = "unavailable"
+                log.warning("webhook.store_unavailable", error=str(exc))
+                return JSONResponse(
+                    {"error": "storage unavailable; retry later"},
+                    status_code=503,
+                    headers={"Retry-After": "5"},
+                )
+            except Exception:
+                outcome[0] = "failed"
+                error_id = new_id("dl")
+                log.exception("webhook.process_failed", error_id=error_id, action=batch.action)
+                await _keep_failed(core, provider.name, batch, error_id)
+                return error(500, "the events could not be processed", error_id=error_id)
+            outcome[0] = result.outcome
+            bind_contextvars(action=batch.action, events=result.added)
+            return JSONResponse(
+                {
+                    "accepted": result.added,
+                    "duplicates": result.duplicates,
+                    "ignored": result.ignored + result.foreign,
+                }
+            )
+
+    routes: list[BaseRoute] = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/webhooks/{provider}", webhook, methods=["POST"]),
+        *provider.routes(),
+    ]
+
+    @contextlib.contextmanager
+    def _webhook_context(request: Request, name: str) -> Iterator[list[str]]:
+        clear_contextvars()
+        raw_id = request.headers.get("x-request-id", "")
+        bind_contextvars(
+            request_id=raw_id[:128] if raw_id.isprintable() and raw_id else secrets.token_hex(8),
+            route="webhook",
+            provider=name,
+        )
+        started = time.perf_counter()
+        outcome = ["failed"]
+        try:
+            yield outcome
+        finally:
+            elapsed = time.perf_counter() - started
+            label = name if name == provider.name else "unknown"
+            metrics.webhooks.labels(label, outcome[0]).inc()
+            metrics.webhook_seconds.labels(label).observe(elapsed)
+            log.info("webhook.done", outcome=outcome[0], duration_ms=round(elapsed * 1000, 3))
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error(404, f"no route {request.url.path}")
+
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        return error(405, f"{request.method} is not allowed on {request.url.path}")
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        error_id = secrets.token_hex(6)
+        log.error("http.internal_error", error_id=error_id, path=request.url.path, exc_info=exc)
+        return error(500, "internal error", error_id=error_id)
+
+    return Starlette(
+        routes=routes,
+        exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
+    )
+
+
+async def _keep_failed(core: HitlCore, provider: str, batch: WebhookBatch, letter_id: str) -> None:
+    """Keeps a batch that failed to process, for inspection.
+
+    The normalized events are kept, not the raw body, which may carry the
+    provider's secret.
+    """
+    body = dumps(
+        {
+            "action": batch.action,
+            "events": [
+                {
+                    "external_chat_id": e.external_chat_id,
+                    "dedupe_key": e.dedupe_key,
+                    "kind": kind_to_json(e.kind),
+                    "occurred_at": e.occurred_at.isoformat() if e.occurred_at else None,
+                }
+                for e in batch.events
+            ],
+        }
+    ).encode()
+    try:
+        async with core.ctx.store.transaction() as tx:
+            await tx.add_dead_letter(
+                DeadLetter(letter_id, provider, core.ctx.clock.now(), "ingest failed", body)
+            )
+    except Exception:
+        log.exception("webhook.dead_letter_failed", error_id=letter_id)
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn inside our event loop: ``hitl-service serve`` owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """No-op: uvicorn would otherwise replace our signal handlers."""
+        yield
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        sockets = self.servers[0].sockets if self.servers else ()
+        return int(sockets[0].getsockname()[1]) if sockets else 0
+
+
+def build_http_server(app: Starlette, host: str, port: int) -> EmbeddedServer:
+    """A uvicorn server for the sidecar, with our logging and no lifespan."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+        timeout_graceful_shutdown=5,
+    )
+    return EmbeddedServer(config)

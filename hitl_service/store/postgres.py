@@ -1,0 +1,374 @@
+"""The shared store: PostgreSQL through asyncpg, for one or many replicas.
+
+A connection pool serves reads and transactions (READ COMMITTED; row locks
+and unique constraints carry the cross-replica guarantees, see
+``postgres_tx``). Cursors come from a one-row counter so that commit order
+equals cursor order; a transaction that appended events sends
+``NOTIFY hitl_events, '<cursor>'`` (delivered at commit), which every
+replica's listener turns into a wake-up (``postgres_wakeup``). Migrations
+run at ``open()`` under a transaction-scoped advisory lock, so replicas that
+start together apply them once.
+
+The DSN is a ``Secret``: ``repr``, errors and logs show only
+``StoreUrl.redacted()`` (user, host, port, database).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import structlog
+
+from hitl_service.domain import DeadLetter, LogEvent, OutboxItem, Session, SessionState, User
+from hitl_service.errors import StoreUnavailable
+from hitl_service.store.migrations import migrations
+from hitl_service.store.postgres_db import Db, Redactor, is_unavailable
+from hitl_service.store.postgres_tx import CHANNEL, HEAD_SQL, PostgresTx, Queries, ts
+from hitl_service.store.postgres_wakeup import EventWakeup
+from hitl_service.store.rows import SESSION_COLUMNS, event_from_row, session_from_row
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+    from datetime import datetime
+
+    from hitl_service.secret import Secret
+    from providers.types import ProviderUser
+
+log = structlog.get_logger(__name__)
+
+# pg_advisory_xact_lock(bigint) key serializing migrations across replicas.
+_MIGRATION_LOCK = 0x6869_746C_6D69_6772  # "hitlmigr"
+_APP_NAME = "hitl-service"
+_EVENT_COLUMNS = "seq, session_id, user_id, occurred_at, kind, data"
+
+
+class PostgresStore:
+    """``Store`` on a PostgreSQL database.
+
+    Args:
+        dsn: ``postgresql://user:password@host:port/database``.
+        pool_min: Connections the pool keeps open.
+        pool_max: Most connections the pool opens.
+        poll_only: Never LISTEN (PgBouncer in transaction mode drops
+            notifications silently); waiters rely on polling.
+        connect_timeout: Seconds to open a connection.
+        ping_timeout: Seconds ``ping()`` waits for ``SELECT 1``.
+        poll_min: First poll interval while nobody listens.
+        poll_max: Longest poll interval (reached while nothing changes).
+        check_interval: How often the listener connection is verified (and
+            the head re-read, in case a notification was lost).
+        reconnect_max: Longest pause between listener reconnect attempts.
+    """
+
+    backend = "postgresql"
+
+    def __init__(
+        self,
+        dsn: Secret,
+        *,
+        pool_min: int = 2,
+        pool_max: int = 10,
+        poll_only: bool = False,
+        connect_timeout: float = 10.0,
+        ping_timeout: float = 5.0,
+        poll_min: float = 0.25,
+        poll_max: float = 2.0,
+        check_interval: float = 15.0,
+        reconnect_max: float = 15.0,
+    ) -> None:
+        self._dsn = dsn
+        self._pool_min = min(pool_min, pool_max)
+        self._pool_max = pool_max
+        self._poll_only = poll_only
+        self._connect_timeout = connect_timeout
+        self._ping_timeout = ping_timeout
+        self._redactor = Redactor(dsn)
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._db: Db | None = None
+        self._reads: Queries | None = None
+        self._wakeup = EventWakeup(
+            connect=self._connect_listener,
+            read_head=self._read_head,
+            redactor=self._redactor,
+            poll_only=poll_only,
+            poll_min=poll_min,
+            poll_max=poll_max,
+            check_interval=check_interval,
+            reconnect_max=reconnect_max,
+        )
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self._redactor.where!r})"
+
+    @property
+    def listening(self) -> bool:
+        """True while the LISTEN connection is up (never with ``poll_only``)."""
+        return self._wakeup.listening
+
+    # --- lifecycle -------------------------------------------------------------
+    @contextlib.contextmanager
+    def _mapped(self, doing: str) -> Iterator[None]:
+        """Turns connection trouble into ``StoreUnavailable`` without secrets."""
+        try:
+            yield
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise self._redactor.unavailable(doing, exc) from None
+            raise
+
+    async def open(self) -> None:
+        """See base class."""
+        if self._pool is not None:
+            return
+        try:
+            with self._mapped("cannot be opened"):
+                self._pool = await asyncpg.create_pool(
+                    self._dsn.reveal(),
+                    min_size=self._pool_min,
+                    max_size=self._pool_max,
+                    timeout=self._connect_timeout,
+                    server_settings={"application_name": _APP_NAME},
+                )
+            self._db = Db(self._pool, self._redactor)
+            self._reads = Queries(self._db)
+            with self._mapped("cannot be migrated"):
+                await self._migrate(self._pool)
+            head = await self._read_head()
+        except BaseException:
+            await self._close_pool()
+            raise
+        self._wakeup.start(head)
+        log.debug("store.open", backend=self.backend, store=self._redactor.where, head=head)
+
+    async def _migrate(self, pool: asyncpg.Pool[asyncpg.Record]) -> None:
+        async with pool.acquire(timeout=self._connect_timeout) as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version "
+                "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL)"
+            )
+            current = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            for version, sql in migrations("postgres"):
+                if version <= current:
+                    continue
+                log.info("store.migrate", backend=self.backend, version=version)
+                await conn.execute(sql)  # no parameters: the file runs as one batch
+                await conn.execute(
+                    "INSERT INTO schema_version (version, applied_at) VALUES ($1, now())", version
+                )
+
+    async def _connect_listener(self) -> asyncpg.Connection[Any]:
+        return await asyncpg.connect(
+            self._dsn.reveal(),
+            timeout=self._connect_timeout,
+            server_settings={"application_name": f"{_APP_NAME}-listen"},
+        )
+
+    async def _read_head(self) -> int:
+        return int(await self._database().fetchval(HEAD_SQL))
+
+    async def close(self) -> None:
+        """See base class."""
+        await self._wakeup.close()
+        await self._close_pool()
+
+    async def _close_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        self._db = self._reads = None
+        if pool is None:
+            return
+        try:
+            async with asyncio.timeout(10):
+                await pool.close()
+        except Exception:  # stuck or broken connections: drop them
+            pool.terminate()
+
+    def _database(self) -> Db:
+        if self._db is None:
+            raise StoreUnavailable("the store is closed")
+        return self._db
+
+    def _queries(self) -> Queries:
+        if self._reads is None:
+            raise StoreUnavailable("the store is closed")
+        return self._reads
+
+    async def ping(self) -> None:
+        """See base class."""
+        db = self._database()
+        with self._mapped("does not answer"):
+            async with asyncio.timeout(self._ping_timeout):
+                await db.fetchval("SELECT 1")
+
+    async def schema_version(self) -> int:
+        """See base class."""
+        return int(await self._database().fetchval("SELECT MAX(version) FROM schema_version") or 0)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PostgresTx]:
+        """See base class.
+
+        Errors the body raises pass through unchanged (statements of the
+        ``Tx`` already map connection trouble to ``StoreUnavailable``).
+        """
+        if self._pool is None:
+            raise StoreUnavailable("the store is closed")
+        pool = self._pool
+        with self._mapped("refused a transaction"):
+            conn = await pool.acquire(timeout=self._connect_timeout)
+        try:
+            xact = conn.transaction()
+            with self._mapped("refused a transaction"):
+                await xact.start()
+            tx = PostgresTx(Db(conn, self._redactor))
+            try:
+                yield tx
+            except BaseException:
+                # A dead connection has rolled back already; the pool resets it.
+                with contextlib.suppress(Exception):
+                    await xact.rollback()
+                raise
+            with self._mapped("could not commit"):
+                if tx.last_seq:
+                    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(tx.last_seq))
+                await xact.commit()
+        finally:
+            with contextlib.suppress(Exception):
+                await pool.release(conn)
+        if tx.last_seq:
+            self._wakeup.advance(tx.last_seq)
+
+    # --- reads -------------------------------------------------------------------
+    async def get_user(self, user_id: str) -> User | None:
+        """See base class."""
+        return await self._queries().get_user(user_id)
+
+    async def get_session(self, session_id: str) -> Session | None:
+        """See base class."""
+        return await self._queries().get_session(session_id)
+
+    async def get_provider_user(self, user_id: str, provider: str) -> ProviderUser | None:
+        """See base class."""
+        return await self._queries().get_provider_user(user_id, provider)
+
+    async def get_outbox(self, item_id: str) -> OutboxItem | None:
+        """See base class."""
+        return await self._queries().get_outbox(item_id)
+
+    async def list_sessions(
+        self,
+        *,
+        user_id: str,
+        state: SessionState | None,
+        before: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[Session]:
+        """See base class."""
+        where: list[str] = []
+        args: list[Any] = []
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        if user_id:
+            where.append(f"user_id = {arg(user_id)}")
+        if state is not None:
+            states = [state.value]
+            if state is SessionState.REQUESTED:
+                states.append(SessionState.STARTING.value)
+            where.append(f"state = ANY({arg(states)}::text[])")
+        if before is not None:
+            where.append(f"(created_at, id) < ({arg(ts(before[0]))}, {arg(before[1])})")
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = await self._database().fetch(
+            f"SELECT {SESSION_COLUMNS} FROM sessions {clause} "
+            f"ORDER BY created_at DESC, id DESC LIMIT {arg(limit)}",
+            *args,
+        )
+        return [session_from_row(r) for r in rows]
+
+    async def list_open_sessions(self, *, after_id: str, limit: int) -> list[Session]:
+        """See base class."""
+        rows = await self._database().fetch(
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE state NOT IN ('ended', 'failed') "
+            "AND id > $1 ORDER BY id LIMIT $2",
+            after_id,
+            limit,
+        )
+        return [session_from_row(r) for r in rows]
+
+    async def read_events(
+        self, *, after: int, limit: int, session_id: str = ""
+    ) -> Sequence[LogEvent]:
+        """See base class."""
+        if session_id:
+            rows = await self._database().fetch(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE session_id = $1 AND seq > $2 "
+                "ORDER BY seq LIMIT $3",
+                session_id,
+                after,
+                limit,
+            )
+        else:
+            rows = await self._database().fetch(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
+                after,
+                limit,
+            )
+        return [event_from_row(r) for r in rows]
+
+    async def head(self) -> int:
+        """See base class."""
+        head = await self._read_head()
+        self._wakeup.advance(head)
+        return head
+
+    async def wait_for_events(self, after: int, timeout: float) -> None:
+        """See base class."""
+        await self._wakeup.wait(after, timeout)
+
+    async def outbox_stats(self) -> tuple[int, datetime | None]:
+        """See base class."""
+        row = await self._database().fetchrow(
+            "SELECT COUNT(*) AS n, MIN(next_attempt_at) AS next_attempt_at FROM outbox "
+            "WHERE status = 'pending'"
+        )
+        if row is None:
+            return 0, None
+        return int(row["n"]), row["next_attempt_at"]
+
+    async def list_dead_letters(self, limit: int) -> list[DeadLetter]:
+        """See base class."""
+        rows = await self._database().fetch(
+            "SELECT id, provider, received_at, reason, body FROM dead_letters "
+            "ORDER BY received_at DESC, id DESC LIMIT $1",
+            limit,
+        )
+        return [DeadLetter(**r) for r in rows]
+
+    async def prune(
+        self, *, idempotency_before: datetime, dedupe_before: datetime, parked_before: datetime
+    ) -> int:
+        """See base class."""
+        removed = 0
+        async with self.transaction() as tx:
+            db = tx._db
+            for sql, cutoff in (
+                ("DELETE FROM idempotency WHERE created_at < $1", idempotency_before),
+                (
+                    "DELETE FROM outbox WHERE status <> 'pending' AND done_at < $1",
+                    idempotency_before,
+                ),
+                ("DELETE FROM dedupe_keys WHERE created_at < $1", dedupe_before),
+                ("DELETE FROM parked_events WHERE created_at < $1", parked_before),
+            ):
+                removed += await db.execute(sql, ts(cutoff))
+        return removed

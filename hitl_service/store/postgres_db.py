@@ -1,0 +1,134 @@
+"""asyncpg plumbing for the PostgreSQL store: error mapping and a row adapter.
+
+Every statement the store runs goes through ``Db``, which turns connection
+trouble into ``StoreUnavailable`` (with a message that never contains the
+DSN or password, raised ``from None`` so no asyncpg frame holding the DSN
+ends up in a logged traceback) and records into plain dicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import asyncpg
+import asyncpg.exceptions as pgerr
+
+from hitl_service.config import StoreUrl
+from hitl_service.errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    from hitl_service.secret import Secret
+
+# Errors that mean "the database cannot be used right now", as opposed to a
+# bug in a statement or a constraint violation.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, unreachable, DNS
+    TimeoutError,  # connect or statement timeout
+    pgerr.PostgresConnectionError,  # class 08, incl. ConnectionDoesNotExistError
+    pgerr.OperatorInterventionError,  # class 57: shutdown, cannot connect now, canceled
+    pgerr.InsufficientResourcesError,  # class 53: too many connections, disk full
+    pgerr.InvalidAuthorizationSpecificationError,  # class 28: bad role or password
+    pgerr.InvalidCatalogNameError,  # 3D000: the database does not exist
+    pgerr.ClientConfigurationError,  # a DSN asyncpg cannot use
+)
+_MAX_DETAIL = 300
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True if ``exc`` says the database is unreachable or unusable right now."""
+    if isinstance(exc, _UNAVAILABLE):
+        return True
+    # asyncpg reports a closed pool or connection as a bare InterfaceError.
+    return isinstance(exc, pgerr.InterfaceError) and ("closed" in str(exc) or "closing" in str(exc))
+
+
+class Redactor:
+    """Where the store points, for messages; and a scrubber for secrets."""
+
+    def __init__(self, dsn: Secret) -> None:
+        self.where = StoreUrl("postgresql", dsn=dsn).redacted()
+        raw = dsn.reveal()
+        secrets = {raw}
+        try:
+            parts = urlsplit(raw)
+            if parts.password:
+                secrets |= {parts.password, unquote(parts.password)}
+            secrets |= {v for k, v in parse_qsl(parts.query) if k == "password" and v}
+        except ValueError:
+            pass
+        # Longest first, so the DSN goes before the password inside it.
+        self._secrets = sorted((s for s in secrets if s), key=len, reverse=True)
+
+    def scrub(self, text: str) -> str:
+        """``text`` with the DSN and password masked."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def describe(self, exc: BaseException) -> str:
+        """``ExcType: message``, scrubbed and shortened, for logs and errors."""
+        detail = self.scrub(" ".join(str(exc).split()))
+        if len(detail) > _MAX_DETAIL:
+            detail = detail[:_MAX_DETAIL] + "…"
+        return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+    def unavailable(self, doing: str, exc: BaseException) -> StoreUnavailable:
+        """A ``StoreUnavailable`` for ``exc``; raise it ``from None``."""
+        return StoreUnavailable(f"PostgreSQL at {self.where} {doing}: {self.describe(exc)}")
+
+
+Row = dict[str, Any]
+
+
+class Db:
+    """Runs statements on a pool or one connection; maps connection errors.
+
+    Args:
+        target: An asyncpg pool (each call borrows a connection) or a pooled
+            connection (a transaction's).
+        redactor: Builds secret-free errors.
+    """
+
+    def __init__(
+        self,
+        target: asyncpg.Pool[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
+        redactor: Redactor,
+    ) -> None:
+        self._target = target
+        self._redactor = redactor
+
+    @contextmanager
+    def _mapped(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise self._redactor.unavailable("is unavailable", exc) from None
+            raise
+
+    async def fetch(self, sql: str, *args: object) -> list[Row]:
+        """All rows, as dicts."""
+        with self._mapped():
+            rows = await self._target.fetch(sql, *args)
+        return [dict(r.items()) for r in rows]
+
+    async def fetchrow(self, sql: str, *args: object) -> Row | None:
+        """The first row as a dict, or None."""
+        with self._mapped():
+            row = await self._target.fetchrow(sql, *args)
+        return None if row is None else dict(row.items())
+
+    async def fetchval(self, sql: str, *args: object) -> Any:
+        """The first column of the first row, or None."""
+        with self._mapped():
+            return await self._target.fetchval(sql, *args)
+
+    async def execute(self, sql: str, *args: object) -> int:
+        """Runs a statement; returns the affected row count (0 if none is reported)."""
+        with self._mapped():
+            status = await self._target.execute(sql, *args)
+        last = status.rsplit(" ", 1)[-1]
+        return int(last) if last.isdigit() else 0

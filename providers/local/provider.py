@@ -1,0 +1,431 @@
+"""The local provider: a built-in human side with an agent console.
+
+Handoffs wait in an in-process queue that the console page (served by the
+sidecar under ``/console``) shows live; a person takes one, reads the
+transcript, replies, transfers and ends it. What the agent does is pushed
+to the core through the ``EventSink`` and committed before the console's
+request is answered. Conversations are kept in a JSON file under the data
+directory, so the console survives restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+import structlog
+
+from providers.errors import ChatInactive, ProviderRejected, WebhookRejected
+from providers.types import (
+    Agent,
+    AgentAssigned,
+    AgentMessage,
+    Author,
+    Capabilities,
+    Card,
+    CatchUp,
+    Ended,
+    EndedBy,
+    InboundEvent,
+    Location,
+    Media,
+    Message,
+    ProviderChat,
+    ProviderUser,
+    Queued,
+    SendResult,
+    StartRequest,
+    StartResult,
+    Transferred,
+    UserProfile,
+    WebhookBatch,
+)
+
+if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
+    from hitl_service.clock import Clock
+    from providers.base import EventSink, ProviderDeps
+    from providers.types import EventKind
+
+log = structlog.get_logger(__name__)
+
+WAITING, ACTIVE, ENDED = "waiting", "active", "ended"
+_MAX_ENDED = 200  # ended conversations kept for the console's history
+
+
+def render_body(message: Message) -> dict[str, Any]:
+    """A message as the console shows it: text plus optional rich parts."""
+    body = message.body
+    if isinstance(body, str):
+        return {"text": body}
+    if isinstance(body, Media):
+        label = body.name or body.url.rsplit("/", 1)[-1]
+        return {
+            "text": body.caption or f"{body.kind.value}: {label}",
+            "media": {
+                "kind": body.kind.value,
+                "url": body.url,
+                "name": label,
+                "mime_type": body.mime_type,
+                "size_bytes": body.size_bytes,
+            },
+        }
+    if isinstance(body, Location):
+        name = body.name or "a location"
+        return {
+            "text": f"{name} {body.address}".strip(),
+            "location": {
+                "latitude": body.latitude,
+                "longitude": body.longitude,
+                "url": f"https://maps.google.com/?q={body.latitude},{body.longitude}",
+            },
+        }
+    assert isinstance(body, Card)
+    return {
+        "text": body.title or body.subtitle,
+        "card": {
+            "title": body.title,
+            "subtitle": body.subtitle,
+            "image_url": body.image_url,
+            "buttons": [
+                {"text": b.text, "kind": b.kind.value, "value": b.value} for b in body.buttons
+            ],
+        },
+    }
+
+
+@dataclass
+class Conversation:
+    """One handoff as the console sees it."""
+
+    id: str
+    session_id: str
+    user: dict[str, str]
+    title: str
+    description: str
+    group_id: str
+    created_at: str
+    status: str = WAITING
+    agent: dict[str, str] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    end_reason: str = ""
+    seq: int = 0  # numbers the events this conversation reported
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON for the console and the state file."""
+        return {k: v for k, v in self.__dict__.items()}
+
+
+class LocalProvider:
+    """``Provider`` backed by the in-process console."""
+
+    name = "local"
+    capabilities = Capabilities(
+        media=True, location=True, card=True, transfers=True, queue_info=True, catch_up=False
+    )
+
+    def __init__(
+        self, *, sink: EventSink, clock: Clock, state_file: Path | None, default_group: str
+    ) -> None:
+        self._sink = sink
+        self._clock = clock
+        self._state_file = state_file
+        self._default_group = default_group
+        self._chats: dict[str, Conversation] = {}
+        self._lock = asyncio.Lock()
+        self._version = 0
+        self._changed = asyncio.Event()
+        self._dirty = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+
+    # --- lifecycle ----------------------------------------------------------------
+    async def open(self) -> None:
+        """Loads saved conversations and starts the state-file writer."""
+        if self._state_file is not None and self._state_file.is_file():
+            data = await asyncio.to_thread(self._state_file.read_text, encoding="utf-8")
+            try:
+                for raw in json.loads(data).get("conversations", []):
+                    conv = Conversation(**raw)
+                    self._chats[conv.id] = conv
+            except (ValueError, TypeError) as exc:
+                log.warning("local.state_unreadable", path=str(self._state_file), error=str(exc))
+        if self._state_file is not None:
+            self._flusher = asyncio.create_task(self._flush_loop(), name="local-console-state")
+
+    async def close(self) -> None:
+        """Writes the state file one last time."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+            await self._write_state()
+        self._changed.set()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            await self._write_state()
+            await self._clock.sleep(0.2)  # coalesce bursts of changes into one write
+
+    async def _write_state(self) -> None:
+        if self._state_file is None:
+            return
+        ended = [c for c in self._chats.values() if c.status == ENDED]
+        for old in ended[:-_MAX_ENDED]:
+            del self._chats[old.id]
+        payload = json.dumps({"conversations": [c.snapshot() for c in self._chats.values()]})
+        path = self._state_file
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(payload, encoding="utf-8")
+            os.replace(tmp, path)
+
+        await asyncio.to_thread(write)
+
+    def _touch(self) -> None:
+        self._version += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+        self._dirty.set()
+
+    # --- Provider -----------------------------------------------------------------
+    async def probe(self, *, timeout: float) -> Sequence[str]:
+        """See base class: nothing external to reach."""
+        return []
+
+    async def upsert_user(
+        self, profile: UserProfile, user: ProviderUser | None, *, timeout: float
+    ) -> ProviderUser:
+        """See base class: the local side knows users by our id."""
+        return ProviderUser(external_user_id=f"local:{profile.id}")
+
+    async def start(
+        self, request: StartRequest, user: ProviderUser, *, timeout: float
+    ) -> StartResult:
+        """See base class: a new waiting conversation."""
+        async with self._lock:
+            for conv in self._chats.values():  # a retried start reuses its conversation
+                if conv.session_id == request.session_id and conv.status != ENDED:
+                    return StartResult(ProviderChat(conv.id), conv.group_id, ())
+            conv = Conversation(
+                id=f"lc_{uuid.uuid4().hex[:12]}",
+                session_id=request.session_id,
+                user={
+                    "id": request.user.id,
+                    "name": request.user.name,
+                    "email": request.user.email,
+                    "picture_url": request.user.picture_url,
+                },
+                title=request.title or "Handoff",
+                description=request.description,
+                group_id=request.group_id or self._default_group,
+                created_at=self._clock.now().isoformat(),
+                history=[
+                    {
+                        "author": m.author.value,
+                        **render_body(m),
+                        "at": m.created_at.isoformat() if m.created_at else None,
+                    }
+                    for m in request.history
+                ],
+                metadata=dict(request.metadata),
+            )
+            self._chats[conv.id] = conv
+            position = sum(1 for c in self._chats.values() if c.status == WAITING)
+            queued = self._event(conv, Queued(position=position))
+            self._touch()
+        return StartResult(ProviderChat(conv.id), conv.group_id, (queued,))
+
+    async def send(
+        self,
+        chat: ProviderChat,
+        user: ProviderUser,
+        message: Message,
+        *,
+        request_id: str,
+        uncertain: bool,
+        timeout: float,
+    ) -> SendResult:
+        """See base class: appends to the conversation, once per request id."""
+        async with self._lock:
+            conv = self._get(chat.external_chat_id)
+            if conv.status == ENDED:
+                raise ChatInactive()
+            for existing in conv.messages:
+                if existing.get("request_id") == request_id:
+                    return SendResult(existing["id"])
+            entry = {
+                "id": f"{conv.id}_{len(conv.messages) + 1}",
+                "author": Author.USER.value,
+                "request_id": request_id,
+                "at": self._clock.now().isoformat(),
+                **render_body(message),
+            }
+            conv.messages.append(entry)
+            self._touch()
+        return SendResult(entry["id"])
+
+    async def stop(
+        self, chat: ProviderChat, user: ProviderUser, reason: str, *, timeout: float
+    ) -> None:
+        """See base class: closes the conversation (a no-op when closed)."""
+        async with self._lock:
+            conv = self._chats.get(chat.external_chat_id)
+            if conv is None or conv.status == ENDED:
+                return
+            conv.status = ENDED
+            conv.end_reason = reason or "stopped by the caller"
+            self._touch()
+
+    def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> WebhookBatch:
+        """See base class: the console pushes through the sink instead."""
+        raise WebhookRejected(404, "the local provider takes no webhooks; use /console")
+
+    async def catch_up(
+        self, chat: ProviderChat, user: ProviderUser, checkpoint: str, *, timeout: float
+    ) -> CatchUp:
+        """See base class: every event went through the sink already."""
+        return CatchUp()
+
+    def routes(self) -> Sequence[BaseRoute]:
+        """See base class: the console page and its API."""
+        from providers.local.console import console_routes
+
+        return console_routes(self)
+
+    async def run_command(self, argv: Sequence[str], out: TextIO) -> int:
+        """``hitl-service local list``: prints the conversations."""
+        if list(argv) != ["list"]:
+            out.write("usage: hitl-service local list\n")
+            return 2
+        for conv in self._chats.values():
+            out.write(f"{conv.id}  {conv.status:8}  {conv.user.get('name', '')}  {conv.title}\n")
+        return 0
+
+    # --- console actions ------------------------------------------------------------
+    def snapshot(self) -> tuple[int, list[dict[str, Any]]]:
+        """(version, conversations newest first) for the console."""
+        convs = sorted(self._chats.values(), key=lambda c: c.created_at, reverse=True)
+        return self._version, [c.snapshot() for c in convs]
+
+    async def wait_for_change(self, version: int, timeout: float) -> None:
+        """Returns when the state moved past ``version`` or after ``timeout``."""
+        if self._version != version:
+            return
+        changed = self._changed
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await changed.wait()
+
+    async def take(self, chat_id: str, agent: Agent) -> None:
+        """An agent takes a waiting conversation."""
+        await self._act(chat_id, agent, lambda conv: AgentAssigned(agent), status=ACTIVE)
+
+    async def reply(self, chat_id: str, agent: Agent, text: str) -> None:
+        """An agent writes to the user."""
+
+        def event(conv: Conversation) -> EventKind:
+            conv.messages.append(
+                {
+                    "id": f"{conv.id}_{len(conv.messages) + 1}",
+                    "author": Author.AGENT.value,
+                    "agent": agent.name,
+                    "at": self._clock.now().isoformat(),
+                    "text": text,
+                }
+            )
+            return AgentMessage(Message(body=text, author=Author.AGENT), agent)
+
+        await self._act(chat_id, agent, event, status=ACTIVE)
+
+    async def transfer(self, chat_id: str, agent: Agent, group_id: str, reason: str) -> None:
+        """An agent hands the conversation back to the queue of a group."""
+
+        def event(conv: Conversation) -> EventKind:
+            conv.group_id = group_id or conv.group_id
+            return Transferred(from_agent=agent, to_group_id=conv.group_id, reason=reason)
+
+        await self._act(chat_id, agent, event, status=WAITING)
+
+    async def end(self, chat_id: str, agent: Agent, reason: str) -> None:
+        """An agent closes the conversation."""
+
+        def event(conv: Conversation) -> EventKind:
+            conv.end_reason = reason or "the agent closed the chat"
+            return Ended(reason=conv.end_reason, by=EndedBy.AGENT)
+
+        await self._act(chat_id, agent, event, status=ENDED)
+
+    async def _act(
+        self,
+        chat_id: str,
+        agent: Agent,
+        make: Callable[[Conversation], EventKind],
+        *,
+        status: str,
+    ) -> None:
+        async with self._lock:
+            current = self._get(chat_id)
+            if current.status == ENDED:
+                raise ProviderRejected("CHAT_ENDED", "this conversation has ended")
+            # Change a copy, commit the event, then keep the copy: a failed
+            # commit leaves the console as it was.
+            conv = copy.deepcopy(current)
+            kind = make(conv)
+            conv.status = status
+            conv.agent = None if status == WAITING else {"id": agent.id, "name": agent.name}
+            inbound = self._event(conv, kind)
+            await self._sink.deliver(WebhookBatch(action="console", events=(inbound,)))
+            self._chats[chat_id] = conv
+            self._touch()
+
+    def _event(self, conv: Conversation, kind: EventKind) -> InboundEvent:
+        conv.seq += 1
+        return InboundEvent(
+            external_chat_id=conv.id,
+            kind=kind,
+            dedupe_key=f"{conv.id}:{conv.seq}",
+            occurred_at=self._clock.now(),
+        )
+
+    def _get(self, chat_id: str) -> Conversation:
+        conv = self._chats.get(chat_id)
+        if conv is None:
+            raise ProviderRejected("CHAT_NOT_FOUND", f"no conversation {chat_id}")
+        return conv
+
+
+def agent_from_name(name: str) -> Agent:
+    """The console's agent identity: a stable id from the typed name."""
+    clean = " ".join(name.split())[:80] or "Agent"
+    slug = re.sub(r"[^a-z0-9]+", "-", clean.lower()).strip("-") or "agent"
+    return Agent(id=f"console:{slug}", name=clean)
+
+
+def create(deps: ProviderDeps) -> LocalProvider:
+    """Builds the local provider (``HITL_LOCAL_STATE_FILE`` may move its file;
+    ``HITL_LOCAL_STATE_FILE=`` with no value keeps everything in memory)."""
+    default = str(deps.data_dir / "local-console.json")
+    raw = deps.env.get("HITL_LOCAL_STATE_FILE", default)
+    return LocalProvider(
+        sink=deps.sink,
+        clock=deps.clock,
+        state_file=Path(raw) if raw else None,
+        default_group=deps.env.get("HITL_LOCAL_GROUP_ID", "general") or "general",
+    )
