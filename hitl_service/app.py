@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from hitl_service.config import Settings
     from hitl_service.core.ingest import Ingestor
     from hitl_service.store.base import Store
-    from providers.base import Provider
+    from providers.base import Provider, ProviderFactory
     from providers.types import WebhookBatch
 
 log = structlog.get_logger(__name__)
@@ -67,19 +67,21 @@ def load_provider(
     clock: Clock,
     registry: CollectorRegistry,
     http_transport: httpx.AsyncBaseTransport | None = None,
+    factory: ProviderFactory | None = None,
 ) -> Provider:
-    """Builds the configured provider.
+    """Builds the configured provider (or the one ``factory`` makes).
 
     Raises:
         ConfigError: Unknown provider name or a bad provider setting.
     """
-    try:
-        factory = load_provider_factory(settings.provider)
-    except UnknownProviderError:
-        known = ", ".join(available_providers())
-        raise ConfigError(
-            "HITL_PROVIDER", f"no provider named {settings.provider!r} (known: {known})"
-        ) from None
+    if factory is None:
+        try:
+            factory = load_provider_factory(settings.provider)
+        except UnknownProviderError:
+            known = ", ".join(available_providers())
+            raise ConfigError(
+                "HITL_PROVIDER", f"no provider named {settings.provider!r} (known: {known})"
+            ) from None
     deps = ProviderDeps(
         env=settings.env,
         sink=sink,
@@ -188,8 +190,12 @@ def build_app(
     http_transport: httpx.AsyncBaseTransport | None = None,
     store: Store | None = None,
     registry: CollectorRegistry | None = None,
+    provider_factory: ProviderFactory | None = None,
 ) -> App:
     """Wires the service from settings (nothing is started or opened).
+
+    ``provider_factory`` replaces the registry lookup (tests use scripted
+    providers).
 
     Raises:
         ConfigError: A setting is wrong; the message names the variable.
@@ -198,7 +204,12 @@ def build_app(
     registry = registry or CollectorRegistry()
     sink = _LateSink()
     provider = load_provider(
-        settings, sink=sink, clock=clock, registry=registry, http_transport=http_transport
+        settings,
+        sink=sink,
+        clock=clock,
+        registry=registry,
+        http_transport=http_transport,
+        factory=provider_factory,
     )
     store = store or open_store(settings)
     metrics = Metrics(registry)

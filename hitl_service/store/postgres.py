@@ -62,6 +62,7 @@ class PostgresStore:
         poll_max: Longest poll interval (reached while nothing changes).
         check_interval: How often the listener connection is verified (and
             the head re-read, in case a notification was lost).
+        reconnect_min: First pause before reconnecting a dropped listener.
         reconnect_max: Longest pause between listener reconnect attempts.
     """
 
@@ -79,6 +80,7 @@ class PostgresStore:
         poll_min: float = 0.25,
         poll_max: float = 2.0,
         check_interval: float = 15.0,
+        reconnect_min: float = 0.25,
         reconnect_max: float = 15.0,
     ) -> None:
         self._dsn = dsn
@@ -99,6 +101,7 @@ class PostgresStore:
             poll_min=poll_min,
             poll_max=poll_max,
             check_interval=check_interval,
+            reconnect_min=reconnect_min,
             reconnect_max=reconnect_max,
         )
 
@@ -109,6 +112,11 @@ class PostgresStore:
     def listening(self) -> bool:
         """True while the LISTEN connection is up (never with ``poll_only``)."""
         return self._wakeup.listening
+
+    @property
+    def listener_pid(self) -> int | None:
+        """The LISTEN connection's server process id, while it is up."""
+        return self._wakeup.listener_pid
 
     # --- lifecycle -------------------------------------------------------------
     @contextlib.contextmanager

@@ -44,6 +44,7 @@ class EventWakeup:
         poll_min: First poll interval (seconds) without a listener.
         poll_max: Longest poll interval while nothing changes.
         check_interval: How often the listener connection is checked.
+        reconnect_min: First wait before reconnecting the listener.
         reconnect_max: Longest wait between listener reconnect attempts.
     """
 
@@ -57,6 +58,7 @@ class EventWakeup:
         poll_min: float,
         poll_max: float,
         check_interval: float,
+        reconnect_min: float,
         reconnect_max: float,
     ) -> None:
         self._connect = connect
@@ -66,6 +68,7 @@ class EventWakeup:
         self._poll_min = poll_min
         self._poll_max = poll_max
         self._check_interval = check_interval
+        self._reconnect_min = reconnect_min
         self._reconnect_max = reconnect_max
         self.head = 0
         self._changed = asyncio.Event()
@@ -80,6 +83,12 @@ class EventWakeup:
     def listening(self) -> bool:
         """True while the listener connection is up and LISTENing."""
         return self._listening
+
+    @property
+    def listener_pid(self) -> int | None:
+        """The listener's server process id (for operators and tests)."""
+        conn = self._listener
+        return None if conn is None or not self._listening else conn.get_server_pid()
 
     def start(self, head: int) -> None:
         """Starts the listener (unless poll-only) and the poller."""
@@ -141,7 +150,7 @@ class EventWakeup:
                 await self._closed.wait()
 
     async def _listen_loop(self) -> None:
-        delay = self._poll_min
+        delay = self._reconnect_min
         attempt = 0
         while not self._closed.is_set():
             conn: asyncpg.Connection[Any] | None = None
@@ -156,7 +165,7 @@ class EventWakeup:
                 self.advance(int(await conn.fetchval(HEAD_SQL, timeout=self._check_interval)))
                 if attempt:
                     log.info("store.listen_restored", store=self._redactor.where)
-                attempt, delay = 0, self._poll_min
+                attempt, delay = 0, self._reconnect_min
                 while True:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(self._check_interval):

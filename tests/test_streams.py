@@ -1,0 +1,198 @@
+"""StreamEvents: replay by cursor, live follow, filters, reconnects, limits."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import grpc
+
+from hitl_service.app import App
+from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from providers.types import Agent, AgentMessage, Author, Message
+from tests.conftest import start_app
+from tests.scripted import ScriptedProvider, create
+from tests.support import (
+    TIMEOUT,
+    EventCollector,
+    expect_error,
+    make_user,
+    start_session,
+    wait_for,
+)
+
+if TYPE_CHECKING:
+    from hitl_service.gen.hitl.v1.hitl_service_pb2_grpc import HitlServiceAsyncStub as Stub
+
+AGENT = Agent(id="jane@acme.test", name="Jane", avatar_url="https://a.example/j.png")
+
+
+def say(text: str) -> AgentMessage:
+    return AgentMessage(Message(body=text, author=Author.AGENT), AGENT)
+
+
+async def read(stub: Stub, count: int, **request: str) -> list[pb.Event]:
+    """Reads exactly ``count`` events from a fresh stream, then cancels it."""
+    call = stub.StreamEvents(pb.StreamEventsRequest(**request))
+    out: list[pb.Event] = []
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            async for event in call:
+                out.append(event)
+                if len(out) == count:
+                    break
+    finally:
+        call.cancel()
+    return out
+
+
+class TestReplayAndFollow:
+    async def test_replay_from_zero_then_live_events(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        user = await make_user(scripted_stub)
+        session = await start_session(scripted_stub, user.id)
+        await scripted.push(session.external_chat_id, say("hi"), "m1")
+        async with EventCollector(scripted_stub, session_id=session.id, after="0") as events:
+            await wait_for(lambda: len(events.events) >= 4, what="replayed events")
+            await scripted.push(session.external_chat_id, say("live"), "m2")
+            await wait_for(lambda: len(events.events) >= 5, what="the live event")
+        assert events.kinds() == [
+            "started",
+            "queued",
+            "agent_assigned",
+            "agent_message",
+            "agent_message",
+        ]
+        cursors = [int(e.cursor) for e in events.events]
+        assert cursors == sorted(cursors)
+        assert len(set(cursors)) == len(cursors)
+        assert events.events[-1].agent_message.message.text == "live"
+        assert events.events[-1].agent_message.agent.name == "Jane"
+        assert events.events[-1].agent_message.message.author == pb.AUTHOR_AGENT
+
+    async def test_empty_cursor_means_from_now(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        user = await make_user(scripted_stub)
+        session = await start_session(scripted_stub, user.id)
+        # Once the initial metadata arrived, nothing after it can be missed.
+        async with EventCollector(scripted_stub, after="") as events:
+            await scripted.push(session.external_chat_id, say("after subscribe"), "m1")
+            await wait_for(lambda: len(events.events) >= 2, what="live events")
+        assert events.kinds() == ["agent_assigned", "agent_message"]
+
+    async def test_resume_from_a_cursor_misses_nothing_and_repeats_nothing(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        user = await make_user(scripted_stub)
+        session = await start_session(scripted_stub, user.id)
+        for i in range(10):
+            await scripted.push(session.external_chat_id, say(f"m{i}"), f"k{i}")
+        first = await read(scripted_stub, 5, after_cursor="0")
+        # More events while "disconnected".
+        for i in range(10, 15):
+            await scripted.push(session.external_chat_id, say(f"m{i}"), f"k{i}")
+        rest = await read(scripted_stub, 18 - 5, after_cursor=first[-1].cursor)
+        whole = first + rest
+        assert [int(e.cursor) for e in whole] == list(range(1, 19))
+        texts = [e.agent_message.message.text for e in whole if e.HasField("agent_message")]
+        assert texts == [f"m{i}" for i in range(15)]
+
+    async def test_session_filter(self, scripted_stub: Stub, scripted: ScriptedProvider) -> None:
+        a = await start_session(scripted_stub, (await make_user(scripted_stub)).id)
+        b = await start_session(scripted_stub, (await make_user(scripted_stub)).id)
+        await scripted.push(a.external_chat_id, say("to a"), "a1")
+        await scripted.push(b.external_chat_id, say("to b"), "b1")
+        only_b = await read(scripted_stub, 4, after_cursor="0", session_id=b.id)
+        assert {e.session_id for e in only_b} == {b.id}
+        assert only_b[-1].agent_message.message.text == "to b"
+        everything = await read(scripted_stub, 8, after_cursor="0")
+        assert {e.session_id for e in everything} == {a.id, b.id}
+        assert all(e.user_id for e in everything)
+
+    async def test_slow_reader_behind_the_buffer_still_gets_everything_in_order(
+        self, service_env: dict[str, str]
+    ) -> None:
+        service_env["HITL_STREAM_BUFFER"] = "16"  # far smaller than the backlog
+        service_env["HITL_PROVIDER"] = "scripted"
+        app = await start_app(service_env, provider_factory=create)
+        try:
+            provider = app.provider
+            assert isinstance(provider, ScriptedProvider)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+                from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
+
+                stub = pb_grpc.HitlServiceStub(channel)
+                session = await start_session(stub, (await make_user(stub)).id)
+                for i in range(100):
+                    await provider.push(session.external_chat_id, say(f"m{i}"), f"k{i}")
+                events = await read(stub, 103, after_cursor="0")
+        finally:
+            await app.stop(grace=1)
+        assert [int(e.cursor) for e in events] == list(range(1, 104))
+
+
+class TestErrors:
+    async def test_bad_cursor(self, stub: Stub) -> None:
+        for cursor in ("abc", "-1", "1.5", "9" * 30):
+            error = await expect_error(
+                read(stub, 1, after_cursor=cursor), grpc.StatusCode.INVALID_ARGUMENT
+            )
+            assert "after_cursor" in error.violations
+
+    async def test_cursor_ahead_of_the_log(self, stub: Stub) -> None:
+        error = await expect_error(
+            read(stub, 1, after_cursor="1000"), grpc.StatusCode.INVALID_ARGUMENT
+        )
+        assert "ahead" in error.violations["after_cursor"]
+
+    async def test_unknown_session(self, stub: Stub) -> None:
+        await expect_error(read(stub, 1, session_id="ses_nope"), grpc.StatusCode.NOT_FOUND)
+
+
+class TestLifetime:
+    async def test_shutdown_ends_streams_with_unavailable_and_a_resumable_cursor(
+        self, service_env: dict[str, str]
+    ) -> None:
+        service_env["HITL_PROVIDER"] = "scripted"
+        app = await start_app(service_env, provider_factory=create)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
+
+            stub = pb_grpc.HitlServiceStub(channel)
+            session = await start_session(stub, (await make_user(stub)).id)
+            collector = EventCollector(stub, after="0")
+            async with collector:
+                await wait_for(lambda: len(collector.events) >= 2, what="events")
+                await app.stop(grace=2)
+                await wait_for(lambda: collector.error is not None, what="the stream to end")
+        assert collector.error is not None
+        assert collector.error.code() == grpc.StatusCode.UNAVAILABLE
+        assert collector.events[-1].cursor == "2"
+        assert session.id
+
+    async def test_streams_end_after_their_maximum_lifetime(
+        self, service_env: dict[str, str]
+    ) -> None:
+        service_env["HITL_STREAM_MAX_SECONDS"] = "1s"
+        app = await start_app(service_env)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+                call = channel.unary_stream(
+                    "/hitl.v1.HitlService/StreamEvents",
+                    request_serializer=pb.StreamEventsRequest.SerializeToString,
+                    response_deserializer=pb.Event.FromString,
+                )(pb.StreamEventsRequest(), timeout=TIMEOUT)
+                received = [event async for event in call]
+                assert received == []
+                assert await call.code() == grpc.StatusCode.OK
+        finally:
+            await app.stop(grace=1)
+
+
+async def test_stream_metrics_count_subscribers(scripted_app: App, scripted_stub: Stub) -> None:
+    gauge = scripted_app.metrics.stream_subscribers
+    async with EventCollector(scripted_stub):
+        await wait_for(lambda: gauge._value.get() == 1, what="one subscriber")
+    await wait_for(lambda: gauge._value.get() == 0, what="no subscriber")
