@@ -11,14 +11,53 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import Sequence
-from typing import TextIO
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TextIO, TypeVar
 
 from hitl_service.config import ConfigError, Settings, load_environment
 from hitl_service.secret import Secret
 
 EXIT_CONFIG = 2
 EXIT_PROBLEMS = 1
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
+_T = TypeVar("_T")
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``HITL_EVENT_LOOP`` names; None means asyncio's own.
+
+    ``auto`` (the default) takes uvloop when it is installed (the ``speed``
+    extra), else asyncio's loop. grpc.aio, uvicorn and asyncpg all run on
+    either.
+
+    Raises:
+        ConfigError: An unknown name, or ``uvloop`` when it is not installed.
+    """
+    name = name.strip().lower() or "auto"
+    if name not in EVENT_LOOPS:
+        raise ConfigError("HITL_EVENT_LOOP", f"must be one of {', '.join(EVENT_LOOPS)}")
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if name == "uvloop":
+            raise ConfigError(
+                "HITL_EVENT_LOOP", "uvloop is not installed (pip install 'hitl-service[speed]')"
+            ) from None
+        return None
+    return uvloop.new_event_loop
+
+
+def run_with_loop(main: Coroutine[Any, Any, _T], name: str = "auto") -> _T:
+    """Runs ``main`` to completion on the event loop ``name`` selects."""
+    try:
+        factory = loop_factory(name)
+    except ConfigError:
+        main.close()
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -88,11 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     try:
         settings = _settings(args) if args.command != "demo" else Settings.from_env()
+        if args.command == "serve":
+            return run_with_loop(_serve(settings), settings.env.get("HITL_EVENT_LOOP", "auto"))
     except ConfigError as exc:
         print(f"hitl-service: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    if args.command == "serve":
-        return asyncio.run(_serve(settings))
     if args.command == "check":
         return asyncio.run(_check(settings, sys.stdout))
     from hitl_service.demo import run_demo

@@ -176,7 +176,9 @@ def kind_to_json(kind: LogKind) -> tuple[str, JSON]:
         }
     if isinstance(kind, Ended):
         return "ended", {"reason": kind.reason, "by": kind.by.value}
-    return "failed", {"code": kind.code, "detail": kind.detail}
+    if isinstance(kind, Failed):
+        return "failed", {"code": kind.code, "detail": kind.detail}
+    raise TypeError(f"not an event kind: {type(kind).__name__}")
 
 
 def kind_from_json(tag: str, data: JSON) -> LogKind:

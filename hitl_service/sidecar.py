@@ -213,7 +213,7 @@ async def _keep_failed(core: HitlCore, provider: str, batch: WebhookBatch, lette
                 {
                     "external_chat_id": e.external_chat_id,
                     "dedupe_key": e.dedupe_key,
-                    "kind": kind_to_json(e.kind),
+                    "kind": _describe(e.kind),
                     "occurred_at": e.occurred_at.isoformat() if e.occurred_at else None,
                 }
                 for e in batch.events
@@ -227,6 +227,14 @@ async def _keep_failed(core: HitlCore, provider: str, batch: WebhookBatch, lette
             )
     except Exception:
         log.exception("webhook.dead_letter_failed", error_id=letter_id)
+
+
+def _describe(kind: object) -> object:
+    """An event kind as JSON, or its type name if it cannot be encoded."""
+    try:
+        return kind_to_json(kind)  # type: ignore[arg-type]  # may be anything here
+    except (TypeError, AttributeError, ValueError):
+        return {"unencodable": type(kind).__name__}
 
 
 class EmbeddedServer(uvicorn.Server):

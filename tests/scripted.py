@@ -77,6 +77,7 @@ class ScriptedProvider:
         self.faults: dict[str, list[Fault]] = {}
         self.calls = Recorded()
         self.gates: dict[str, asyncio.Event] = {}
+        self.waiting: dict[str, int] = {}  # calls currently held at a gate
         self.catch_up_events: dict[str, list[InboundEvent]] = {}
         self.next_chat = 0
         self.closed_chats: set[str] = set()
@@ -96,7 +97,11 @@ class ScriptedProvider:
     async def _maybe_fail(self, operation: str, effect: Any = None) -> None:
         gate = self.gates.get(operation)
         if gate is not None:
-            await gate.wait()
+            self.waiting[operation] = self.waiting.get(operation, 0) + 1
+            try:
+                await gate.wait()
+            finally:
+                self.waiting[operation] -= 1
         queue = self.faults.get(operation)
         if not queue:
             return

@@ -24,11 +24,11 @@ TIMEOUT = 10.0
 
 
 async def wait_for(
-    predicate: Callable[[], Awaitable[T | None] | T | None],
+    predicate: Callable[[], Any],
     *,
     timeout: float = TIMEOUT,
     what: str = "condition",
-) -> T:
+) -> Any:
     """Polls ``predicate`` until it returns something truthy; never a fixed sleep."""
     deadline = time.monotonic() + timeout
     delay = 0.005
@@ -163,4 +163,5 @@ class EventCollector:
                     return event
             return None
 
-        return await wait_for(find, what=f"a {kind} event")
+        found: pb.Event = await wait_for(find, what=f"a {kind} event")
+        return found

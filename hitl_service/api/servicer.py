@@ -121,7 +121,10 @@ class HitlServicer(pb_grpc.HitlServiceServicer):
             )
         clock = self._core.ctx.clock
         until = clock.monotonic() + self._settings.stream_max_seconds
-        events = self._core.subscribe(after, request.session_id, until=until)
+        # "From now" means after the log's head as of this call, even if this
+        # replica's fan-out has not read up to it yet.
+        start = head if after is None else after
+        events = self._core.subscribe(start, request.session_id, until=until)
         metrics = self._core.ctx.metrics
         metrics.stream_subscribers.inc()
         try:

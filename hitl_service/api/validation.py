@@ -27,7 +27,7 @@ ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")  # visible ASCII, no spaces
 GROUP_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s]+\.[^@\s]+")
+EMAIL_RE = re.compile(r"[^@\s\x00-\x1f]{1,64}@[^@\s\x00-\x1f]+\.[^@\s\x00-\x1f]+")
 MIME_RE = re.compile(r"[\w.+-]+/[\w.+-]+")
 PHONE_RE = re.compile(r"\+?[0-9 ()-]{3,32}")
 CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -91,7 +91,7 @@ class _Checker:
             if required:
                 self.add(field, "is required")
             return
-        if len(value) > 2048 or not re.fullmatch(r"https?://[^\s]+", value):
+        if len(value) > 2048 or not re.fullmatch(r"https?://[^\s\x00-\x1f\x7f]+", value):
             self.add(field, "must be an http or https URL of at most 2048 characters")
 
     def message(self, field: str, message: pb.Message) -> None:
@@ -188,6 +188,8 @@ def parse_start(request: pb.StartHitlRequest) -> StartHandoff:
             check.add(f"metadata[{key[:64]!r}]", "keys are 1-64 of letters, digits, '_.:-'")
         if len(value) > 512:
             check.add(f"metadata[{key[:64]!r}]", "values are at most 512 characters")
+        elif "\x00" in value:
+            check.add(f"metadata[{key[:64]!r}]", "values must not contain NUL characters")
     check.done()
     return StartHandoff(
         user_id=request.user_id,

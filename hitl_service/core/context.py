@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -34,3 +35,13 @@ class CoreContext:
     def provider_name(self) -> str:
         """The configured provider's name."""
         return self.provider.name
+
+    @property
+    def lease(self) -> timedelta:
+        """How long an outbox claim protects an attempt.
+
+        An attempt is bounded by the provider timeout; twice that plus a
+        second leaves room for its store writes. A crashed replica's claims
+        are taken over once this has passed.
+        """
+        return timedelta(seconds=self.settings.provider_timeout * 2 + 1)

@@ -9,7 +9,7 @@ and applied when the start commits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import structlog
@@ -71,8 +71,13 @@ class Ingestor:
         now = ctx.clock.now()
         failed_items: list[str] = []
         kinds: list[str] = []
+        events = [_clean(event) for event in batch.events]
         async with ctx.store.transaction() as tx:
-            for event in batch.events:
+            # Lock every session of the batch first, in a fixed order, so two
+            # batches spanning the same chats cannot deadlock on PostgreSQL.
+            for chat_id in sorted({event.external_chat_id for event in events}):
+                await tx.find_session_by_chat(provider, chat_id)
+            for event in events:
                 session = await tx.find_session_by_chat(provider, event.external_chat_id)
                 if session is None:
                     if await tx.has_starting_sessions(provider) and await tx.claim_dedupe_key(
@@ -94,6 +99,18 @@ class Ingestor:
         for kind in kinds:
             ctx.metrics.events_appended.labels(kind).inc()
         return result
+
+
+def _clean(event: InboundEvent) -> InboundEvent:
+    """Ids as the store can keep them: PostgreSQL text refuses NUL."""
+    if "\x00" not in event.external_chat_id + event.dedupe_key + event.author_id:
+        return event
+    return replace(
+        event,
+        external_chat_id=event.external_chat_id.replace("\x00", "\ufffd"),
+        dedupe_key=event.dedupe_key.replace("\x00", "\ufffd"),
+        author_id=event.author_id.replace("\x00", "\ufffd"),
+    )
 
 
 async def apply_inbound(

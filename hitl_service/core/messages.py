@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from hitl_service.codec import message_to_json
@@ -89,7 +88,7 @@ async def send_message(
                 next_attempt_at=now,
                 attempts=1,  # claimed for an immediate attempt, if it heads the queue
                 lease_owner=ctx.owner,
-                lease_until=now + timedelta(seconds=ctx.settings.provider_timeout * 2 + 5),
+                lease_until=now + ctx.lease,
             )
             claimed = await tx.insert_outbox(item)
             if not claimed:

@@ -55,11 +55,6 @@ class Outbox:
         self._inflight: dict[str, asyncio.Task[OutboxItem]] = {}
         self._stopping = False
 
-    @property
-    def lease(self) -> timedelta:
-        """How long a claim protects an attempt; longer than any attempt."""
-        return timedelta(seconds=self._ctx.settings.provider_timeout * 2 + 5)
-
     def kick(self) -> None:
         """Makes the background loop look for due items now."""
         self._wake.set()
@@ -305,7 +300,7 @@ class Outbox:
         ctx = self._ctx
         now = ctx.clock.now()
         async with ctx.store.transaction() as tx:
-            items = await tx.claim_outbox(ctx.owner, now, now + self.lease, free)
+            items = await tx.claim_outbox(ctx.owner, now, now + ctx.lease, free)
             for item in items:
                 item.attempts += 1  # recorded before the call: a crash leaves it uncertain
                 await tx.update_outbox(item)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import structlog
@@ -352,7 +352,7 @@ async def request_stop(
             next_attempt_at=now,
             attempts=1,
             lease_owner=ctx.owner,
-            lease_until=now + timedelta(seconds=ctx.settings.provider_timeout * 2 + 5),
+            lease_until=now + ctx.lease,
         )
         head = await tx.insert_outbox(item)
         if not head:

@@ -103,16 +103,19 @@ class Queries:
         self._db = db
 
     async def get_user(self, user_id: str) -> User | None:
+        """See base class."""
         row = await self._db.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
         return None if row is None else user_from_row(row)
 
     async def get_session(self, session_id: str) -> Session | None:
+        """See base class."""
         row = await self._db.fetchrow(
             f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1", session_id
         )
         return None if row is None else session_from_row(row)
 
     async def get_provider_user(self, user_id: str, provider: str) -> ProviderUser | None:
+        """See base class."""
         row = await self._db.fetchrow(
             "SELECT external_user_id, state FROM provider_users "
             "WHERE user_id = $1 AND provider = $2",
@@ -122,6 +125,7 @@ class Queries:
         return None if row is None else provider_user_from_row(row)
 
     async def get_outbox(self, item_id: str) -> OutboxItem | None:
+        """See base class."""
         row = await self._db.fetchrow(f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id = $1", item_id)
         return None if row is None else outbox_from_row(row)
 

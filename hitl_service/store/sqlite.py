@@ -48,6 +48,7 @@ from hitl_service.store.rows import (
     session_from_row,
     session_values,
     user_from_row,
+    utc,
 )
 from providers.types import InboundEvent, LogKind, ProviderUser
 
@@ -75,7 +76,7 @@ def _ts(value: datetime | None) -> str | None:
     """datetime → fixed-width UTC text, so text order is time order."""
     if value is None:
         return None
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _row(row: sqlite3.Row) -> dict[str, Any]:
@@ -226,7 +227,7 @@ class SqliteTx(_Queries):
         except sqlite3.IntegrityError as exc:
             existing = await self.find_open_session(session.user_id, session.provider)
             if existing is None:
-                raise DuplicateKey("sessions.id") from exc
+                raise  # not the one-open rule (a duplicate id, an unknown user)
             raise OpenSessionExists(existing.id) from exc
 
     async def update_session(self, session: Session) -> None:
@@ -407,9 +408,9 @@ class SqliteStore:
             raise StoreUnavailable(
                 f"SQLite {sqlite3.sqlite_version} is too old; 3.24 or newer is needed"
             )
-        if str(self._path) != ":memory:":
-            self._path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            if str(self._path) != ":memory:":
+                self._path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = await self._connect()
             await self._migrate(self._writer)
             self._reader = await self._connect()

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import structlog
+from prometheus_client import CollectorRegistry, Counter
 
 from hitl_service.secret import Secret
 from providers.errors import ProviderUnavailable
@@ -169,13 +170,24 @@ class LiveChatClient:
     Args:
         settings: Base URLs, credentials and limits.
         transport: httpx transport to use; None for the network.
+        registry: Where to register the client's metrics.
     """
 
     def __init__(
-        self, settings: LiveChatSettings, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        settings: LiveChatSettings,
+        transport: httpx.AsyncBaseTransport | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self._settings = settings
         self._transport = transport
+        # Labels are bounded: our own method names and four outcomes.
+        self._requests = Counter(
+            "hitl_livechat_api_requests",
+            "LiveChat API calls by API, method and outcome (ok, refused, unavailable).",
+            ["api", "method", "outcome"],
+            registry=registry,
+        )
         self._http: httpx.AsyncClient | None = None
         self._warned_lifecycle: set[tuple[str, str]] = set()
 
@@ -288,7 +300,8 @@ class LiveChatClient:
         headers = self._region_headers()
         params: dict[str, str] = {}
         if api == "customer":
-            assert token is not None
+            if token is None:
+                raise ValueError("customer API calls need a customer token")
             headers["Authorization"] = "Bearer " + token.reveal()
             params["organization_id"] = self._settings.organization_id
         else:
@@ -310,25 +323,11 @@ class LiveChatClient:
     ) -> httpx.Response:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        where = f"LiveChat {api} {method}"
         try:
             response = await self._client.send(request)
-        except (httpx.ConnectTimeout, httpx.PoolTimeout):
-            raise ProviderUnavailable(f"{where}: timed out connecting") from None
-        except httpx.TimeoutException:
-            log.warning("livechat.timeout", api=api, method=method)
-            raise ProviderUnavailable(
-                f"{where}: timed out waiting for the answer", uncertain=not idempotent
-            ) from None
-        except httpx.ConnectError:
-            host = urlsplit(str(request.url)).netloc
-            raise ProviderUnavailable(f"{where}: cannot connect to {host}") from None
-        except httpx.TransportError as exc:
-            # The connection broke after the request went out: it may have run.
-            log.warning("livechat.connection_lost", api=api, method=method, error=type(exc).__name__)
-            raise ProviderUnavailable(
-                f"{where}: the connection was lost before the answer", uncertain=not idempotent
-            ) from None
+        except httpx.HTTPError as exc:
+            self._requests.labels(api, method, "unavailable").inc()
+            raise self._transport_error(exc, request, api, method, idempotent=idempotent) from None
         self._check_lifecycle(api, response)
         log.debug(
             "livechat.call",
@@ -340,6 +339,32 @@ class LiveChatClient:
             ms=round((loop.time() - started) * 1000, 1),
         )
         return response
+
+    def _transport_error(
+        self,
+        exc: httpx.HTTPError,
+        request: httpx.Request,
+        api: str,
+        method: str,
+        *,
+        idempotent: bool,
+    ) -> ProviderUnavailable:
+        """Maps a transport failure; ``uncertain`` when the request may have run."""
+        where = f"LiveChat {api} {method}"
+        if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+            return ProviderUnavailable(f"{where}: timed out connecting")
+        if isinstance(exc, httpx.TimeoutException):
+            log.warning("livechat.timeout", api=api, method=method)
+            return ProviderUnavailable(
+                f"{where}: timed out waiting for the answer", uncertain=not idempotent
+            )
+        if isinstance(exc, httpx.ConnectError):
+            return ProviderUnavailable(f"{where}: cannot connect to {request.url.netloc.decode()}")
+        # The connection broke after the request went out: it may have run.
+        log.warning("livechat.connection_lost", api=api, method=method, error=type(exc).__name__)
+        return ProviderUnavailable(
+            f"{where}: the connection was lost before the answer", uncertain=not idempotent
+        )
 
     def _check_lifecycle(self, api: str, response: httpx.Response) -> None:
         for header in ("legacy", "deprecation"):
@@ -363,10 +388,12 @@ class LiveChatClient:
             body = None
         if 200 <= status < 300:
             if body is None:
+                self._requests.labels(api, method, "unavailable").inc()
                 log.warning("livechat.bad_json", api=api, method=method, debug_id=debug_id)
                 raise ProviderUnavailable(
                     f"LiveChat {api} {method}: the answer is not JSON", uncertain=not idempotent
                 )
+            self._requests.labels(api, method, "ok").inc()
             return body
         error = as_dict(as_dict(body).get("error"))
         error_type = as_str(error.get("type"))
@@ -383,7 +410,9 @@ class LiveChatClient:
             error_type=error_type,
             debug_id=debug_id,
         )
-        if error_type in TRANSIENT_TYPES or status >= 500:
+        transient = error_type in TRANSIENT_TYPES or status >= 500
+        self._requests.labels(api, method, "unavailable" if transient else "refused").inc()
+        if transient:
             server_side = error_type in _SERVER_SIDE_TYPES or status >= 500
             raise ProviderUnavailable(
                 f"LiveChat {api} {method} failed: {error_type}: {detail}",
@@ -428,7 +457,11 @@ class LiveChatClient:
             payload = as_dict(response.json())
         except (json.JSONDecodeError, UnicodeDecodeError):
             payload = {}
+        outcome = "ok" if 200 <= status < 300 else "refused"
         if status == 429 or status >= 500:
+            outcome = "unavailable"
+        self._requests.labels("accounts", "customer_token", outcome).inc()
+        if outcome == "unavailable":
             raise ProviderUnavailable(
                 f"LiveChat accounts customer token: HTTP {status}",
                 retry_after=_retry_after(response.headers),
@@ -441,9 +474,7 @@ class LiveChatClient:
                 as_dict(payload.get("error")).get("message")
             )
             log.warning("livechat.error", api="accounts", status=status, error_type=kind)
-            raise ApiError(
-                "accounts", "customer_token", kind or "unknown", _short(detail), status
-            )
+            raise ApiError("accounts", "customer_token", kind or "unknown", _short(detail), status)
         access_token = as_str(payload.get("access_token"))
         customer_id = as_str(payload.get("entity_id"))
         if not access_token or not customer_id:

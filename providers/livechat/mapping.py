@@ -23,7 +23,11 @@ safe whichever KB it means."""
 MAX_BUTTONS: Final = 13
 _SPLIT_LOOKBACK: Final = 1024  # prefer breaking at whitespace within the last KB
 
-_BUTTON_TYPES: Final = {ButtonKind.MESSAGE: "message", ButtonKind.URL: "url", ButtonKind.PHONE: "phone"}
+_BUTTON_TYPES: Final = {
+    ButtonKind.MESSAGE: "message",
+    ButtonKind.URL: "url",
+    ButtonKind.PHONE: "phone",
+}
 _AUTHOR_LABELS: Final = {Author.USER: "User", Author.BOT: "Bot", Author.AGENT: "Agent"}
 
 
@@ -34,6 +38,8 @@ def split_text(text: str, limit: int = MAX_TEXT_BYTES) -> list[str]:
     there is some near the end of a piece, so words stay whole. Joining the
     pieces gives the text back exactly.
     """
+    if limit < 4:
+        raise ValueError("limit must hold at least one UTF-8 character (4 bytes)")
     data = text.encode("utf-8", "surrogatepass")
     if len(data) <= limit:
         return [text]
@@ -74,7 +80,9 @@ def media_name(media: Media) -> str:
 
 def media_text(media: Media) -> str:
     """A readable link for a file that could not be attached."""
-    details = [d for d in (media.mime_type, human_size(media.size_bytes) if media.size_bytes else "") if d]
+    details = [
+        d for d in (media.mime_type, human_size(media.size_bytes) if media.size_bytes else "") if d
+    ]
     suffix = f" ({', '.join(details)})" if details else ""
     text = f"📎 {media_name(media)}{suffix}: {media.url}"
     return f"{text}\n{media.caption}" if media.caption else text

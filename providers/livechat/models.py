@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_UUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
 _FRACTION_RE = re.compile(r"\.(\d+)")
 
 
@@ -122,6 +124,8 @@ class LcUser:
     name: str
     email: str
     avatar: str
+    present: bool = True
+    visibility: str = "all"
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +193,8 @@ def parse_user(value: object) -> LcUser | None:
         name=as_str(obj.get("name")),
         email=as_str(obj.get("email")),
         avatar=as_str(obj.get("avatar")),
+        present=obj.get("present") is not False,
+        visibility=as_str(obj.get("visibility")) or "all",
     )
 
 
@@ -220,7 +226,9 @@ def parse_chat(value: object) -> LcChat | None:
     chat_id = as_str(obj.get("id"))
     if not chat_id:
         return None
-    return LcChat(id=chat_id, thread=parse_thread(obj.get("thread")), users=parse_users(obj.get("users")))
+    return LcChat(
+        id=chat_id, thread=parse_thread(obj.get("thread")), users=parse_users(obj.get("users"))
+    )
 
 
 def parse_threads(value: object) -> list[LcThread]:

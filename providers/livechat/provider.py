@@ -1,0 +1,579 @@
+"""The LiveChat provider: handoffs as LiveChat chats.
+
+The bridge acts as an agent (the personal access token) to open, route and
+close chats, and as one LiveChat customer per end user (customer tokens) to
+send the end user's messages. Agents' replies come back through webhooks
+(:mod:`providers.livechat.webhooks`) or :meth:`LiveChatProvider.catch_up`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TextIO
+
+import structlog
+
+from providers.errors import ChatInactive, ProviderRejected, ProviderUnavailable
+from providers.livechat import mapping, normalize
+from providers.livechat.budget import Budget, bounded
+from providers.livechat.client import ApiError, FetchFailed, LiveChatClient
+from providers.livechat.customers import Customers
+from providers.livechat.failures import group_error, is_group_error, is_no_agent, map_api_error
+from providers.livechat.memory import OWN_CUSTOM_ID_PREFIX, ChatMemory
+from providers.livechat.models import (
+    LcChat,
+    as_dict,
+    as_str,
+    parse_chat,
+    parse_threads,
+    str_list,
+)
+from providers.livechat.settings import LiveChatSettings
+from providers.livechat.webhooks import WebhookParser
+from providers.types import (
+    Capabilities,
+    CatchUp,
+    InboundEvent,
+    Location,
+    Media,
+    Message,
+    ProviderChat,
+    ProviderUser,
+    SendResult,
+    StartRequest,
+    StartResult,
+    UserProfile,
+    WebhookBatch,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from starlette.routing import BaseRoute
+
+    from providers.base import ProviderDeps
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """One event of a (possibly multi-part) end-user message.
+
+    ``build`` makes the event (uploading a file if needed) and returns None
+    when it cannot, in which case ``fallback`` is sent instead.
+    """
+
+    custom_id: str
+    build: Callable[[], Awaitable[dict[str, Any] | None]]
+    fallback: dict[str, Any] | None = None
+
+
+def _text_event(text: str) -> dict[str, Any]:
+    return {"type": "message", "text": text, "visibility": "all"}
+
+
+class LiveChatProvider:
+    """Serves handoffs through LiveChat. See the package docstring."""
+
+    name = "livechat"
+    capabilities = Capabilities(
+        media=True, location=False, card=True, transfers=True, queue_info=True, catch_up=True
+    )
+
+    def __init__(self, settings: LiveChatSettings, deps: ProviderDeps) -> None:
+        self.settings = settings
+        self.data_dir = deps.data_dir
+        self.client = LiveChatClient(settings, deps.http_transport, deps.registry)
+        self.memory = ChatMemory({settings.account_id, settings.agent_id})
+        self.customers = Customers(self.client, deps.clock, settings.organization_id)
+        self._webhooks = WebhookParser(
+            settings.webhook_secrets, settings.organization_id, self.memory
+        )
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def open(self) -> None:
+        """See base class."""
+        await self.client.open()
+
+    async def close(self) -> None:
+        """See base class."""
+        await self.client.aclose()
+
+    def routes(self) -> Sequence[BaseRoute]:
+        """See base class. The sidecar serves ``/webhooks/livechat`` itself."""
+        return ()
+
+    # -- probe ---------------------------------------------------------------------
+
+    async def probe(self, *, timeout: float) -> Sequence[str]:
+        """See base class."""
+        from providers.livechat.probe import run_probe
+
+        async with bounded("probe", timeout) as budget:
+            return await run_probe(self, budget)
+
+    # -- users ---------------------------------------------------------------------
+
+    async def upsert_user(
+        self, profile: UserProfile, user: ProviderUser | None, *, timeout: float
+    ) -> ProviderUser:
+        """See base class."""
+        async with bounded("upsert_user", timeout) as budget:
+            if user is None or not as_dict(user.state.get("cookies")):
+                if user is not None:
+                    log.warning(
+                        "livechat.customer_without_cookies", customer_id=user.external_user_id
+                    )
+                user = await self.customers.create(budget)
+            else:
+                await self.customers.ensure_fresh(user, budget, adopt=True)
+            await self.customers.update_profile(user, profile, budget)
+            return user
+
+    # -- start ---------------------------------------------------------------------
+
+    def _group(self, group_id: str) -> int:
+        if not group_id:
+            return self.settings.group_id
+        text = group_id.strip()
+        if not text.isdecimal() or not text.isascii():
+            raise ProviderRejected(
+                "INVALID_GROUP_ID", f"LiveChat group ids are numbers; got {group_id[:40]!r}"
+            )
+        return int(text)
+
+    def _group_failure(self, err: ApiError, group: int) -> Exception:
+        if is_group_error(err):
+            return group_error(err, group, self.settings.group_id)
+        return map_api_error(err)
+
+    async def start(
+        self, request: StartRequest, user: ProviderUser, *, timeout: float
+    ) -> StartResult:
+        """See base class."""
+        group = self._group(request.group_id)
+        async with bounded("start", timeout) as budget:
+            key = request.request_id or request.session_id
+            events = [
+                {**_text_event(text), "custom_id": f"{OWN_CUSTOM_ID_PREFIX}{key}:{index}"}
+                for index, text in enumerate(
+                    mapping.start_texts(
+                        request.title, request.description, request.history, request.metadata
+                    )
+                )
+            ]
+            customer_id = user.external_user_id
+            chat_id = (
+                request.previous_chat.external_chat_id if request.previous_chat else ""
+            ) or as_str(user.state.get("chat_id"))
+            if not chat_id:
+                chat_id = await self._existing_chat(customer_id, budget)
+            thread_id = ""
+            if chat_id:
+                thread_id = await self._resume(chat_id, group, events, budget)
+            if not thread_id:
+                chat_id, thread_id = await self._start_chat(customer_id, group, events, budget)
+            user.state["chat_id"] = chat_id
+            facts = self.memory.facts(chat_id)
+            facts.customers.add(customer_id)
+            facts.start_group = str(group)
+            facts.stopped_by_us = False
+            await self._transfer(chat_id, group, budget)
+            known = await self._initial_events(chat_id, thread_id, budget)
+            log.info("livechat.started", chat_id=chat_id, thread_id=thread_id, group_id=group)
+            return StartResult(
+                chat=ProviderChat(
+                    external_chat_id=chat_id,
+                    state={
+                        "thread_id": thread_id,
+                        "group_id": str(group),
+                        "customer_id": customer_id,
+                    },
+                ),
+                group_id=str(group),
+                events=known,
+            )
+
+    async def _existing_chat(self, customer_id: str, budget: Budget) -> str:
+        """The customer's chat, if LiveChat already has one (one per customer)."""
+        try:
+            found = await self.client.agent(
+                "get_customer", {"id": customer_id}, timeout=budget.left(), idempotent=True
+            )
+        except ApiError as err:
+            if err.type in ("not_found", "customer_not_found"):
+                return ""
+            raise
+        chat_ids = str_list(as_dict(found).get("chat_ids"))
+        return chat_ids[0] if chat_ids else ""
+
+    async def _start_chat(
+        self, customer_id: str, group: int, events: list[dict[str, Any]], budget: Budget
+    ) -> tuple[str, str]:
+        body = {
+            "chat": {
+                "access": {"group_ids": [group]},
+                "users": [{"id": customer_id, "type": "customer"}],
+                "thread": {"events": events},
+            },
+            "continuous": True,
+        }
+        try:
+            answer = as_dict(await self.client.agent("start_chat", body, timeout=budget.sending()))
+        except ApiError as err:
+            if is_group_error(err) or err.type in ("authentication", "authorization"):
+                raise self._group_failure(err, group) from None
+            # The customer may already have a chat (one per customer): resume it.
+            chat_id = await self._existing_chat(customer_id, budget)
+            if not chat_id:
+                raise self._group_failure(err, group) from None
+            thread_id = await self._resume(chat_id, group, events, budget)
+            if not thread_id:
+                raise self._group_failure(err, group) from None
+            return chat_id, thread_id
+        chat_id, thread_id = as_str(answer.get("chat_id")), as_str(answer.get("thread_id"))
+        if not chat_id:
+            raise ProviderUnavailable(
+                "LiveChat start_chat answered without a chat id", uncertain=True
+            )
+        self.memory.created_events(str_list(answer.get("event_ids")))
+        return chat_id, thread_id
+
+    async def _resume(
+        self, chat_id: str, group: int, events: list[dict[str, Any]], budget: Budget
+    ) -> str:
+        """Resumes the chat (or reuses it if still active); "" if it is gone."""
+        body = {
+            "chat": {"id": chat_id, "access": {"group_ids": [group]}, "thread": {"events": events}},
+            "continuous": True,
+        }
+        try:
+            answer = as_dict(await self.client.agent("resume_chat", body, timeout=budget.sending()))
+        except ApiError as err:
+            if is_group_error(err) or err.type in ("authentication", "authorization"):
+                raise self._group_failure(err, group) from None
+            if err.type in ("not_found", "chat_not_found"):
+                return ""
+            chat = await self._get_chat(chat_id, "", budget)
+            if chat is None or chat.thread is None or not chat.thread.active:
+                raise
+            # Still active (an earlier start whose answer was lost, or a chat
+            # nobody closed): reuse it, adding the transcript if it is missing.
+            log.info("livechat.chat_reused", chat_id=chat_id, thread_id=chat.thread.id)
+            present = {e.custom_id for e in chat.thread.events}
+            for event in events:
+                if event["custom_id"] not in present:
+                    await self._post_note(chat_id, event, budget)
+            return chat.thread.id
+        self.memory.created_events(str_list(answer.get("event_ids")))
+        thread_id = as_str(answer.get("thread_id"))
+        if not thread_id:
+            raise ProviderUnavailable(
+                "LiveChat resume_chat answered without a thread id", uncertain=True
+            )
+        return thread_id
+
+    async def _post_note(self, chat_id: str, event: dict[str, Any], budget: Budget) -> None:
+        """Adds a transcript event to a reused chat; failures only cost context."""
+        try:
+            await self.client.agent(
+                "send_event", {"chat_id": chat_id, "event": event}, timeout=budget.sending()
+            )
+        except ApiError as err:
+            log.warning("livechat.transcript_not_added", chat_id=chat_id, error_type=err.type)
+
+    async def _transfer(self, chat_id: str, group: int, budget: Budget) -> None:
+        body = {
+            "id": chat_id,
+            "target": {"type": "group", "ids": [group]},
+            "ignore_agents_availability": True,
+            "ignore_requester_presence": True,
+        }
+        try:
+            await self.client.agent("transfer_chat", body, timeout=budget.left(), idempotent=True)
+        except ApiError as err:
+            if is_no_agent(err):
+                # Close what we opened so no half-started chat lingers.
+                await self._deactivate_quietly(chat_id, budget)
+                raise ProviderRejected(
+                    "NO_AGENT_AVAILABLE",
+                    f"no agent of LiveChat group {group} can take the chat, and LiveChat "
+                    "would not queue it",
+                ) from None
+            raise self._group_failure(err, group) from None
+
+    async def _deactivate_quietly(self, chat_id: str, budget: Budget) -> None:
+        try:
+            await self.client.agent(
+                "deactivate_chat",
+                {"id": chat_id, "ignore_requester_presence": True},
+                timeout=budget.left(),
+                idempotent=True,
+            )
+        except (ApiError, ProviderUnavailable) as err:
+            log.warning("livechat.cleanup_failed", chat_id=chat_id, error=type(err).__name__)
+
+    async def _initial_events(
+        self, chat_id: str, thread_id: str, budget: Budget
+    ) -> list[InboundEvent]:
+        """Queue position and agents already known right after the start."""
+        try:
+            chat = await self._get_chat(chat_id, thread_id, budget)
+        except (ApiError, ProviderUnavailable) as err:
+            log.info("livechat.start_snapshot_skipped", chat_id=chat_id, error=type(err).__name__)
+            return []
+        if chat is None or chat.thread is None:
+            return []
+        return normalize.thread_events(self.memory, chat_id, chat.thread, chat.users, "")
+
+    async def _get_chat(self, chat_id: str, thread_id: str, budget: Budget) -> LcChat | None:
+        body = {"chat_id": chat_id, **({"thread_id": thread_id} if thread_id else {})}
+        answer = await self.client.agent("get_chat", body, timeout=budget.left(), idempotent=True)
+        return parse_chat(answer)
+
+    # -- send ----------------------------------------------------------------------
+
+    async def send(
+        self,
+        chat: ProviderChat,
+        user: ProviderUser,
+        message: Message,
+        *,
+        request_id: str,
+        uncertain: bool,
+        timeout: float,
+    ) -> SendResult:
+        """See base class."""
+        async with bounded("send", timeout) as budget:
+            parts = self._parts(user, message, request_id, budget)
+            found: dict[str, str] = {}
+            if uncertain:
+                found = await self._sent_custom_ids(
+                    chat, user, {p.custom_id for p in parts}, budget
+                )
+            event_ids: list[str] = []
+            for index, part in enumerate(parts):
+                if part.custom_id in found:
+                    event_ids.append(found[part.custom_id])
+                    continue
+                try:
+                    event_ids.append(await self._send_part(chat, user, part, budget))
+                except ProviderUnavailable as exc:
+                    if index == 0 or exc.uncertain:
+                        raise
+                    raise ProviderUnavailable(
+                        str(exc), retry_after=exc.retry_after, uncertain=True
+                    ) from None
+            log.info(
+                "livechat.sent",
+                chat_id=chat.external_chat_id,
+                parts=len(parts),
+                skipped=len(found),
+                kind=type(message.body).__name__,
+            )
+            return SendResult(external_message_id=event_ids[0] if event_ids else "")
+
+    def _parts(
+        self, user: ProviderUser, message: Message, request_id: str, budget: Budget
+    ) -> list[_Part]:
+        """The events a message becomes, with their custom ids."""
+        specs: list[
+            tuple[Callable[[], Awaitable[dict[str, Any] | None]], dict[str, Any] | None]
+        ] = []
+
+        def text_parts(text: str) -> None:
+            for piece in mapping.split_text(text or " "):
+                event = _text_event(piece)
+                specs.append((_constant(event), None))
+
+        body = message.body
+        if isinstance(body, str):
+            text_parts(body)
+        elif isinstance(body, Media):
+            media = body
+
+            async def build_file() -> dict[str, Any] | None:
+                return await self._upload(user, media, budget)
+
+            plain = Media(media.kind, media.url, media.name, media.mime_type, media.size_bytes)
+            specs.append((build_file, _text_event(mapping.media_text(plain))))
+            if media.caption:
+                text_parts(media.caption)
+        elif isinstance(body, Location):
+            text_parts(mapping.location_text(body))
+        else:
+            rich = mapping.card_event(body, f"{request_id[:40]}:")
+            specs.append(
+                (_constant(rich), _text_event(mapping.split_text(mapping.card_text(body))[0]))
+            )
+            if overflow := mapping.overflow_buttons_text(body):
+                text_parts(overflow)
+        return [
+            _Part(request_id if i == 0 else f"{request_id}#{i + 1}", build, fallback)
+            for i, (build, fallback) in enumerate(specs)
+        ]
+
+    async def _send_part(
+        self, chat: ProviderChat, user: ProviderUser, part: _Part, budget: Budget
+    ) -> str:
+        event = await part.build() or part.fallback
+        if event is None:
+            raise ValueError("a message part without an event or a fallback")
+        try:
+            return await self._send_event(
+                chat, user, {**event, "custom_id": part.custom_id}, budget
+            )
+        except ApiError as err:
+            # A rich message LiveChat refuses still reaches the agent as text.
+            if part.fallback is None or err.type != "validation" or event is part.fallback:
+                raise
+            log.info("livechat.fallback_to_text", chat_id=chat.external_chat_id, kind=event["type"])
+            return await self._send_event(
+                chat, user, {**part.fallback, "custom_id": part.custom_id}, budget
+            )
+
+    async def _send_event(
+        self, chat: ProviderChat, user: ProviderUser, event: dict[str, Any], budget: Budget
+    ) -> str:
+        self.memory.sent_custom_id(event["custom_id"])
+        try:
+            answer = await self.customers.call(
+                user, "send_event", {"chat_id": chat.external_chat_id, "event": event}, budget
+            )
+        except ApiError as err:
+            if err.type == "chat_inactive":
+                raise ChatInactive() from None
+            raise
+        return as_str(as_dict(answer).get("event_id"))
+
+    async def _upload(
+        self, user: ProviderUser, media: Media, budget: Budget
+    ) -> dict[str, Any] | None:
+        """Fetches and uploads a media file; None when it must go as a link."""
+        try:
+            fetched = await self.client.fetch(
+                media.url, max_bytes=self.settings.max_upload_bytes, timeout=budget.left()
+            )
+        except FetchFailed as exc:
+            log.info("livechat.media_as_link", reason=str(exc), size=media.size_bytes)
+            return None
+        content_type = media.mime_type or fetched.content_type or "application/octet-stream"
+        try:
+            url = await self.customers.upload(
+                user, mapping.media_name(media), fetched.content, content_type, budget
+            )
+        except ApiError as err:
+            log.info("livechat.media_as_link", reason=err.type, size=len(fetched.content))
+            return None
+        return {"type": "file", "url": url}
+
+    async def _sent_custom_ids(
+        self, chat: ProviderChat, user: ProviderUser, wanted: set[str], budget: Budget
+    ) -> dict[str, str]:
+        """Which of ``wanted`` custom ids the chat's recent threads already hold."""
+        answer = await self.customers.call(
+            user,
+            "list_threads",
+            {"chat_id": chat.external_chat_id, "sort_order": "desc", "limit": 3},
+            budget,
+            idempotent=True,
+        )
+        found: dict[str, str] = {}
+        for thread in parse_threads(answer):
+            for event in thread.events:
+                if event.custom_id in wanted:
+                    found.setdefault(event.custom_id, event.id)
+        if found:
+            log.info("livechat.already_sent", chat_id=chat.external_chat_id, parts=len(found))
+        return found
+
+    # -- stop ----------------------------------------------------------------------
+
+    async def stop(
+        self, chat: ProviderChat, user: ProviderUser, reason: str, *, timeout: float
+    ) -> None:
+        """See base class. Uses ``deactivate_chat``; LiveChat has no ``close_chat``."""
+        chat_id = chat.external_chat_id
+        facts = self.memory.facts(chat_id)
+        was_stopped, facts.stopped_by_us = facts.stopped_by_us, True  # its webhook may come first
+        try:
+            async with bounded("stop", timeout) as budget:
+                try:
+                    await self.client.agent(
+                        "deactivate_chat",
+                        {"id": chat_id, "ignore_requester_presence": True},
+                        timeout=budget.left(),
+                        idempotent=True,
+                    )
+                except ApiError as err:
+                    if err.type == "chat_inactive":
+                        log.info("livechat.already_inactive", chat_id=chat_id)
+                        return
+                    if err.type in ("authentication", "authorization", "missing_access"):
+                        raise
+                    current = await self._get_chat(chat_id, "", budget)
+                    if current is not None and (
+                        current.thread is None or not current.thread.active
+                    ):
+                        log.info("livechat.already_inactive", chat_id=chat_id)
+                        return
+                    raise
+            log.info("livechat.stopped", chat_id=chat_id)
+        except BaseException:
+            facts.stopped_by_us = was_stopped
+            raise
+
+    # -- inbound -------------------------------------------------------------------
+
+    def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> WebhookBatch:
+        """See base class and :mod:`providers.livechat.webhooks`."""
+        return self._webhooks.parse(headers, body)
+
+    async def catch_up(
+        self, chat: ProviderChat, user: ProviderUser, checkpoint: str, *, timeout: float
+    ) -> CatchUp:
+        """See base class.
+
+        A session is one LiveChat thread (the one ``start`` opened), so this
+        reads that thread with ``get_chat`` and reports what a webhook would
+        have: agent messages after ``checkpoint`` (an event id), agents
+        present, the queue position, and the end once the thread is closed.
+        If the bridge agent lost access to the chat (moved to another group),
+        it reads the chat as the customer instead.
+        """
+        async with bounded("catch_up", timeout) as budget:
+            chat_id = chat.external_chat_id
+            thread_id = as_str(chat.state.get("thread_id"))
+            try:
+                found = await self._get_chat(chat_id, thread_id, budget)
+            except ApiError as err:
+                if err.type not in ("authorization", "missing_access"):
+                    raise
+                body = {"chat_id": chat_id, **({"thread_id": thread_id} if thread_id else {})}
+                found = parse_chat(
+                    await self.customers.call(user, "get_chat", body, budget, idempotent=True)
+                )
+            if found is None or found.thread is None:
+                return CatchUp((), checkpoint)
+            thread = found.thread
+            events = normalize.thread_events(self.memory, chat_id, thread, found.users, checkpoint)
+            last = thread.events[-1].id if thread.events else checkpoint
+            return CatchUp(tuple(events), last)
+
+    # -- commands ------------------------------------------------------------------
+
+    async def run_command(self, argv: Sequence[str], out: TextIO) -> int:
+        """See ``SupportsCommands``: ``register-webhooks``, ``unregister-webhooks``."""
+        from providers.livechat.commands import run
+
+        return await run(self, argv, out)
+
+
+def _constant(event: dict[str, Any]) -> Callable[[], Awaitable[dict[str, Any] | None]]:
+    async def build() -> dict[str, Any] | None:
+        return event
+
+    return build

@@ -1,0 +1,304 @@
+"""The HTTP client: auth schemes, headers, and error mapping by error type."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+import respx
+import structlog
+
+from providers.errors import ProviderAuthError, ProviderRejected, ProviderUnavailable
+from providers.livechat import LiveChatProvider
+from providers.types import Message
+from tests.fake_livechat import FakeLiveChat
+from tests.livechat.conftest import MakeProvider, start_session
+
+
+async def test_agent_and_configuration_calls_use_basic_auth(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    problems = await provider.probe(timeout=5)
+    assert problems == []
+    for call in fake.calls(api="agent") + fake.calls(api="configuration"):
+        assert call.auth == "basic"
+        assert "organization_id" not in call.query
+
+
+async def test_customer_calls_use_bearer_and_organization_id(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    session = await start_session(provider)
+    await provider.send(
+        session.chat, session.user, Message("hi"), request_id="m1", uncertain=False, timeout=5
+    )
+    customer_calls = fake.calls(api="customer")
+    assert {c.method for c in customer_calls} >= {"update_customer", "send_event"}
+    for call in customer_calls:
+        assert call.auth == "bearer"
+        assert call.query["organization_id"] == fake.state.seed.organization_id
+
+
+async def test_region_header_is_optional(make_provider: MakeProvider, fake: FakeLiveChat) -> None:
+    plain = await make_provider()
+    await plain.probe(timeout=5)
+    assert all("x-region" not in c.headers for c in fake.calls())
+    fake.state.calls.clear()
+    regional = await make_provider(HITL_LIVECHAT_REGION="fra")
+    await regional.probe(timeout=5)
+    assert fake.calls()
+    assert all(c.headers.get("x-region") == "fra" for c in fake.calls())
+
+
+async def test_rate_limit_maps_to_unavailable_with_retry_after(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    session = await start_session(provider)
+    fake.add_fault("send_event", error_type="too_many_requests", retry_after="7")
+    with pytest.raises(ProviderUnavailable) as info:
+        await provider.send(
+            session.chat, session.user, Message("hi"), request_id="m1", uncertain=False, timeout=5
+        )
+    assert info.value.retry_after == 7.0
+    assert info.value.uncertain is False  # LiveChat refused it: nothing happened
+
+
+@pytest.mark.parametrize("error_type", ["internal", "service_unavailable", "request_timeout"])
+async def test_server_errors_on_a_send_are_uncertain(
+    provider: LiveChatProvider, fake: FakeLiveChat, error_type: str
+) -> None:
+    session = await start_session(provider)
+    fake.add_fault("send_event", error_type=error_type)
+    with pytest.raises(ProviderUnavailable) as info:
+        await provider.send(
+            session.chat, session.user, Message("hi"), request_id="m1", uncertain=False, timeout=5
+        )
+    assert info.value.uncertain is True
+
+
+async def test_server_error_on_an_idempotent_call_is_certain(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    session = await start_session(provider)
+    fake.add_fault("deactivate_chat", kind="status", status=502)
+    with pytest.raises(ProviderUnavailable) as info:
+        await provider.stop(session.chat, session.user, "done", timeout=5)
+    assert info.value.uncertain is False
+    assert fake.chat(session.chat_id).active
+
+
+async def test_error_type_decides_not_status(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    session = await start_session(provider)
+    # Statuses are undocumented: a 400-coded rate limit is still a rate limit.
+    fake.state.config.status_map["too_many_requests"] = 400
+    fake.add_fault("send_event", error_type="too_many_requests")
+    with pytest.raises(ProviderUnavailable):
+        await provider.send(
+            session.chat, session.user, Message("hi"), request_id="m1", uncertain=False, timeout=5
+        )
+
+
+async def test_timeout_after_sending_is_uncertain(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    session = await start_session(provider)
+    fake.add_fault("send_event", kind="delay", delay=30)
+    with pytest.raises(ProviderUnavailable) as info:
+        await provider.send(
+            session.chat, session.user, Message("hi"), request_id="m1", uncertain=False, timeout=0.5
+        )
+    assert info.value.uncertain is True
+
+
+async def test_method_timeout_bounds_the_whole_method(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    fake.add_fault("customer_token", kind="delay", delay=30)
+    with pytest.raises(ProviderUnavailable):
+        await start_session(provider, timeout=0.5)
+
+
+async def test_connection_refused_is_unavailable_and_certain(make_provider: MakeProvider) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    provider = await make_provider(
+        HITL_LIVECHAT_API_URL=f"http://127.0.0.1:{port}",
+        HITL_LIVECHAT_ACCOUNTS_URL=f"http://127.0.0.1:{port}",
+    )
+    with pytest.raises(ProviderUnavailable) as info:
+        await provider.probe(timeout=5)
+    assert info.value.uncertain is False
+
+
+async def test_lost_response_is_uncertain(provider: LiveChatProvider, fake: FakeLiveChat) -> None:
+    session = await start_session(provider)
+    fake.add_fault("send_event", kind="lost_response")
+    with pytest.raises(ProviderUnavailable) as info:
+        await provider.send(
+            session.chat, session.user, Message("hi"), request_id="m1", uncertain=False, timeout=5
+        )
+    assert info.value.uncertain is True
+    assert [e.get("custom_id") for e in fake.events(session.chat_id)].count("m1") == 1
+
+
+async def test_bad_json_on_success_is_unavailable(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    session = await start_session(provider)
+    fake.add_fault("send_event", kind="bad_json")
+    with pytest.raises(ProviderUnavailable) as info:
+        await provider.send(
+            session.chat, session.user, Message("hi"), request_id="m1", uncertain=False, timeout=5
+        )
+    assert info.value.uncertain is True
+
+
+async def test_wrong_pat_is_an_auth_error_naming_the_token(
+    make_provider: MakeProvider, fake: FakeLiveChat
+) -> None:
+    import base64
+
+    token = base64.b64encode(f"{fake.state.seed.bridge_account_id}:dal:wrong".encode()).decode()
+    provider = await make_provider(HITL_LIVECHAT_AGENT_TOKEN=token)
+    with pytest.raises(ProviderAuthError) as info:
+        await start_session(provider)
+    assert info.value.setting == "HITL_LIVECHAT_AGENT_TOKEN"
+
+
+async def test_missing_scope_is_an_auth_error(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    fake.add_fault("start_chat", error_type="authorization", message="Missing scope chats--all:rw")
+    with pytest.raises(ProviderAuthError) as info:
+        await start_session(provider)
+    assert info.value.setting == "HITL_LIVECHAT_AGENT_TOKEN"
+
+
+async def test_misdirected_request_names_the_region(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    fake.add_fault("get_customer", error_type="misdirected_request")
+    with pytest.raises(ProviderAuthError) as info:
+        await start_session(provider)
+    assert info.value.setting == "HITL_LIVECHAT_REGION"
+
+
+async def test_other_refusals_get_a_stable_code(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    fake.add_fault("start_chat", error_type="limit_reached")
+    with pytest.raises(ProviderRejected) as info:
+        await start_session(provider)
+    assert info.value.code == "LIMIT_REACHED"
+
+
+async def test_lifecycle_headers_and_debug_id_are_logged(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    fake.state.config.legacy_header = "2026-09-01"
+    with structlog.testing.capture_logs() as logs:
+        await provider.probe(timeout=5)
+        await provider.probe(timeout=5)
+    warnings = [e for e in logs if e["event"] == "livechat.api_lifecycle"]
+    assert len(warnings) == 1  # once per value, not per call
+    assert warnings[0]["until"] == "2026-09-01"
+    calls = [e for e in logs if e["event"] == "livechat.call" and e["api"] == "agent"]
+    assert calls
+    assert all(len(e["debug_id"]) == 16 for e in calls)
+
+
+async def test_media_fetch_sends_no_credentials(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    from providers.types import Media, MediaKind
+
+    session = await start_session(provider)
+    media = Media(
+        MediaKind.IMAGE, f"{fake.url}/_media/100/cat.png?type=image/png", "cat.png", "image/png"
+    )
+    await provider.send(
+        session.chat, session.user, Message(media), request_id="m1", uncertain=False, timeout=5
+    )
+    fetches = fake.calls(api="media")
+    assert len(fetches) == 1
+    assert fetches[0].auth == "none"
+    assert "cookie" not in fetches[0].headers
+
+
+@respx.mock(assert_all_called=True)
+async def test_request_building_for_start_chat(
+    make_provider: MakeProvider, respx_mock: respx.MockRouter
+) -> None:
+    """A narrow check of the exact request: path, version, body, headers."""
+    provider = await make_provider(
+        HITL_LIVECHAT_API_URL="https://api.test", HITL_LIVECHAT_ACCOUNTS_URL="https://acc.test"
+    )
+    customer = respx_mock.post("https://api.test/v3.6/agent/action/get_customer").mock(
+        return_value=httpx.Response(200, json={"id": "c", "chat_ids": []})
+    )
+    start = respx_mock.post("https://api.test/v3.6/agent/action/start_chat").mock(
+        return_value=httpx.Response(
+            200,
+            json={
+                "chat_id": "PX1QZ8RK2M",
+                "thread_id": "RT5M2K9QAA",
+                "event_ids": ["RT5M2K9QAA_1"],
+            },
+        )
+    )
+    respx_mock.post("https://api.test/v3.6/agent/action/transfer_chat").mock(
+        return_value=httpx.Response(200, json={})
+    )
+    respx_mock.post("https://api.test/v3.6/agent/action/get_chat").mock(
+        return_value=httpx.Response(
+            200, json={"id": "PX1QZ8RK2M", "thread": {"id": "RT5M2K9QAA", "active": True}}
+        )
+    )
+    from providers.types import ProviderUser, StartRequest, UserProfile
+
+    user = ProviderUser("5f1c2a8e-9b7d-4e2a-8c11-0c3f7d2b6a90", {"cookies": {"__lc_cid": "x"}})
+    await provider.start(
+        StartRequest(
+            session_id="s", user=UserProfile(id="u", name="n"), title="Refund", group_id="19"
+        ),
+        user,
+        timeout=5,
+    )
+    request = start.calls.last.request
+    assert request.headers["authorization"].startswith("Basic ")
+    assert request.headers["content-type"] == "application/json"
+    assert "cookie" not in request.headers
+    import json
+
+    body = json.loads(request.content)
+    assert body["continuous"] is True
+    assert body["chat"]["access"] == {"group_ids": [19]}
+    assert body["chat"]["users"] == [{"id": user.external_user_id, "type": "customer"}]
+    assert customer.called
+
+
+async def test_calls_are_counted_by_outcome(
+    make_provider: MakeProvider, fake: FakeLiveChat
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    provider = await make_provider(registry=registry)
+    session = await start_session(provider)
+    fake.add_fault("send_event", error_type="too_many_requests")
+    with pytest.raises(ProviderUnavailable):
+        await provider.send(
+            session.chat, session.user, Message("hi"), request_id="m1", uncertain=False, timeout=5
+        )
+
+    def sample(api: str, method: str, outcome: str) -> float | None:
+        labels = {"api": api, "method": method, "outcome": outcome}
+        return registry.get_sample_value("hitl_livechat_api_requests_total", labels)
+
+    assert sample("agent", "start_chat", "ok") == 1
+    assert sample("accounts", "customer_token", "ok") == 1
+    assert sample("customer", "send_event", "unavailable") == 1

@@ -1,0 +1,163 @@
+"""Message mapping: text splitting, fallbacks, cards, transcripts, parsing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from providers.livechat import mapping
+from providers.livechat.models import parse_event, parse_time
+from providers.types import (
+    Author,
+    ButtonKind,
+    Card,
+    CardButton,
+    Location,
+    Media,
+    MediaKind,
+    Message,
+)
+
+
+class TestSplitText:
+    def test_short_text_is_one_piece(self) -> None:
+        assert mapping.split_text("hello") == ["hello"]
+
+    def test_splits_multibyte_text_on_character_boundaries(self) -> None:
+        text = "é漢🙂" * 3000  # 2 + 3 + 4 bytes, no spaces at all
+        pieces = mapping.split_text(text)
+        assert len(pieces) > 1
+        assert "".join(pieces) == text
+        assert all(len(p.encode()) <= mapping.MAX_TEXT_BYTES for p in pieces)
+
+    def test_prefers_whitespace(self) -> None:
+        text = ("word " * 5000).strip()
+        pieces = mapping.split_text(text)
+        assert all(p.endswith(" ") for p in pieces[:-1])
+        assert "".join(pieces) == text
+
+    @given(st.text(min_size=0, max_size=400), st.integers(min_value=4, max_value=64))
+    def test_property_round_trip_and_limit(self, text: str, limit: int) -> None:
+        pieces = mapping.split_text(text, limit)
+        assert "".join(pieces) == text
+        for piece in pieces:
+            assert len(piece.encode("utf-8", "surrogatepass")) <= limit
+
+
+def test_location_text_has_map_link() -> None:
+    text = mapping.location_text(Location(48.8584, 2.2945, "Eiffel Tower", "Champ de Mars"))
+    assert "Eiffel Tower" in text
+    assert "Champ de Mars" in text
+    assert "https://maps.google.com/?q=48.858400,2.294500" in text
+
+
+def test_media_text_is_readable() -> None:
+    media = Media(MediaKind.FILE, "https://x.example/a.pdf", "a.pdf", "application/pdf", 2048)
+    assert (
+        mapping.media_text(media) == "📎 a.pdf (application/pdf, 2.0 KB): https://x.example/a.pdf"
+    )
+
+
+def test_card_event_maps_buttons() -> None:
+    card = Card(
+        title="Plan",
+        subtitle="Pick one",
+        image_url="https://x.example/p.png",
+        buttons=(
+            CardButton("Call", ButtonKind.PHONE, "+15551234"),
+            CardButton("Open", ButtonKind.URL, "https://x.example"),
+            CardButton("Yes", ButtonKind.MESSAGE, "yes"),
+        ),
+    )
+    event = mapping.card_event(card, "r1:")
+    assert event["template_id"] == "cards"
+    element = event["elements"][0]
+    assert element["title"] == "Plan"
+    assert element["image"] == {"url": "https://x.example/p.png"}
+    assert [b["type"] for b in element["buttons"]] == ["phone", "url", "message"]
+    assert [b["value"] for b in element["buttons"]] == ["+15551234", "https://x.example", "yes"]
+
+
+def test_card_keeps_at_most_13_buttons_and_reports_the_rest() -> None:
+    card = Card(title="Many", buttons=tuple(CardButton(f"b{i}") for i in range(15)))
+    assert len(mapping.card_event(card, "")["elements"][0]["buttons"]) == 13
+    assert mapping.overflow_buttons_text(card) == "• b13\n• b14"
+
+
+def test_transcript_marks_authors_and_media() -> None:
+    history = [
+        Message("I need help", Author.USER),
+        Message("Sure", Author.BOT, created_at=datetime(2026, 1, 1, 9, 5, tzinfo=UTC)),
+        Message(Media(MediaKind.IMAGE, "https://x.example/i.png", "i.png"), Author.USER),
+    ]
+    lines = mapping.transcript_lines(history)
+    assert lines == [
+        "User: I need help",
+        "[09:05] Bot: Sure",
+        "User: 📎 i.png: https://x.example/i.png",
+    ]
+
+
+def test_start_texts_chunk_long_transcripts() -> None:
+    history = [Message("x" * 5000, Author.USER) for _ in range(10)]
+    texts = mapping.start_texts("T", "D", history, {"order": "123"})
+    assert texts[0].startswith("🤖 Handoff")
+    assert "Title: T" in texts[0]
+    assert "order: 123" in texts[0]
+    assert len(texts) >= 4
+    assert all(len(t.encode()) <= mapping.MAX_TEXT_BYTES for t in texts)
+
+
+def test_event_to_message_kinds() -> None:
+    file_event = parse_event(
+        {
+            "id": "T_1",
+            "type": "file",
+            "author_id": "a@x",
+            "url": "https://cdn/x.mp4",
+            "name": "x.mp4",
+            "content_type": "video/mp4",
+            "size": 10,
+        }
+    )
+    assert file_event is not None
+    message = mapping.event_to_message(file_event)
+    assert message is not None
+    assert isinstance(message.body, Media)
+    assert message.body.kind is MediaKind.VIDEO
+    assert message.author is Author.AGENT
+    rich = parse_event(
+        {
+            "id": "T_2",
+            "type": "rich_message",
+            "template_id": "cards",
+            "elements": [
+                {
+                    "title": "A",
+                    "buttons": [{"text": "Go", "type": "webview", "value": "https://x"}],
+                },
+                {"title": "B", "subtitle": "second"},
+            ],
+        }
+    )
+    assert rich is not None
+    card = mapping.event_to_message(rich)
+    assert card is not None
+    assert isinstance(card.body, Card)
+    assert card.body.title == "A"
+    assert card.body.buttons[0].kind is ButtonKind.URL
+    assert "B - second" in card.body.subtitle
+
+
+def test_parse_time_variants() -> None:
+    assert parse_time("2026-03-02T10:15:07.123456Z") == datetime(
+        2026, 3, 2, 10, 15, 7, 123456, tzinfo=UTC
+    )
+    assert parse_time("2026-03-02T10:15:07.1Z") == datetime(
+        2026, 3, 2, 10, 15, 7, 100000, tzinfo=UTC
+    )
+    assert parse_time("2026-03-02T10:15:07Z") is not None
+    assert parse_time("yesterday") is None
+    assert parse_time(12) is None

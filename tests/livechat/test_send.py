@@ -1,0 +1,210 @@
+"""send: every message kind, splitting, custom ids, exactly-once after doubt."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from providers.errors import ChatInactive, ProviderUnavailable
+from providers.livechat import LiveChatProvider
+from providers.types import ButtonKind, Card, CardButton, Location, Media, MediaKind, Message
+from tests.fake_livechat import FakeLiveChat
+from tests.livechat.conftest import Session, start_session
+
+
+@pytest.fixture
+async def session(provider: LiveChatProvider) -> Session:
+    return await start_session(provider)
+
+
+def customer_events(fake: FakeLiveChat, session: Session) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in fake.events(session.chat_id)
+        if e.get("author_id") == session.user.external_user_id
+    ]
+
+
+async def send(provider: LiveChatProvider, session: Session, body, request_id: str = "req-1", **kw):
+    return await provider.send(
+        session.chat,
+        session.user,
+        Message(body),
+        request_id=request_id,
+        uncertain=kw.pop("uncertain", False),
+        timeout=5,
+    )
+
+
+async def test_text_uses_request_id_as_custom_id(provider, fake, session) -> None:
+    result = await send(provider, session, "Where is my parcel?")
+    [event] = customer_events(fake, session)
+    assert event["text"] == "Where is my parcel?"
+    assert event["custom_id"] == "req-1"
+    assert result.external_message_id == event["id"]
+
+
+async def test_long_multibyte_text_is_split(provider, fake, session) -> None:
+    text = "日本語のテキスト🙂 " * 2500  # ~65 KB
+    result = await send(provider, session, text)
+    events = customer_events(fake, session)
+    assert len(events) >= 4
+    assert "".join(e["text"] for e in events) == text
+    assert [e["custom_id"] for e in events] == ["req-1"] + [
+        f"req-1#{i}" for i in range(2, len(events) + 1)
+    ]
+    assert result.external_message_id == events[0]["id"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "mime"),
+    [
+        (MediaKind.IMAGE, "cat.png", "image/png"),
+        (MediaKind.FILE, "invoice.pdf", "application/pdf"),
+        (MediaKind.AUDIO, "note.ogg", "audio/ogg"),
+        (MediaKind.VIDEO, "clip.mp4", "video/mp4"),
+    ],
+)
+async def test_media_is_uploaded_and_sent_as_file(
+    provider, fake, session, kind, name, mime
+) -> None:
+    url = f"{fake.url}/_media/2048/{name}?type={mime}"
+    await send(provider, session, Media(kind, url, name, mime, 2048))
+    [event] = customer_events(fake, session)
+    assert event["type"] == "file"
+    assert event["url"].startswith(f"{fake.url}/cdn/")
+    assert event["name"] == name
+    assert event["content_type"] == mime
+    assert event["size"] == 2048
+    assert len(fake.calls("upload_file", api="customer")) == 1
+
+
+async def test_media_caption_is_a_second_part(provider, fake, session) -> None:
+    url = f"{fake.url}/_media/10/cat.png?type=image/png"
+    await send(provider, session, Media(MediaKind.IMAGE, url, "cat.png", caption="my cat"))
+    events = customer_events(fake, session)
+    assert [e["type"] for e in events] == ["file", "message"]
+    assert events[1]["text"] == "my cat"
+    assert [e["custom_id"] for e in events] == ["req-1", "req-1#2"]
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("/_media/2048/setup.exe", "setup.exe"),  # LiveChat refuses executables
+        ("/_media/20971520/big.bin", "big.bin"),  # over the 10 MB cap: not even fetched fully
+        ("/_media/10/missing.png", "missing.png"),  # the URL does not work
+    ],
+)
+async def test_refused_media_goes_as_a_readable_link(provider, fake, session, path, name) -> None:
+    url = f"{fake.url}{path}"
+    await send(provider, session, Media(MediaKind.FILE, url, name, "application/octet-stream", 123))
+    [event] = customer_events(fake, session)
+    assert event["type"] == "message"
+    assert event["text"].startswith(f"📎 {name} (application/octet-stream, 123 bytes): ")
+    assert url in event["text"]
+    assert event["custom_id"] == "req-1"
+
+
+async def test_upload_too_large_for_livechat_goes_as_a_link(provider, fake, session) -> None:
+    fake.state.config.max_upload_bytes = 1000
+    url = f"{fake.url}/_media/5000/photo.jpg?type=image/jpeg"
+    await send(provider, session, Media(MediaKind.IMAGE, url, "photo.jpg"))
+    [event] = customer_events(fake, session)
+    assert event["type"] == "message"
+    assert url in event["text"]
+    assert fake.calls("upload_file")[0].error_type == "entity_too_large"
+
+
+async def test_location_is_readable_text(provider, fake, session) -> None:
+    await send(provider, session, Location(48.8584, 2.2945, "Eiffel Tower", "Champ de Mars"))
+    [event] = customer_events(fake, session)
+    assert "Eiffel Tower" in event["text"]
+    assert "https://maps.google.com/?q=48.858400,2.294500" in event["text"]
+
+
+async def test_card_is_a_rich_message(provider, fake, session) -> None:
+    card = Card(
+        "Pick a plan",
+        "Monthly",
+        "https://x/p.png",
+        (CardButton("Pro", ButtonKind.URL, "https://x/pro"),),
+    )
+    await send(provider, session, card)
+    [event] = customer_events(fake, session)
+    assert event["type"] == "rich_message"
+    assert event["template_id"] == "cards"
+    assert event["elements"][0]["title"] == "Pick a plan"
+    assert event["elements"][0]["buttons"][0]["type"] == "url"
+
+
+async def test_card_refused_by_livechat_falls_back_to_text(provider, fake, session) -> None:
+    fake.add_fault("send_event", error_type="validation", message="Invalid rich message")
+    card = Card("Pick a plan", buttons=(CardButton("Pro", ButtonKind.MESSAGE, "pro"),))
+    await send(provider, session, card)
+    [event] = customer_events(fake, session)
+    assert event["type"] == "message"
+    assert "Pick a plan" in event["text"]
+    assert "• Pro: pro" in event["text"]
+    assert event["custom_id"] == "req-1"
+
+
+async def test_uncertain_send_after_lost_response_sends_once(provider, fake, session) -> None:
+    fake.add_fault("send_event", kind="lost_response")
+    with pytest.raises(ProviderUnavailable) as info:
+        await send(provider, session, "exactly once")
+    assert info.value.uncertain
+    result = await send(provider, session, "exactly once", uncertain=True)
+    events = customer_events(fake, session)
+    assert [e["text"] for e in events] == ["exactly once"]
+    assert result.external_message_id == events[0]["id"]
+
+
+async def test_uncertain_multi_part_send_completes_only_the_missing_parts(
+    provider, fake, session
+) -> None:
+    text = "a " * 12000  # two parts
+    fake.add_fault("send_event", kind="lost_response")  # the first part landed, its answer did not
+    with pytest.raises(ProviderUnavailable):
+        await send(provider, session, text)
+    await send(provider, session, text, uncertain=True)
+    events = customer_events(fake, session)
+    assert [e["custom_id"] for e in events] == ["req-1", "req-1#2"]
+    assert "".join(e["text"] for e in events) == text
+
+
+async def test_failure_after_a_first_part_is_uncertain(provider, fake, session) -> None:
+    text = "b " * 12000
+    fake.add_fault("send_event", error_type="too_many_requests")  # hits the first part
+    with pytest.raises(ProviderUnavailable) as info:
+        await send(provider, session, text)
+    assert not info.value.uncertain
+    fake.clear_faults()
+    from tests.fake_livechat import Fault
+
+    fault = Fault("send_event", error_type="too_many_requests")
+    fake.faults.add(Fault("send_event", kind="delay", delay=0))  # first part passes
+    fake.faults.add(fault)  # second part refused
+    with pytest.raises(ProviderUnavailable) as info:
+        await send(provider, session, text, request_id="req-2")
+    assert info.value.uncertain  # part one is at LiveChat: a retry must check
+    await send(provider, session, text, request_id="req-2", uncertain=True)
+    ids = [e["custom_id"] for e in customer_events(fake, session)]
+    assert ids == ["req-2", "req-2#2"]
+
+
+async def test_uncertain_send_that_never_arrived_is_sent(provider, fake, session) -> None:
+    fake.add_fault("send_event", kind="drop")
+    with pytest.raises(ProviderUnavailable):
+        await send(provider, session, "hello")
+    assert customer_events(fake, session) == []
+    await send(provider, session, "hello", uncertain=True)
+    assert [e["text"] for e in customer_events(fake, session)] == ["hello"]
+
+
+async def test_send_to_an_inactive_chat_raises_chat_inactive(provider, fake, session) -> None:
+    fake.agent_join(session.chat_id)
+    fake.agent_close(session.chat_id)
+    with pytest.raises(ChatInactive):
+        await send(provider, session, "anyone?")

@@ -1,0 +1,206 @@
+"""Contract: transactions, schema, reopening, dead letters and pruning."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from hitl_service.domain import DeadLetter, IdempotencyRecord, OutboxStatus, User
+from hitl_service.errors import StoreUnavailable
+from hitl_service.store.base import Store, Tx
+from hitl_service.store.migrations import migrations
+from providers.types import AgentMessage, InboundEvent, Message, ProviderUser, Queued
+from tests.store.conftest import Backend, OpenStore
+from tests.store.factories import T0, at, make_outbox, make_session, make_user
+from tests.store.helpers import Boom, rolled_back
+from tests.store.test_events import BOB
+
+
+class TestTransactions:
+    async def test_an_exception_rolls_everything_back(self, store: Store) -> None:
+        user = make_user()
+        session = make_session(user.id)
+        item = make_outbox(session.id)
+
+        async def everything(tx: Tx) -> None:
+            await tx.insert_user(user)
+            await tx.put_provider_user(user.id, "livechat", ProviderUser("c"))
+            await tx.insert_session(session)
+            await tx.append_event(session.id, user.id, T0, Queued())
+            await tx.claim_dedupe_key("livechat", "k", T0)
+            await tx.put_idempotency(IdempotencyRecord("s", "k", "h", "r", T0))
+            await tx.insert_outbox(item)
+            await tx.add_dead_letter(DeadLetter("dl_1", "livechat", T0, "bad", b"{}"))
+
+        with pytest.raises(Boom):
+            await rolled_back(store, everything)
+        assert await store.get_user(user.id) is None
+        assert await store.get_provider_user(user.id, "livechat") is None
+        assert await store.get_session(session.id) is None
+        assert await store.head() == 0
+        assert list(await store.read_events(after=0, limit=10)) == []
+        assert await store.get_outbox(item.id) is None
+        assert await store.list_dead_letters(10) == []
+        assert await store.outbox_stats() == (0, None)
+        async with store.transaction() as tx:
+            assert await tx.claim_dedupe_key("livechat", "k", T0)
+            assert await tx.get_idempotency("s", "k") is None
+
+    async def test_a_cancelled_transaction_rolls_back_and_the_store_goes_on(
+        self, store: Store
+    ) -> None:
+        user = make_user()
+        inside = asyncio.Event()
+
+        async def stuck() -> None:
+            async with store.transaction() as tx:
+                await tx.insert_user(user)
+                await tx.append_event("s", user.id, T0, Queued())
+                inside.set()
+                await asyncio.Event().wait()  # until cancelled
+
+        task = asyncio.create_task(stuck())
+        await inside.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await store.get_user(user.id) is None
+        assert await store.head() == 0
+        async with store.transaction() as tx:
+            await tx.insert_user(user)
+            assert await tx.append_event("s", user.id, T0, Queued()) > 0
+        assert await store.get_user(user.id) == user
+
+    async def test_concurrent_transactions_on_one_store_all_commit(self, store: Store) -> None:
+        users = [make_user() for _ in range(12)]
+
+        async def add(user: User) -> int:
+            async with store.transaction() as tx:
+                await tx.insert_user(user)
+                return await tx.append_event("s", user.id, T0, Queued())
+
+        cursors = await asyncio.gather(*(add(u) for u in users))
+        assert sorted(cursors) == [e.seq for e in await store.read_events(after=0, limit=100)]
+        assert len(set(cursors)) == len(users)
+        for user in users:
+            assert await store.get_user(user.id) == user
+
+    async def test_commit_is_visible_to_plain_reads(self, store: Store) -> None:
+        user = make_user()
+        async with store.transaction() as tx:
+            await tx.insert_user(user)
+        assert await store.get_user(user.id) == user
+
+
+class TestSchemaAndReopen:
+    async def test_schema_version_is_the_newest_migration(self, store: Store) -> None:
+        newest = max(v for v, _ in migrations("sqlite"))
+        assert newest == max(v for v, _ in migrations("postgres"))
+        assert await store.schema_version() == newest
+
+    async def test_ping(self, store: Store) -> None:
+        await store.ping()
+
+    async def test_reopen_keeps_everything_and_cursors_continue(
+        self, backend: Backend, open_store: OpenStore
+    ) -> None:
+        first = await open_store()
+        assert first.backend == backend.name
+        user = make_user()
+        session = make_session(user.id)
+        item = make_outbox(session.id)
+        async with first.transaction() as tx:
+            await tx.insert_user(user)
+            await tx.insert_session(session)
+            cursors = [await tx.append_event(session.id, user.id, T0, Queued(n)) for n in range(3)]
+            await tx.insert_outbox(item)
+            await tx.claim_dedupe_key("livechat", "k", T0)
+        await first.close()
+
+        second = await open_store()
+        assert await second.schema_version() == max(v for v, _ in migrations("sqlite"))
+        assert await second.get_user(user.id) == user
+        assert await second.get_session(session.id) == session
+        assert await second.get_outbox(item.id) == item
+        assert await second.head() == cursors[-1]
+        assert [e.seq for e in await second.read_events(after=0, limit=10)] == cursors
+        async with second.transaction() as tx:
+            assert not await tx.claim_dedupe_key("livechat", "k", T0)
+            nxt = await tx.append_event(session.id, user.id, T0, Queued(9))
+        assert nxt > cursors[-1]
+
+    async def test_a_closed_store_is_unavailable(self, open_store: OpenStore) -> None:
+        store = await open_store()
+        await store.close()
+        with pytest.raises(StoreUnavailable):
+            await store.get_user("usr_1")
+        with pytest.raises(StoreUnavailable):
+            async with store.transaction():
+                pass  # pragma: no cover - never entered
+
+
+class TestDeadLetters:
+    async def test_newest_first_with_limit_and_exact_bytes(self, store: Store) -> None:
+        letters = [
+            DeadLetter(f"dl_{n}", "livechat", at(n), f"reason {n}", bytes([0, 255, n]) + b"{")
+            for n in range(4)
+        ]
+        async with store.transaction() as tx:
+            for letter in letters:
+                await tx.add_dead_letter(letter)
+        assert await store.list_dead_letters(10) == letters[::-1]
+        assert await store.list_dead_letters(2) == letters[:1:-1]
+
+
+class TestPrune:
+    async def test_deletes_only_expired_rows(self, store: Store) -> None:
+        old_done = make_outbox("A", status=OutboxStatus.DONE, done_at=at(1))
+        new_done = make_outbox("A", status=OutboxStatus.FAILED, done_at=at(100))
+        old_pending = make_outbox("B", created_at=at(0))
+        parked = InboundEvent("C1", AgentMessage(Message("x"), BOB), "d1")
+        async with store.transaction() as tx:
+            await tx.put_idempotency(IdempotencyRecord("s", "old", "h", "r", at(1)))
+            await tx.put_idempotency(IdempotencyRecord("s", "new", "h", "r", at(100)))
+            for item in (old_done, new_done, old_pending):
+                await tx.insert_outbox(item)
+            await tx.claim_dedupe_key("p", "old", at(1))
+            await tx.claim_dedupe_key("p", "new", at(100))
+            await tx.park_event("p", parked, at(1))
+            await tx.park_event("p", InboundEvent("C2", Queued(), "d2"), at(100))
+        removed = await store.prune(
+            idempotency_before=at(50), dedupe_before=at(50), parked_before=at(50)
+        )
+        assert removed == 4
+        assert await store.get_outbox(old_done.id) is None
+        assert await store.get_outbox(new_done.id) == new_done
+        assert await store.get_outbox(old_pending.id) == old_pending
+        async with store.transaction() as tx:
+            assert await tx.get_idempotency("s", "old") is None
+            assert await tx.get_idempotency("s", "new") is not None
+            assert await tx.claim_dedupe_key("p", "old", at(200))
+            assert not await tx.claim_dedupe_key("p", "new", at(200))
+            assert await tx.take_parked_events("p", "C1") == []
+            assert len(await tx.take_parked_events("p", "C2")) == 1
+        assert (
+            await store.prune(idempotency_before=at(50), dedupe_before=at(50), parked_before=at(50))
+            == 0
+        )
+
+    async def test_separate_cutoffs(self, store: Store) -> None:
+        async with store.transaction() as tx:
+            await tx.put_idempotency(IdempotencyRecord("s", "k", "h", "r", at(10)))
+            await tx.claim_dedupe_key("p", "k", at(10))
+            await tx.park_event("p", InboundEvent("C", Queued(), "d"), at(10))
+        assert (
+            await store.prune(idempotency_before=at(5), dedupe_before=at(20), parked_before=at(5))
+            == 1
+        )
+        assert (
+            await store.prune(idempotency_before=at(5), dedupe_before=at(5), parked_before=at(20))
+            == 1
+        )
+        assert (
+            await store.prune(idempotency_before=at(20), dedupe_before=at(5), parked_before=at(5))
+            == 1
+        )

@@ -1,0 +1,506 @@
+"""PostgreSQL only: replicas on one database, locks, NOTIFY, outages, secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+from structlog.testing import capture_logs
+
+from hitl_service.domain import OutboxItem, OutboxStatus, Session, SessionState
+from hitl_service.errors import StoreUnavailable
+from hitl_service.secret import Secret
+from hitl_service.store.base import OpenSessionExists, Tx
+from hitl_service.store.postgres import PostgresStore
+from providers.types import Queued
+from tests.postgres_fixture import PgCluster, PostgresServer
+from tests.store.factories import T0, at, make_outbox, make_session, make_user
+from tests.store.helpers import Boom, eventually, rolled_back, until_blocked
+
+pytestmark = pytest.mark.postgres
+
+Make = Callable[..., PostgresStore]
+
+
+@pytest.fixture
+async def make(postgres_dsn: str) -> AsyncIterator[Make]:
+    """Builds PostgresStores on the test database (a replica each); closes them after."""
+    made: list[PostgresStore] = []
+
+    def build(dsn: str = postgres_dsn, **options: Any) -> PostgresStore:
+        store = PostgresStore(Secret(dsn), **{"pool_min": 1, "pool_max": 4, **options})
+        made.append(store)
+        return store
+
+    try:
+        yield build
+    finally:
+        for store in reversed(made):
+            await store.close()
+
+
+async def opened(make: Make, **options: Any) -> PostgresStore:
+    store = make(**options)
+    await store.open()
+    return store
+
+
+@pytest.fixture
+async def monitor(postgres_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to the test database, for looking at locks and backends."""
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def _session(store: PostgresStore, **fields: Any) -> Session:
+    user = make_user()
+    session = make_session(user.id, **fields)
+    async with store.transaction() as tx:
+        await tx.insert_user(user)
+        await tx.insert_session(session)
+    return session
+
+
+class TestMigrations:
+    async def test_replicas_starting_together_migrate_once(
+        self, make: Make, monitor: asyncpg.Connection
+    ) -> None:
+        stores = [make() for _ in range(6)]
+        await asyncio.gather(*(s.open() for s in stores))
+        assert [await s.schema_version() for s in stores] == [1] * 6
+        assert await monitor.fetchval("SELECT count(*) FROM schema_version") == 1
+        assert await monitor.fetchval("SELECT count(*) FROM event_log_head") == 1
+
+    async def test_migrations_need_no_superuser(
+        self, make: Make, monitor: asyncpg.Connection, postgres_server: PostgresServer
+    ) -> None:
+        if postgres_server.cluster is None:
+            pytest.skip("an external server: HITL_TEST_POSTGRES_URL chose the role")
+        # Our cluster's test role owns its database and nothing more, like production.
+        assert not await monitor.fetchval(
+            "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user"
+        )
+        store = await opened(make)
+        assert await store.schema_version() == 1
+
+
+class TestCursorOrder:
+    async def test_a_later_cursor_never_commits_before_an_earlier_one(
+        self, make: Make, monitor: asyncpg.Connection
+    ) -> None:
+        """With a plain sequence, B would take cursor n+1 and commit while A holds n:
+        a reader past n+1 would then never see n. The counter row makes B wait."""
+        a, b, reader = await opened(make), await opened(make), await opened(make)
+        head = await reader.head()
+
+        async def append_in_b() -> int:
+            async with b.transaction() as tx:
+                return await tx.append_event("s", "u", T0, Queued(2))
+
+        async with a.transaction() as tx:
+            first = await tx.append_event("s", "u", T0, Queued(1))
+            second_task = asyncio.create_task(append_in_b())
+            await until_blocked(monitor, second_task, "B's append")
+            assert list(await reader.read_events(after=head, limit=10)) == []
+            assert await reader.head() == head
+        second = await second_task
+        assert second > first
+        events = await reader.read_events(after=head, limit=10)
+        assert [(e.seq, e.kind) for e in events] == [(first, Queued(1)), (second, Queued(2))]
+
+    async def test_concurrent_appenders_and_a_tailing_reader(self, make: Make) -> None:
+        writers = [await opened(make) for _ in range(2)]
+        reader = await opened(make)
+        per_task, tasks_per_store = 15, 3
+        total = per_task * tasks_per_store * len(writers)
+        committed: list[int] = []
+
+        async def write(store: PostgresStore) -> None:
+            for n in range(per_task):
+                async with store.transaction() as tx:
+                    seq = await tx.append_event("s", "u", T0, Queued(n))
+                committed.append(seq)
+
+        seen: list[int] = []
+
+        async def tail() -> None:
+            after = 0
+            while len(seen) < total:
+                batch = await reader.read_events(after=after, limit=7)
+                for event in batch:
+                    # Everything committed before this read is at or below it.
+                    assert event.seq == after + 1, f"skipped from {after} to {event.seq}"
+                    after = event.seq
+                    seen.append(event.seq)
+                if not batch:
+                    await reader.wait_for_events(after, timeout=0.5)
+
+        await asyncio.gather(tail(), *(write(s) for s in writers for _ in range(tasks_per_store)))
+        assert seen == sorted(committed) == list(range(1, total + 1))
+
+
+class TestWakeUps:
+    async def test_notify_wakes_another_replica(self, make: Make) -> None:
+        writer = await opened(make)
+        # No safety poll during the test: only NOTIFY can wake it.
+        listener = await opened(make, check_interval=3600)
+        await eventually(lambda: listener.listening, "listener up")
+        head = await listener.head()
+        waiter = asyncio.create_task(listener.wait_for_events(head, timeout=3600))
+        await asyncio.sleep(0)
+        async with writer.transaction() as tx:
+            await tx.append_event("s", "u", T0, Queued())
+        await asyncio.wait_for(waiter, 30)
+        assert await listener.head() > head
+
+    async def test_poll_only_never_listens_and_still_wakes(
+        self, make: Make, monitor: asyncpg.Connection
+    ) -> None:
+        writer = await opened(make, poll_only=True)
+        poller = await opened(make, poll_only=True, poll_min=0.01, poll_max=0.05)
+        head = await poller.head()
+        waiter = asyncio.create_task(poller.wait_for_events(head, timeout=3600))
+        await asyncio.sleep(0)
+        async with writer.transaction() as tx:
+            await tx.append_event("s", "u", T0, Queued())
+        await asyncio.wait_for(waiter, 30)
+        assert not poller.listening
+        assert poller.listener_pid is None
+        listens = await monitor.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND (application_name LIKE '%listen%' OR query ILIKE 'LISTEN%')"
+        )
+        assert listens == 0
+
+    async def test_polling_covers_a_killed_listener(
+        self, make: Make, monitor: asyncpg.Connection
+    ) -> None:
+        writer = await opened(make, poll_only=True)
+        store = await opened(
+            make, check_interval=3600, poll_min=0.01, poll_max=0.05, reconnect_min=3600
+        )
+        await eventually(lambda: store.listening, "listener up")
+        await monitor.execute("SELECT pg_terminate_backend($1)", store.listener_pid)
+        await eventually(lambda: not store.listening, "listener gone")
+        head = await writer.head()
+        waiter = asyncio.create_task(store.wait_for_events(head, timeout=3600))
+        await asyncio.sleep(0)
+        async with writer.transaction() as tx:
+            await tx.append_event("s", "u", T0, Queued())
+        await asyncio.wait_for(waiter, 30)
+        assert not store.listening  # woken by polling, not by a new listener
+
+    async def test_the_listener_comes_back_and_listens_again(
+        self, make: Make, monitor: asyncpg.Connection
+    ) -> None:
+        writer = await opened(make, poll_only=True)
+        store = await opened(make, check_interval=3600, reconnect_min=0.01, reconnect_max=0.05)
+        await eventually(lambda: store.listening, "listener up")
+        old_pid = store.listener_pid
+        with capture_logs() as logs:
+            await monitor.execute("SELECT pg_terminate_backend($1)", old_pid)
+            await eventually(
+                lambda: store.listening and store.listener_pid not in (None, old_pid),
+                "listener reconnected",
+            )
+        assert any(e["event"] == "store.listen_lost" for e in logs)
+        head = await writer.head()
+        waiter = asyncio.create_task(store.wait_for_events(head, timeout=3600))
+        await asyncio.sleep(0)
+        async with writer.transaction() as tx:
+            await tx.append_event("s", "u", T0, Queued())
+        await asyncio.wait_for(waiter, 30)  # listening, no safety poll: NOTIFY did it
+
+
+class TestOutboxAcrossReplicas:
+    async def test_claims_skip_locked_items_and_keep_session_order(self, make: Make) -> None:
+        a, b = await opened(make), await opened(make)
+        s1 = [make_outbox("S1"), make_outbox("S1")]
+        s2 = make_outbox("S2")
+        async with a.transaction() as tx:
+            for item in (*s1, s2):
+                await tx.insert_outbox(item)
+        async with a.transaction() as tx_a:
+            claimed_a = await tx_a.claim_outbox("a", at(0), at(60), 1)
+            assert [i.id for i in claimed_a] == [s1[0].id]
+            # B must neither wait for A's row lock nor jump ahead to S1's second item.
+            async with asyncio.timeout(20), b.transaction() as tx_b:
+                claimed_b = await tx_b.claim_outbox("b", at(0), at(60), 10)
+            assert [i.id for i in claimed_b] == [s2.id]
+        async with b.transaction() as tx_b:
+            assert await tx_b.claim_outbox("b", at(1), at(60), 10) == []
+
+    async def test_concurrent_claimers_never_share_an_item(self, make: Make) -> None:
+        stores = [await opened(make), await opened(make)]
+        sessions = [f"S{n}" for n in range(6)]
+        items = [make_outbox(sid) for _ in range(4) for sid in sessions]
+        async with stores[0].transaction() as tx:
+            for item in items:
+                await tx.insert_outbox(item)
+        claims: list[OutboxItem] = []
+        done = 0
+
+        async def worker(store: PostgresStore, name: str) -> None:
+            nonlocal done
+            while done < len(items):
+                async with store.transaction() as tx:
+                    got = await tx.claim_outbox(name, at(0), at(10**6), 2)
+                claims.extend(got)
+                for item in got:
+                    finished = dataclasses.replace(item, status=OutboxStatus.DONE, done_at=at(1))
+                    async with store.transaction() as tx:
+                        await tx.update_outbox(finished)
+                    done += 1
+                if not got:
+                    await asyncio.sleep(0)  # yield to the others; no timing involved
+
+        await asyncio.gather(
+            *(worker(s, f"w{i}{j}") for i, s in enumerate(stores) for j in range(3))
+        )
+        claimed_ids = [c.id for c in claims]
+        assert sorted(claimed_ids) == sorted(i.id for i in items)  # each exactly once
+        for sid in sessions:
+            in_order = [i.id for i in items if i.session_id == sid]
+            assert [c for c in claimed_ids if c in in_order] == in_order
+
+    async def test_inserts_of_one_session_are_serialized(
+        self, make: Make, monitor: asyncpg.Connection
+    ) -> None:
+        a, b = await opened(make), await opened(make)
+        first, second = make_outbox("S"), make_outbox("S")
+
+        async def insert_in_b() -> bool:
+            async with b.transaction() as tx:
+                return await tx.insert_outbox(second)
+
+        async with a.transaction() as tx:
+            assert await tx.insert_outbox(first)
+            task = asyncio.create_task(insert_in_b())
+            await until_blocked(monitor, task, "B's insert")
+        assert not await task  # queued behind A's item, which committed first
+        async with a.transaction() as tx:
+            claimed = await tx.claim_outbox("w", at(0), at(60), 10)
+        assert [i.id for i in claimed] == [first.id]
+
+
+class TestLocksAcrossReplicas:
+    @pytest.mark.parametrize("lookup", ["get_session", "find_session_by_chat"])
+    async def test_a_locked_session_waits_for_the_holder(
+        self, make: Make, monitor: asyncpg.Connection, lookup: str
+    ) -> None:
+        a, b = await opened(make), await opened(make)
+        session = await _session(a, external_chat_id="C1")
+
+        async def read_in_b() -> Session | None:
+            async with b.transaction() as tx:
+                if lookup == "get_session":
+                    return await tx.get_session(session.id)
+                return await tx.find_session_by_chat("livechat", "C1")
+
+        async with a.transaction() as tx:
+            mine = await (
+                tx.get_session(session.id)
+                if lookup == "get_session"
+                else tx.find_session_by_chat("livechat", "C1")
+            )
+            assert mine is not None
+            task = asyncio.create_task(read_in_b())
+            await until_blocked(monitor, task, "B's locking read")
+            mine.state, mine.updated_at = SessionState.ASSIGNED, at(9)
+            await tx.update_session(mine)
+        seen = await task
+        assert seen is not None
+        assert (seen.state, seen.updated_at) == (SessionState.ASSIGNED, at(9))
+
+    async def test_one_open_session_under_concurrent_starts(
+        self, make: Make, monitor: asyncpg.Connection
+    ) -> None:
+        a, b = await opened(make), await opened(make)
+        user = make_user()
+        async with a.transaction() as tx:
+            await tx.insert_user(user)
+        mine, theirs, spare = (make_session(user.id) for _ in range(3))
+        later_user = make_user()
+
+        async def start_in_b() -> str:
+            async with b.transaction() as tx:
+                try:
+                    await tx.insert_session(theirs)
+                except OpenSessionExists as exc:
+                    await tx.insert_user(later_user)  # the transaction lives on
+                    return exc.session_id
+            return ""
+
+        async with a.transaction() as tx:
+            await tx.insert_session(mine)
+            task = asyncio.create_task(start_in_b())
+            await until_blocked(monitor, task, "B's insert")
+        assert await task == mine.id
+        assert await b.get_session(theirs.id) is None
+        assert await b.get_user(later_user.id) == later_user
+
+        # If the first start rolls back instead, the second one goes through.
+        mine.state = SessionState.ENDED
+        async with a.transaction() as tx:
+            await tx.update_session(mine)
+
+        async def start_spare_in_b() -> None:
+            async with b.transaction() as tx:
+                await tx.insert_session(spare)
+
+        tasks: list[asyncio.Task[None]] = []
+
+        async def first_start_fails(tx: Tx) -> None:
+            await tx.insert_session(make_session(user.id))
+            tasks.append(asyncio.create_task(start_spare_in_b()))
+            await until_blocked(monitor, tasks[0], "B's second insert")
+
+        with pytest.raises(Boom):
+            await rolled_back(a, first_start_fails)
+        await tasks[0]
+        assert await b.get_session(spare.id) == spare
+
+    async def test_dedupe_claims_race_to_one_winner(
+        self, make: Make, monitor: asyncpg.Connection
+    ) -> None:
+        a, b = await opened(make), await opened(make)
+
+        async def claim_in_b() -> bool:
+            async with b.transaction() as tx:
+                return await tx.claim_dedupe_key("livechat", "evt-1", T0)
+
+        async with a.transaction() as tx:
+            assert await tx.claim_dedupe_key("livechat", "evt-1", T0)
+            task = asyncio.create_task(claim_in_b())
+            await until_blocked(monitor, task, "B's claim")
+        assert not await task
+
+
+PASSWORD = "s3cr3t-Pa55-in-the-url"
+
+
+def _assert_clean(text: str) -> None:
+    assert PASSWORD not in text
+    assert "s3cr3t" not in text
+
+
+def _chain(exc: BaseException) -> str:
+    """Everything a traceback printer could show about ``exc``."""
+    parts = []
+    seen: BaseException | None = exc
+    while seen is not None:
+        parts.append(f"{type(seen).__name__}: {seen!s} {seen!r}")
+        nxt = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+        seen = nxt
+    return "\n".join(parts)
+
+
+class TestSecrets:
+    async def test_repr_shows_host_and_database_only(self) -> None:
+        store = PostgresStore(Secret(f"postgresql://app:{PASSWORD}@db.internal:5433/hitl"))
+        text = f"{store!r} {store!s}"
+        _assert_clean(text)
+        assert "db.internal:5433/hitl" in text
+
+    async def test_refused_connection_error_is_clean(self, make: Make) -> None:
+        port = _unused_port()
+        store = make(f"postgresql://app:{PASSWORD}@127.0.0.1:{port}/hitl", connect_timeout=5)
+        with capture_logs() as logs, pytest.raises(StoreUnavailable) as caught:
+            await store.open()
+        _assert_clean(_chain(caught.value))
+        _assert_clean(repr(logs))
+        assert f"127.0.0.1:{port}/hitl" in str(caught.value)
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+
+    async def test_wrong_password_error_is_clean(self, make: Make, postgres_dsn: str) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(postgres_dsn)
+        bad = postgres_dsn.replace(f":{parts.password}@", f":{PASSWORD}@")
+        assert PASSWORD in bad
+        with capture_logs() as logs, pytest.raises(StoreUnavailable) as caught:
+            await make(bad).open()
+        _assert_clean(_chain(caught.value))
+        _assert_clean(repr(logs))
+        assert "password" in str(caught.value).lower()  # says what is wrong
+
+
+def _unused_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class TestOutage:
+    """A private cluster that the test stops and starts again."""
+
+    async def test_ping_fails_while_down_and_everything_recovers(
+        self, postgres_cluster_factory: Callable[[], PgCluster], make: Make
+    ) -> None:
+        cluster = postgres_cluster_factory()
+        dsn = cluster.url()  # the superuser, with a password
+        password = dsn.split(":")[2].split("@")[0]
+        store = make(
+            dsn, check_interval=3600, reconnect_min=0.01, reconnect_max=0.1, ping_timeout=5
+        )
+        writer = make(dsn, poll_only=True)
+        await store.open()
+        await writer.open()
+        await store.ping()
+        async with writer.transaction() as tx:
+            before = await tx.append_event("s", "u", T0, Queued(1))
+        await eventually(lambda: store.listening, "listener up")
+
+        with capture_logs() as logs:
+            await asyncio.to_thread(cluster.stop)
+            with pytest.raises(StoreUnavailable) as caught:
+                await store.ping()
+            assert password not in _chain(caught.value)
+            with pytest.raises(StoreUnavailable):
+                async with store.transaction() as tx:
+                    await tx.append_event("s", "u", T0, Queued(2))
+            with pytest.raises(StoreUnavailable):
+                await store.read_events(after=0, limit=1)
+            await eventually(lambda: not store.listening, "listener noticed")
+
+            await asyncio.to_thread(cluster.start)
+
+            async def answers() -> bool:
+                try:
+                    await store.ping()
+                except StoreUnavailable:
+                    return False
+                return True
+
+            await eventually(answers, "ping after restart")
+            await eventually(lambda: store.listening, "listener back")
+        assert password not in repr(logs)
+
+        # Writes work again and cursors continue; NOTIFY reaches the new listener.
+        waiter = asyncio.create_task(store.wait_for_events(before, timeout=3600))
+        await asyncio.sleep(0)
+
+        async def append() -> int:
+            async with writer.transaction() as tx:
+                return await tx.append_event("s", "u", T0, Queued(3))
+
+        after = None
+        for _ in range(50):  # the writer's pooled connection died with the server
+            try:
+                after = await append()
+                break
+            except StoreUnavailable:
+                continue
+        assert after == before + 1
+        await asyncio.wait_for(waiter, 30)
+        assert [e.seq for e in await store.read_events(after=0, limit=10)] == [before, after]

@@ -1,0 +1,150 @@
+"""The ``hitl-service`` command as people run it: clear one-line errors for
+bad settings, ``check``, provider subcommands, and a clean SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
+from tests.support import TIMEOUT, make_user, start_session
+
+HITL = [sys.executable, "-m", "hitl_service"]
+
+
+async def drain(stream: object) -> None:
+    """Reads a stream until it ends (with an error, for a shutdown)."""
+    while True:
+        await stream.read()  # type: ignore[attr-defined]
+
+
+async def run(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *HITL,
+        *args,
+        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("HITL_PROVIDER", "nosuch"),
+        ("HITL_STORE_URL", "mysql://db/hitl"),
+        ("HITL_STORE_URL", "sqlite://relative.db"),
+        ("HITL_GRPC_ADDR", "no-port"),
+        ("HITL_PROVIDER_TIMEOUT", "soon"),
+        ("HITL_LOG_FORMAT", "xml"),
+    ],
+)
+async def test_bad_settings_exit_with_one_line_naming_the_variable(
+    service_env: dict[str, str], tmp_path: Path, variable: str, value: str
+) -> None:
+    code, _, err = await run(["serve"], {**service_env, variable: value}, tmp_path)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert variable in lines[0]
+    assert "Traceback" not in err
+
+
+async def test_a_password_in_a_bad_store_url_is_not_repeated(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    code, _, err = await run(
+        ["serve"],
+        {**service_env, "HITL_STORE_URL": "postgresql://u:hunter2@db:notaport/x"},
+        tmp_path,
+    )
+    assert code == 2
+    assert "hunter2" not in err
+
+
+async def test_check_reports_plain_words(service_env: dict[str, str], tmp_path: Path) -> None:
+    code, out, _ = await run(["check"], service_env, tmp_path)
+    assert code == 0, out
+    assert "store: ok" in out
+    assert "provider local: ok" in out
+    assert "all checks passed" in out
+
+
+async def test_check_names_an_unreachable_store(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    env = {**service_env, "HITL_STORE_URL": f"sqlite:///{blocker}/sub/hitl.db"}
+    code, out, _ = await run(["check"], env, tmp_path)
+    assert code == 1
+    assert "store: PROBLEM (HITL_STORE_URL)" in out
+
+
+async def test_provider_subcommands(service_env: dict[str, str], tmp_path: Path) -> None:
+    code, _, _ = await run(["local", "list"], service_env, tmp_path)
+    assert code == 0
+    code, _, err = await run(["frobnicate"], service_env, tmp_path)
+    assert code == 2
+    assert "unknown command" in err
+
+
+async def test_serve_then_sigterm_drains_and_exits_cleanly(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *HITL,
+        "serve",
+        env={**os.environ, **service_env, "PYTHONUNBUFFERED": "1"},
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    banner = ""
+    try:
+        async with asyncio.timeout(30):
+            while "console" not in banner:
+                line = await proc.stderr.readline()
+                assert line, "the service exited before serving"
+                banner += line.decode()
+        grpc_port = int(re.search(r"gRPC\s+127\.0\.0\.1:(\d+)", banner).group(1))  # type: ignore[union-attr]
+        assert re.search(r"console\s+http://127\.0\.0\.1:\d+/console", banner)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            health: Any = health_pb2_grpc.HealthStub(channel)
+            status = await health.Check(
+                health_pb2.HealthCheckRequest(service="hitl.v1.HitlService"), timeout=TIMEOUT
+            )
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+            stub = pb_grpc.HitlServiceStub(channel)
+            session = await start_session(stub, (await make_user(stub)).id)
+            stream = stub.StreamEvents(pb.StreamEventsRequest(after_cursor="0"))
+            first = await stream.read()
+            assert isinstance(first, pb.Event)
+            assert first.session_id == session.id
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await drain(stream)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        rest = (await asyncio.wait_for(proc.stderr.read(), 30)).decode()
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        assert "service.stopped" in rest
+        assert "Traceback" not in rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -1,0 +1,288 @@
+"""Sends and stops through the outbox: retries, uncertain attempts, permanent
+refusals, pending deliveries, per-session order — exactly one delivery."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import grpc
+
+from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from tests.scripted import Fault, ScriptedProvider
+from tests.support import TIMEOUT, expect_error, make_user, rid, start_session, wait_for
+
+if TYPE_CHECKING:
+    from hitl_service.app import App
+    from hitl_service.gen.hitl.v1.hitl_service_pb2_grpc import HitlServiceAsyncStub as Stub
+
+
+async def open_session(stub: Stub) -> pb.Session:
+    return await start_session(stub, (await make_user(stub)).id)
+
+
+def send_request(session: pb.Session, text: str, request_id: str = "") -> pb.SendMessageRequest:
+    return pb.SendMessageRequest(
+        session_id=session.id, message=pb.Message(text=text), request_id=request_id or rid()
+    )
+
+
+class TestRetries:
+    async def test_transient_failures_are_retried_within_the_call(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        session = await open_session(scripted_stub)
+        scripted.fail("send", Fault("unavailable"), Fault("unavailable", retry_after=0.05))
+        request = send_request(session, "hello")
+        response = await scripted_stub.SendMessage(request, timeout=TIMEOUT)
+        assert response.external_message_id == f"ev-{request.request_id}"
+        attempts = [s for s in scripted.calls.sends if s[2] == request.request_id]
+        assert len(attempts) == 3
+        # Failures that surely did not reach the provider: no need to check first.
+        assert [a[3] for a in attempts] == [False, False, False]
+        assert list(scripted.calls.delivered) == [request.request_id]
+
+    async def test_after_a_lost_response_the_retry_checks_and_sends_once(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        session = await open_session(scripted_stub)
+        scripted.fail("send", Fault("uncertain", after_effect=True))
+        request = send_request(session, "exactly once")
+        await scripted_stub.SendMessage(request, timeout=TIMEOUT)
+        attempts = [s for s in scripted.calls.sends if s[2] == request.request_id]
+        assert [a[3] for a in attempts] == [False, True]  # the retry was told to check
+        assert list(scripted.calls.delivered) == [request.request_id]
+
+    async def test_a_hung_provider_call_times_out_and_is_retried_as_uncertain(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        session = await open_session(scripted_stub)
+        scripted.fail("send", Fault("hang"))
+        request = send_request(session, "slow")
+        await scripted_stub.SendMessage(request, timeout=TIMEOUT)
+        attempts = [s for s in scripted.calls.sends if s[2] == request.request_id]
+        assert [a[3] for a in attempts] == [False, True]
+
+    async def test_a_permanent_refusal_fails_without_retrying(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        session = await open_session(scripted_stub)
+        scripted.fail("send", Fault("rejected"))
+        request = send_request(session, "no")
+        error = await expect_error(
+            scripted_stub.SendMessage(request, timeout=TIMEOUT),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        assert error.reason == "SCRIPTED_REFUSAL"
+        assert error.metadata["message_id"].startswith("msg_")
+        assert len(scripted.calls.sends) == 1
+        # The same request again gives the same answer, without another call.
+        again = await expect_error(
+            scripted_stub.SendMessage(request, timeout=TIMEOUT),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        assert again.metadata["message_id"] == error.metadata["message_id"]
+        assert len(scripted.calls.sends) == 1
+
+    async def test_refused_credentials_name_the_setting(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        session = await open_session(scripted_stub)
+        scripted.fail("send", Fault("auth"))
+        error = await expect_error(
+            scripted_stub.SendMessage(send_request(session, "x"), timeout=TIMEOUT),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        assert error.reason == "PROVIDER_CREDENTIALS"
+        assert error.metadata["setting"] == "HITL_SCRIPTED_TOKEN"
+        assert "HITL_SCRIPTED_TOKEN" in error.message
+
+
+class TestPending:
+    async def test_unreachable_provider_gives_unavailable_and_delivers_later_once(
+        self, scripted_app: App, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        session = await open_session(scripted_stub)
+        gate = scripted.hold("send")
+        request = send_request(session, "queued")
+        error = await expect_error(
+            scripted_stub.SendMessage(request, timeout=1.0), grpc.StatusCode.UNAVAILABLE
+        )
+        assert error.reason == "DELIVERY_PENDING"
+        message_id = error.metadata["message_id"]
+        gate.set()  # the provider comes back
+        await wait_for(lambda: request.request_id in scripted.calls.delivered, what="delivery")
+        # The caller retries with the same request id and learns the outcome.
+        response = await scripted_stub.SendMessage(request, timeout=TIMEOUT)
+        assert response.message_id == message_id
+        assert list(scripted.calls.delivered) == [request.request_id]
+
+    async def test_messages_of_one_session_are_delivered_in_order(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        session = await open_session(scripted_stub)
+        scripted.fail("send", Fault("unavailable"), Fault("unavailable"))
+        requests = [send_request(session, f"m{i}") for i in range(5)]
+        await asyncio.gather(*(scripted_stub.SendMessage(r, timeout=TIMEOUT) for r in requests))
+        delivered = [m.body for m in scripted.calls.delivered.values()]
+        # Arrival order of concurrent calls is not defined, but each message is
+        # delivered once and no message overtakes one that is still queued.
+        assert sorted(delivered) == [f"m{i}" for i in range(5)]  # type: ignore[type-var]
+        assert len(scripted.calls.delivered) == 5
+
+    async def test_sends_queued_behind_a_slow_one_keep_their_order(
+        self, scripted_app: App, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        session = await open_session(scripted_stub)
+        gate = scripted.hold("send")
+
+        async def send(text: str) -> pb.SendMessageResponse:
+            return await scripted_stub.SendMessage(send_request(session, text), timeout=TIMEOUT)
+
+        first = asyncio.create_task(send("first"))
+        await wait_for(lambda: scripted.calls.sends, what="the first attempt")
+        later = [asyncio.create_task(send(f"later{i}")) for i in range(3)]
+
+        async def all_queued() -> bool:
+            pending, _ = await scripted_app.store.outbox_stats()
+            return pending == 4
+
+        await wait_for(all_queued, what="the later messages to queue behind the first")
+        gate.set()
+        await asyncio.gather(first, *later)
+        bodies = [m.body for m in scripted.calls.delivered.values()]
+        assert bodies[0] == "first"
+        assert sorted(bodies[1:]) == ["later0", "later1", "later2"]  # type: ignore[type-var]
+
+
+class TestStop:
+    async def test_stop_retries_until_the_provider_confirms(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        session = await open_session(scripted_stub)
+        scripted.fail("stop", Fault("unavailable"), Fault("uncertain"))
+        stopped = await scripted_stub.StopHitl(
+            pb.StopHitlRequest(session_id=session.id), timeout=TIMEOUT
+        )
+        assert stopped.session.state == pb.SESSION_STATE_ENDED
+        assert scripted.calls.stops == [session.external_chat_id]
+
+    async def test_stop_pending_then_done_in_the_background(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        session = await open_session(scripted_stub)
+        gate = scripted.hold("stop")
+        error = await expect_error(
+            scripted_stub.StopHitl(pb.StopHitlRequest(session_id=session.id), timeout=1.0),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+        assert error.reason == "STOP_PENDING"
+        # A message after the stop was asked for is refused.
+        await expect_error(
+            scripted_stub.SendMessage(send_request(session, "late"), timeout=TIMEOUT),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        gate.set()
+
+        async def ended() -> bool:
+            got = await scripted_stub.GetSession(
+                pb.GetSessionRequest(session_id=session.id), timeout=TIMEOUT
+            )
+            return got.session.state == pb.SESSION_STATE_ENDED
+
+        await wait_for(ended, what="the background stop")
+        assert scripted.calls.stops == [session.external_chat_id]
+
+    async def test_stop_of_a_chat_already_closed_at_the_provider_is_a_success(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        session = await open_session(scripted_stub)
+        scripted.fail("stop", Fault("inactive"))
+        stopped = await scripted_stub.StopHitl(
+            pb.StopHitlRequest(session_id=session.id), timeout=TIMEOUT
+        )
+        assert stopped.session.state == pb.SESSION_STATE_ENDED
+
+    async def test_a_refused_stop_reports_the_refusal_and_leaves_the_session_open(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        session = await open_session(scripted_stub)
+        scripted.fail("stop", Fault("rejected"))
+        error = await expect_error(
+            scripted_stub.StopHitl(pb.StopHitlRequest(session_id=session.id), timeout=TIMEOUT),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        assert error.reason == "SCRIPTED_REFUSAL"
+        got = await scripted_stub.GetSession(
+            pb.GetSessionRequest(session_id=session.id), timeout=TIMEOUT
+        )
+        assert got.session.state != pb.SESSION_STATE_ENDED
+        # A second stop tries again (and now succeeds).
+        stopped = await scripted_stub.StopHitl(
+            pb.StopHitlRequest(session_id=session.id), timeout=TIMEOUT
+        )
+        assert stopped.session.state == pb.SESSION_STATE_ENDED
+
+
+class TestStartFailures:
+    async def test_refused_start_fails_the_session_with_an_event(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        user = await make_user(scripted_stub)
+        scripted.fail("start", Fault("rejected"))
+        request_id = rid()
+        error = await expect_error(
+            start_session(scripted_stub, user.id, request_id=request_id),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        assert error.reason == "SCRIPTED_REFUSAL"
+        listed = await scripted_stub.ListSessions(
+            pb.ListSessionsRequest(user_id=user.id), timeout=TIMEOUT
+        )
+        (failed,) = listed.sessions
+        assert failed.state == pb.SESSION_STATE_FAILED
+        # The same request again gets the same refusal, and the user may start anew.
+        again = await expect_error(
+            start_session(scripted_stub, user.id, request_id=request_id),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        assert again.reason == "START_FAILED"
+        assert (await start_session(scripted_stub, user.id)).state == pb.SESSION_STATE_QUEUED
+
+    async def test_unreachable_provider_gives_unavailable_and_the_retry_starts(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        user = await make_user(scripted_stub)
+        scripted.fail("start", *[Fault("unavailable", retry_after=0.3)] * 10)
+        request_id = rid()
+        error = await expect_error(
+            scripted_stub.StartHitl(
+                pb.StartHitlRequest(user_id=user.id, request_id=request_id), timeout=1.0
+            ),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+        assert error.reason == "PROVIDER_UNAVAILABLE"
+        scripted.faults["start"].clear()
+        session = await start_session(scripted_stub, user.id, request_id=request_id)
+        assert session.state == pb.SESSION_STATE_QUEUED
+
+    async def test_credentials_refused_at_start_name_the_setting(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        user = await make_user(scripted_stub)
+        scripted.fail("upsert_user", Fault("auth"))
+        error = await expect_error(
+            start_session(scripted_stub, user.id), grpc.StatusCode.FAILED_PRECONDITION
+        )
+        assert error.metadata["setting"] == "HITL_SCRIPTED_TOKEN"
+
+    async def test_returning_user_reuses_their_identity_and_chat(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        user = await make_user(scripted_stub)
+        first = await start_session(scripted_stub, user.id)
+        await scripted_stub.StopHitl(pb.StopHitlRequest(session_id=first.id), timeout=TIMEOUT)
+        second = await start_session(scripted_stub, user.id)
+        assert second.external_chat_id == first.external_chat_id
+        assert scripted.calls.starts[1].previous_chat is not None
+        assert scripted.calls.starts[1].previous_chat.external_chat_id == first.external_chat_id

@@ -1,0 +1,206 @@
+"""Secrets stay hidden; API tokens and TLS protect the gRPC port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from hitl_service.config import ConfigError, Settings, parse_store_url
+from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
+from hitl_service.logs import SecretRedactor
+from hitl_service.secret import Secret, matches_any
+from tests.conftest import start_app
+from tests.support import TIMEOUT, expect_error
+
+
+class TestSecret:
+    def test_never_shows_itself(self) -> None:
+        secret = Secret("s3cr3t-value")
+        assert "s3cr3t" not in repr(secret)
+        assert "s3cr3t" not in str(secret)
+        assert "s3cr3t" not in f"{secret}"
+        assert "s3cr3t" not in repr({"token": secret})
+        with pytest.raises(TypeError):
+            pickle.dumps(secret)
+
+    def test_compares_in_constant_time_including_non_ascii(self) -> None:
+        secret = Secret("pässwört")
+        assert secret.matches("pässwört")
+        assert secret.matches("pässwört".encode())
+        assert not secret.matches("passwort")
+        assert not secret.matches("")
+        assert matches_any("b", (Secret("a"), Secret("b")))
+        assert not matches_any("c", (Secret("a"), Secret("b")))
+
+    def test_settings_and_store_urls_hide_passwords(self) -> None:
+        url = parse_store_url("postgresql://hitl:hunter2@db.internal:5432/hitl")
+        assert "hunter2" not in repr(url)
+        assert url.redacted() == "postgresql://hitl:***@db.internal:5432/hitl"
+        settings = Settings.from_env(
+            {
+                "HITL_API_TOKENS": "tok-one-123,tok-two-456",
+                "HITL_STORE_URL": "postgresql://u:hunter2@h/d",
+            }
+        )
+        shown = repr(settings)
+        assert "tok-one-123" not in shown
+        assert "hunter2" not in shown
+        with pytest.raises(ConfigError) as bad:
+            parse_store_url("postgresql://u:hunter2@h:port/d")
+        assert "hunter2" not in str(bad.value)
+
+
+class TestRedactor:
+    def test_masks_known_keys_and_registered_values_anywhere(self) -> None:
+        redactor = SecretRedactor([Secret("dal:supersecret-pat")])
+        event = redactor(
+            None,
+            "info",
+            {
+                "event": "call failed: bad token dal:supersecret-pat",
+                "authorization": "Basic abc",
+                "nested": {"secret_key": "x", "note": "dal:supersecret-pat here"},
+                "items": ["dal:supersecret-pat"],
+                "count": 3,
+            },
+        )
+        text = json.dumps(event)
+        assert "supersecret" not in text
+        assert "Basic abc" not in text
+        assert event["count"] == 3
+
+    def test_very_short_values_are_not_registered(self) -> None:
+        # Masking every "abc" in every log line would hide ordinary words.
+        redactor = SecretRedactor([Secret("abc")])
+        assert redactor(None, "info", {"event": "abc"})["event"] == "abc"
+
+
+async def test_full_flow_logs_no_secret(service_env: dict[str, str]) -> None:
+    tokens = "api-token-aaaaaaaa,api-token-bbbbbbbb"
+    service_env["HITL_API_TOKENS"] = tokens
+    app = await start_app(service_env)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+                stub = pb_grpc.HitlServiceStub(channel)
+                good = (("authorization", "Bearer api-token-bbbbbbbb"),)
+                user = await stub.CreateUser(
+                    pb.CreateUserRequest(name="Ada"), timeout=TIMEOUT, metadata=good
+                )
+                bad = (("authorization", "Bearer api-token-wrong"),)
+                await expect_error(
+                    stub.GetSession(
+                        pb.GetSessionRequest(session_id="ses_x"), timeout=TIMEOUT, metadata=bad
+                    ),
+                    grpc.StatusCode.UNAUTHENTICATED,
+                )
+                assert user.user.name == "Ada"
+    finally:
+        await app.stop(grace=1)
+    text = json.dumps(logs, default=str)
+    assert "api-token-aaaaaaaa" not in text
+    assert "api-token-bbbbbbbb" not in text
+    assert "api-token-wrong" not in text
+    assert any(entry.get("code") == "UNAUTHENTICATED" for entry in logs)
+
+
+class TestApiTokens:
+    async def test_calls_need_a_token_but_health_does_not(
+        self, service_env: dict[str, str]
+    ) -> None:
+        service_env["HITL_API_TOKENS"] = "first-token-1234, second-token-5678"
+        app = await start_app(service_env)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+                stub = pb_grpc.HitlServiceStub(channel)
+                request = pb.CreateUserRequest(name="Ada")
+                error = await expect_error(
+                    stub.CreateUser(request, timeout=TIMEOUT), grpc.StatusCode.UNAUTHENTICATED
+                )
+                assert "HITL_API_TOKENS" in error.message
+                for token in ("first-token-1234", "second-token-5678"):  # rotation: both work
+                    ok = await stub.CreateUser(
+                        request, timeout=TIMEOUT, metadata=(("authorization", f"Bearer {token}"),)
+                    )
+                    assert ok.user.id
+                health: Any = health_pb2_grpc.HealthStub(channel)
+                status = await health.Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT
+                )
+                assert status.status == health_pb2.HealthCheckResponse.SERVING
+                stream = stub.StreamEvents(pb.StreamEventsRequest())
+                with pytest.raises(grpc.aio.AioRpcError) as denied:
+                    await stream.read()
+                assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            await app.stop(grace=1)
+
+
+@pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="openssl is needed to make a test certificate"
+)
+async def test_tls(service_env: dict[str, str], tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    await asyncio.to_thread(
+        subprocess.run,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    service_env["HITL_GRPC_TLS_CERT"] = str(cert)
+    service_env["HITL_GRPC_TLS_KEY"] = str(key)
+    app = await start_app(service_env)
+    try:
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        async with grpc.aio.secure_channel(f"127.0.0.1:{app.grpc_port}", credentials) as channel:
+            stub = pb_grpc.HitlServiceStub(channel)
+            user = await stub.CreateUser(pb.CreateUserRequest(name="TLS"), timeout=TIMEOUT)
+            assert user.user.id
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as plain:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await pb_grpc.HitlServiceStub(plain).CreateUser(
+                    pb.CreateUserRequest(name="x"), timeout=2
+                )
+    finally:
+        await app.stop(grace=1)
+
+
+def test_tls_settings_must_come_in_pairs(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    with pytest.raises(ConfigError) as error:
+        Settings.from_env({"HITL_GRPC_TLS_CERT": str(cert)})
+    assert error.value.variable == "HITL_GRPC_TLS_KEY"
+    with pytest.raises(ConfigError) as missing:
+        Settings.from_env(
+            {"HITL_GRPC_TLS_CERT": str(tmp_path / "nope"), "HITL_GRPC_TLS_KEY": str(cert)}
+        )
+    assert missing.value.variable == "HITL_GRPC_TLS_CERT"

@@ -1,0 +1,220 @@
+"""The HTTP sidecar: health, readiness, metrics and the generic webhook
+route (verified, committed before 200, deduplicated, bad input → 4xx)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+
+from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from providers.types import Agent, AgentAssigned
+from tests.scripted import SECRET, Fault, ScriptedProvider
+from tests.support import EventCollector, make_user, start_session, wait_for
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from hitl_service.app import App
+    from hitl_service.gen.hitl.v1.hitl_service_pb2_grpc import HitlServiceAsyncStub as Stub
+
+
+@pytest.fixture
+async def hook(scripted_app: App) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{scripted_app.http_port}") as c:
+        yield c
+
+
+def envelope(chat_id: str, key: str, kind: str = "message", **extra: Any) -> dict[str, Any]:
+    return {"secret": SECRET, "chat_id": chat_id, "key": key, "type": kind, **extra}
+
+
+async def post(client: httpx.AsyncClient, body: object) -> httpx.Response:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return await client.post(
+        "/webhooks/scripted", content=raw, headers={"content-type": "application/json"}
+    )
+
+
+class TestHealth:
+    async def test_healthz_readyz_metrics(self, http: httpx.AsyncClient) -> None:
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["status"] == "ready"
+        metrics = await http.get("/metrics")
+        assert metrics.status_code == 200
+        assert "grpc_server_handled_total" in metrics.text
+        assert "hitl_outbox_pending" in metrics.text
+
+    async def test_readyz_reports_provider_problems(
+        self, hook: httpx.AsyncClient, scripted: ScriptedProvider
+    ) -> None:
+        scripted.problems.append("HITL_SCRIPTED_TOKEN: refused")
+        response = await hook.get("/readyz")
+        assert response.status_code == 503
+        assert response.json()["problems"]["provider"] == "HITL_SCRIPTED_TOKEN: refused"
+
+    async def test_readyz_reports_a_closed_store(
+        self, scripted_app: App, hook: httpx.AsyncClient
+    ) -> None:
+        await scripted_app.store.close()
+        response = await hook.get("/readyz")
+        assert response.status_code == 503
+        assert "store" in response.json()["problems"]
+
+    async def test_unknown_routes_and_methods_answer_json(self, http: httpx.AsyncClient) -> None:
+        missing = await http.get("/nope")
+        assert missing.status_code == 404
+        assert "error" in missing.json()
+        wrong = await http.get("/webhooks/local")
+        assert wrong.status_code == 405
+        assert "error" in wrong.json()
+
+
+class TestWebhooks:
+    async def test_event_is_committed_before_the_answer(
+        self, scripted_stub: Stub, hook: httpx.AsyncClient, scripted_app: App
+    ) -> None:
+        session = await start_session(scripted_stub, (await make_user(scripted_stub)).id)
+        head_before = await scripted_app.store.head()
+        response = await post(hook, envelope(session.external_chat_id, "e1", text="hello"))
+        assert response.status_code == 200
+        assert response.json() == {"accepted": 2, "duplicates": 0, "ignored": 0}
+        # Committed by the time the 200 arrived: readable from the store now.
+        events = await scripted_app.store.read_events(after=head_before, limit=10)
+        assert [type(e.kind).__name__ for e in events] == ["AgentAssigned", "AgentMessage"]
+
+    async def test_redelivery_is_recorded_once(
+        self, scripted_stub: Stub, hook: httpx.AsyncClient
+    ) -> None:
+        session = await start_session(scripted_stub, (await make_user(scripted_stub)).id)
+        body = envelope(session.external_chat_id, "dup-1", text="once")
+        first, second, third = await asyncio.gather(*(post(hook, body) for _ in range(3)))
+        statuses = {first.status_code, second.status_code, third.status_code}
+        assert statuses == {200}
+        accepted = sum(r.json()["accepted"] for r in (first, second, third))
+        assert accepted == 2  # agent_assigned + agent_message, from one delivery only
+        async with EventCollector(scripted_stub, session_id=session.id) as events:
+            await wait_for(lambda: len(events.events) >= 4, what="the session's events")
+        assert events.kinds().count("agent_message") == 1
+
+    async def test_chats_that_are_not_ours_get_200_and_leave_nothing(
+        self, hook: httpx.AsyncClient, scripted_app: App
+    ) -> None:
+        head = await scripted_app.store.head()
+        response = await post(hook, envelope("SOMEONE_ELSE", "x1"))
+        assert response.status_code == 200
+        assert response.json()["accepted"] == 0
+        assert await scripted_app.store.head() == head
+
+    @pytest.mark.parametrize(
+        ("body", "status"),
+        [
+            (b"not json", 400),
+            (b"[1, 2]", 400),
+            ({"chat_id": "C", "key": "k", "type": "message"}, 401),
+            ({"secret": "wrong", "chat_id": "C", "key": "k"}, 401),
+            ({"secret": SECRET, "key": "k"}, 400),
+        ],
+    )
+    async def test_bad_deliveries_get_4xx_with_a_json_reason(
+        self, hook: httpx.AsyncClient, body: object, status: int, scripted_app: App
+    ) -> None:
+        head = await scripted_app.store.head()
+        response = await post(hook, body)
+        assert response.status_code == status
+        assert response.json()["error"]
+        assert await scripted_app.store.head() == head
+
+    async def test_body_over_the_limit_is_413(self, hook: httpx.AsyncClient) -> None:
+        response = await post(hook, b"x" * (1024 * 1024 + 1))
+        assert response.status_code == 413
+        assert "larger" in response.json()["error"]
+
+    async def test_chunked_body_over_the_limit_is_413(self, hook: httpx.AsyncClient) -> None:
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(300):
+                yield b"y" * 4096
+
+        response = await hook.post("/webhooks/scripted", content=chunks())
+        assert response.status_code == 413
+
+    async def test_unknown_provider_is_404(self, hook: httpx.AsyncClient) -> None:
+        response = await post(hook, envelope("C", "k"))
+        assert response.status_code == 200
+        other = await hook.post("/webhooks/livechat", content=b"{}")
+        assert other.status_code == 404
+        assert "livechat" in other.json()["error"]
+
+    async def test_unknown_action_is_ignored_with_200(self, hook: httpx.AsyncClient) -> None:
+        response = await post(hook, envelope("C", "k", kind="typing"))
+        assert response.status_code == 200
+        assert response.json()["accepted"] == 0
+
+    async def test_a_payload_that_fails_to_process_is_kept_for_inspection(
+        self, scripted_stub: Stub, hook: httpx.AsyncClient, scripted_app: App
+    ) -> None:
+        session = await start_session(scripted_stub, (await make_user(scripted_stub)).id)
+        response = await post(hook, envelope(session.external_chat_id, "boom", kind="explode"))
+        assert response.status_code == 500
+        error_id = response.json()["error_id"]
+        assert "Traceback" not in response.text
+        (letter,) = await scripted_app.store.list_dead_letters(10)
+        assert letter.id == error_id
+        assert session.external_chat_id.encode() in letter.body
+        assert SECRET.encode() not in letter.body
+        # The service is still healthy and takes the next delivery.
+        ok = await post(hook, envelope(session.external_chat_id, "after", text="still here"))
+        assert ok.status_code == 200
+
+    async def test_webhook_metrics_count_outcomes(
+        self, scripted_stub: Stub, hook: httpx.AsyncClient, scripted_app: App
+    ) -> None:
+        session = await start_session(scripted_stub, (await make_user(scripted_stub)).id)
+        await post(hook, envelope(session.external_chat_id, "m1"))
+        await post(hook, envelope(session.external_chat_id, "m1"))
+        await post(hook, {"secret": "bad"})
+        registry = scripted_app.metrics.registry
+
+        def count(outcome: str) -> float:
+            value = registry.get_sample_value(
+                "hitl_webhook_requests_total", {"provider": "scripted", "outcome": outcome}
+            )
+            return value or 0.0
+
+        assert (count("accepted"), count("duplicate"), count("rejected")) == (1, 1, 1)
+
+
+class TestStartRace:
+    async def test_events_for_a_chat_reported_before_its_start_commits_are_kept(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        """The provider may report on a new chat before StartHitl has stored its id."""
+        user = await make_user(scripted_stub)
+        gate = scripted.hold("start")
+        start = asyncio.create_task(start_session(scripted_stub, user.id))
+        await wait_for(
+            lambda: scripted.waiting.get("start"), what="the start to reach the provider"
+        )
+        # While the start is held, the chat CHAT0001 gets an agent.
+        added = await scripted.push(
+            "CHAT0001", AgentAssigned(Agent("jane@acme.test", "Jane")), "early"
+        )
+        assert added == 0  # parked, not applied yet
+        gate.set()
+        session = await start
+        assert session.external_chat_id == "CHAT0001"
+        assert session.state == pb.SESSION_STATE_ASSIGNED
+        assert session.agent.name == "Jane"
+
+    async def test_a_failed_provider_call_does_not_leak_into_the_readiness(
+        self, hook: httpx.AsyncClient, scripted: ScriptedProvider
+    ) -> None:
+        scripted.fail("probe", Fault("unavailable"))
+        response = await hook.get("/readyz")
+        assert response.status_code == 503
+        assert "unreachable" in response.json()["problems"]["provider"]

@@ -1,0 +1,114 @@
+"""The session state machine on its own: every transition and refusal."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from hitl_service.core.state import Ignored, apply_event
+from hitl_service.domain import Session, SessionState
+from providers.types import (
+    Agent,
+    AgentAssigned,
+    AgentMessage,
+    Author,
+    Ended,
+    EndedBy,
+    Failed,
+    Message,
+    Queued,
+    Transferred,
+)
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+JANE = Agent("jane@acme.test", "Jane", "https://a.example/j.png")
+BOB = Agent("bob@acme.test", "Bob")
+
+
+def session(state: SessionState = SessionState.REQUESTED, agent: Agent | None = None) -> Session:
+    return Session(
+        id="ses_1",
+        user_id="usr_1",
+        provider="p",
+        state=state,
+        created_at=NOW,
+        updated_at=NOW,
+        agent=agent,
+    )
+
+
+def test_requested_to_queued_to_assigned_to_ended() -> None:
+    s = session()
+    assert apply_event(s, Queued(2, 60), NOW) == [Queued(2, 60)]
+    assert s.state is SessionState.QUEUED
+    assert apply_event(s, AgentAssigned(JANE), NOW) == [AgentAssigned(JANE)]
+    assert (s.state, s.agent) == (SessionState.ASSIGNED, JANE)
+    [ended] = apply_event(s, Ended(by=EndedBy.AGENT), NOW)
+    assert ended == Ended(reason="the agent closed the chat", by=EndedBy.AGENT)
+    assert (s.state, s.ended_by, s.ended_at) == (SessionState.ENDED, EndedBy.AGENT, NOW)
+
+
+def test_an_agent_message_before_any_assignment_assigns_first() -> None:
+    s = session(SessionState.QUEUED)
+    message = AgentMessage(Message("hi", Author.AGENT), Agent(JANE.id))
+    kinds = apply_event(s, message, NOW)
+    assert [type(k).__name__ for k in kinds] == ["AgentAssigned", "AgentMessage"]
+    assert s.state is SessionState.ASSIGNED
+
+
+def test_agent_messages_keep_the_name_learned_at_assignment() -> None:
+    s = session(SessionState.ASSIGNED, JANE)
+    [message] = apply_event(s, AgentMessage(Message("hi"), Agent(JANE.id)), NOW)
+    assert isinstance(message, AgentMessage)
+    assert message.agent == JANE
+    assert message.message.author is Author.AGENT
+
+
+def test_the_same_agent_assigned_twice_is_ignored() -> None:
+    s = session(SessionState.ASSIGNED, JANE)
+    with pytest.raises(Ignored):
+        apply_event(s, AgentAssigned(JANE), NOW)
+
+
+def test_transfers_to_a_queue_and_to_an_agent() -> None:
+    s = session(SessionState.ASSIGNED, JANE)
+    [to_queue] = apply_event(s, Transferred(to_group_id="7", reason="manual"), NOW)
+    assert isinstance(to_queue, Transferred)
+    assert to_queue.from_agent == JANE
+    assert (s.state, s.agent) == (SessionState.QUEUED, None)
+    apply_event(s, Transferred(to_group_id="7", to_agent=BOB, reason="assigned"), NOW)
+    assert (s.state, s.agent) == (SessionState.ASSIGNED, BOB)
+
+
+@pytest.mark.parametrize("state", [SessionState.ENDED, SessionState.FAILED, SessionState.STARTING])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        Queued(),
+        AgentAssigned(JANE),
+        AgentMessage(Message("x"), JANE),
+        Transferred(),
+        Ended(),
+        Failed("X"),
+    ],
+)
+def test_closed_or_unstarted_sessions_take_no_events(state: SessionState, kind: object) -> None:
+    s = session(state)
+    with pytest.raises(Ignored):
+        apply_event(s, kind, NOW)  # type: ignore[arg-type]
+    assert s.state is state
+
+
+def test_the_providers_end_is_ignored_while_our_stop_is_in_flight() -> None:
+    s = session(SessionState.ASSIGNED, JANE)
+    s.stop_requested_at = NOW
+    with pytest.raises(Ignored):
+        apply_event(s, Ended(by=EndedBy.AGENT), NOW)
+    assert s.state is SessionState.ASSIGNED
+
+
+def test_failed_moves_to_failed() -> None:
+    s = session(SessionState.QUEUED)
+    apply_event(s, Failed("NO_AGENT", "nobody online"), NOW)
+    assert (s.state, s.end_reason) == (SessionState.FAILED, "nobody online")
