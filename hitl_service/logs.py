@@ -30,7 +30,12 @@ _SECRET_KEYS = frozenset(
         "agent_token",
         "api_token",
         "cookie",
+        "cookies",
         "set-cookie",
+        "__lc_cid",
+        "__lc_cst",
+        "webhook_secret",
+        "pat",
         "dsn",
     }
 )
