@@ -52,3 +52,39 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+# API reference from the proto comments (scripts/gen_api_docs.py also fails
+# when an RPC, message, field or enum value has no comment).
+.PHONY: docs docs-check proto-breaking
+docs: setup
+	$(BIN)/python scripts/gen_api_docs.py --out docs/api.md
+
+# CI: docs/api.md must be committed and equal to what the proto generates
+# (compared with a fresh rendering, so a missing file fails too).
+docs-check: setup
+	@tmp=$$(mktemp) && trap 'rm -f "$$tmp"' EXIT && \
+	$(BIN)/python scripts/gen_api_docs.py --out "$$tmp" && \
+	if ! diff -u docs/api.md "$$tmp"; then \
+	    echo "docs/api.md is out of date with proto/: run 'make docs' and commit it" >&2; exit 1; \
+	fi && echo "docs/api.md is up to date"
+
+# buf breaking against the last commit that changed proto/: with uncommitted
+# proto changes that is the last commit touching proto/; on a clean tree
+# (CI's fresh clone of main) it is the one before it, so the newest committed
+# change to the contract is checked. Needs the git history (a full clone).
+proto-breaking: setup
+	@git rev-parse --git-dir >/dev/null || { echo "proto-breaking: not a git checkout" >&2; exit 1; }; \
+	if [ "$$(git rev-parse --is-shallow-repository)" = true ]; then \
+	    echo "proto-breaking: shallow clone; run 'git fetch --unshallow' first" >&2; exit 1; \
+	fi; \
+	if [ -n "$$(git status --porcelain -- proto)" ]; then \
+	    base=$$(git log -n1 --format=%H -- proto); \
+	else \
+	    base=$$(git log -n1 --skip 1 --format=%H -- proto); \
+	fi; \
+	if [ -z "$$base" ]; then \
+	    echo "proto-breaking: no earlier commit changed proto/; nothing to compare against (skipped)"; \
+	else \
+	    echo "proto-breaking: buf breaking against $$base ($$(git log -n1 --format=%s $$base))"; \
+	    $(BIN)/buf breaking --against ".git#ref=$$base" && echo "proto-breaking: no breaking changes"; \
+	fi

@@ -53,18 +53,24 @@ def build_grpc_server(
 
 def bind(server: grpc.aio.Server, settings: Settings) -> int:
     """Binds the configured address (TLS when configured); returns the port."""
-    if settings.tls_cert is None or settings.tls_key is None:
-        port = server.add_insecure_port(settings.grpc_addr)
-    else:
-        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
-        credentials = grpc.ssl_server_credentials(
-            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
-            root_certificates=client_ca,
-            require_client_auth=client_ca is not None,
-        )
-        port = server.add_secure_port(settings.grpc_addr, credentials)
+    try:
+        if settings.tls_cert is None or settings.tls_key is None:
+            port = server.add_insecure_port(settings.grpc_addr)
+        else:
+            client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+            credentials = grpc.ssl_server_credentials(
+                [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
+            )
+            port = server.add_secure_port(settings.grpc_addr, credentials)
+    except RuntimeError:  # grpc's way of saying the address is taken
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {settings.grpc_addr} (HITL_GRPC_ADDR)")
+        raise OSError(
+            f"cannot listen on {settings.grpc_addr} (HITL_GRPC_ADDR): the address is in use "
+            "or not available"
+        )
     return port
 
 

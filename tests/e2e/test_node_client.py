@@ -1,0 +1,48 @@
+"""The Node.js example (examples/node) against the real service.
+
+Needs ``node`` and ``npm ci`` run in examples/node; skips loudly without
+them, fails instead when HITL_REQUIRE_E2E=1 (CI).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.helpers import ROOT, need, run_handoff_scenario
+
+NODE_DIR = ROOT / "examples" / "node"
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_node_client_follows_a_handoff_across_reconnects(tmp_path: Path) -> None:
+    node = shutil.which("node")
+    need(node is not None, "node is not installed (apt-get install nodejs npm)")
+    assert node is not None
+    need(
+        (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir(),
+        "the Node example's dependencies are missing (run: cd examples/node && npm ci)",
+    )
+    output = await run_handoff_scenario(
+        tmp_path, [node, str(NODE_DIR / "client.js")], cwd=NODE_DIR, prints_reconnects=True
+    )
+    events = output.events()
+    assert [cursor for cursor, _, _ in events] == [1, 2, 3, 4, 5, 6]  # no gap, no repeat
+    assert [kind for _, kind, _ in events] == [
+        "started",
+        "queued",
+        "agent_assigned",
+        "agent_message",
+        "agent_message",
+        "ended",
+    ]
+    assert events[3][2] == "Jane Agent: Hi, Jane here. Let me check."
+    assert events[4][2] == "Jane Agent: Found it: it arrives tomorrow."
+    assert events[5][2] == "by AGENT (resolved)"
+    reconnects = [line for line in output.lines if line.startswith("reconnecting after cursor")]
+    assert any("the server ended the stream" in line for line in reconnects)
+    assert any("UNAVAILABLE" in line for line in reconnects)
+    assert output.lines[-1] == "handoff over (ended)"

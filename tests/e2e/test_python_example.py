@@ -1,0 +1,31 @@
+"""The Python example (examples/python/handoff.py) against the real service."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.helpers import ROOT, run_handoff_scenario
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_python_example_follows_a_handoff_across_a_restart(tmp_path: Path) -> None:
+    script = ROOT / "examples" / "python" / "handoff.py"
+    output = await run_handoff_scenario(
+        tmp_path, [sys.executable, str(script)], cwd=tmp_path, prints_reconnects=False
+    )
+    events = output.events()
+    assert [cursor for cursor, _, _ in events] == [1, 2, 3, 4, 5, 6]
+    assert [kind for _, kind, _ in events] == [
+        "started",
+        "queued",
+        "agent_assigned",
+        "agent_message",
+        "agent_message",
+        "ended",
+    ]
+    assert events[4][2] == "Jane Agent: Found it: it arrives tomorrow."
+    assert output.lines[-1] == "handoff over (ended)"
