@@ -104,12 +104,6 @@ class Metrics:
             "Open StreamEvents streams on this replica.",
             registry=registry,
         )
-        self.stream_lag = Histogram(
-            "hitl_stream_delivery_seconds",
-            "Time from an event's commit to its read by this replica's fan-out.",
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
         self.catch_up_events = Counter(
             "hitl_catch_up_events_total",
             "Events recovered by catch-up that no webhook had delivered.",

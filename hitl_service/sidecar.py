@@ -112,48 +112,53 @@ def build_sidecar(
 
     async def webhook(request: Request) -> Response:
         name = request.path_params["provider"]
-        with _webhook_context(request, name) as outcome:
-            if name != provider.name:
-                outcome[0] = "unknown_provider"
-                return error(404, f"no provider named {name!r} is configured here")
-            try:
-                body = await read_body(request, settings.http_max_body)
-            except BodyTooLarge:
-                outcome[0] = "too_large"
-                return error(413, f"body larger than {settings.http_max_body} bytes")
-            except ClientDisconnect:
-                outcome[0] = "disconnected"
-                return error(400, "the client disconnected before sending the whole body")
-            try:
-                batch = provider.parse_webhook(request.headers, body)
-            except WebhookRejected as exc:
-                outcome[0] = "rejected"
-                return error(exc.status, exc.reason)
-            try:
-                result = await core.ingest(batch)
-            except StoreUnavailable as exc:
-                outcome[0] = "unavailable"
-                log.warning("webhook.store_unavailable", error=str(exc))
-                return JSONResponse(
-                    {"error": "storage unavailable; retry later"},
-                    status_code=503,
-                    headers={"Retry-After": "5"},
-                )
-            except Exception:
-                outcome[0] = "failed"
-                error_id = new_id("dl")
-                log.exception("webhook.process_failed", error_id=error_id, action=batch.action)
-                await _keep_failed(core, provider.name, batch, error_id)
-                return error(500, "the events could not be processed", error_id=error_id)
-            outcome[0] = result.outcome
-            bind_contextvars(action=batch.action, events=result.added)
+        with _webhook_context(request, name) as (outcome, request_id):
+            response = await _webhook(request, name, outcome)
+            response.headers["X-Request-Id"] = request_id
+            return response
+
+    async def _webhook(request: Request, name: str, outcome: list[str]) -> Response:
+        if name != provider.name:
+            outcome[0] = "unknown_provider"
+            return error(404, f"no provider named {name!r} is configured here")
+        try:
+            body = await read_body(request, settings.http_max_body)
+        except BodyTooLarge:
+            outcome[0] = "too_large"
+            return error(413, f"body larger than {settings.http_max_body} bytes")
+        except ClientDisconnect:
+            outcome[0] = "disconnected"
+            return error(400, "the client disconnected before sending the whole body")
+        try:
+            batch = provider.parse_webhook(request.headers, body)
+        except WebhookRejected as exc:
+            outcome[0] = "rejected"
+            return error(exc.status, exc.reason)
+        try:
+            result = await core.ingest(batch)
+        except StoreUnavailable as exc:
+            outcome[0] = "unavailable"
+            log.warning("webhook.store_unavailable", error=str(exc))
             return JSONResponse(
-                {
-                    "accepted": result.added,
-                    "duplicates": result.duplicates,
-                    "ignored": result.ignored + result.foreign,
-                }
+                {"error": "storage unavailable; retry later"},
+                status_code=503,
+                headers={"Retry-After": "5"},
             )
+        except Exception:
+            outcome[0] = "failed"
+            error_id = new_id("dl")
+            log.exception("webhook.process_failed", error_id=error_id, action=batch.action)
+            await _keep_failed(core, provider.name, batch, error_id)
+            return error(500, "the events could not be processed", error_id=error_id)
+        outcome[0] = result.outcome
+        bind_contextvars(action=batch.action, events=result.added)
+        return JSONResponse(
+            {
+                "accepted": result.added,
+                "duplicates": result.duplicates,
+                "ignored": result.ignored + result.foreign,
+            }
+        )
 
     routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
@@ -164,18 +169,15 @@ def build_sidecar(
     ]
 
     @contextlib.contextmanager
-    def _webhook_context(request: Request, name: str) -> Iterator[list[str]]:
+    def _webhook_context(request: Request, name: str) -> Iterator[tuple[list[str], str]]:
         clear_contextvars()
         raw_id = request.headers.get("x-request-id", "")
-        bind_contextvars(
-            request_id=raw_id[:128] if raw_id.isprintable() and raw_id else secrets.token_hex(8),
-            route="webhook",
-            provider=name,
-        )
+        request_id = raw_id[:128] if raw_id.isprintable() and raw_id else secrets.token_hex(8)
+        bind_contextvars(request_id=request_id, route="webhook", provider=name)
         started = time.perf_counter()
         outcome = ["failed"]
         try:
-            yield outcome
+            yield outcome, request_id
         finally:
             elapsed = time.perf_counter() - started
             label = name if name == provider.name else "unknown"

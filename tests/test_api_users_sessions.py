@@ -58,6 +58,16 @@ class TestCreateUser:
         assert second.id == first.id
         assert (second.name, second.email) == ("Ada L.", "a@b.co")
 
+    async def test_the_request_id_is_echoed_in_trailers(self, stub: Stub) -> None:
+        call = stub.CreateUser(
+            pb.CreateUserRequest(name="Ada"),
+            timeout=TIMEOUT,
+            metadata=(("x-request-id", "trace-42"),),
+        )
+        await call
+        trailers = dict(await call.trailing_metadata())
+        assert trailers["x-request-id"] == "trace-42"
+
     async def test_without_external_id_each_call_is_a_new_user(self, stub: Stub) -> None:
         a = (await stub.CreateUser(pb.CreateUserRequest(name="X"), timeout=TIMEOUT)).user
         b = (await stub.CreateUser(pb.CreateUserRequest(name="X"), timeout=TIMEOUT)).user

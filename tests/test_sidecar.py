@@ -88,6 +88,14 @@ class TestWebhooks:
         events = await scripted_app.store.read_events(after=head_before, limit=10)
         assert [type(e.kind).__name__ for e in events] == ["AgentAssigned", "AgentMessage"]
 
+    async def test_the_request_id_is_echoed(self, hook: httpx.AsyncClient) -> None:
+        given = await hook.post(
+            "/webhooks/scripted", content=b"{}", headers={"x-request-id": "trace-123"}
+        )
+        assert given.headers["x-request-id"] == "trace-123"
+        generated = await hook.post("/webhooks/scripted", content=b"{}")
+        assert len(generated.headers["x-request-id"]) == 16
+
     async def test_redelivery_is_recorded_once(
         self, scripted_stub: Stub, hook: httpx.AsyncClient
     ) -> None:

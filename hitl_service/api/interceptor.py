@@ -183,6 +183,8 @@ class _Rpc:
         if status is not None:
             trailers = (*status.trailing_metadata, ("x-request-id", self.request_id))
             await self._context.abort(status.code, status.details, trailers)
+        if exc is None:
+            self._context.set_trailing_metadata((("x-request-id", self.request_id),))
         return suppress
 
 
