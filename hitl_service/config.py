@@ -80,7 +80,7 @@ class Settings:
     stream_buffer: int = 4096
     queue_timeout: float = 0.0
     idle_timeout: float = 0.0
-    reconcile_interval: float = 60.0
+    reconcile_interval: float = 300.0
     grace_seconds: float = 10.0
     api_tokens: tuple[Secret, ...] = ()
     tls_cert: Path | None = None
@@ -89,6 +89,7 @@ class Settings:
     store_pool_min: int = 2
     store_pool_max: int = 10
     store_poll_only: bool = False
+    store_statement_cache: int = 100
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -140,7 +141,9 @@ class Settings:
             stream_buffer=_int(env, "HITL_STREAM_BUFFER", cls.stream_buffer, minimum=16),
             queue_timeout=_duration(env, "HITL_QUEUE_TIMEOUT", 0.0, 0.0),
             idle_timeout=_duration(env, "HITL_IDLE_TIMEOUT", 0.0, 0.0),
-            reconcile_interval=_duration(env, "HITL_RECONCILE_INTERVAL", 60.0, 0.0),
+            reconcile_interval=_duration(
+                env, "HITL_RECONCILE_INTERVAL", cls.reconcile_interval, 0.0
+            ),
             grace_seconds=_duration(env, "HITL_GRACE_SECONDS", cls.grace_seconds, 0.0),
             api_tokens=tokens,
             tls_cert=tls["cert"],
@@ -149,6 +152,11 @@ class Settings:
             store_pool_min=_int(env, "HITL_STORE_POOL_MIN", cls.store_pool_min, minimum=1),
             store_pool_max=_int(env, "HITL_STORE_POOL_MAX", cls.store_pool_max, minimum=1),
             store_poll_only=_bool(env, "HITL_STORE_POLL_ONLY", default=False),
+            # 0 turns asyncpg's prepared-statement cache off, for PgBouncer in
+            # transaction mode before 1.21 (or without max_prepared_statements).
+            store_statement_cache=_int(
+                env, "HITL_STORE_STATEMENT_CACHE", cls.store_statement_cache, minimum=0
+            ),
             env=dict(env),
         )
 

@@ -8,6 +8,7 @@ secret-bearing keys and any value that contains a registered secret.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Iterable, MutableMapping
@@ -51,6 +52,7 @@ class SecretRedactor:
 
     def __init__(self, secrets: Iterable[Secret] = ()) -> None:
         self._values: list[str] = []
+        self._secret_key: dict[str, bool] = {}  # key -> names a secret (cached: keys repeat)
         self.register(secrets)
 
     def register(self, secrets: Iterable[Secret]) -> None:
@@ -61,8 +63,21 @@ class SecretRedactor:
                 self._values.append(value)
 
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
-        for key in list(event_dict):
-            event_dict[key] = self._clean(key, event_dict[key])
+        # Runs for every log line (one per RPC and webhook): plain numbers,
+        # booleans and None under ordinary keys are skipped without a call.
+        secret_key, values = self._secret_key, self._values
+        for key, value in list(event_dict.items()):
+            named = secret_key.get(key)
+            if named is None:
+                named = secret_key[key] = key.lower() in _SECRET_KEYS
+            if named:
+                event_dict[key] = self._clean(key, value)
+            elif type(value) is str:
+                for secret in values:
+                    if secret in value:
+                        event_dict[key] = value = value.replace(secret, _MASK)
+            elif not (value is None or isinstance(value, int | float)):
+                event_dict[key] = self._clean(key, value)
         return event_dict
 
     def _clean(self, key: str, value: Any) -> Any:
@@ -90,17 +105,23 @@ def configure_logging(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redactor,
     ]
-    renderer: Processor
-    if log_format == "console":
-        renderer = structlog.dev.ConsoleRenderer()
-    else:
-        renderer = structlog.processors.JSONRenderer()
+    renderer: Processor = (
+        structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+        if log_format == "console"
+        else _json_renderer()
+    )
     numeric = logging.getLevelName(level.upper())
     structlog.configure(
         processors=[
             *shared,
             structlog.processors.StackInfoRenderer(),
-            structlog.processors.dict_tracebacks if log_format == "json" else _identity,
+            # Tracebacks as data, without frame locals: locals hold end-user
+            # text and, in the wrong frame, credentials.
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+            if log_format == "json"
+            else _identity,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -117,8 +138,28 @@ def configure_logging(
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     # Chatty libraries: their INFO lines duplicate our canonical ones.
-    for name in ("uvicorn.access", "httpx", "httpcore", "aiosqlite", "asyncio"):
+    for name in ("uvicorn.access", "httpx", "httpcore", "asyncio"):
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+
+
+def _json_renderer() -> Processor:
+    """structlog's JSONRenderer output, from one prebuilt encoder.
+
+    ``JSONRenderer`` calls ``json.dumps(event, default=...)``, which builds a
+    new encoder for every line; this renders the same text without that.
+    """
+    encode = json.JSONEncoder(default=_fallback).encode
+
+    def render(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> str:
+        return encode(event_dict)
+
+    return render
+
+
+def _fallback(value: Any) -> Any:
+    """Like structlog's: ``__structlog__()`` if the object has one, else ``repr``."""
+    to_log = getattr(value, "__structlog__", None)
+    return to_log() if callable(to_log) else repr(value)
 
 
 def _identity(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -42,13 +42,47 @@ def build_grpc_server(
         interceptors=[ServiceInterceptor(metrics, settings.api_tokens)],
         options=GRPC_OPTIONS,
     )
-    pb_grpc.add_HitlServiceServicer_to_server(HitlServicer(core), server)
+    add_hitl_service(HitlServicer(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     return server, health_servicer
+
+
+def event_serializer(event: pb.Event | bytes) -> bytes:
+    """StreamEvents' serializer: events arrive already serialized (bytes),
+    once per event for every stream; a message is serialized here."""
+    return event if isinstance(event, bytes) else event.SerializeToString()
+
+
+class _Capture:
+    """Stands in for the server to catch the generated registration's handlers."""
+
+    def __init__(self) -> None:
+        self.name = ""
+        self.handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Ignored: ``add_registered_method_handlers`` carries the same handlers."""
+
+    def add_registered_method_handlers(self, name: str, handlers: dict[str, Any]) -> None:
+        self.name = name
+        self.handlers = dict(handlers)
+
+
+def add_hitl_service(servicer: HitlServicer, server: grpc.aio.Server) -> None:
+    """Registers HitlService as the generated helper does, except that
+    StreamEvents uses ``event_serializer`` (pre-serialized events pass through)."""
+    capture = _Capture()
+    pb_grpc.add_HitlServiceServicer_to_server(servicer, cast("grpc.aio.Server", capture))
+    stream = capture.handlers["StreamEvents"]
+    capture.handlers["StreamEvents"] = stream._replace(response_serializer=event_serializer)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(capture.name, capture.handlers),)
+    )
+    server.add_registered_method_handlers(capture.name, capture.handlers)
 
 
 def bind(server: grpc.aio.Server, settings: Settings) -> int:

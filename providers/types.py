@@ -192,6 +192,9 @@ class InboundEvent:
         occurred_at: When it happened, as the provider says; None means now.
         author_id: The provider's id of whoever caused it, if known. The core
             drops agent messages authored by the session's own end user.
+        thread_id: The conversation of the chat it belongs to, for providers
+            whose chats host one conversation after another (LiveChat: the
+            thread); "" when unknown. See ``THREAD_STATE_KEY``.
     """
 
     external_chat_id: str
@@ -199,6 +202,7 @@ class InboundEvent:
     dedupe_key: str
     occurred_at: datetime | None = None
     author_id: str = ""
+    thread_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +231,11 @@ class Capabilities:
     transfers: bool = False
     queue_info: bool = False
     catch_up: bool = False
+    settle_seconds: float = 0.0
+    """How long the backend may still act on a request after we stopped
+    waiting for its answer (LiveChat: its 15 s server timeout). The core's
+    claim on an attempt lasts at least this long, so no other process retries
+    (and checks for) a request the backend may still be carrying out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,12 +262,22 @@ class ProviderUser:
     state: dict[str, Any] = field(default_factory=dict)
 
 
+THREAD_STATE_KEY = "thread_id"
+"""The key of ``ProviderChat.state`` naming the conversation of the chat a
+session lives in, for providers whose chats host one conversation after
+another (a returning LiveChat customer gets a new thread in the same chat).
+When a session's chat state has it, the core applies to that session only
+inbound events whose ``thread_id`` is empty or equal: a late report about an
+earlier conversation (say, its end) must not act on the current one."""
+
+
 @dataclass(slots=True)
 class ProviderChat:
     """A provider's chat for one session, persisted by the core.
 
     ``state`` is JSON-serializable provider data (LiveChat: thread id, group),
-    saved by the core after each call like ``ProviderUser.state``.
+    saved by the core after each call like ``ProviderUser.state``; see
+    ``THREAD_STATE_KEY``.
     """
 
     external_chat_id: str

@@ -286,3 +286,16 @@ class TestStartFailures:
         assert second.external_chat_id == first.external_chat_id
         assert scripted.calls.starts[1].previous_chat is not None
         assert scripted.calls.starts[1].previous_chat.external_chat_id == first.external_chat_id
+
+
+class TestLease:
+    def test_a_claim_outlasts_the_time_the_provider_may_still_act(
+        self, scripted_app: App, scripted: ScriptedProvider
+    ) -> None:
+        from dataclasses import replace
+
+        ctx = scripted_app.core.ctx
+        timeout = ctx.settings.provider_timeout
+        assert ctx.lease.total_seconds() == timeout * 2 + 1
+        scripted.capabilities = replace(scripted.capabilities, settle_seconds=30.0)
+        assert ctx.lease.total_seconds() == 31.0

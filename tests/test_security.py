@@ -204,3 +204,30 @@ def test_tls_settings_must_come_in_pairs(tmp_path: Path) -> None:
             {"HITL_GRPC_TLS_CERT": str(tmp_path / "nope"), "HITL_GRPC_TLS_KEY": str(cert)}
         )
     assert missing.value.variable == "HITL_GRPC_TLS_CERT"
+
+
+def test_logged_tracebacks_carry_no_frame_locals(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from hitl_service.logs import configure_logging
+
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    try:
+        configure_logging(log_format="json", level="info", redactor=SecretRedactor(), cache=False)
+
+        def fail(user_text: str) -> None:
+            raise ValueError("boom")
+
+        try:
+            fail("the user said: my card is 4111-1111")
+        except ValueError:
+            structlog.get_logger("test").exception("failed")
+        err = capsys.readouterr().err
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    line = json.loads(err.strip().splitlines()[-1])
+    assert line["event"] == "failed"
+    assert "boom" in json.dumps(line["exception"])
+    assert "4111" not in err

@@ -69,6 +69,18 @@ def test_the_same_agent_assigned_twice_is_ignored() -> None:
     s = session(SessionState.ASSIGNED, JANE)
     with pytest.raises(Ignored):
         apply_event(s, AgentAssigned(JANE), NOW)
+    with pytest.raises(Ignored):  # nothing new in a bare id
+        apply_event(s, AgentAssigned(Agent(JANE.id)), NOW)
+
+
+def test_an_agent_known_by_id_only_gets_the_name_of_a_later_assignment() -> None:
+    """A transfer names the new agent by id; the agent's join brings the name."""
+    s = session(SessionState.ASSIGNED, JANE)
+    apply_event(s, Transferred(to_agent=Agent(BOB.id), reason="manual"), NOW)
+    assert s.agent == Agent(BOB.id)
+    [assigned] = apply_event(s, AgentAssigned(BOB), NOW)
+    assert assigned == AgentAssigned(BOB)
+    assert (s.state, s.agent) == (SessionState.ASSIGNED, BOB)
 
 
 def test_transfers_to_a_queue_and_to_an_agent() -> None:

@@ -22,11 +22,37 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from hitl_service.core import HitlCore
+    from hitl_service.domain import LogEvent
 
 if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
 
 _MARGIN = 0.25  # seconds kept back from the caller's deadline to answer in time
+
+
+class EncodedEvents:
+    """Serialized ``pb.Event`` by cursor, shared by every stream.
+
+    An event fanned out to N streams is converted and serialized once, not
+    N times; the server's StreamEvents serializer passes bytes through (see
+    ``server.event_serializer``). Bounded: the oldest entries go first, and
+    a stream behind the cache just encodes again.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = max(16, size)
+        self._cache: dict[int, bytes] = {}
+
+    def get(self, event: LogEvent) -> bytes:
+        """The event's wire form (cursors are never reused, so the seq is the key)."""
+        data = self._cache.get(event.seq)
+        if data is None:
+            data = event_to_pb(event).SerializeToString()
+            cache = self._cache
+            cache[event.seq] = data
+            if len(cache) > self._size:
+                del cache[next(iter(cache))]
+        return data
 
 
 class HitlServicer(pb_grpc.HitlServiceServicer):
@@ -35,6 +61,7 @@ class HitlServicer(pb_grpc.HitlServiceServicer):
     def __init__(self, core: HitlCore) -> None:
         self._core = core
         self._settings = core.ctx.settings
+        self._encoded = EncodedEvents(2 * self._settings.stream_buffer)
 
     def _budget(self, context: Context) -> float:
         """Seconds this RPC may spend: the caller's deadline, capped."""
@@ -98,10 +125,10 @@ class HitlServicer(pb_grpc.HitlServiceServicer):
             sessions=[session_to_pb(s) for s in page.sessions], next_page_token=token
         )
 
-    async def StreamEvents(
+    async def StreamEvents(  # type: ignore[override]  # yields pb.Event already serialized
         self, request: pb.StreamEventsRequest, context: Context
-    ) -> AsyncIterator[pb.Event]:
-        """See proto."""
+    ) -> AsyncIterator[bytes]:
+        """See proto. Yields each event's wire form (``EncodedEvents``)."""
         violations: list[FieldViolation] = []
         try:
             after = validation.parse_after_cursor(request.after_cursor)
@@ -131,9 +158,10 @@ class HitlServicer(pb_grpc.HitlServiceServicer):
             # The subscription's cursor is fixed: from here the client can
             # miss nothing, so tell it.
             await context.send_initial_metadata((("x-stream-head", str(head)),))
+            encode = self._encoded.get
             async with aclosing(events):
                 async for event in events:
-                    yield event_to_pb(event)
+                    yield encode(event)
         except HubClosed:
             raise HitlError(
                 Code.UNAVAILABLE,

@@ -41,7 +41,10 @@ class CoreContext:
         """How long an outbox claim protects an attempt.
 
         An attempt is bounded by the provider timeout; twice that plus a
-        second leaves room for its store writes. A crashed replica's claims
-        are taken over once this has passed.
+        second leaves room for its store writes. It also outlasts the time the
+        provider may still act on an unanswered request (``settle_seconds``),
+        so a replica taking over a crashed one's claim cannot check for a
+        message too early and send it twice.
         """
-        return timedelta(seconds=self.settings.provider_timeout * 2 + 1)
+        settle = self.provider.capabilities.settle_seconds + 1
+        return timedelta(seconds=max(self.settings.provider_timeout * 2 + 1, settle))

@@ -56,6 +56,7 @@ class EventHub:
         self._floor = 0  # the buffer holds every event with floor < seq <= head
         self._head = 0
         self._signal = asyncio.Event()
+        self._woken_at = 0.0
         self._closed = False
         self.subscribers = 0
 
@@ -77,6 +78,11 @@ class EventHub:
             except StoreUnavailable as exc:
                 log.warning("hub.store_unavailable", error=str(exc))
                 await self._clock.sleep(self._poll)
+            if self._clock.monotonic() - self._woken_at >= self._poll:
+                # A heartbeat: subscribers far from their deadline wait with
+                # no timer of their own (see _follow), so wake them now and
+                # then to look at the time.
+                self._wake()
 
     async def _read_new(self) -> None:
         while not self._closed:
@@ -95,6 +101,11 @@ class EventHub:
             cut = len(self._buf) - self._size
             self._floor = self._buf[cut - 1].seq
             del self._buf[:cut]
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wakes every waiting subscriber (they re-read from their cursor)."""
+        self._woken_at = self._clock.monotonic()
         signal, self._signal = self._signal, asyncio.Event()
         signal.set()
 
@@ -152,6 +163,12 @@ class EventHub:
                 remaining = until - self._clock.monotonic()
                 if remaining <= 0:
                     return
+                if remaining > 2 * self._poll:
+                    # No timer: the hub wakes everyone at least every poll
+                    # interval, and a timer per wait costs every stream a
+                    # timer on every event it is woken for.
+                    await signal.wait()
+                    continue
                 try:
                     async with asyncio.timeout(remaining):
                         await signal.wait()

@@ -16,7 +16,7 @@ import structlog
 
 from hitl_service.codec import kind_tag
 from hitl_service.core.state import Ignored, apply_event
-from providers.types import AgentMessage, InboundEvent
+from providers.types import THREAD_STATE_KEY, AgentMessage, InboundEvent
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -79,7 +79,10 @@ class Ingestor:
                 await tx.find_session_by_chat(provider, chat_id)
             for event in events:
                 session = await tx.find_session_by_chat(provider, event.external_chat_id)
-                if session is None:
+                if session is None or other_thread(session, event):
+                    # Not ours, or about another conversation of the chat: an
+                    # earlier one (ignored), or one a start in flight is
+                    # opening (parked until the start commits).
                     if await tx.has_starting_sessions(provider) and await tx.claim_dedupe_key(
                         provider, event.dedupe_key, now
                     ):
@@ -113,6 +116,19 @@ def _clean(event: InboundEvent) -> InboundEvent:
     )
 
 
+def other_thread(session: Session, event: InboundEvent) -> bool:
+    """True when the event is about another conversation of the session's chat.
+
+    A returning LiveChat customer's new session lives in a new thread of the
+    same chat; the previous thread's late webhooks (its end, above all) must
+    not act on the new session. See ``providers.types.THREAD_STATE_KEY``.
+    """
+    current = session.chat_state.get(THREAD_STATE_KEY)
+    return bool(
+        event.thread_id and isinstance(current, str) and current and current != event.thread_id
+    )
+
+
 async def apply_inbound(
     tx: Tx,
     ctx: CoreContext,
@@ -126,6 +142,14 @@ async def apply_inbound(
     Returns:
         The kinds of the log events appended (empty if ignored).
     """
+    if other_thread(session, event):
+        log.info(
+            "ingest.ignored",
+            session_id=session.id,
+            kind=kind_tag(event.kind),
+            reason="about another thread of the chat",
+        )
+        return []
     if isinstance(event.kind, AgentMessage) and event.author_id:
         own = await tx.get_provider_user(session.user_id, ctx.provider_name)
         if own is not None and own.external_user_id == event.author_id:

@@ -54,10 +54,14 @@ class Maintenance:
 
     @property
     def sweep_interval(self) -> float:
-        """Seconds between sweeps: fine enough for the shortest timeout."""
+        """Seconds between sweeps: fine enough for the shortest timeout, and
+        for catch-up every ``HITL_RECONCILE_INTERVAL`` (which only a sweep runs)."""
         settings = self._ctx.settings
         timeouts = [t for t in (settings.queue_timeout, settings.idle_timeout) if t > 0]
-        return max(0.5, min([5.0, *(t / 4 for t in timeouts)]))
+        intervals = [t / 4 for t in timeouts]
+        if settings.reconcile_interval > 0:
+            intervals.append(settings.reconcile_interval)
+        return max(0.5, min([5.0, *intervals]))
 
     async def run(self) -> None:
         """Sweeps until cancelled."""

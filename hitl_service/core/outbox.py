@@ -277,8 +277,9 @@ class Outbox:
         ctx = self._ctx
         while not self._stopping:
             self._wake.clear()
+            claimed = 0
             try:
-                await self._claim_and_start()
+                claimed = await self._claim_and_start()
                 pending, next_due = await ctx.store.outbox_stats()
             except StoreUnavailable as exc:
                 log.warning("outbox.store_unavailable", error=str(exc))
@@ -286,17 +287,27 @@ class Outbox:
             ctx.metrics.outbox_depth.set(pending)
             wait = self._poll_interval
             if next_due is not None:
-                wait = min(wait, max(0.0, (next_due - ctx.clock.now()).total_seconds()))
+                due_in = (next_due - ctx.clock.now()).total_seconds()
+                # An item already due that this pass did not claim is leased
+                # (in flight here or on another replica), queued behind its
+                # session's head, or beyond our concurrency. A settle kicks
+                # this loop, and the poll interval covers expiring leases and
+                # other replicas' settles; looping at once would spin on the
+                # store (thousands of transactions a second per replica while
+                # one send is in flight).
+                if due_in > 0 or claimed:
+                    wait = min(wait, max(0.0, due_in))
             try:
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
             except TimeoutError:
                 pass
 
-    async def _claim_and_start(self) -> None:
+    async def _claim_and_start(self) -> int:
+        """Claims due items and starts their attempts; returns how many."""
         free = self._concurrency - len(self._inflight)
         if free <= 0:
-            return
+            return 0
         ctx = self._ctx
         now = ctx.clock.now()
         async with ctx.store.transaction() as tx:
@@ -306,6 +317,7 @@ class Outbox:
                 await tx.update_outbox(item)
         for item in items:
             self.start_attempt(item)
+        return len(items)
 
     async def stop(self, timeout: float) -> None:
         """Stops claiming and waits up to ``timeout`` for attempts in flight."""

@@ -117,6 +117,13 @@ async def start_handoff(ctx: CoreContext, cmd: StartHandoff, budget: float) -> S
         # the same request starts afresh (the provider reuses an open chat).
         await _fail_start(ctx, session, "PROVIDER_UNAVAILABLE", str(exc), forget=cmd.request_id)
         raise Unavailable("PROVIDER_UNAVAILABLE", f"the provider is unreachable: {exc}") from None
+    except Exception:
+        # Our own bug: do not leave the session STARTING (and the user
+        # blocked) until the sweeper notices; the interceptor reports it.
+        await _fail_start(
+            ctx, session, "INTERNAL", "the start failed unexpectedly", forget=cmd.request_id
+        )
+        raise
     return await _commit_start(ctx, session, identity, result)
 
 

@@ -63,7 +63,15 @@ def apply_event(session: Session, kind: EventKind, now: datetime) -> list[EventK
         return [kind]
     if isinstance(kind, AgentAssigned):
         if session.state is SessionState.ASSIGNED and _same(session.agent, kind.agent):
-            raise Ignored("agent already assigned")
+            # A transfer may name only the new agent's id (LiveChat's
+            # chat_transferred); the agent's own join that follows brings the
+            # name and avatar. Keep those and tell the streams, else ignore.
+            assert session.agent is not None  # _same() checked it
+            richer = _merge(session.agent, kind.agent)
+            if richer == session.agent:
+                raise Ignored("agent already assigned")
+            _set(session, SessionState.ASSIGNED, richer, now)
+            return [AgentAssigned(agent=richer)]
         _set(session, SessionState.ASSIGNED, kind.agent, now)
         return [kind]
     if isinstance(kind, AgentMessage):
@@ -126,3 +134,12 @@ def _set(session: Session, state: SessionState, agent: Agent | None, now: dateti
 
 def _same(a: Agent | None, b: Agent) -> bool:
     return a is not None and a.id == b.id
+
+
+def _merge(known: Agent, new: Agent) -> Agent:
+    """``known`` with the name and avatar it lacks taken from ``new``."""
+    return Agent(
+        id=known.id,
+        name=known.name or new.name,
+        avatar_url=known.avatar_url or new.avatar_url,
+    )

@@ -25,6 +25,7 @@ def open_store(settings: Settings) -> Store:
         pool_min=settings.store_pool_min,
         pool_max=settings.store_pool_max,
         poll_only=settings.store_poll_only,
+        statement_cache_size=settings.store_statement_cache,
     )
 
 

@@ -129,7 +129,13 @@ class Tx(Protocol):
 
     # --- idempotency -------------------------------------------------------
     async def get_idempotency(self, scope: str, key: str) -> IdempotencyRecord | None:
-        """The remembered request, or None."""
+        """The remembered request, or None.
+
+        A transaction writing the same key concurrently (another replica
+        handling the same request) is waited for, so None means the caller
+        may do the work and put the key (SQLite serializes writers;
+        PostgreSQL locks the key).
+        """
         ...
 
     async def put_idempotency(self, record: IdempotencyRecord) -> None:

@@ -56,6 +56,11 @@ class PostgresStore:
         pool_max: Most connections the pool opens.
         poll_only: Never LISTEN (PgBouncer in transaction mode drops
             notifications silently); waiters rely on polling.
+        statement_cache_size: asyncpg's prepared-statement cache per
+            connection; 0 turns it off, for PgBouncer in transaction mode
+            older than 1.21 (or without ``max_prepared_statements``), where
+            a named statement prepared in one transaction is missing in the
+            next one's server connection.
         connect_timeout: Seconds to open a connection.
         ping_timeout: Seconds ``ping()`` waits for ``SELECT 1``.
         poll_min: First poll interval while nobody listens.
@@ -75,6 +80,7 @@ class PostgresStore:
         pool_min: int = 2,
         pool_max: int = 10,
         poll_only: bool = False,
+        statement_cache_size: int = 100,
         connect_timeout: float = 10.0,
         ping_timeout: float = 5.0,
         poll_min: float = 0.25,
@@ -87,6 +93,7 @@ class PostgresStore:
         self._pool_min = min(pool_min, pool_max)
         self._pool_max = pool_max
         self._poll_only = poll_only
+        self._statement_cache_size = statement_cache_size
         self._connect_timeout = connect_timeout
         self._ping_timeout = ping_timeout
         self._redactor = Redactor(dsn)
@@ -142,6 +149,7 @@ class PostgresStore:
                     min_size=self._pool_min,
                     max_size=self._pool_max,
                     timeout=self._connect_timeout,
+                    statement_cache_size=self._statement_cache_size,
                     server_settings={"application_name": _APP_NAME},
                 )
             self._db = Db(self._pool, self._redactor)
@@ -176,6 +184,7 @@ class PostgresStore:
         return await asyncpg.connect(
             self._dsn.reveal(),
             timeout=self._connect_timeout,
+            statement_cache_size=self._statement_cache_size,
             server_settings={"application_name": f"{_APP_NAME}-listen"},
         )
 

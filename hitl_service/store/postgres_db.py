@@ -33,6 +33,13 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     pgerr.InvalidAuthorizationSpecificationError,  # class 28: bad role or password
     pgerr.InvalidCatalogNameError,  # 3D000: the database does not exist
     pgerr.ClientConfigurationError,  # a DSN asyncpg cannot use
+    # Class 40: a deadlock (40P01) or serialization failure (40001) rolled
+    # the transaction back. Nothing of it was committed and every write the
+    # core makes is safe to repeat (request ids, dedupe keys), so it is
+    # reported like an outage: UNAVAILABLE to gRPC callers, 503 to webhooks,
+    # and outbox attempts retry. READ COMMITTED and the lock order the core
+    # keeps make these rare.
+    pgerr.TransactionRollbackError,
 )
 _MAX_DETAIL = 300
 
@@ -77,6 +84,8 @@ class Redactor:
 
     def unavailable(self, doing: str, exc: BaseException) -> StoreUnavailable:
         """A ``StoreUnavailable`` for ``exc``; raise it ``from None``."""
+        if isinstance(exc, pgerr.TransactionRollbackError):
+            doing = "rolled back a conflicting transaction (retry it)"
         return StoreUnavailable(f"PostgreSQL at {self.where} {doing}: {self.describe(exc)}")
 
 

@@ -52,6 +52,9 @@ HEAD_SQL = "SELECT seq FROM event_log_head"
 # pg_advisory_xact_lock(int, int) namespace for per-session outbox inserts;
 # the two-key space never collides with single-bigint locks (migrations).
 _OUTBOX_LOCK_SPACE = 0x4849_544C  # "HITL"
+# ... and for idempotency keys (scope and key), see ``get_idempotency``.
+_IDEMPOTENCY_LOCK_SPACE = 0x4944_454D  # "IDEM"
+_IDEMPOTENCY_LOCK_SQL = "SELECT pg_advisory_xact_lock($1, hashtext($2 || ':' || $3))"
 # Insert attempts when an open-session conflict vanishes before we can name it.
 _INSERT_SESSION_TRIES = 3
 
@@ -326,7 +329,21 @@ class PostgresTx(Queries):
 
     # --- idempotency -----------------------------------------------------------
     async def get_idempotency(self, scope: str, key: str) -> IdempotencyRecord | None:
-        """See base class."""
+        """See base class.
+
+        Takes a transaction-scoped advisory lock on the key first, so two
+        replicas handling the same request id run one after the other (as
+        SQLite's serialized writers do): the second reads the first one's
+        record once it commits, instead of missing the uncommitted row and
+        going on to do the work again (a second session refused as
+        SESSION_ALREADY_OPEN, a second outbox item failing on the key).
+        Callers take it first (StartHitl, SendMessage) or right after
+        locking the one session the key names (StopHitl), so it closes no
+        lock cycle; a hash collision only makes two requests wait for each
+        other (a cycle through one would end as a retryable deadlock error,
+        see ``postgres_db``).
+        """
+        await self._db.execute(_IDEMPOTENCY_LOCK_SQL, _IDEMPOTENCY_LOCK_SPACE, scope, key)
         row = await self._db.fetchrow(
             "SELECT scope, key, request_hash, resource_id, created_at FROM idempotency "
             "WHERE scope = $1 AND key = $2",
@@ -336,7 +353,10 @@ class PostgresTx(Queries):
         return None if row is None else IdempotencyRecord(**row)
 
     async def put_idempotency(self, record: IdempotencyRecord) -> None:
-        """See base class."""
+        """See base class (takes the key's lock too, see ``get_idempotency``)."""
+        await self._db.execute(
+            _IDEMPOTENCY_LOCK_SQL, _IDEMPOTENCY_LOCK_SPACE, record.scope, record.key
+        )
         added = await self._db.execute(
             "INSERT INTO idempotency (scope, key, request_hash, resource_id, created_at) "
             "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",

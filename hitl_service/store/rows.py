@@ -201,6 +201,7 @@ def inbound_to_json(event: InboundEvent) -> str:
             "dedupe_key": event.dedupe_key,
             "occurred_at": event.occurred_at.isoformat() if event.occurred_at else None,
             "author_id": event.author_id,
+            "thread_id": event.thread_id,
         }
     )
 
@@ -218,4 +219,5 @@ def inbound_from_json(text: Any) -> InboundEvent:
         dedupe_key=data["dedupe_key"],
         occurred_at=datetime.fromisoformat(occurred) if occurred else None,
         author_id=data.get("author_id", ""),
+        thread_id=data.get("thread_id", ""),  # absent in rows parked by older versions
     )

@@ -77,6 +77,14 @@ class ApiError(Exception):
         self.data: Mapping[str, Any] = data or {}
 
 
+class AnsweredUnavailable(ProviderUnavailable):
+    """A transient failure LiveChat answered (5xx, 429, ``request_timeout``).
+
+    Unlike a timeout or a lost connection, the call is over at LiveChat: it
+    can no longer take effect later.
+    """
+
+
 class FetchFailed(Exception):
     """A media URL could not be fetched within the limits."""
 
@@ -390,7 +398,7 @@ class LiveChatClient:
             if body is None:
                 self._requests.labels(api, method, "unavailable").inc()
                 log.warning("livechat.bad_json", api=api, method=method, debug_id=debug_id)
-                raise ProviderUnavailable(
+                raise AnsweredUnavailable(
                     f"LiveChat {api} {method}: the answer is not JSON", uncertain=not idempotent
                 )
             self._requests.labels(api, method, "ok").inc()
@@ -414,7 +422,7 @@ class LiveChatClient:
         self._requests.labels(api, method, "unavailable" if transient else "refused").inc()
         if transient:
             server_side = error_type in _SERVER_SIDE_TYPES or status >= 500
-            raise ProviderUnavailable(
+            raise AnsweredUnavailable(
                 f"LiveChat {api} {method} failed: {error_type}: {detail}",
                 retry_after=_retry_after(response.headers),
                 uncertain=server_side and not idempotent,

@@ -78,8 +78,13 @@ class ChatMemory:
         self._own_ids = {i for i in own_ids if i}
         self._learned: Lru[str, bool] = Lru(16)
         self._chats: Lru[str, ChatFacts] = Lru(capacity)
-        self._custom_ids: Lru[str, bool] = Lru(capacity * 4)
-        self._own_events: Lru[str, bool] = Lru(capacity * 4)
+        # Echoes come back within seconds, and an unanswered send matters for
+        # LiveChat's 15 s server timeout: the latest ``capacity`` ids are plenty
+        # (each entry costs ~160 bytes; 4x as many grew a soak's RSS by ~5 MB
+        # before the caches were full).
+        # custom id -> monotonic time it was sent at while unanswered, else 0.0
+        self._custom_ids: Lru[str, float] = Lru(capacity)
+        self._own_events: Lru[str, bool] = Lru(capacity)
 
     def facts(self, chat_id: str) -> ChatFacts:
         """The facts of a chat, created empty when unknown."""
@@ -125,9 +130,24 @@ class ChatMemory:
             return facts.agents[agent_id]
         return Agent(id=agent_id)
 
-    def sent_custom_id(self, custom_id: str) -> None:
-        """Remembers a ``custom_id`` our customer sent, to drop its echo."""
-        self._custom_ids.put(custom_id, True)
+    def sent_custom_id(self, custom_id: str, at: float = 0.0) -> None:
+        """Remembers a ``custom_id`` our customer sent, to drop its echo.
+
+        ``at`` is the monotonic time the send started; it counts until
+        :meth:`answered` says LiveChat answered that send.
+        """
+        self._custom_ids.put(custom_id, at)
+
+    def answered(self, custom_id: str) -> None:
+        """LiveChat answered the send of ``custom_id`` (whatever it said)."""
+        if custom_id in self._custom_ids:
+            self._custom_ids.put(custom_id, 0.0)
+
+    def unanswered_since(self, custom_id: str) -> float | None:
+        """Monotonic time of this process's last send of ``custom_id`` that got no
+        answer (a timeout, a lost connection); None if there is none."""
+        at = self._custom_ids.get(custom_id)
+        return at or None
 
     def is_sent_custom_id(self, custom_id: str) -> bool:
         """True for a ``custom_id`` we sent (or our own prefix)."""

@@ -57,13 +57,16 @@ def queued_event(chat_id: str, thread_id: str, queue: LcQueue) -> InboundEvent:
         kind=Queued(position=queue.position, wait_seconds=queue.wait_time),
         dedupe_key=f"queued:{chat_id}:{thread_id}:{mark}",
         occurred_at=parse_time(queue.queued_at),
+        thread_id=thread_id,
     )
 
 
 def message_event(
-    memory: ChatMemory, chat_id: str, event: LcEvent
+    memory: ChatMemory, chat_id: str, event: LcEvent, thread_id: str = ""
 ) -> tuple[InboundEvent | None, str]:
     """An ``incoming_event``'s event as an AgentMessage, or why it is dropped.
+
+    ``thread_id`` is the thread the event was posted in, if known.
 
     Returns:
         ``(event, "")`` or ``(None, reason)``.
@@ -92,6 +95,7 @@ def message_event(
             dedupe_key=event_key(event.id),
             occurred_at=event.created_at,
             author_id=author,
+            thread_id=thread_id,
         ),
         "",
     )
@@ -116,6 +120,7 @@ def agent_added(
             kind=AgentAssigned(agent=memory.agent(chat_id, user.id)),
             dedupe_key=assigned_key(chat_id, thread_id, user.id),
             author_id=requester,
+            thread_id=thread_id,
         ),
         "",
     )
@@ -167,6 +172,7 @@ def transferred(
             ),
             dedupe_key=key,
             author_id=requester,
+            thread_id=thread_id,
         )
     ]
     if queue is not None and to_agent is None:
@@ -194,6 +200,7 @@ def agent_removed(
             ),
             dedupe_key=f"user_removed_from_chat:{chat_id}:{thread_id}:{user_id}",
             author_id=requester,
+            thread_id=thread_id,
         ),
         "",
     )
@@ -215,6 +222,7 @@ def ended(memory: ChatMemory, chat_id: str, thread_id: str, user_id: str) -> Inb
         kind=Ended(reason=reason, by=by),
         dedupe_key=ended_key(chat_id, thread_id),
         author_id=user_id,
+        thread_id=thread_id,
     )
 
 
@@ -266,7 +274,7 @@ def thread_events(
         if seen.type == "system_message":
             closed_by = _CLOSED_BY.get(as_str(seen.raw.get("system_message_type")), closed_by)
     for event in events:
-        message, _ = message_event(memory, chat_id, event)
+        message, _ = message_event(memory, chat_id, event, thread.id)
         if message is not None:
             out.append(message)
     if not thread.active:
@@ -278,6 +286,7 @@ def thread_events(
                 external_chat_id=chat_id,
                 kind=Ended(reason=_END_REASONS[closed_by], by=closed_by),
                 dedupe_key=ended_key(chat_id, thread.id),
+                thread_id=thread.id,
             )
         )
     return out

@@ -9,7 +9,7 @@ send the end user's messages. Agents' replies come back through webhooks
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
@@ -17,7 +17,7 @@ import structlog
 from providers.errors import ChatInactive, ProviderRejected, ProviderUnavailable
 from providers.livechat import mapping, normalize
 from providers.livechat.budget import Budget, bounded
-from providers.livechat.client import ApiError, FetchFailed, LiveChatClient
+from providers.livechat.client import AnsweredUnavailable, ApiError, FetchFailed, LiveChatClient
 from providers.livechat.customers import Customers
 from providers.livechat.failures import group_error, is_group_error, is_no_agent, map_api_error
 from providers.livechat.memory import OWN_CUSTOM_ID_PREFIX, ChatMemory
@@ -79,12 +79,23 @@ class LiveChatProvider:
 
     name = "livechat"
     capabilities = Capabilities(
-        media=True, location=False, card=True, transfers=True, queue_info=True, catch_up=True
+        media=True,
+        location=False,
+        card=True,
+        transfers=True,
+        queue_info=True,
+        catch_up=True,
+        settle_seconds=15.0,
     )
 
     def __init__(self, settings: LiveChatSettings, deps: ProviderDeps) -> None:
         self.settings = settings
+        # LiveChat may work on a call for up to its server timeout.
+        self.capabilities = replace(
+            LiveChatProvider.capabilities, settle_seconds=settings.server_timeout
+        )
         self.data_dir = deps.data_dir
+        self.clock = deps.clock
         self.client = LiveChatClient(settings, deps.http_transport, deps.registry)
         self.memory = ChatMemory({settings.account_id, settings.agent_id})
         self.customers = Customers(self.client, deps.clock, settings.organization_id)
@@ -351,6 +362,7 @@ class LiveChatProvider:
             parts = self._parts(user, message, request_id, budget)
             found: dict[str, str] = {}
             if uncertain:
+                self._wait_for_unanswered({p.custom_id for p in parts})
                 found = await self._sent_custom_ids(
                     chat, user, {p.custom_id for p in parts}, budget
                 )
@@ -375,6 +387,29 @@ class LiveChatProvider:
                 kind=type(message.body).__name__,
             )
             return SendResult(external_message_id=event_ids[0] if event_ids else "")
+
+    def _wait_for_unanswered(self, custom_ids: set[str]) -> None:
+        """Refuses to look for events whose send may still take effect.
+
+        A ``send_event`` we stopped waiting for (timeout, lost connection) may
+        still be running at LiveChat and store its event after a listing has
+        shown it missing; sending again then would show the agent the message
+        twice. LiveChat works on a call for at most ``server_timeout``, so the
+        check waits until then.
+
+        Raises:
+            ProviderUnavailable: Too early; ``retry_after`` says how long to wait.
+        """
+        now = self.clock.monotonic()
+        sent = [at for c in custom_ids if (at := self.memory.unanswered_since(c)) is not None]
+        wait = max((at + self.settings.server_timeout - now for at in sent), default=0.0)
+        if wait > 0:
+            log.info("livechat.send_may_be_running", wait=round(wait, 3))
+            raise ProviderUnavailable(
+                "LiveChat may still be working on the earlier attempt",
+                retry_after=wait,
+                uncertain=True,
+            )
 
     def _parts(
         self, user: ProviderUser, message: Message, request_id: str, budget: Budget
@@ -438,15 +473,22 @@ class LiveChatProvider:
     async def _send_event(
         self, chat: ProviderChat, user: ProviderUser, event: dict[str, Any], budget: Budget
     ) -> str:
-        self.memory.sent_custom_id(event["custom_id"])
+        custom_id = event["custom_id"]
+        # Unanswered until LiveChat says something (see _wait_for_unanswered).
+        self.memory.sent_custom_id(custom_id, self.clock.monotonic())
         try:
             answer = await self.customers.call(
                 user, "send_event", {"chat_id": chat.external_chat_id, "event": event}, budget
             )
         except ApiError as err:
+            self.memory.answered(custom_id)
             if err.type == "chat_inactive":
                 raise ChatInactive() from None
             raise
+        except AnsweredUnavailable:
+            self.memory.answered(custom_id)
+            raise
+        self.memory.answered(custom_id)
         return as_str(as_dict(answer).get("event_id"))
 
     async def _upload(

@@ -29,6 +29,7 @@ API_URL = "HITL_LIVECHAT_API_URL"
 ACCOUNTS_URL = "HITL_LIVECHAT_ACCOUNTS_URL"
 REGION = "HITL_LIVECHAT_REGION"
 REQUEST_TIMEOUT = "HITL_LIVECHAT_REQUEST_TIMEOUT"
+SERVER_TIMEOUT = "HITL_LIVECHAT_SERVER_TIMEOUT"
 MAX_UPLOAD_BYTES = "HITL_LIVECHAT_MAX_UPLOAD_BYTES"
 
 DEFAULT_API_URL = "https://api.livechatinc.com"
@@ -56,6 +57,9 @@ class LiveChatSettings:
         region: Value of the ``X-Region`` header; empty sends none.
         request_timeout: Upper bound of one HTTP call, in seconds.
         max_upload_bytes: Largest media file fetched and uploaded.
+        server_timeout: How long LiveChat may keep working on a call (its
+            documented 15 s server timeout). A send we got no answer for can
+            still take effect until then, so it is looked for only after.
     """
 
     client_id: str
@@ -71,6 +75,7 @@ class LiveChatSettings:
     region: str = ""
     request_timeout: float = 15.0
     max_upload_bytes: int = _TEN_MB
+    server_timeout: float = 15.0
 
 
 def _get(env: Mapping[str, str], name: str) -> str:
@@ -177,4 +182,5 @@ def parse_settings(env: Mapping[str, str]) -> LiveChatSettings:
         region=region,
         request_timeout=_positive_float(env, REQUEST_TIMEOUT, 15.0),
         max_upload_bytes=int(max_upload) if max_upload else _TEN_MB,
+        server_timeout=_positive_float(env, SERVER_TIMEOUT, 15.0),
     )

@@ -132,7 +132,9 @@ class WebhookParser:
         event = parse_event(payload["event"])
         if event is None:
             raise _bad("payload.event.id is missing")
-        inbound, why = normalize.message_event(self._memory, chat_id, event)
+        inbound, why = normalize.message_event(
+            self._memory, chat_id, event, as_str(payload.get("thread_id"))
+        )
         return self._batch("incoming_event", [inbound] if inbound else [], why)
 
     def _incoming_chat(self, payload: dict[str, Any]) -> WebhookBatch:

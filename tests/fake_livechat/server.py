@@ -145,7 +145,7 @@ class FakeLiveChat:
 
     def env(
         self,
-        webhook_secret: str = "whsec-test-0123456789",  # noqa: S107 - a fake
+        webhook_secret: str = "whsec-test-0123456789",
         **overrides: str,
     ) -> dict[str, str]:
         """``HITL_LIVECHAT_*`` settings pointing at this fake."""

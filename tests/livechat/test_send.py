@@ -150,11 +150,14 @@ async def test_card_refused_by_livechat_falls_back_to_text(provider, fake, sessi
     assert event["custom_id"] == "req-1"
 
 
-async def test_uncertain_send_after_lost_response_sends_once(provider, fake, session) -> None:
+async def test_uncertain_send_after_lost_response_sends_once(
+    provider, fake, session, clock
+) -> None:
     fake.add_fault("send_event", kind="lost_response")
     with pytest.raises(ProviderUnavailable) as info:
         await send(provider, session, "exactly once")
     assert info.value.uncertain
+    clock.advance(provider.settings.server_timeout)  # LiveChat is surely done with it
     result = await send(provider, session, "exactly once", uncertain=True)
     events = customer_events(fake, session)
     assert [e["text"] for e in events] == ["exactly once"]
@@ -162,12 +165,13 @@ async def test_uncertain_send_after_lost_response_sends_once(provider, fake, ses
 
 
 async def test_uncertain_multi_part_send_completes_only_the_missing_parts(
-    provider, fake, session
+    provider, fake, session, clock
 ) -> None:
     text = "a " * 12000  # two parts
     fake.add_fault("send_event", kind="lost_response")  # the first part landed, its answer did not
     with pytest.raises(ProviderUnavailable):
         await send(provider, session, text)
+    clock.advance(provider.settings.server_timeout)
     await send(provider, session, text, uncertain=True)
     events = customer_events(fake, session)
     assert [e["custom_id"] for e in events] == ["req-1", "req-1#2"]
@@ -194,12 +198,42 @@ async def test_failure_after_a_first_part_is_uncertain(provider, fake, session) 
     assert ids == ["req-2", "req-2#2"]
 
 
-async def test_uncertain_send_that_never_arrived_is_sent(provider, fake, session) -> None:
+async def test_uncertain_send_that_never_arrived_is_sent(provider, fake, session, clock) -> None:
     fake.add_fault("send_event", kind="drop")
     with pytest.raises(ProviderUnavailable):
         await send(provider, session, "hello")
     assert customer_events(fake, session) == []
+    clock.advance(provider.settings.server_timeout)
     await send(provider, session, "hello", uncertain=True)
+    assert [e["text"] for e in customer_events(fake, session)] == ["hello"]
+
+
+async def test_an_unanswered_send_is_not_looked_for_while_livechat_may_still_run_it(
+    provider, fake, session, clock
+) -> None:
+    """A send we stopped waiting for may still store its event later; looking
+    for it (and resending) before LiveChat's server timeout could double it."""
+    fake.add_fault("send_event", kind="drop")
+    with pytest.raises(ProviderUnavailable):
+        await send(provider, session, "slow")
+    clock.advance(provider.settings.server_timeout - 1)
+    with pytest.raises(ProviderUnavailable) as info:
+        await send(provider, session, "slow", uncertain=True)
+    assert info.value.uncertain  # the next attempt must still check
+    assert info.value.retry_after == pytest.approx(1, abs=0.01)
+    assert not fake.calls("list_threads")
+    clock.advance(1)
+    await send(provider, session, "slow", uncertain=True)
+    assert [e["text"] for e in customer_events(fake, session)] == ["slow"]
+
+
+async def test_an_answered_failure_is_looked_for_at_once(provider, fake, session) -> None:
+    fake.add_fault("send_event", error_type="internal")  # LiveChat answered: nothing is running
+    with pytest.raises(ProviderUnavailable) as info:
+        await send(provider, session, "hello")
+    assert info.value.uncertain
+    await send(provider, session, "hello", uncertain=True)
+    assert len(fake.calls("list_threads")) == 1
     assert [e["text"] for e in customer_events(fake, session)] == ["hello"]
 
 

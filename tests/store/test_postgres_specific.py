@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -11,7 +12,13 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from hitl_service.domain import OutboxItem, OutboxStatus, Session, SessionState
+from hitl_service.domain import (
+    IdempotencyRecord,
+    OutboxItem,
+    OutboxStatus,
+    Session,
+    SessionState,
+)
 from hitl_service.errors import StoreUnavailable
 from hitl_service.secret import Secret
 from hitl_service.store.base import OpenSessionExists, Tx
@@ -381,6 +388,91 @@ class TestLocksAcrossReplicas:
             task = asyncio.create_task(claim_in_b())
             await until_blocked(monitor, task, "B's claim")
         assert not await task
+
+
+class TestIdempotencyAcrossReplicas:
+    async def test_a_reader_of_a_key_waits_for_its_writer_and_sees_the_record(
+        self, make: Make, monitor: asyncpg.Connection
+    ) -> None:
+        """Two replicas with the same request id: the second reads the first's
+        record once it commits, instead of missing the uncommitted row and
+        doing the work again."""
+        a, b = await opened(make), await opened(make)
+        record = IdempotencyRecord("SendMessage", "req-1", "hash", "msg_1", T0)
+
+        async def read_in_b() -> IdempotencyRecord | None:
+            async with b.transaction() as tx:
+                return await tx.get_idempotency("SendMessage", "req-1")
+
+        async with a.transaction() as tx:
+            assert await tx.get_idempotency("SendMessage", "req-1") is None
+            task = asyncio.create_task(read_in_b())
+            await until_blocked(monitor, task, "B's read of the key")
+            await tx.put_idempotency(record)
+        assert await task == record
+
+    async def test_other_keys_do_not_wait(self, make: Make) -> None:
+        a, b = await opened(make), await opened(make)
+        async with a.transaction() as tx:
+            assert await tx.get_idempotency("SendMessage", "req-1") is None
+            async with asyncio.timeout(10), b.transaction() as other:
+                assert await other.get_idempotency("SendMessage", "req-2") is None
+                assert await other.get_idempotency("StartHitl", "req-1") is None
+
+
+class TestDeadlocks:
+    async def test_a_deadlock_victim_gets_store_unavailable(
+        self, make: Make, monitor: asyncpg.Connection
+    ) -> None:
+        """PostgreSQL breaks the cycle by rolling one transaction back; its
+        caller sees a retryable StoreUnavailable, not an internal error."""
+        a, b = await opened(make), await opened(make)
+        first, second = await _session(a), await _session(a)
+        b_holds = asyncio.Event()
+
+        async def lock_in_b() -> None:
+            async with b.transaction() as tx:
+                await tx.get_session(second.id)
+                b_holds.set()
+                await tx.get_session(first.id)
+
+        outcomes: list[BaseException | None] = []
+
+        async def lock_in_a() -> None:
+            async with a.transaction() as tx:
+                await tx.get_session(first.id)
+                task = asyncio.create_task(lock_in_b())
+                await b_holds.wait()
+                await until_blocked(monitor, task, "B's second lock")
+                try:
+                    await tx.get_session(second.id)
+                except StoreUnavailable as exc:
+                    outcomes.append(exc)
+                    raise
+                finally:
+                    outcomes.extend(await asyncio.gather(task, return_exceptions=True))
+
+        with contextlib.suppress(StoreUnavailable):
+            await lock_in_a()
+        errors = [o for o in outcomes if o is not None]
+        assert len(errors) == 1  # one victim, the other went through
+        assert isinstance(errors[0], StoreUnavailable)
+        assert "rolled back a conflicting transaction" in str(errors[0])
+        assert "DeadlockDetectedError" in str(errors[0])
+
+
+class TestStatementCache:
+    @pytest.mark.parametrize(("size", "named"), [(100, True), (0, False)])
+    async def test_the_cache_size_reaches_every_connection(
+        self, make: Make, size: int, named: bool
+    ) -> None:
+        """0 leaves no named prepared statements behind (PgBouncer in
+        transaction mode before 1.21 loses them between transactions)."""
+        store = await opened(make, statement_cache_size=size)
+        await _session(store)
+        async with store.transaction() as tx:
+            count = await tx._db.fetchval("SELECT count(*) FROM pg_prepared_statements")
+        assert (count > 0) is named
 
 
 PASSWORD = "s3cr3t-Pa55-in-the-url"

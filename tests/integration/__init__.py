@@ -1,0 +1,1 @@
+"""The whole service with the LiveChat provider against the fake LiveChat."""
