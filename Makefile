@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 GEN := hitl_service/gen
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: setup run test lint proto proto-check bench soak clean
 
@@ -22,7 +23,7 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: setup
+lint: $(BENCH_STAMP)  # mypy also checks bench/, which imports the bench extra
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
@@ -50,8 +51,6 @@ proto-check: proto
 # The benchmark (bench/README.md): the floor of the stack and hitl-service,
 # interleaved over 3 rounds, about 6 minutes; BENCH_ARGS=--quick for ~2.
 # The 5-minute RSS soak is its own target (not part of bench).
-BENCH_STAMP := $(VENV)/.bench-installed
-
 $(BENCH_STAMP): pyproject.toml $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,postgres,speed,bench]'
 	touch $(BENCH_STAMP)

@@ -2,12 +2,14 @@
 canonical log line per RPC, and domain errors mapped to gRPC statuses.
 
 ``intercept_service`` runs before the handler exists, so it wraps the
-returned handler's behaviour to see the outcome.
+returned handler's behaviour to see the outcome. The wrapped handler of a
+method is built once and reused: per-call data (metadata, the request id)
+comes from the servicer context, so nothing per call is captured.
 """
 
 from __future__ import annotations
 
-import secrets
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -21,20 +23,53 @@ from hitl_service.errors import Code, HitlError, StoreUnavailable
 from hitl_service.secret import matches_any
 
 if TYPE_CHECKING:
+    from prometheus_client import Counter, Histogram
+
     from hitl_service.metrics import Metrics
     from hitl_service.secret import Secret
 
-log = structlog.get_logger(__name__)
-
-if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
     Handler = grpc.RpcMethodHandler[Any, Any]
+
+log = structlog.get_logger(__name__)
+
 _OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})  # probes carry no token
+_UNAUTHENTICATED = (
+    "missing or wrong API token; send 'authorization: Bearer <token>' "
+    "with a token from HITL_API_TOKENS"
+)
 
 
 def _split(method: str) -> tuple[str, str]:
     service, _, name = method.lstrip("/").partition("/")
     return service, name
+
+
+def _new_id() -> str:
+    return os.urandom(8).hex()
+
+
+class _Method:
+    """What every call of one method shares: names and metric children."""
+
+    def __init__(self, metrics: Metrics, kind: str, method: str, needs_token: bool) -> None:
+        self.service, self.name = _split(method)
+        labels = (kind, self.service, self.name)
+        self.needs_token = needs_token
+        self.started: Counter = metrics.grpc_started.labels(*labels)
+        self.received: Counter = metrics.grpc_msg_received.labels(*labels)
+        self.sent: Counter = metrics.grpc_msg_sent.labels(*labels)
+        self.seconds: Histogram = metrics.grpc_seconds.labels(*labels)
+        self._handled = metrics.grpc_handled
+        self._labels = labels
+        self._by_code: dict[grpc.StatusCode, Counter] = {}
+
+    def handled(self, code: grpc.StatusCode) -> Counter:
+        """The ``grpc_server_handled_total`` child for ``code``."""
+        child = self._by_code.get(code)
+        if child is None:
+            child = self._by_code[code] = self._handled.labels(*self._labels, code.name)
+        return child
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
@@ -43,6 +78,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics, api_tokens: tuple[Secret, ...] = ()) -> None:
         self._metrics = metrics
         self._tokens = api_tokens
+        self._wrapped: dict[tuple[str, int], Handler] = {}
 
     async def intercept_service(
         self,
@@ -53,21 +89,24 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         handler: Any = await continuation(handler_call_details)  # aio handlers are async
         if handler is None:
             return None
-        method = handler_call_details.method
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        service, name = _split(method)
+        key = (handler_call_details.method, id(handler))
+        wrapped = self._wrapped.get(key)
+        if wrapped is None:
+            wrapped = self._wrapped[key] = self._wrap(handler_call_details.method, handler)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Any) -> Handler:
+        service, _ = _split(method)
         needs_token = bool(self._tokens) and service not in _OPEN_SERVICES
         if handler.unary_unary is not None:
             inner = handler.unary_unary
+            info = _Method(self._metrics, "unary", method, needs_token)
 
             async def unary(request: Any, context: Context) -> Any:
-                rpc = _Rpc(self, "unary", service, name, metadata, context)
-                async with rpc:
-                    if needs_token:
-                        await rpc.authenticate()
-                    self._metrics.grpc_msg_received.labels("unary", service, name).inc()
+                async with _Rpc(self, info, context):
+                    info.received.inc()
                     response = await inner(request, context)
-                    self._metrics.grpc_msg_sent.labels("unary", service, name).inc()
+                    info.sent.inc()
                     return response
 
             return grpc.unary_unary_rpc_method_handler(
@@ -75,14 +114,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
+            stream_info = _Method(self._metrics, "server_stream", method, needs_token)
 
             async def server_stream(request: Any, context: Context) -> AsyncIterator[Any]:
-                rpc = _Rpc(self, "server_stream", service, name, metadata, context)
-                async with rpc:
-                    if needs_token:
-                        await rpc.authenticate()
-                    self._metrics.grpc_msg_received.labels("server_stream", service, name).inc()
-                    sent = self._metrics.grpc_msg_sent.labels("server_stream", service, name)
+                async with _Rpc(self, stream_info, context):
+                    stream_info.received.inc()
+                    sent = stream_info.sent
                     async for response in inner_stream(request, context):
                         sent.inc()
                         yield response
@@ -92,12 +129,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.stream_stream is not None:
             inner_bidi = handler.stream_stream
+            bidi_info = _Method(self._metrics, "bidi_stream", method, needs_token)
 
             async def bidi(requests: Any, context: Context) -> AsyncIterator[Any]:
-                rpc = _Rpc(self, "bidi_stream", service, name, metadata, context)
-                async with rpc:
-                    if needs_token:
-                        await rpc.authenticate()
+                async with _Rpc(self, bidi_info, context):
                     async for response in inner_bidi(requests, context):
                         yield response
 
@@ -108,51 +143,43 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
 
 class _Rpc:
-    """Context manager around one RPC: logs, metrics, error mapping."""
+    """Context manager around one call: auth, logs, metrics, error mapping."""
 
-    def __init__(
-        self,
-        owner: ServiceInterceptor,
-        kind: str,
-        service: str,
-        name: str,
-        metadata: dict[str, str | bytes],
-        context: Context,
-    ) -> None:
+    __slots__ = ("_context", "_info", "_owner", "_started", "request_id")
+
+    def __init__(self, owner: ServiceInterceptor, info: _Method, context: Context) -> None:
         self._owner = owner
-        self._kind = kind
-        self._service = service
-        self._name = name
-        self._metadata = metadata
+        self._info = info
         self._context = context
         self._started = 0.0
-        raw_id = metadata.get("x-request-id")
-        self.request_id = (
-            raw_id[:128] if isinstance(raw_id, str) and raw_id.isprintable() and raw_id else ""
-        ) or secrets.token_hex(8)
+        self.request_id = ""
 
-    async def authenticate(self) -> None:
-        header = self._metadata.get("authorization", "")
+    def _authenticate(self, metadata: dict[str, Any]) -> None:
+        header = metadata.get("authorization", "")
         token = header[7:] if isinstance(header, str) and header.startswith("Bearer ") else ""
         if not token or not matches_any(token, self._owner._tokens):
-            raise HitlError(
-                Code.UNAUTHENTICATED,
-                "UNAUTHENTICATED",
-                "missing or wrong API token; send 'authorization: Bearer <token>' "
-                "with a token from HITL_API_TOKENS",
-            )
+            raise HitlError(Code.UNAUTHENTICATED, "UNAUTHENTICATED", _UNAUTHENTICATED)
 
     async def __aenter__(self) -> _Rpc:
-        clear_contextvars()
-        bind_contextvars(request_id=self.request_id, rpc=self._name)
         self._started = time.perf_counter()
-        self._owner._metrics.grpc_started.labels(self._kind, self._service, self._name).inc()
+        metadata = dict(self._context.invocation_metadata() or ())
+        raw_id = metadata.get("x-request-id")
+        self.request_id = (
+            raw_id[:128] if isinstance(raw_id, str) and raw_id and raw_id.isprintable() else ""
+        ) or _new_id()
+        clear_contextvars()
+        bind_contextvars(request_id=self.request_id, rpc=self._info.name)
+        self._info.started.inc()
+        if self._info.needs_token:
+            try:
+                self._authenticate(metadata)
+            except HitlError as exc:
+                await self.__aexit__(type(exc), exc, None)
         return self
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         code = grpc.StatusCode.OK
         status: grpc.Status | None = None
-        suppress = False
         if exc is None:
             code = _code(self._context, grpc.StatusCode.OK)
         elif isinstance(exc, HitlError):
@@ -162,7 +189,7 @@ class _Rpc:
         elif isinstance(exc, grpc.aio.AbortError):
             code = _code(self._context, grpc.StatusCode.UNKNOWN)
         elif isinstance(exc, Exception):
-            error_id = secrets.token_hex(6)
+            error_id = _new_id()[:12]
             log.error("rpc.internal_error", error_id=error_id, exc_info=exc)
             status = internal_error(error_id)
         else:  # cancellation: the client went away, or the server is stopping
@@ -170,22 +197,21 @@ class _Rpc:
         if status is not None:
             code = status.code
         elapsed = time.perf_counter() - self._started
-        metrics = self._owner._metrics
-        labels = (self._kind, self._service, self._name)
-        metrics.grpc_handled.labels(*labels, code.name).inc()
-        metrics.grpc_seconds.labels(*labels).observe(elapsed)
-        log.info(
-            "rpc.done",
-            code=code.name,
-            duration_ms=round(elapsed * 1000, 3),
-            **({"reason": exc.reason} if isinstance(exc, HitlError) else {}),
-        )
+        info = self._info
+        info.handled(code).inc()
+        info.seconds.observe(elapsed)
+        if isinstance(exc, HitlError):
+            log.info(
+                "rpc.done", code=code.name, duration_ms=round(elapsed * 1000, 3), reason=exc.reason
+            )
+        else:
+            log.info("rpc.done", code=code.name, duration_ms=round(elapsed * 1000, 3))
         if status is not None:
             trailers = (*status.trailing_metadata, ("x-request-id", self.request_id))
             await self._context.abort(status.code, status.details, trailers)
         if exc is None:
             self._context.set_trailing_metadata((("x-request-id", self.request_id),))
-        return suppress
+        return False
 
 
 def _code(context: Context, default: grpc.StatusCode) -> grpc.StatusCode:

@@ -104,9 +104,12 @@ class Outbox:
             except ProviderUnavailable as exc:
                 return await self._settle_retry(item, str(exc), exc.retry_after, exc.uncertain)
             changed_user = user if user.state != user_before else None
-            if chat.state != chat_before:
+            chat_changed = chat.state != chat_before
+            if chat_changed:
                 session.chat_state = chat.state
-            return await self._settle_done(item, session, changed_user, result)
+            return await self._settle_done(
+                item, session, changed_user, result, chat_changed=chat_changed
+            )
         except StoreUnavailable:
             log.warning("outbox.store_unavailable", item_id=item.id)
             return item  # the lease expires and the item is retried
@@ -143,13 +146,19 @@ class Outbox:
         session: Session,
         user: ProviderUser | None,
         result: dict[str, str],
+        *,
+        chat_changed: bool = False,
     ) -> OutboxItem:
         ctx = self._ctx
         now = ctx.clock.now()
+        ended_items: list[str] = []
         async with ctx.store.transaction() as tx:
             if user is not None:
                 await tx.put_provider_user(session.user_id, ctx.provider_name, user)
-            current = await tx.get_session(session.id)
+            # A delivered message changes the session only if the provider
+            # updated its chat state; a stop always does.
+            needs_session = item.kind is OutboxKind.STOP or chat_changed
+            current = await tx.get_session(session.id) if needs_session else None
             if current is not None:
                 current.chat_state = session.chat_state
                 if item.kind is OutboxKind.STOP and current.state.is_open:
@@ -159,7 +168,7 @@ class Outbox:
                     await tx.append_event(
                         current.id, current.user_id, now, Ended(reason=reason, by=by)
                     )
-                    await tx.fail_pending_outbox(
+                    ended_items = await tx.fail_pending_outbox(
                         current.id, now, "SESSION_ENDED", "the session ended before delivery"
                     )
                 await tx.update_session(current)
@@ -169,6 +178,7 @@ class Outbox:
             item.lease_owner, item.lease_until = "", None
             item.last_error = item.error_code = ""
             await tx.update_outbox(item)
+        self.signal_many(ended_items)
         ctx.metrics.outbox_outcomes.labels(item.kind.value, "done").inc()
         if item.kind is OutboxKind.STOP:
             ctx.metrics.events_appended.labels("ended").inc()
@@ -246,25 +256,34 @@ class Outbox:
     async def wait(self, item: OutboxItem, timeout: float) -> OutboxItem:
         """Waits until the item is settled or ``timeout`` passes.
 
-        Re-reads the store at least every poll interval, so an item another
-        replica settles is seen too.
+        An attempt running in this process hands over its settled item
+        directly; otherwise the store is re-read on a settle signal and at
+        least every poll interval, so an item another replica settles is
+        seen too.
         """
         ctx = self._ctx
         deadline = ctx.clock.monotonic() + timeout
+        seen: asyncio.Task[OutboxItem] | None = None
         while item.status is OutboxStatus.PENDING:
             remaining = deadline - ctx.clock.monotonic()
             if remaining <= 0:
                 break
-            event = self._finished.setdefault(item.id, asyncio.Event())
             task = self._inflight.get(item.id)
-            try:
-                async with asyncio.timeout(min(remaining, self._poll_interval)):
-                    if task is not None:
-                        await asyncio.shield(task)
-                    else:
+            if task is not None and task is not seen:
+                # Awaiting a finished task does not yield to the loop: take
+                # each attempt's result once, then wait for the next one.
+                seen = task
+                done, _ = await asyncio.wait({task}, timeout=min(remaining, self._poll_interval))
+                if done and not task.cancelled() and task.exception() is None:
+                    item = task.result()
+                    continue  # settled, or rescheduled: then wait for the retry
+            else:
+                event = self._finished.setdefault(item.id, asyncio.Event())
+                try:
+                    async with asyncio.timeout(min(remaining, self._poll_interval)):
                         await event.wait()
-            except TimeoutError:
-                pass
+                except TimeoutError:
+                    pass
             latest = await ctx.store.get_outbox(item.id)
             if latest is None:
                 break
@@ -279,24 +298,24 @@ class Outbox:
             self._wake.clear()
             claimed = 0
             try:
-                claimed = await self._claim_and_start()
                 pending, next_due = await ctx.store.outbox_stats()
+                now = ctx.clock.now()
+                if next_due is not None and next_due <= now:
+                    claimed = await self._claim_and_start()
             except StoreUnavailable as exc:
                 log.warning("outbox.store_unavailable", error=str(exc))
-                pending, next_due = 0, None
+                pending, next_due, now = 0, None, ctx.clock.now()
             ctx.metrics.outbox_depth.set(pending)
+            if claimed:
+                continue  # more may be due
+            # Nothing claimable now: sleep until the next item falls due (or
+            # a lease ends), a settle kicks us, or the poll interval passes
+            # (other replicas' settles). Items due but not claimed are queued
+            # behind their session's head or beyond our concurrency; their
+            # head's settle kicks the loop, so there is no need to spin.
             wait = self._poll_interval
-            if next_due is not None:
-                due_in = (next_due - ctx.clock.now()).total_seconds()
-                # An item already due that this pass did not claim is leased
-                # (in flight here or on another replica), queued behind its
-                # session's head, or beyond our concurrency. A settle kicks
-                # this loop, and the poll interval covers expiring leases and
-                # other replicas' settles; looping at once would spin on the
-                # store (thousands of transactions a second per replica while
-                # one send is in flight).
-                if due_in > 0 or claimed:
-                    wait = min(wait, max(0.0, due_in))
+            if next_due is not None and next_due > now:
+                wait = min(wait, (next_due - now).total_seconds())
             try:
                 async with asyncio.timeout(wait):
                     await self._wake.wait()

@@ -259,7 +259,12 @@ class Store(Protocol):
         ...
 
     async def outbox_stats(self) -> tuple[int, datetime | None]:
-        """(pending items, earliest ``next_attempt_at`` among them)."""
+        """(pending items, the earliest time one of them may be claimed).
+
+        That time is an item's ``next_attempt_at``, or the end of its lease
+        when it is leased beyond it; items queued behind their session's
+        head are not told apart (the head's settle wakes the loop).
+        """
         ...
 
     async def get_outbox(self, item_id: str) -> OutboxItem | None:

@@ -355,8 +355,9 @@ class PostgresStore:
     async def outbox_stats(self) -> tuple[int, datetime | None]:
         """See base class."""
         row = await self._database().fetchrow(
-            "SELECT COUNT(*) AS n, MIN(next_attempt_at) AS next_attempt_at FROM outbox "
-            "WHERE status = 'pending'"
+            "SELECT COUNT(*) AS n, "
+            "MIN(GREATEST(next_attempt_at, COALESCE(lease_until, next_attempt_at))) "
+            "AS next_attempt_at FROM outbox WHERE status = 'pending'"
         )
         if row is None:
             return 0, None

@@ -933,8 +933,9 @@ class SqliteStore:
     async def outbox_stats(self) -> tuple[int, datetime | None]:
         """See base class."""
         row = await self._queries()._one(
-            "SELECT COUNT(*) AS n, MIN(next_attempt_at) AS next_attempt_at FROM outbox "
-            "WHERE status = 'pending'",
+            "SELECT COUNT(*) AS n, "
+            "MIN(MAX(next_attempt_at, COALESCE(lease_until, next_attempt_at))) AS next_attempt_at "
+            "FROM outbox WHERE status = 'pending'",
             (),
         )
         if row is None:

@@ -144,6 +144,9 @@ class LocalProvider:
         self._state_file = state_file
         self._default_group = default_group
         self._chats: dict[str, Conversation] = {}
+        # (conversation, request id) → message id: a repeated send is found
+        # without scanning the conversation.
+        self._sent: dict[tuple[str, str], str] = {}
         self._lock = asyncio.Lock()
         self._version = 0
         self._changed = asyncio.Event()
@@ -159,6 +162,9 @@ class LocalProvider:
                 for raw in json.loads(data).get("conversations", []):
                     conv = Conversation(**raw)
                     self._chats[conv.id] = conv
+                    for m in conv.messages:
+                        if m.get("request_id"):
+                            self._sent[(conv.id, m["request_id"])] = m["id"]
             except (ValueError, TypeError) as exc:
                 log.warning("local.state_unreadable", path=str(self._state_file), error=str(exc))
         if self._state_file is not None:
@@ -187,6 +193,8 @@ class LocalProvider:
         ended = [c for c in self._chats.values() if c.status == ENDED]
         for old in ended[:-_MAX_ENDED]:
             del self._chats[old.id]
+            for m in old.messages:
+                self._sent.pop((old.id, m.get("request_id", "")), None)
         payload = json.dumps({"conversations": [c.snapshot() for c in self._chats.values()]})
         path = self._state_file
 
@@ -267,9 +275,9 @@ class LocalProvider:
             conv = self._get(chat.external_chat_id)
             if conv.status == ENDED:
                 raise ChatInactive()
-            for existing in conv.messages:
-                if existing.get("request_id") == request_id:
-                    return SendResult(existing["id"])
+            known = self._sent.get((conv.id, request_id))
+            if known is not None:
+                return SendResult(known)
             entry = {
                 "id": f"{conv.id}_{len(conv.messages) + 1}",
                 "author": Author.USER.value,
@@ -278,6 +286,7 @@ class LocalProvider:
                 **render_body(message),
             }
             conv.messages.append(entry)
+            self._sent[(conv.id, request_id)] = entry["id"]
             self._touch()
         return SendResult(entry["id"])
 
