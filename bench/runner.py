@@ -391,49 +391,46 @@ async def webhook_group(ctx: Ctx, rnd: int) -> None:
                 result["lat"],
             )
             for rate in opts.stream_rates:
-                run = f"s{rnd}{target[:2]}{rate}{uuid.uuid4().hex[:6]}"
-                out = await _stream_run(
+                await _stream_case(
                     ctx,
+                    rnd,
+                    f"webhook→stream {rate}/s",
+                    target,
+                    f"{tag} {rate}/s",
                     stream_target=server.grpc_addr,
                     http_addr=server.http_addr,
                     spec=spec,
                     rate=rate,
                     streams=1,
                     channels=1,
-                    run=run,
+                    run=f"s{rnd}{target[:2]}{rate}{uuid.uuid4().hex[:6]}",
                 )
-                _stream_notes(ctx, f"{tag} {rate}/s", out)
-                ctx.record(
-                    rnd,
-                    f"webhook→stream {rate}/s",
-                    target,
-                    _lat(out["recv"]),
-                    out,
-                    out["recv"]["lat"],
-                )
-            run = f"f{rnd}{target[:2]}{uuid.uuid4().hex[:6]}"
-            out = await _stream_run(
+            await _stream_case(
                 ctx,
+                rnd,
+                f"fan-out {opts.fanout_streams} streams {opts.fanout_rate}/s",
+                target,
+                f"{tag} fan-out",
                 stream_target=server.grpc_addr,
                 http_addr=server.http_addr,
                 spec=spec,
                 rate=opts.fanout_rate,
                 streams=opts.fanout_streams,
                 channels=max(1, opts.fanout_streams // 100),
-                run=run,
-            )
-            _stream_notes(ctx, f"{tag} fan-out", out)
-            ctx.record(
-                rnd,
-                f"fan-out {opts.fanout_streams} streams {opts.fanout_rate}/s",
-                target,
-                _lat(out["recv"]),
-                out,
-                out["recv"]["lat"],
+                run=f"f{rnd}{target[:2]}{uuid.uuid4().hex[:6]}",
             )
         finally:
             await server.stop()
             _check_log(ctx, server)
+
+
+async def _stream_case(
+    ctx: Ctx, rnd: int, scenario: str, target: str, note: str, **run: Any
+) -> None:
+    """One webhook → stream run (``_stream_run`` arguments), noted and recorded."""
+    out = await _stream_run(ctx, **run)
+    _stream_notes(ctx, note, out)
+    ctx.record(rnd, scenario, target, _lat(out["recv"]), out, out["recv"]["lat"])
 
 
 def _stream_notes(ctx: Ctx, what: str, out: dict[str, Any]) -> None:
@@ -480,25 +477,19 @@ async def xreplica_group(ctx: Ctx, rnd: int) -> None:
         spec = await webhook_spec(ctx.webhook_provider, sessions, fake=ctx.fake)
         await _warm_chats(a, spec, tag)
         for rate in opts.stream_rates:
-            run = f"x{rnd}{rate}{uuid.uuid4().hex[:6]}"
-            out = await _stream_run(
+            await _stream_case(
                 ctx,
+                rnd,
+                f"cross-replica {rate}/s",
+                "postgres",
+                f"{tag} {rate}/s",
                 stream_target=b.grpc_addr,
                 http_addr=a.http_addr,
                 spec=spec,
                 rate=rate,
                 streams=1,
                 channels=1,
-                run=run,
-            )
-            _stream_notes(ctx, f"{tag} {rate}/s", out)
-            ctx.record(
-                rnd,
-                f"cross-replica {rate}/s",
-                "postgres",
-                _lat(out["recv"]),
-                out,
-                out["recv"]["lat"],
+                run=f"x{rnd}{rate}{uuid.uuid4().hex[:6]}",
             )
     finally:
         await a.stop()
