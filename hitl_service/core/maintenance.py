@@ -138,10 +138,7 @@ class Maintenance:
             return
         self._ctx.metrics.timeouts.labels(kind).inc()
         log.info("session.timeout", session_id=session.id, kind=kind)
-        if head:
-            self._outbox.start_attempt(item)
-        else:
-            self._outbox.kick()
+        self._outbox.dispatch(item, head)
 
     async def _fail_interrupted_start(self, session: Session, now: datetime) -> None:
         ctx = self._ctx

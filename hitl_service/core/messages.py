@@ -99,10 +99,7 @@ async def send_message(
             )
             session.last_activity_at = now
             await tx.update_session(session)
-    if claimed:
-        outbox.start_attempt(item)
-    elif item.status is OutboxStatus.PENDING:
-        outbox.kick()
+    outbox.dispatch(item, claimed)
     item = await outbox.wait(item, budget)
     if item.status is OutboxStatus.DONE:
         return SendOutcome(item.id, str(item.result.get("external_message_id", "")))

@@ -60,6 +60,17 @@ class Outbox:
         self._wake.set()
 
     # --- attempts ------------------------------------------------------------
+    def dispatch(self, item: OutboxItem, claimed: bool) -> None:
+        """Gets a just-stored item going.
+
+        An item its writer claimed (it heads its session's queue) is attempted
+        at once; any other pending one is left to the background loop.
+        """
+        if claimed:
+            self.start_attempt(item)
+        elif item.status is OutboxStatus.PENDING:
+            self.kick()
+
     def start_attempt(self, item: OutboxItem) -> asyncio.Task[OutboxItem]:
         """Runs one attempt of a claimed item in its own task.
 

@@ -298,10 +298,7 @@ async def stop_handoff(
     item, head = await request_stop(ctx, cmd.session_id, cmd.reason, EndedBy.CALLER)
     if item is None:
         return await get_session(ctx, cmd.session_id)
-    if head and item.status is OutboxStatus.PENDING and item.lease_owner == ctx.owner:
-        outbox.start_attempt(item)
-    else:
-        outbox.kick()
+    outbox.dispatch(item, head)
     item = await outbox.wait(item, budget)
     if item.status is OutboxStatus.FAILED:
         raise FailedPrecondition(
