@@ -11,7 +11,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 import uvicorn
@@ -168,9 +168,6 @@ def build_sidecar(
         *provider.routes(),
     ]
 
-    counters: dict[tuple[str, str], Any] = {}
-    timers: dict[str, Any] = {}
-
     @contextlib.contextmanager
     def _webhook_context(request: Request, name: str) -> Iterator[tuple[list[str], str]]:
         clear_contextvars()
@@ -184,16 +181,8 @@ def build_sidecar(
         finally:
             elapsed = time.perf_counter() - started
             label = name if name == provider.name else "unknown"
-            # Labelled children are looked up once (labels() takes a lock and
-            # hashes its arguments on every call); both label sets are small.
-            counter = counters.get((label, outcome[0]))
-            if counter is None:
-                counter = counters[label, outcome[0]] = metrics.webhooks.labels(label, outcome[0])
-            counter.inc()
-            timer = timers.get(label)
-            if timer is None:
-                timer = timers[label] = metrics.webhook_seconds.labels(label)
-            timer.observe(elapsed)
+            metrics.child(metrics.webhooks, label, outcome[0]).inc()
+            metrics.child(metrics.webhook_seconds, label).observe(elapsed)
             log.info("webhook.done", outcome=outcome[0], duration_ms=round(elapsed * 1000, 3))
 
     async def not_found(request: Request, exc: Exception) -> Response:

@@ -33,6 +33,10 @@ PHONE_RE = re.compile(r"\+?[0-9 ()-]{3,32}")
 CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 MAX_TEXT_BYTES = 64 * 1024
+# Known enum numbers, built once: ``EnumTypeWrapper.values()`` builds a list per call.
+_MEDIA_KINDS = frozenset(pb.MediaKind.values())
+_AUTHORS = frozenset(pb.Author.values())
+_BUTTON_KINDS = frozenset(pb.ButtonKind.values())
 MAX_HISTORY = 200
 MAX_METADATA = 32
 MAX_BUTTONS = 13
@@ -113,7 +117,7 @@ class _Checker:
                 self.add(f"{field}.media.mime_type", "must look like type/subtype")
             if media.size_bytes < 0:
                 self.add(f"{field}.media.size_bytes", "must not be negative")
-            if media.kind not in pb.MediaKind.values():
+            if media.kind not in _MEDIA_KINDS:
                 self.add(f"{field}.media.kind", "is not a known media kind")
             self.text(f"{field}.media.caption", media.caption, limit=4000, single_line=False)
         elif which == "location":
@@ -126,7 +130,7 @@ class _Checker:
             self.text(f"{field}.location.address", loc.address, limit=500)
         else:
             self.card(f"{field}.card", message.card)
-        if message.author not in pb.Author.values():
+        if message.author not in _AUTHORS:
             self.add(f"{field}.author", "is not a known author")
 
     def card(self, field: str, card: pb.Card) -> None:
@@ -145,7 +149,7 @@ class _Checker:
             elif button.kind == pb.BUTTON_KIND_PHONE:
                 if not PHONE_RE.fullmatch(button.value):
                     self.add(f"{where}.value", "must be a phone number")
-            elif button.kind not in pb.ButtonKind.values():
+            elif button.kind not in _BUTTON_KINDS:
                 self.add(f"{where}.kind", "is not a known button kind")
             else:
                 self.text(f"{where}.value", button.value, limit=1000)

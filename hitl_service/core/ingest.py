@@ -75,10 +75,13 @@ class Ingestor:
         async with ctx.store.transaction() as tx:
             # Lock every session of the batch first, in a fixed order, so two
             # batches spanning the same chats cannot deadlock on PostgreSQL.
-            for chat_id in sorted({event.external_chat_id for event in events}):
-                await tx.find_session_by_chat(provider, chat_id)
+            # Each is read once: the events of a chat change its one copy.
+            sessions = {
+                chat_id: await tx.find_session_by_chat(provider, chat_id)
+                for chat_id in sorted({event.external_chat_id for event in events})
+            }
             for event in events:
-                session = await tx.find_session_by_chat(provider, event.external_chat_id)
+                session = sessions[event.external_chat_id]
                 if session is None or other_thread(session, event):
                     # Not ours, or about another conversation of the chat: an
                     # earlier one (ignored), or one a start in flight is
@@ -100,7 +103,7 @@ class Ingestor:
                 result.ignored += 0 if added else 1
         self._outbox.signal_many(failed_items)
         for kind in kinds:
-            ctx.metrics.events_appended.labels(kind).inc()
+            ctx.metrics.appended(kind)
         return result
 
 

@@ -192,6 +192,6 @@ class Maintenance:
         if added:
             ctx.metrics.catch_up_events.labels(ctx.provider_name).inc(len(added))
             for tag in added:
-                ctx.metrics.events_appended.labels(tag).inc()
+                ctx.metrics.appended(tag)
             log.info("catch_up.recovered", session_id=session.id, events=len(added))
         return len(added)

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from hitl_service.core.commands import SendUserMessage
     from hitl_service.core.context import CoreContext
     from hitl_service.core.outbox import Outbox
+    from hitl_service.domain import Session
+    from providers.types import ProviderUser
 
 SEND_SCOPE = "SendMessage"
 
@@ -52,6 +54,8 @@ async def send_message(
     """
     now = ctx.clock.now()
     claimed = False
+    session: Session | None = None
+    user: ProviderUser | None = None
     async with ctx.store.transaction() as tx:
         record = await tx.get_idempotency(SEND_SCOPE, cmd.request_id)
         if record is not None:
@@ -91,7 +95,10 @@ async def send_message(
                 lease_until=now + ctx.lease,
             )
             claimed = await tx.insert_outbox(item)
-            if not claimed:
+            if claimed:
+                # Read here, in one go, for the attempt that starts below.
+                user = await tx.get_provider_user(session.user_id, ctx.provider_name)
+            else:
                 item.attempts, item.lease_owner, item.lease_until = 0, "", None
                 await tx.update_outbox(item)
             await tx.put_idempotency(
@@ -99,7 +106,7 @@ async def send_message(
             )
             session.last_activity_at = now
             await tx.update_session(session)
-    outbox.dispatch(item, claimed)
+    outbox.dispatch(item, claimed, session=session, user=user)
     item = await outbox.wait(item, budget)
     if item.status is OutboxStatus.DONE:
         return SendOutcome(item.id, str(item.result.get("external_message_id", "")))

@@ -54,43 +54,63 @@ class Outbox:
         self._finished: dict[str, asyncio.Event] = {}
         self._inflight: dict[str, asyncio.Task[OutboxItem]] = {}
         self._stopping = False
+        # Whether the loop last saw due items it could not claim (queued
+        # behind their session's head, or beyond the concurrency): only then
+        # does a settle need to wake it.
+        self._backlog = False
 
     def kick(self) -> None:
         """Makes the background loop look for due items now."""
         self._wake.set()
 
+    def _count(self, item: OutboxItem, outcome: str) -> None:
+        metrics = self._ctx.metrics
+        metrics.child(metrics.outbox_outcomes, item.kind.value, outcome).inc()
+
     # --- attempts ------------------------------------------------------------
-    def dispatch(self, item: OutboxItem, claimed: bool) -> None:
+    def dispatch(
+        self,
+        item: OutboxItem,
+        claimed: bool,
+        *,
+        session: Session | None = None,
+        user: ProviderUser | None = None,
+    ) -> None:
         """Gets a just-stored item going.
 
         An item its writer claimed (it heads its session's queue) is attempted
-        at once; any other pending one is left to the background loop.
+        at once, with the session and provider user the writer's transaction
+        read, if it passes them; any other pending one is left to the
+        background loop.
         """
         if claimed:
-            self.start_attempt(item)
+            self.start_attempt(item, session, user)
         elif item.status is OutboxStatus.PENDING:
+            self._backlog = True
             self.kick()
 
-    def start_attempt(self, item: OutboxItem) -> asyncio.Task[OutboxItem]:
+    def start_attempt(
+        self, item: OutboxItem, session: Session | None = None, user: ProviderUser | None = None
+    ) -> asyncio.Task[OutboxItem]:
         """Runs one attempt of a claimed item in its own task.
 
         The task outlives a cancelled RPC, so an attempt is never cut off
         half-way by a caller going away.
         """
-        task = asyncio.create_task(self._attempt(item), name=f"outbox-{item.id}")
+        task = asyncio.create_task(self._attempt(item, session, user), name=f"outbox-{item.id}")
         self._inflight[item.id] = task
         task.add_done_callback(lambda _: self._inflight.pop(item.id, None))
         return task
 
-    async def _attempt(self, item: OutboxItem) -> OutboxItem:
+    async def _attempt(
+        self, item: OutboxItem, session: Session | None, user: ProviderUser | None
+    ) -> OutboxItem:
         ctx = self._ctx
         try:
-            session = await ctx.store.get_session(item.session_id)
-            user = (
-                await ctx.store.get_provider_user(session.user_id, ctx.provider_name)
-                if session is not None
-                else None
-            )
+            if session is None:
+                session = await ctx.store.get_session(item.session_id)
+            if user is None and session is not None:
+                user = await ctx.store.get_provider_user(session.user_id, ctx.provider_name)
             if session is None or user is None or not session.external_chat_id:
                 return await self._settle_failed(
                     item, "SESSION_NOT_READY", "the session has no chat"
@@ -129,7 +149,10 @@ class Outbox:
             return await self._settle_retry(item, "internal error", None, uncertain=True)
         finally:
             self._signal(item.id)
-            self.kick()
+            # A retry changes when the loop must look next; a settled head
+            # frees the items queued behind it (if the loop saw any).
+            if self._backlog or item.status is OutboxStatus.PENDING:
+                self.kick()
 
     async def _call(
         self, item: OutboxItem, chat: ProviderChat, user: ProviderUser
@@ -190,9 +213,9 @@ class Outbox:
             item.last_error = item.error_code = ""
             await tx.update_outbox(item)
         self.signal_many(ended_items)
-        ctx.metrics.outbox_outcomes.labels(item.kind.value, "done").inc()
+        self._count(item, "done")
         if item.kind is OutboxKind.STOP:
-            ctx.metrics.events_appended.labels("ended").inc()
+            ctx.metrics.appended("ended")
         return item
 
     async def _settle_failed(
@@ -220,7 +243,7 @@ class Outbox:
                 if session is not None and session.stop_requested_at is not None:
                     session.stop_requested_at = None
                     await tx.update_session(session)
-        ctx.metrics.outbox_outcomes.labels(item.kind.value, "failed").inc()
+        self._count(item, "failed")
         log.warning("outbox.failed", item_id=item.id, kind=item.kind.value, code=code)
         return item
 
@@ -242,7 +265,7 @@ class Outbox:
             item.lease_owner, item.lease_until = "", None
             item.last_error = error
             await tx.update_outbox(item)
-        ctx.metrics.outbox_outcomes.labels(item.kind.value, "retry").inc()
+        self._count(item, "retry")
         log.info(
             "outbox.retry",
             item_id=item.id,
@@ -319,6 +342,7 @@ class Outbox:
             ctx.metrics.outbox_depth.set(pending)
             if claimed:
                 continue  # more may be due
+            self._backlog = next_due is not None and next_due <= now
             # Nothing claimable now: sleep until the next item falls due (or
             # a lease ends), a settle kicks us, or the poll interval passes
             # (other replicas' settles). Items due but not claimed are queued

@@ -96,7 +96,8 @@ class ProviderCalls:
             outcome = "rejected"
             raise
         finally:
-            self._metrics.provider_seconds.labels(self._provider, operation, outcome).observe(
+            metrics = self._metrics
+            metrics.child(metrics.provider_seconds, self._provider, operation, outcome).observe(
                 self._clock.monotonic() - started
             )
 

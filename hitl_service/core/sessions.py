@@ -260,7 +260,7 @@ async def _commit_start(
             tags.extend(await apply_inbound(tx, ctx, current, event, now, []))
         session = current
     for tag in tags:
-        ctx.metrics.events_appended.labels(tag).inc()
+        ctx.metrics.appended(tag)
     log.info("session.started", session_id=session.id, parked=len(parked))
     return session
 
@@ -277,7 +277,7 @@ async def _fail_start(
         await tx.append_event(current.id, current.user_id, now, Failed(code=code, detail=detail))
         if forget:
             await tx.delete_idempotency(START_SCOPE, forget)
-    ctx.metrics.events_appended.labels("failed").inc()
+    ctx.metrics.appended("failed")
     log.warning("session.start_failed", session_id=session.id, code=code)
 
 

@@ -23,12 +23,14 @@ from hitl_service.domain import (
 from hitl_service.store.base import DuplicateKey, OpenSessionExists
 from hitl_service.store.rows import (
     OUTBOX_COLUMNS,
+    OUTBOX_MUTABLE,
     SESSION_COLUMNS,
     USER_COLUMNS,
     dumps,
     inbound_from_json,
     inbound_to_json,
     outbox_from_row,
+    outbox_update_values,
     outbox_values,
     provider_user_from_row,
     session_from_row,
@@ -93,9 +95,7 @@ def _update(table: str, columns: list[str]) -> str:
 _SESSION_UPDATE_COLUMNS = [
     c for c in _columns(SESSION_COLUMNS) if c not in ("id", "user_id", "provider", "created_at")
 ]
-_OUTBOX_UPDATE_COLUMNS = [
-    c for c in _columns(OUTBOX_COLUMNS) if c not in ("id", "session_id", "kind", "created_at")
-]
+_OUTBOX_UPDATE_COLUMNS = list(OUTBOX_MUTABLE)
 _OUTBOX_RETURNING = ", ".join(f"outbox.{c}" for c in _columns(OUTBOX_COLUMNS))
 
 
@@ -394,7 +394,7 @@ class PostgresTx(Queries):
 
     async def update_outbox(self, item: OutboxItem) -> None:
         """See base class."""
-        values = outbox_values(item)
+        values = outbox_update_values(item)
         await self._db.execute(
             _update("outbox", _OUTBOX_UPDATE_COLUMNS),
             item.id,

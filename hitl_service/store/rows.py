@@ -176,6 +176,30 @@ def outbox_values(item: OutboxItem) -> dict[str, Any]:
         "kind": item.kind.value,
         "request_id": item.request_id,
         "payload": dumps(item.payload),
+        "created_at": item.created_at,
+        **outbox_update_values(item),
+    }
+
+
+OUTBOX_MUTABLE = (
+    "status",
+    "attempts",
+    "attempts_settled",
+    "next_attempt_at",
+    "lease_owner",
+    "lease_until",
+    "last_error",
+    "error_code",
+    "result",
+    "done_at",
+)
+"""The columns an update writes: the rest (the payload above all) never change."""
+
+
+def outbox_update_values(item: OutboxItem) -> dict[str, Any]:
+    """An item's ``OUTBOX_MUTABLE`` column values, and its id."""
+    return {
+        "id": item.id,
         "status": item.status.value,
         "attempts": item.attempts,
         "attempts_settled": item.attempts_settled,
@@ -185,7 +209,6 @@ def outbox_values(item: OutboxItem) -> dict[str, Any]:
         "last_error": item.last_error,
         "error_code": item.error_code,
         "result": dumps(item.result),
-        "created_at": item.created_at,
         "done_at": item.done_at,
     }
 

@@ -66,6 +66,7 @@ from hitl_service.store.base import DuplicateKey, OpenSessionExists
 from hitl_service.store.migrations import migrations, statements
 from hitl_service.store.rows import (
     OUTBOX_COLUMNS,
+    OUTBOX_MUTABLE,
     SESSION_COLUMNS,
     USER_COLUMNS,
     dumps,
@@ -73,6 +74,7 @@ from hitl_service.store.rows import (
     inbound_from_json,
     inbound_to_json,
     outbox_from_row,
+    outbox_update_values,
     outbox_values,
     provider_user_from_row,
     session_from_row,
@@ -109,8 +111,6 @@ WAL_SIZE_LIMIT = 256 * 1024 * 1024  # the WAL file is trimmed to this when it re
 # lost a quarter of its throughput).
 WAL_FORCE_FRAMES = 65536
 PRUNE_BATCH = 2000  # rows deleted per transaction when pruning
-_BATCHING_PAYS = 1.5  # members per COMMIT below which transactions commit at once
-_PROBE_EVERY = 16  # ... except every 16th, which waits a loop turn to see who joins
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -189,11 +189,6 @@ _SESSION_UPDATE = [
     for c in SESSION_COLUMNS.split(",")
     if c.strip() not in ("id", "user_id", "provider", "created_at")
 ]
-_OUTBOX_UPDATE = [
-    c.strip()
-    for c in OUTBOX_COLUMNS.split(",")
-    if c.strip() not in ("id", "session_id", "kind", "created_at")
-]
 _SQL_INSERT_USER = f"INSERT INTO users ({USER_COLUMNS}) VALUES ({_placeholders(USER_COLUMNS)})"
 _SQL_INSERT_SESSION = (
     f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES ({_placeholders(SESSION_COLUMNS)})"
@@ -202,7 +197,7 @@ _SQL_UPDATE_SESSION = f"UPDATE sessions SET {_assignments(_SESSION_UPDATE)} WHER
 _SQL_INSERT_OUTBOX = (
     f"INSERT INTO outbox ({OUTBOX_COLUMNS}) VALUES ({_placeholders(OUTBOX_COLUMNS)})"
 )
-_SQL_UPDATE_OUTBOX = f"UPDATE outbox SET {_assignments(_OUTBOX_UPDATE)} WHERE id = :id"
+_SQL_UPDATE_OUTBOX = f"UPDATE outbox SET {_assignments(OUTBOX_MUTABLE)} WHERE id = :id"
 _SQL_GET_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?"
 
 
@@ -478,9 +473,7 @@ class SqliteTx(_Queries):
         return ahead is None
 
     async def update_outbox(self, item: OutboxItem) -> None:
-        values = outbox_values(item)
-        del values["session_id"], values["kind"], values["created_at"]
-        await self._exec(_SQL_UPDATE_OUTBOX, _params(values))
+        await self._exec(_SQL_UPDATE_OUTBOX, _params(outbox_update_values(item)))
 
     async def claim_outbox(
         self, owner: str, now: datetime, lease_until: datetime, limit: int
@@ -579,8 +572,7 @@ class SqliteStore:
         self._write_lock = asyncio.Lock()
         self._batch: _Batch | None = None
         self._flusher: asyncio.Task[None] | None = None
-        self._avg_batch = 1.0  # moving average of members per COMMIT
-        self._probe = 0
+        self._entering = 0  # callers of transaction() not yet holding the write lock
         self._head = 0
         self._changed = asyncio.Event()
         self._commits = 0
@@ -706,19 +698,24 @@ class SqliteStore:
         """See base class.
 
         Group commit: a transaction is a savepoint inside the writer's open
-        SQLite transaction, and one COMMIT (a task scheduled by the first
-        member, so that every body ready in the same loop turn joins) makes
-        every member of the batch durable at once. When batches have lately
-        been of one member (no concurrency), the COMMIT is issued at once
-        instead, except every ``_PROBE_EVERY``-th time, to notice load. Each
-        caller's ``async with`` exits only after that COMMIT, so nothing is
-        acknowledged or announced before it is committed; if the COMMIT
-        fails, every member raises ``StoreUnavailable``. Bodies still run
-        one at a time (the write lock), so each sees the effects of the
-        ones before it, exactly as serial transactions would.
+        SQLite transaction (the first member is that transaction itself), and
+        one COMMIT makes every member of the batch durable at once. A body
+        that ends while other callers are on their way to the write lock
+        leaves the COMMIT to a task that runs after them, so they join its
+        batch; a body that ends with nobody coming commits at once (no added
+        latency when there is no concurrency). Each caller's ``async with``
+        exits only after that COMMIT, so nothing is acknowledged or announced
+        before it is committed; if the COMMIT fails, every member raises
+        ``StoreUnavailable``. Bodies still run one at a time (the write
+        lock), so each sees the effects of the ones before it, exactly as
+        serial transactions would.
         """
-        await asyncio.sleep(0)  # let other tasks run (module docstring)
-        await self._write_lock.acquire()
+        self._entering += 1
+        try:
+            await asyncio.sleep(0)  # let other tasks run (module docstring)
+            await self._write_lock.acquire()
+        finally:
+            self._entering -= 1
         try:
             conn = self._writer
             if conn is None:
@@ -730,21 +727,22 @@ class SqliteStore:
                 except sqlite3.Error as exc:
                     raise StoreUnavailable(f"SQLite refused a write: {exc}") from exc
                 batch = self._batch = _Batch(asyncio.get_running_loop().create_future())
-            conn.execute("SAVEPOINT tx")
+            # The first member needs no savepoint: undoing it is a ROLLBACK.
+            joined = batch.members > 0
+            if joined:
+                conn.execute("SAVEPOINT tx")
             tx = SqliteTx(conn, self._busy_timeout)
             try:
                 yield tx
             except BaseException:
                 self._undo(conn, batch)
                 raise
-            conn.execute("RELEASE tx")
+            if joined:
+                conn.execute("RELEASE tx")
             batch.members += 1
             batch.last_seq = max(batch.last_seq, tx.last_seq)
-            self._probe += 1
-            if self._avg_batch < _BATCHING_PAYS and self._probe % _PROBE_EVERY:
-                # Alone lately: deferring the COMMIT would only add a loop
-                # turn to this caller's latency. Commit now (every member).
-                self._commit(batch)
+            if not self._entering:
+                self._commit(batch)  # nobody would join: commit every member now
             elif self._flusher is None:
                 self._flusher = asyncio.create_task(self._flush(), name="sqlite-commit")
         finally:
@@ -784,7 +782,6 @@ class SqliteStore:
     def _commit(self, batch: _Batch) -> None:
         """COMMITs the open batch (write lock held) and tells its members."""
         self._batch = None
-        self._avg_batch += (batch.members - self._avg_batch) / 8
         conn = self._writer
         if conn is None:
             batch.committed.set_exception(StoreUnavailable("the store is closed"))
