@@ -154,6 +154,35 @@ class TestPending:
         assert bodies[0] == "first"
         assert sorted(bodies[1:]) == ["later0", "later1", "later2"]  # type: ignore[type-var]
 
+    async def test_a_settled_head_wakes_the_loop_for_the_sends_behind_it(
+        self, scripted_app: App, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        """Queued sends go out when their head settles, not at the next poll
+        (an hour here: a missing wake-up would time the calls out)."""
+        outbox = scripted_app.core.outbox
+        outbox.poll_interval = 3600.0
+        outbox.kick()
+        session = await open_session(scripted_stub)
+        gate = scripted.hold("send")
+        requests = [send_request(session, f"m{i}") for i in range(4)]
+
+        async def send(request: pb.SendMessageRequest) -> pb.SendMessageResponse:
+            return await scripted_stub.SendMessage(request, timeout=TIMEOUT)
+
+        first = asyncio.create_task(send(requests[0]))
+        await wait_for(lambda: scripted.calls.sends, what="the first attempt")
+        later = [asyncio.create_task(send(r)) for r in requests[1:]]
+
+        async def all_queued() -> bool:
+            pending, _ = await scripted_app.store.outbox_stats()
+            return pending == 4
+
+        await wait_for(all_queued, what="the later messages to queue behind the first")
+        gate.set()
+        answers = await asyncio.gather(first, *later)
+        assert [a.external_message_id for a in answers] == [f"ev-{r.request_id}" for r in requests]
+        assert len(scripted.calls.delivered) == 4
+
 
 class TestStop:
     async def test_stop_retries_until_the_provider_confirms(

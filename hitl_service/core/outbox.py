@@ -49,7 +49,9 @@ class Outbox:
     ) -> None:
         self._ctx = ctx
         self._concurrency = concurrency
-        self._poll_interval = poll_interval
+        # Seconds between looks at the store when nothing wakes the loop
+        # (items of other replicas); also how often waiting RPCs re-read.
+        self.poll_interval = poll_interval
         self._wake = asyncio.Event()
         self._finished: dict[str, asyncio.Event] = {}
         self._inflight: dict[str, asyncio.Task[OutboxItem]] = {}
@@ -307,14 +309,14 @@ class Outbox:
                 # Awaiting a finished task does not yield to the loop: take
                 # each attempt's result once, then wait for the next one.
                 seen = task
-                done, _ = await asyncio.wait({task}, timeout=min(remaining, self._poll_interval))
+                done, _ = await asyncio.wait({task}, timeout=min(remaining, self.poll_interval))
                 if done and not task.cancelled() and task.exception() is None:
                     item = task.result()
                     continue  # settled, or rescheduled: then wait for the retry
             else:
                 event = self._finished.setdefault(item.id, asyncio.Event())
                 try:
-                    async with asyncio.timeout(min(remaining, self._poll_interval)):
+                    async with asyncio.timeout(min(remaining, self.poll_interval)):
                         await event.wait()
                 except TimeoutError:
                     pass
@@ -348,7 +350,7 @@ class Outbox:
             # (other replicas' settles). Items due but not claimed are queued
             # behind their session's head or beyond our concurrency; their
             # head's settle kicks the loop, so there is no need to spin.
-            wait = self._poll_interval
+            wait = self.poll_interval
             if next_due is not None and next_due > now:
                 wait = min(wait, (next_due - now).total_seconds())
             try:

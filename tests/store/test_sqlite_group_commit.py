@@ -1,0 +1,90 @@
+"""SQLite group commit: concurrent transactions share COMMITs, and one
+member's failure undoes that member alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import pytest
+
+from hitl_service.store.sqlite import SqliteStore
+from providers.types import Queued
+from tests.store.factories import T0, make_user
+from tests.store.helpers import Boom
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    from hitl_service.domain import User
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    store = SqliteStore(tmp_path / "hitl.db")
+    await store.open()
+    yield store
+    await store.close()
+
+
+def count_statements(store: SqliteStore) -> Counter[str]:
+    """Counts the writer's statements by their first word (BEGIN, COMMIT, ...)."""
+    seen: Counter[str] = Counter()
+    writer = store._writer
+    assert writer is not None
+    writer.set_trace_callback(lambda sql: seen.update([sql.split(None, 1)[0].upper()]))
+    return seen
+
+
+async def add(store: SqliteStore, user: User, *, fail: bool = False) -> int:
+    async with store.transaction() as tx:
+        await tx.insert_user(user)
+        seq = await tx.append_event("s", user.id, T0, Queued())
+        if fail:
+            raise Boom
+        return seq
+
+
+async def test_concurrent_transactions_share_commits(sqlite_store: SqliteStore) -> None:
+    seen = count_statements(sqlite_store)
+    users = [make_user() for _ in range(16)]
+    cursors = await asyncio.gather(*(add(sqlite_store, u) for u in users))
+    assert len(set(cursors)) == 16
+    # Every body after the first finds the batch open and joins it.
+    assert seen["COMMIT"] < 16, seen
+    assert seen["BEGIN"] == seen["COMMIT"]
+    for user in users:
+        assert await sqlite_store.get_user(user.id) == user
+
+
+async def test_a_lone_transaction_commits_at_once_without_a_savepoint(
+    sqlite_store: SqliteStore,
+) -> None:
+    seen = count_statements(sqlite_store)
+    user = make_user()
+    await add(sqlite_store, user)
+    assert seen["COMMIT"] == 1
+    assert seen["SAVEPOINT"] == 0
+    assert await sqlite_store.get_user(user.id) == user
+
+
+@pytest.mark.parametrize("failing", [0, 5, 15])
+async def test_a_failing_member_is_undone_alone(sqlite_store: SqliteStore, failing: int) -> None:
+    """The first member (the batch's own transaction), a middle and the last one."""
+    users = [make_user() for _ in range(16)]
+    outcomes = await asyncio.gather(
+        *(add(sqlite_store, u, fail=i == failing) for i, u in enumerate(users)),
+        return_exceptions=True,
+    )
+    for i, (user, outcome) in enumerate(zip(users, outcomes, strict=True)):
+        stored = await sqlite_store.get_user(user.id)
+        if i == failing:
+            assert isinstance(outcome, Boom)
+            assert stored is None
+        else:
+            assert isinstance(outcome, int), outcome
+            assert stored == user
+    events = await sqlite_store.read_events(after=0, limit=100)
+    assert sorted(e.seq for e in events) == sorted(o for o in outcomes if isinstance(o, int))
