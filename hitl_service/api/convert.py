@@ -88,13 +88,19 @@ BUTTON_FROM_PB = {v: k for k, v in BUTTON_TO_PB.items()} | {
 }
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def timestamp(value: datetime | None) -> Timestamp | None:
     """datetime → Timestamp (None stays None)."""
     if value is None:
         return None
-    ts = Timestamp()
-    ts.FromDatetime(value.astimezone(UTC))
-    return ts
+    if value.tzinfo is None:
+        value = value.astimezone(UTC)  # naive means local time, as FromDatetime reads it
+    # Plain arithmetic: Timestamp.FromDatetime goes through timetuple and
+    # calendar.timegm, a cost every session and event of every answer pays.
+    delta = value - _EPOCH
+    return Timestamp(seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000)
 
 
 def from_timestamp(value: Timestamp) -> datetime:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from hitl_service.codec import message_to_json
@@ -26,6 +27,10 @@ if TYPE_CHECKING:
     from providers.types import ProviderUser
 
 SEND_SCOPE = "SendMessage"
+ACTIVITY_RESOLUTION = timedelta(seconds=1)
+"""How stale ``last_activity_at`` may be: it only feeds the idle timeout
+(minutes), and writing it on every message of a busy session costs a row
+update per message."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +109,10 @@ async def send_message(
             await tx.put_idempotency(
                 IdempotencyRecord(SEND_SCOPE, cmd.request_id, cmd.request_hash(), item.id, now)
             )
-            session.last_activity_at = now
-            await tx.update_session(session)
+            last = session.last_activity_at
+            if last is None or now - last >= ACTIVITY_RESOLUTION:
+                session.last_activity_at = now
+                await tx.update_session(session)
     outbox.dispatch(item, claimed, session=session, user=user)
     item = await outbox.wait(item, budget)
     if item.status is OutboxStatus.DONE:

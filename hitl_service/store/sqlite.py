@@ -42,8 +42,7 @@ import asyncio
 import functools
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -113,14 +112,23 @@ WAL_FORCE_FRAMES = 65536
 PRUNE_BATCH = 2000  # rows deleted per transaction when pruning
 
 
+_last_ts: tuple[datetime | None, str | None] = (None, None)
+
+
 def _ts(value: datetime | None) -> str | None:
     """datetime → fixed-width UTC text, so text order is time order."""
+    global _last_ts
     if value is None:
         return None
-    if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
+    # A write usually stores one "now" in several columns: reuse its text.
+    last, text = _last_ts
+    if value is last:
+        return text
+    utc = value if value.tzinfo is UTC else value.astimezone(UTC)
     # isoformat is C code; same text as strftime("%Y-%m-%dT%H:%M:%S.%fZ").
-    return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    text = utc.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    _last_ts = (value, text)
+    return text
 
 
 def _columns(cursor: sqlite3.Cursor) -> tuple[tuple[str, ...], list[str]]:
@@ -276,7 +284,7 @@ class SqliteTx(_Queries):
 
     def __init__(self, conn: sqlite3.Connection, busy_timeout: float) -> None:
         super().__init__(lambda: conn, busy_timeout, yields=False)
-        self._writer = conn
+        self._writer = self.connection = conn
         self.last_seq = 0
         # Session rows as stored (column text), as this transaction read or
         # wrote them: update_session writes only the columns that changed.
@@ -557,6 +565,25 @@ class _Batch:
         self.members = 0
 
 
+class _Transaction:
+    """``async with store.transaction() as tx`` (a class, not a generator:
+    every write runs through it)."""
+
+    __slots__ = ("_batch", "_joined", "_store", "_tx")
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+
+    async def __aenter__(self) -> SqliteTx:
+        self._tx, self._batch, self._joined = await self._store._join()
+        return self._tx
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        await self._store._leave(self._tx, self._batch, self._joined, failed=exc_type is not None)
+
+
 class SqliteStore:
     """``Store`` on one SQLite file."""
 
@@ -693,8 +720,7 @@ class SqliteStore:
         row = await self._queries()._one("SELECT MAX(version) AS v FROM schema_version", ())
         return int(row["v"] or 0) if row else 0
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[SqliteTx]:
+    def transaction(self) -> _Transaction:
         """See base class.
 
         Group commit: a transaction is a savepoint inside the writer's open
@@ -709,6 +735,14 @@ class SqliteStore:
         ``StoreUnavailable``. Bodies still run one at a time (the write
         lock), so each sees the effects of the ones before it, exactly as
         serial transactions would.
+        """
+        return _Transaction(self)
+
+    async def _join(self) -> tuple[SqliteTx, _Batch, bool]:
+        """Takes the write lock and joins (or begins) the open batch.
+
+        Returns the member's ``SqliteTx``, its batch, and whether it joined a
+        batch that already had members (and so runs in a savepoint).
         """
         self._entering += 1
         try:
@@ -731,12 +765,18 @@ class SqliteStore:
             joined = batch.members > 0
             if joined:
                 conn.execute("SAVEPOINT tx")
-            tx = SqliteTx(conn, self._busy_timeout)
-            try:
-                yield tx
-            except BaseException:
+        except BaseException:
+            self._write_lock.release()
+            raise
+        return SqliteTx(conn, self._busy_timeout), batch, joined
+
+    async def _leave(self, tx: SqliteTx, batch: _Batch, joined: bool, failed: bool) -> None:
+        """Ends a member: undone if its body failed, else committed with its batch."""
+        try:
+            conn = tx.connection
+            if failed:
                 self._undo(conn, batch)
-                raise
+                return
             if joined:
                 conn.execute("RELEASE tx")
             batch.members += 1
