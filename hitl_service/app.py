@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from prometheus_client import CollectorRegistry
 
+from hitl_service.activity import Activity
 from hitl_service.clock import Clock, SystemClock
 from hitl_service.config import ConfigError
 from hitl_service.core import HitlCore
@@ -108,6 +109,7 @@ class App:
     grpc_server: grpc.aio.Server
     health: health.aio.HealthServicer
     sidecar: Starlette
+    activity: Activity
     grpc_port: int = 0
     http_port: int = 0
     _http: EmbeddedServer | None = None
@@ -211,7 +213,8 @@ def build_app(
         http_transport=http_transport,
         factory=provider_factory,
     )
-    store = store or open_store(settings)
+    activity = Activity()
+    store = store or open_store(settings, activity)
     metrics = Metrics(registry)
     ctx = CoreContext(
         store=store,
@@ -229,8 +232,8 @@ def build_app(
     )
     core = HitlCore(ctx)
     sink.bind(core.ingestor)
-    grpc_server, health_servicer = build_grpc_server(core, settings, metrics)
-    sidecar = build_sidecar(core, provider, settings, metrics)
+    grpc_server, health_servicer = build_grpc_server(core, settings, metrics, activity)
+    sidecar = build_sidecar(core, provider, settings, metrics, activity)
     return App(
         settings=settings,
         store=store,
@@ -240,4 +243,5 @@ def build_app(
         grpc_server=grpc_server,
         health=health_servicer,
         sidecar=sidecar,
+        activity=activity,
     )

@@ -8,6 +8,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from hitl_service.activity import Activity
 from hitl_service.api.interceptor import ServiceInterceptor
 from hitl_service.api.servicer import HitlServicer
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
@@ -35,11 +36,11 @@ GRPC_OPTIONS = (
 
 
 def build_grpc_server(
-    core: HitlCore, settings: Settings, metrics: Metrics
+    core: HitlCore, settings: Settings, metrics: Metrics, activity: Activity | None = None
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """The server with every service registered (not yet bound or started)."""
     server = grpc.aio.server(
-        interceptors=[ServiceInterceptor(metrics, settings.api_tokens)],
+        interceptors=[ServiceInterceptor(metrics, settings.api_tokens, activity)],
         options=GRPC_OPTIONS,
     )
     add_hitl_service(HitlServicer(core), server)

@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from structlog.contextvars import bind_contextvars, clear_contextvars
 
+from hitl_service.activity import Activity
 from hitl_service.codec import kind_to_json
 from hitl_service.domain import DeadLetter, new_id
 from hitl_service.errors import StoreUnavailable
@@ -93,9 +94,14 @@ class Readiness:
 
 
 def build_sidecar(
-    core: HitlCore, provider: Provider, settings: Settings, metrics: Metrics
+    core: HitlCore,
+    provider: Provider,
+    settings: Settings,
+    metrics: Metrics,
+    activity: Activity | None = None,
 ) -> Starlette:
     """The sidecar app with the generic routes plus the provider's own."""
+    activity = activity or Activity()
     readiness = Readiness(core.ctx.store, provider)
 
     async def healthz(request: Request) -> Response:
@@ -112,10 +118,14 @@ def build_sidecar(
 
     async def webhook(request: Request) -> Response:
         name = request.path_params["provider"]
-        with _webhook_context(request, name) as (outcome, request_id):
-            response = await _webhook(request, name, outcome)
-            response.headers["X-Request-Id"] = request_id
-            return response
+        activity.current += 1
+        try:
+            with _webhook_context(request, name) as (outcome, request_id):
+                response = await _webhook(request, name, outcome)
+                response.headers["X-Request-Id"] = request_id
+                return response
+        finally:
+            activity.current -= 1
 
     async def _webhook(request: Request, name: str, outcome: list[str]) -> Response:
         if name != provider.name:

@@ -7,10 +7,19 @@ import asyncio
 from typing import TYPE_CHECKING
 
 import grpc
+import httpx
 
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from tests.scripted import Fault, ScriptedProvider
-from tests.support import TIMEOUT, expect_error, make_user, rid, start_session, wait_for
+from tests.support import (
+    TIMEOUT,
+    EventCollector,
+    expect_error,
+    make_user,
+    rid,
+    start_session,
+    wait_for,
+)
 
 if TYPE_CHECKING:
     from hitl_service.app import App
@@ -182,6 +191,32 @@ class TestPending:
         answers = await asyncio.gather(first, *later)
         assert [a.external_message_id for a in answers] == [f"ev-{r.request_id}" for r in requests]
         assert len(scripted.calls.delivered) == 4
+
+    async def test_requests_in_progress_are_counted_while_handled_only(
+        self, scripted_app: App, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        """``App.activity`` (which groups SQLite commits) counts unary RPCs
+        and webhooks while they run, streams never, and forgets every one,
+        whatever its outcome."""
+        activity = scripted_app.activity
+        session = await open_session(scripted_stub)
+        async with EventCollector(scripted_stub, session_id=session.id):
+            assert activity.current == 0  # an open stream is not a request in progress
+            gate = scripted.hold("send")
+            call = asyncio.ensure_future(
+                scripted_stub.SendMessage(send_request(session, "held"), timeout=TIMEOUT)
+            )
+            await wait_for(lambda: scripted.calls.sends, what="the held attempt")
+            assert activity.current == 1
+            gate.set()
+            await call
+        await expect_error(
+            scripted_stub.GetSession(pb.GetSessionRequest(session_id="nope"), timeout=TIMEOUT),
+            grpc.StatusCode.NOT_FOUND,
+        )
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{scripted_app.http_port}") as http:
+            assert (await http.post("/webhooks/scripted", content=b"{")).status_code == 400
+        assert activity.current == 0
 
 
 class TestStop:

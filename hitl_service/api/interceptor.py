@@ -18,6 +18,7 @@ import grpc
 import structlog
 from structlog.contextvars import bind_contextvars, clear_contextvars
 
+from hitl_service.activity import Activity
 from hitl_service.api.status import internal_error, to_status
 from hitl_service.errors import Code, HitlError, StoreUnavailable
 from hitl_service.secret import matches_any
@@ -75,9 +76,15 @@ class _Method:
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler of the server."""
 
-    def __init__(self, metrics: Metrics, api_tokens: tuple[Secret, ...] = ()) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        api_tokens: tuple[Secret, ...] = (),
+        activity: Activity | None = None,
+    ) -> None:
         self._metrics = metrics
         self._tokens = api_tokens
+        self._activity = activity or Activity()
         self._wrapped: dict[tuple[str, int], Handler] = {}
 
     async def intercept_service(
@@ -102,12 +109,18 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
             info = _Method(self._metrics, "unary", method, needs_token)
 
+            activity = self._activity
+
             async def unary(request: Any, context: Context) -> Any:
-                async with _Rpc(self, info, context):
-                    info.received.inc()
-                    response = await inner(request, context)
-                    info.sent.inc()
-                    return response
+                activity.current += 1  # streams are not counted: they only read
+                try:
+                    async with _Rpc(self, info, context):
+                        info.received.inc()
+                        response = await inner(request, context)
+                        info.sent.inc()
+                        return response
+                finally:
+                    activity.current -= 1
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, handler.request_deserializer, handler.response_serializer

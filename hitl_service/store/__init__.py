@@ -7,17 +7,22 @@ from typing import TYPE_CHECKING
 from hitl_service.store.base import DuplicateKey, OpenSessionExists, Store, Tx
 
 if TYPE_CHECKING:
+    from hitl_service.activity import Activity
     from hitl_service.config import Settings
 
 
-def open_store(settings: Settings) -> Store:
-    """Builds (does not yet open) the store ``HITL_STORE_URL`` names."""
+def open_store(settings: Settings, activity: Activity | None = None) -> Store:
+    """Builds (does not yet open) the store ``HITL_STORE_URL`` names.
+
+    ``activity``: the process's requests in progress (the SQLite store
+    groups COMMITs while there are several).
+    """
     url = settings.store_url
     if url.scheme == "sqlite":
         from hitl_service.store.sqlite import SqliteStore
 
         assert url.path is not None  # parse_store_url sets it for sqlite
-        return SqliteStore(url.path)
+        return SqliteStore(url.path, activity=activity)
     from hitl_service.store.postgres import PostgresStore  # needs the postgres extra
 
     return PostgresStore(

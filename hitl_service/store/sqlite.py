@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from hitl_service.activity import Activity
 from hitl_service.codec import kind_to_json
 from hitl_service.domain import (
     OPEN_STATES,
@@ -110,6 +111,8 @@ WAL_SIZE_LIMIT = 256 * 1024 * 1024  # the WAL file is trimmed to this when it re
 # lost a quarter of its throughput).
 WAL_FORCE_FRAMES = 65536
 PRUNE_BATCH = 2000  # rows deleted per transaction when pruning
+_WAITING_PAYS = 1.5  # members a COMMIT that waits a turn must gather on average
+_PROBE_EVERY = 16  # otherwise every 16th COMMIT waits anyway, to notice load
 
 
 _last_ts: tuple[datetime | None, str | None] = (None, None)
@@ -589,8 +592,11 @@ class SqliteStore:
 
     backend = "sqlite"
 
-    def __init__(self, path: Path, *, busy_timeout_ms: int = 5000) -> None:
+    def __init__(
+        self, path: Path, *, busy_timeout_ms: int = 5000, activity: Activity | None = None
+    ) -> None:
         self._path = path
+        self._activity = activity or Activity()
         self._busy_timeout = busy_timeout_ms / 1000
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
@@ -600,6 +606,8 @@ class SqliteStore:
         self._batch: _Batch | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._entering = 0  # callers of transaction() not yet holding the write lock
+        self._gathered = 1.0  # moving average of members per COMMIT that waited a turn
+        self._ends = 0
         self._head = 0
         self._changed = asyncio.Event()
         self._commits = 0
@@ -728,8 +736,13 @@ class SqliteStore:
         one COMMIT makes every member of the batch durable at once. A body
         that ends while other callers are on their way to the write lock
         leaves the COMMIT to a task that runs after them, so they join its
-        batch; a body that ends with nobody coming commits at once (no added
-        latency when there is no concurrency). Each caller's ``async with``
+        batch, and so does one that ends while other requests are in
+        progress (``Activity``): their transactions may come within that
+        turn. While such waits gather members (a moving average of at least
+        ``_WAITING_PAYS``), every COMMIT waits; otherwise a body that ends
+        with nobody coming and no other request at work commits at once (no
+        added latency without concurrency), except every ``_PROBE_EVERY``-th,
+        which waits to notice load. Each caller's ``async with``
         exits only after that COMMIT, so nothing is acknowledged or announced
         before it is committed; if the COMMIT fails, every member raises
         ``StoreUnavailable``. Bodies still run one at a time (the write
@@ -781,7 +794,13 @@ class SqliteStore:
                 conn.execute("RELEASE tx")
             batch.members += 1
             batch.last_seq = max(batch.last_seq, tx.last_seq)
-            if not self._entering:
+            self._ends += 1
+            if not (
+                self._entering
+                or self._activity.others()
+                or self._gathered >= _WAITING_PAYS
+                or self._ends % _PROBE_EVERY == 0
+            ):
                 self._commit(batch)  # nobody would join: commit every member now
             elif self._flusher is None:
                 self._flusher = asyncio.create_task(self._flush(), name="sqlite-commit")
@@ -817,6 +836,7 @@ class SqliteStore:
         async with self._write_lock:
             self._flusher = None
             if self._batch is not None:
+                self._gathered += (self._batch.members - self._gathered) / 8
                 self._commit(self._batch)
 
     def _commit(self, batch: _Batch) -> None:
