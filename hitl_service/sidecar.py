@@ -117,15 +117,26 @@ def build_sidecar(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def webhook(request: Request) -> Response:
+        """Request context, metrics and one log line around ``_webhook``."""
         name = request.path_params["provider"]
         activity.current += 1
+        clear_contextvars()
+        raw_id = request.headers.get("x-request-id", "")
+        request_id = raw_id[:128] if raw_id.isprintable() and raw_id else secrets.token_hex(8)
+        bind_contextvars(request_id=request_id, route="webhook", provider=name)
+        started = time.perf_counter()
+        outcome = ["failed"]
         try:
-            with _webhook_context(request, name) as (outcome, request_id):
-                response = await _webhook(request, name, outcome)
-                response.headers["X-Request-Id"] = request_id
-                return response
+            response = await _webhook(request, name, outcome)
+            response.headers["X-Request-Id"] = request_id
+            return response
         finally:
             activity.current -= 1
+            elapsed = time.perf_counter() - started
+            label = name if name == provider.name else "unknown"
+            metrics.child(metrics.webhooks, label, outcome[0]).inc()
+            metrics.child(metrics.webhook_seconds, label).observe(elapsed)
+            log.info("webhook.done", outcome=outcome[0], duration_ms=round(elapsed * 1000, 3))
 
     async def _webhook(request: Request, name: str, outcome: list[str]) -> Response:
         if name != provider.name:
@@ -177,23 +188,6 @@ def build_sidecar(
         Route("/webhooks/{provider}", webhook, methods=["POST"]),
         *provider.routes(),
     ]
-
-    @contextlib.contextmanager
-    def _webhook_context(request: Request, name: str) -> Iterator[tuple[list[str], str]]:
-        clear_contextvars()
-        raw_id = request.headers.get("x-request-id", "")
-        request_id = raw_id[:128] if raw_id.isprintable() and raw_id else secrets.token_hex(8)
-        bind_contextvars(request_id=request_id, route="webhook", provider=name)
-        started = time.perf_counter()
-        outcome = ["failed"]
-        try:
-            yield outcome, request_id
-        finally:
-            elapsed = time.perf_counter() - started
-            label = name if name == provider.name else "unknown"
-            metrics.child(metrics.webhooks, label, outcome[0]).inc()
-            metrics.child(metrics.webhook_seconds, label).observe(elapsed)
-            log.info("webhook.done", outcome=outcome[0], duration_ms=round(elapsed * 1000, 3))
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return error(404, f"no route {request.url.path}")
