@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from http.cookies import CookieError, SimpleCookie
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import urljoin
 
 import httpx
 import structlog
@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from hitl_service.secret import Secret
 from providers.errors import ProviderUnavailable
+from providers.livechat import media_guard
 from providers.livechat.models import as_dict, as_int, as_str
 from providers.livechat.settings import LiveChatSettings
 
@@ -45,6 +46,7 @@ _SERVER_SIDE_TYPES: Final = frozenset({"internal", "service_unavailable", "reque
 _COOKIE_NAME_RE: Final = re.compile(r"^__lc[A-Za-z0-9_]*$")
 _COOKIE_VALUE_RE: Final = re.compile(r"^[A-Za-z0-9._~+/=:-]*$")
 _USER_AGENT: Final = "hitl-service-livechat/1"
+_MAX_REDIRECTS: Final = 3  # for media URLs
 
 
 class ApiError(Exception):
@@ -170,6 +172,36 @@ def cookies_from(response: httpx.Response) -> dict[str, str]:
             if _COOKIE_NAME_RE.match(name) and morsel.value:
                 found[name] = morsel.value
     return found
+
+
+async def _read_media(response: httpx.Response, max_bytes: int) -> Fetched:
+    """The body of a media answer, refused beyond ``max_bytes``."""
+    if response.status_code != 200:
+        raise FetchFailed(f"HTTP {response.status_code}")
+    if as_int(response.headers.get("content-length"), -1) > max_bytes:
+        raise FetchFailed("larger than the upload limit")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in response.aiter_bytes():
+        total += len(chunk)
+        if total > max_bytes:
+            raise FetchFailed("larger than the upload limit")
+        chunks.append(chunk)
+    content_type = response.headers.get("content-type", "").split(";")[0].strip()
+    return Fetched(b"".join(chunks), content_type)
+
+
+class _Borrowed(httpx.AsyncBaseTransport):
+    """An injected transport lent to a short-lived client, which must not close it."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        """Left to the owner."""
 
 
 class LiveChatClient:
@@ -499,31 +531,39 @@ class LiveChatClient:
     async def fetch(self, url: str, *, max_bytes: int, timeout: float) -> Fetched:
         """Downloads a media URL given by the caller, up to ``max_bytes``.
 
-        No credentials are sent. Redirects are followed (a few).
+        No credentials are sent. Only URLs ``media_guard`` lets through are
+        fetched, each redirect checked again (up to ``_MAX_REDIRECTS``). Each
+        fetch has a client of its own: connections go to checked addresses,
+        and a pooled one must never serve another host name.
 
         Raises:
-            FetchFailed: Unreachable, not 200, or larger than ``max_bytes``.
+            FetchFailed: Refused by the guard, unreachable, not 200, or larger
+                than ``max_bytes``.
         """
-        if urlsplit(url).scheme not in ("http", "https"):
-            raise FetchFailed("not an http(s) URL")
+        transport = _Borrowed(self._transport) if self._transport is not None else None
         try:
-            async with self._client.stream(
-                "GET", url, timeout=self._timeout(timeout), follow_redirects=True
-            ) as response:
-                if response.status_code != 200:
-                    raise FetchFailed(f"HTTP {response.status_code}")
-                declared = as_int(response.headers.get("content-length"), -1)
-                if declared > max_bytes:
-                    raise FetchFailed("larger than the upload limit")
-                chunks: list[bytes] = []
-                total = 0
-                async for chunk in response.aiter_bytes():
-                    total += len(chunk)
-                    if total > max_bytes:
-                        raise FetchFailed("larger than the upload limit")
-                    chunks.append(chunk)
-                content_type = response.headers.get("content-type", "").split(";")[0].strip()
-                return Fetched(b"".join(chunks), content_type)
+            async with httpx.AsyncClient(
+                transport=transport,
+                cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
+                headers={"User-Agent": _USER_AGENT},
+                follow_redirects=False,
+            ) as client:
+                for _hop in range(_MAX_REDIRECTS + 1):
+                    pinned = await media_guard.vet(url, self._settings.media_hosts)
+                    async with client.stream(
+                        "GET",
+                        pinned.url,
+                        headers={"Host": pinned.host_header},
+                        timeout=self._timeout(timeout),
+                        extensions={"sni_hostname": pinned.sni_hostname},
+                    ) as response:
+                        if response.is_redirect:
+                            url = urljoin(url, response.headers.get("location", ""))
+                            continue
+                        return await _read_media(response, max_bytes)
+                raise FetchFailed("too many redirects")
+        except media_guard.MediaRefused as exc:
+            raise FetchFailed(str(exc)) from None
         except httpx.HTTPError as exc:
             raise FetchFailed(type(exc).__name__) from None
         except ProviderUnavailable:

@@ -31,11 +31,13 @@ REGION = "HITL_LIVECHAT_REGION"
 REQUEST_TIMEOUT = "HITL_LIVECHAT_REQUEST_TIMEOUT"
 SERVER_TIMEOUT = "HITL_LIVECHAT_SERVER_TIMEOUT"
 MAX_UPLOAD_BYTES = "HITL_LIVECHAT_MAX_UPLOAD_BYTES"
+MEDIA_HOSTS = "HITL_LIVECHAT_MEDIA_HOSTS"
 
 DEFAULT_API_URL = "https://api.livechatinc.com"
 DEFAULT_ACCOUNTS_URL = "https://accounts.livechat.com"
 _TEN_MB = 10 * 1024 * 1024
 _REGION_RE = re.compile(r"^[a-z]{2,8}$")
+_HOST_PATTERN_RE = re.compile(r"^(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*$|^[0-9a-f:.]+$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,9 @@ class LiveChatSettings:
         region: Value of the ``X-Region`` header; empty sends none.
         request_timeout: Upper bound of one HTTP call, in seconds.
         max_upload_bytes: Largest media file fetched and uploaded.
+        media_hosts: Hosts media may be fetched from (``host`` or
+            ``*.domain``), private addresses included; empty: any host whose
+            addresses are all public.
         server_timeout: How long LiveChat may keep working on a call (its
             documented 15 s server timeout). A send we got no answer for can
             still take effect until then, so it is looked for only after.
@@ -75,6 +80,7 @@ class LiveChatSettings:
     region: str = ""
     request_timeout: float = 15.0
     max_upload_bytes: int = _TEN_MB
+    media_hosts: tuple[str, ...] = ()
     server_timeout: float = 15.0
 
 
@@ -168,6 +174,14 @@ def parse_settings(env: Mapping[str, str]) -> LiveChatSettings:
     max_upload = _get(env, MAX_UPLOAD_BYTES)
     if max_upload and (not max_upload.isdecimal() or not 0 < int(max_upload) <= _TEN_MB):
         raise ProviderConfigError(MAX_UPLOAD_BYTES, "must be a byte count up to 10485760")
+    media_hosts = tuple(h.strip().lower() for h in _get(env, MEDIA_HOSTS).split(",") if h.strip())
+    for host in media_hosts:
+        if not _HOST_PATTERN_RE.match(host):
+            raise ProviderConfigError(
+                MEDIA_HOSTS,
+                "must be host names or addresses, comma-separated, such as "
+                "cdn.example.com, *.files.example.com or 10.0.0.5 (no scheme, port or path)",
+            )
     return LiveChatSettings(
         client_id=client_id,
         organization_id=organization_id,
@@ -182,5 +196,6 @@ def parse_settings(env: Mapping[str, str]) -> LiveChatSettings:
         region=region,
         request_timeout=_positive_float(env, REQUEST_TIMEOUT, 15.0),
         max_upload_bytes=int(max_upload) if max_upload else _TEN_MB,
+        media_hosts=media_hosts,
         server_timeout=_positive_float(env, SERVER_TIMEOUT, 15.0),
     )

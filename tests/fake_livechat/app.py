@@ -214,11 +214,14 @@ async def cdn(request: Request) -> Response:
 
 
 async def media(request: Request) -> Response:
-    """``GET /_media/<size>/<name>``: a caller's media URL serving ``size`` bytes."""
+    """``GET /_media/<size>/<name>``: a caller's media URL serving ``size`` bytes
+    (``?redirect=<url>``: a 302 there instead)."""
     fake: FakeLiveChat = request.app.state.fake
     _record(fake, request, "media", request.path_params["name"], None)
     if request.path_params["name"].startswith("missing"):
         return Response(status_code=404)
+    if target := request.query_params.get("redirect"):
+        return Response(status_code=302, headers={"Location": target})
     size = int(request.path_params["size"])
     content_type = request.query_params.get("type", "application/octet-stream")
     return Response((bytes(range(251)) * (size // 251 + 1))[:size], media_type=content_type)

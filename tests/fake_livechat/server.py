@@ -159,6 +159,8 @@ class FakeLiveChat:
             "HITL_LIVECHAT_REDIRECT_URI": seed.redirect_uris[0],
             "HITL_LIVECHAT_API_URL": self.url,
             "HITL_LIVECHAT_ACCOUNTS_URL": self.url,
+            # Media URLs in tests point at this fake, on a loopback address.
+            "HITL_LIVECHAT_MEDIA_HOSTS": "127.0.0.1",
         }
         env.update(overrides)
         return env

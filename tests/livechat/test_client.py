@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import httpx
 import pytest
@@ -10,7 +11,7 @@ import respx
 import structlog
 
 from providers.errors import ProviderAuthError, ProviderRejected, ProviderUnavailable
-from providers.livechat import LiveChatProvider
+from providers.livechat import LiveChatProvider, media_guard
 from providers.types import Message
 from tests.fake_livechat import FakeLiveChat
 from tests.livechat.conftest import MakeProvider, start_session
@@ -227,6 +228,89 @@ async def test_media_fetch_sends_no_credentials(
     assert len(fetches) == 1
     assert fetches[0].auth == "none"
     assert "cookie" not in fetches[0].headers
+
+
+async def send_media(provider: LiveChatProvider, fake: FakeLiveChat, url: str) -> dict[str, Any]:
+    """Sends one image message; returns the event the fake received."""
+    from providers.types import Media, MediaKind
+
+    session = await start_session(provider)
+    await provider.send(
+        session.chat,
+        session.user,
+        Message(Media(MediaKind.IMAGE, url, "cat.png", "image/png")),
+        request_id=f"m-{url[-12:]}",
+        uncertain=False,
+        timeout=5,
+    )
+    return fake.events(session.chat.external_chat_id)[-1]
+
+
+@pytest.mark.parametrize(
+    ("hosts", "fetched"),
+    [
+        ("", False),  # 127.0.0.1 is not public: sent as a link, never fetched
+        ("127.0.0.1", True),
+        ("cdn.example.com, *.files.example.com", False),  # not listed
+    ],
+)
+async def test_media_urls_on_private_addresses_are_fetched_only_when_listed(
+    make_provider: MakeProvider, fake: FakeLiveChat, hosts: str, fetched: bool
+) -> None:
+    provider = await make_provider(HITL_LIVECHAT_MEDIA_HOSTS=hosts)
+    event = await send_media(provider, fake, f"{fake.url}/_media/100/cat.png?type=image/png")
+    assert len(fake.calls(api="media")) == (1 if fetched else 0)
+    if fetched:
+        assert event["type"] == "file"
+        assert event["url"].startswith(f"{fake.url}/cdn/")
+    else:
+        assert event["type"] == "message"
+        assert f"{fake.url}/_media/100/cat.png" in event["text"]
+
+
+async def test_a_redirect_is_checked_like_the_url_itself(
+    make_provider: MakeProvider, fake: FakeLiveChat
+) -> None:
+    """Allowed ``localhost`` redirects to 127.0.0.1, which is not listed."""
+    provider = await make_provider(HITL_LIVECHAT_MEDIA_HOSTS="localhost")
+    port = fake.url.rsplit(":", 1)[1]
+    target = f"http://127.0.0.1:{port}/_media/100/inner.png"
+    event = await send_media(
+        provider, fake, f"http://localhost:{port}/_media/100/outer.png?redirect={target}"
+    )
+    assert [c.method for c in fake.calls(api="media")] == ["outer.png"]  # never followed
+    assert event["type"] == "message"
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "10.1.2.3", "169.254.169.254", "192.168.0.10", "::1", "fd00::1", "0.0.0.0"],  # noqa: S104 - addresses to refuse
+)
+async def test_the_guard_refuses_non_public_addresses(address: str) -> None:
+    host = f"[{address}]" if ":" in address else address
+    with pytest.raises(media_guard.MediaRefused, match="private or local"):
+        await media_guard.vet(f"http://{host}/x.png", ())
+    pinned = await media_guard.vet(f"http://{host}:8080/x.png?a=1", (address,))
+    assert pinned.url == f"http://{host}:8080/x.png?a=1"
+    assert pinned.host_header == f"{host}:8080"
+
+
+async def test_the_guard_pins_a_public_host_to_the_address_it_checked() -> None:
+    pinned = await media_guard.vet("https://8.8.8.8/a/b.png", ())
+    assert pinned == media_guard.Pinned("https://8.8.8.8/a/b.png", "8.8.8.8", "8.8.8.8")
+    for url in ("ftp://8.8.8.8/x", "https:///x", "https://8.8.8.8:99999/x"):
+        with pytest.raises(media_guard.MediaRefused):
+            await media_guard.vet(url, ())
+
+
+def test_host_patterns() -> None:
+    patterns = ("cdn.example.com", "*.files.example.com")
+    assert media_guard.host_allowed("cdn.example.com", patterns)
+    assert media_guard.host_allowed("CDN.example.com.", patterns)
+    assert media_guard.host_allowed("a.b.files.example.com", patterns)
+    assert not media_guard.host_allowed("files.example.com", patterns)
+    assert not media_guard.host_allowed("evil-cdn.example.com", patterns)
+    assert not media_guard.host_allowed("cdn.example.com.evil.test", patterns)
 
 
 @respx.mock(assert_all_called=True)

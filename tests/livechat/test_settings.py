@@ -36,6 +36,7 @@ class TestParseSettings:
         assert s.account_id == "5b3c2a1d-8e7f-4a6b-9c0d-1e2f3a4b5c6d"
         assert s.region == ""
         assert len(s.webhook_secrets) == 1
+        assert s.media_hosts == ()
 
     def test_optional_values(self) -> None:
         s = parse_settings(
@@ -45,8 +46,10 @@ class TestParseSettings:
                 HITL_LIVECHAT_REGION="FRA",
                 HITL_LIVECHAT_WEBHOOK_SECRET_PREVIOUS="old-secret",
                 HITL_LIVECHAT_AGENT_ID="bridge@acme.example",
+                HITL_LIVECHAT_MEDIA_HOSTS=" CDN.example.com, *.files.example.com,10.0.0.5,::1 ",
             )
         )
+        assert s.media_hosts == ("cdn.example.com", "*.files.example.com", "10.0.0.5", "::1")
         assert s.group_id == 19
         assert s.api_url == "http://127.0.0.1:9"
         assert s.region == "fra"
@@ -84,6 +87,9 @@ class TestParseSettings:
             ("HITL_LIVECHAT_REGION", "eu-west-1!"),
             ("HITL_LIVECHAT_REQUEST_TIMEOUT", "soon"),
             ("HITL_LIVECHAT_MAX_UPLOAD_BYTES", "99999999999"),
+            ("HITL_LIVECHAT_MEDIA_HOSTS", "https://cdn.example.com"),
+            ("HITL_LIVECHAT_MEDIA_HOSTS", "cdn.example.com:443"),
+            ("HITL_LIVECHAT_MEDIA_HOSTS", "cdn.example.com/files"),
         ],
     )
     def test_malformed(self, name: str, value: str) -> None:
