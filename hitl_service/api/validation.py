@@ -33,15 +33,15 @@ PHONE_RE = re.compile(r"\+?[0-9 ()-]{3,32}")
 CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 MAX_TEXT_BYTES = 64 * 1024
-# Known enum numbers, built once: ``EnumTypeWrapper.values()`` builds a list per call.
-_MEDIA_KINDS = frozenset(pb.MediaKind.values())
-_AUTHORS = frozenset(pb.Author.values())
-_BUTTON_KINDS = frozenset(pb.ButtonKind.values())
 MAX_HISTORY = 200
 MAX_METADATA = 32
 MAX_BUTTONS = 13
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
+# Known enum numbers, built once: ``EnumTypeWrapper.values()`` builds a list per call.
+_MEDIA_KINDS = frozenset(pb.MediaKind.values())
+_AUTHORS = frozenset(pb.Author.values())
+_BUTTON_KINDS = frozenset(pb.ButtonKind.values())
 
 
 class _Checker:

@@ -742,9 +742,9 @@ class SqliteStore:
         ``_WAITING_PAYS``), every COMMIT waits; otherwise a body that ends
         with nobody coming and no other request at work commits at once (no
         added latency without concurrency), except every ``_PROBE_EVERY``-th,
-        which waits to notice load. Each caller's ``async with``
-        exits only after that COMMIT, so nothing is acknowledged or announced
-        before it is committed; if the COMMIT fails, every member raises
+        which waits to notice load. Each caller's ``async with`` exits only
+        after that COMMIT, so nothing is acknowledged or announced before it
+        is committed; if the COMMIT fails, every member raises
         ``StoreUnavailable``. Bodies still run one at a time (the write
         lock), so each sees the effects of the ones before it, exactly as
         serial transactions would.

@@ -542,19 +542,24 @@ class LiveChatClient:
         """
         transport = _Borrowed(self._transport) if self._transport is not None else None
         try:
-            async with httpx.AsyncClient(
-                transport=transport,
-                cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
-                headers={"User-Agent": _USER_AGENT},
-                follow_redirects=False,
-            ) as client:
+            request_timeout = self._timeout(timeout)  # ProviderUnavailable when none is left
+            # One bound for everything: name lookups, every hop, the body.
+            async with (
+                asyncio.timeout(timeout),
+                httpx.AsyncClient(
+                    transport=transport,
+                    cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
+                    headers={"User-Agent": _USER_AGENT},
+                    follow_redirects=False,
+                ) as client,
+            ):
                 for _hop in range(_MAX_REDIRECTS + 1):
                     pinned = await media_guard.vet(url, self._settings.media_hosts)
                     async with client.stream(
                         "GET",
                         pinned.url,
                         headers={"Host": pinned.host_header},
-                        timeout=self._timeout(timeout),
+                        timeout=request_timeout,
                         extensions={"sni_hostname": pinned.sni_hostname},
                     ) as response:
                         if response.is_redirect:
@@ -566,5 +571,5 @@ class LiveChatClient:
             raise FetchFailed(str(exc)) from None
         except httpx.HTTPError as exc:
             raise FetchFailed(type(exc).__name__) from None
-        except ProviderUnavailable:
+        except (ProviderUnavailable, TimeoutError):
             raise FetchFailed("no time left") from None
