@@ -227,6 +227,9 @@ def test_logged_tracebacks_carry_no_frame_locals(capsys: pytest.CaptureFixture[s
     finally:
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
+        # Its stderr is capsys's, closed after this test: a service started
+        # by a module-scoped fixture before the next test's reset would write there.
+        structlog.reset_defaults()
     line = json.loads(err.strip().splitlines()[-1])
     assert line["event"] == "failed"
     assert "boom" in json.dumps(line["exception"])

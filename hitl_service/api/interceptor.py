@@ -61,16 +61,13 @@ class _Method:
         self.received: Counter = metrics.grpc_msg_received.labels(*labels)
         self.sent: Counter = metrics.grpc_msg_sent.labels(*labels)
         self.seconds: Histogram = metrics.grpc_seconds.labels(*labels)
-        self._handled = metrics.grpc_handled
+        self._metrics = metrics
         self._labels = labels
-        self._by_code: dict[grpc.StatusCode, Counter] = {}
 
     def handled(self, code: grpc.StatusCode) -> Counter:
         """The ``grpc_server_handled_total`` child for ``code``."""
-        child = self._by_code.get(code)
-        if child is None:
-            child = self._by_code[code] = self._handled.labels(*self._labels, code.name)
-        return child
+        metrics = self._metrics
+        return metrics.child(metrics.grpc_handled, *self._labels, code.name)
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
