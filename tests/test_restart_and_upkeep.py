@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
 import grpc
 
@@ -105,6 +107,50 @@ class TestRestart:
             assert attempts[0][3] is True  # uncertain: check before sending
             response = await stub.SendMessage(request, timeout=TIMEOUT)
             assert response.external_message_id == f"ev-{request.request_id}"
+
+    async def test_a_send_answered_before_its_settle_committed_is_checked_after_a_crash(
+        self, service_env: dict[str, str]
+    ) -> None:
+        """SendMessage answers once the provider has the message, without
+        waiting for the settle's COMMIT; a process that dies before that
+        COMMIT leaves the attempt uncertain, so the next one checks first."""
+        service_env["HITL_PROVIDER_TIMEOUT"] = "0.5s"  # a short lease to wait out
+        async with running(service_env) as (app, stub):
+            session = await start_session(stub, (await make_user(stub)).id)
+            provider = app.provider
+            assert isinstance(provider, ScriptedProvider)
+            request = pb.SendMessageRequest(
+                session_id=session.id, message=pb.Message(text="answered"), request_id=rid()
+            )
+            store, delivered = app.store, provider.calls.delivered
+            transaction = store.transaction
+            never = asyncio.Event()
+
+            @asynccontextmanager
+            async def held() -> AsyncIterator[Any]:
+                await never.wait()  # the "crash": this settle never commits
+                yield None
+
+            def settles_held() -> Any:
+                return held() if request.request_id in delivered else transaction()
+
+            store.transaction = settles_held  # type: ignore[method-assign]
+            response = await stub.SendMessage(request, timeout=TIMEOUT)
+            assert response.external_message_id == f"ev-{request.request_id}"
+            pending, _ = await store.outbox_stats()
+            assert pending == 1  # answered, and the settle not written
+        async with running(service_env) as (app, stub):
+            provider = app.provider
+            assert isinstance(provider, ScriptedProvider)
+            await wait_for(
+                lambda: request.request_id in provider.calls.delivered,
+                timeout=30,
+                what="the attempt after restart",
+            )
+            attempts = [s for s in provider.calls.sends if s[2] == request.request_id]
+            assert [a[3] for a in attempts] == [True]  # uncertain: check before sending
+            again = await stub.SendMessage(request, timeout=TIMEOUT)
+            assert again.external_message_id == response.external_message_id
 
     async def test_a_start_interrupted_by_a_crash_is_failed_later(
         self, service_env: dict[str, str]

@@ -9,6 +9,7 @@ comes from the servicer context, so nothing per call is captured.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -207,21 +208,27 @@ class _Rpc:
         if status is not None:
             code = status.code
         elapsed = time.perf_counter() - self._started
-        info = self._info
-        info.handled(code).inc()
-        info.seconds.observe(elapsed)
-        if isinstance(exc, HitlError):
-            log.info(
-                "rpc.done", code=code.name, duration_ms=round(elapsed * 1000, 3), reason=exc.reason
-            )
-        else:
-            log.info("rpc.done", code=code.name, duration_ms=round(elapsed * 1000, 3))
+        # The log line and metrics are written in the next loop turn, once
+        # gRPC has the response (call_soon keeps the request's log context).
+        asyncio.get_running_loop().call_soon(
+            _done, self._info, code, elapsed, exc.reason if isinstance(exc, HitlError) else ""
+        )
         if status is not None:
             trailers = (*status.trailing_metadata, ("x-request-id", self.request_id))
             await self._context.abort(status.code, status.details, trailers)
         if exc is None:
             self._context.set_trailing_metadata((("x-request-id", self.request_id),))
         return False
+
+
+def _done(info: _Method, code: grpc.StatusCode, elapsed: float, reason: str) -> None:
+    info.handled(code).inc()
+    info.seconds.observe(elapsed)
+    duration_ms = round(elapsed * 1000, 3)
+    if reason:
+        log.info("rpc.done", code=code.name, duration_ms=duration_ms, reason=reason)
+    else:
+        log.info("rpc.done", code=code.name, duration_ms=duration_ms)
 
 
 def _code(context: Context, default: grpc.StatusCode) -> grpc.StatusCode:

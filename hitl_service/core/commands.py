@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hitl_service.codec import message_to_json
-from hitl_service.store.rows import dumps
 from providers.types import Message
+
+# Request hashes are stored and compared across versions: their text comes
+# from one fixed encoder, whatever the store uses for its columns.
+_HASHED_TEXT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,4 +73,4 @@ class StopHandoff:
 
 
 def _hash(value: object) -> str:
-    return hashlib.sha256(dumps(value).encode()).hexdigest()
+    return hashlib.sha256(_HASHED_TEXT(value).encode()).hexdigest()

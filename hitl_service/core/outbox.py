@@ -12,7 +12,7 @@ them over. RPCs wait on their item; a background loop retries the rest.
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import structlog
@@ -54,7 +54,7 @@ class Outbox:
         self.poll_interval = poll_interval
         self._wake = asyncio.Event()
         self._finished: dict[str, asyncio.Event] = {}
-        self._inflight: dict[str, asyncio.Task[OutboxItem]] = {}
+        self._inflight: dict[str, _Attempt] = {}
         self._stopping = False
         # Whether the loop last saw due items it could not claim (queued
         # behind their session's head, or beyond the concurrency): only then
@@ -93,19 +93,25 @@ class Outbox:
 
     def start_attempt(
         self, item: OutboxItem, session: Session | None = None, user: ProviderUser | None = None
-    ) -> asyncio.Task[OutboxItem]:
+    ) -> None:
         """Runs one attempt of a claimed item in its own task.
 
         The task outlives a cancelled RPC, so an attempt is never cut off
         half-way by a caller going away.
         """
-        task = asyncio.create_task(self._attempt(item, session, user), name=f"outbox-{item.id}")
-        self._inflight[item.id] = task
-        task.add_done_callback(lambda _: self._inflight.pop(item.id, None))
-        return task
+        attempt = _Attempt()
+        attempt.task = asyncio.create_task(
+            self._attempt(item, attempt, session, user), name=f"outbox-{item.id}"
+        )
+        attempt.task.add_done_callback(lambda _: self._inflight.pop(item.id, None))
+        self._inflight[item.id] = attempt
 
     async def _attempt(
-        self, item: OutboxItem, session: Session | None, user: ProviderUser | None
+        self,
+        item: OutboxItem,
+        attempt: _Attempt,
+        session: Session | None,
+        user: ProviderUser | None,
     ) -> OutboxItem:
         ctx = self._ctx
         try:
@@ -140,6 +146,13 @@ class Outbox:
             chat_changed = chat.state != chat_before
             if chat_changed:
                 session.chat_state = chat.state
+            if item.kind is OutboxKind.SEND:
+                # The provider has the message: its sender answers now, in
+                # the loop turn the settle's transaction yields; if this
+                # process dies before the settle commits, the item is
+                # attempted again as uncertain and the provider finds it.
+                _mark_done(item, result, ctx.clock.now())
+                attempt.resolve(item)
             return await self._settle_done(
                 item, session, changed_user, result, chat_changed=chat_changed
             )
@@ -150,6 +163,7 @@ class Outbox:
             log.exception("outbox.attempt_error", item_id=item.id, kind=item.kind.value)
             return await self._settle_retry(item, "internal error", None, uncertain=True)
         finally:
+            attempt.resolve(item)
             self._signal(item.id)
             # A retry changes when the loop must look next; a settled head
             # frees the items queued behind it (if the loop saw any).
@@ -208,11 +222,7 @@ class Outbox:
                         current.id, now, "SESSION_ENDED", "the session ended before delivery"
                     )
                 await tx.update_session(current)
-            item.status = OutboxStatus.DONE
-            item.result = result
-            item.done_at = now
-            item.lease_owner, item.lease_until = "", None
-            item.last_error = item.error_code = ""
+            _mark_done(item, result, item.done_at or now)
             await tx.update_outbox(item)
         self.signal_many(ended_items)
         self._count(item, "done")
@@ -299,19 +309,18 @@ class Outbox:
         """
         ctx = self._ctx
         deadline = ctx.clock.monotonic() + timeout
-        seen: asyncio.Task[OutboxItem] | None = None
+        seen: _Attempt | None = None
         while item.status is OutboxStatus.PENDING:
             remaining = deadline - ctx.clock.monotonic()
             if remaining <= 0:
                 break
-            task = self._inflight.get(item.id)
-            if task is not None and task is not seen:
-                # Awaiting a finished task does not yield to the loop: take
-                # each attempt's result once, then wait for the next one.
-                seen = task
-                done, _ = await asyncio.wait({task}, timeout=min(remaining, self.poll_interval))
-                if done and not task.cancelled() and task.exception() is None:
-                    item = task.result()
+            attempt = self._inflight.get(item.id)
+            if attempt is not None and attempt is not seen:
+                # Take each attempt's outcome once, then wait for the next one.
+                seen = attempt
+                outcome = await attempt.outcome(min(remaining, self.poll_interval))
+                if outcome is not None:
+                    item = outcome
                     continue  # settled, or rescheduled: then wait for the retry
             else:
                 event = self._finished.setdefault(item.id, asyncio.Event())
@@ -379,10 +388,67 @@ class Outbox:
         """Stops claiming and waits up to ``timeout`` for attempts in flight."""
         self._stopping = True
         self.kick()
-        tasks = list(self._inflight.values())
+        tasks = [attempt.task for attempt in self._inflight.values()]
         if tasks:
             _, still = await asyncio.wait(tasks, timeout=timeout)
             for task in still:
                 task.cancel()
             if still:
                 await asyncio.wait(still)
+
+
+class _Attempt:
+    """An attempt in flight, and the RPCs waiting for its outcome.
+
+    Each waiter awaits a future of its own that ``resolve`` completes
+    directly: the waiter then runs in the next loop turn, before the
+    attempt's settle (whose transaction yields once first), so it answers
+    without waiting for that COMMIT. (``asyncio.wait`` or a shield would put
+    a callback in between and let the settle go first.)
+    """
+
+    __slots__ = ("_waiters", "item", "task")
+
+    task: asyncio.Task[OutboxItem]
+
+    def __init__(self) -> None:
+        self.item: OutboxItem | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def resolve(self, item: OutboxItem) -> None:
+        """Records the outcome (once) and wakes the waiters."""
+        if self.item is not None:
+            return
+        self.item = item
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    async def outcome(self, timeout: float) -> OutboxItem | None:
+        """The outcome, waiting up to ``timeout`` for it; None if not known yet."""
+        if self.item is None:
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
+            expiry = loop.call_later(timeout, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                expiry.cancel()
+                if self.item is None:
+                    self._waiters.remove(waiter)
+        return self.item
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _mark_done(item: OutboxItem, result: dict[str, str], now: datetime) -> None:
+    item.status = OutboxStatus.DONE
+    item.result = result
+    item.done_at = now
+    item.lease_owner, item.lease_until = "", None
+    item.last_error = item.error_code = ""

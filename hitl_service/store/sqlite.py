@@ -1014,15 +1014,16 @@ class SqliteStore:
         """See base class. Deletes in batches of ``PRUNE_BATCH`` rows, one
         transaction each, so the event loop never stalls on a big delete."""
         removed = 0
-        for table, condition, cutoff in (
-            ("idempotency", "created_at < ?", idempotency_before),
-            ("outbox", "status != 'pending' AND done_at < ?", idempotency_before),
-            ("dedupe_keys", "created_at < ?", dedupe_before),
-            ("parked_events", "created_at < ?", parked_before),
+        for table, key, condition, cutoff in (
+            # idempotency has no rowid (migration 0002): its key is the row's.
+            ("idempotency", "scope, key", "created_at < ?", idempotency_before),
+            ("outbox", "rowid", "status != 'pending' AND done_at < ?", idempotency_before),
+            ("dedupe_keys", "rowid", "created_at < ?", dedupe_before),
+            ("parked_events", "rowid", "created_at < ?", parked_before),
         ):
             sql = (
-                f"DELETE FROM {table} WHERE rowid IN "
-                f"(SELECT rowid FROM {table} WHERE {condition} LIMIT {PRUNE_BATCH})"
+                f"DELETE FROM {table} WHERE ({key}) IN "
+                f"(SELECT {key} FROM {table} WHERE {condition} LIMIT {PRUNE_BATCH})"
             )
             while True:
                 async with self.transaction() as tx:

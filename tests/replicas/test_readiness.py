@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from hitl_service.store.migrations import migrations
 from tests.postgres_fixture import PgCluster
 from tests.processes import ServiceProcess
 from tests.replicas.helpers import until
@@ -140,7 +141,8 @@ class TestCheck:
         code, out = await run_check(local_env(postgres_dsn, tmp_path), tmp_path)
         assert code == 0, out
         where = f"postgresql://{parts.username}:***@{parts.hostname}:{parts.port}{parts.path}"
-        assert f"store: ok ({where}, schema version 1)" in out
+        newest = max(version for version, _ in migrations("postgres"))
+        assert f"store: ok ({where}, schema version {newest})" in out
         assert parts.password not in out
 
     async def test_check_names_the_setting_when_the_database_is_unreachable(
