@@ -13,7 +13,7 @@ import signal
 import sys
 
 from hitl_service.app import build_app
-from hitl_service.cli import run_with_loop
+from hitl_service.cli import freeze_startup_heap, run_with_loop
 from hitl_service.config import Settings
 from hitl_service.logs import SecretRedactor, configure_logging
 from tests import scripted
@@ -32,6 +32,7 @@ async def serve() -> int:
         loop.add_signal_handler(signum, stop.set)
     await app.start()
     print("scripted hitl-service serving", file=sys.stderr, flush=True)
+    freeze_startup_heap()
     await stop.wait()
     await app.stop()
     return 0

@@ -148,3 +148,18 @@ async def test_serve_then_sigterm_drains_and_exits_cleanly(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_the_startup_heap_is_frozen_out_of_full_collections() -> None:
+    import gc
+
+    from hitl_service.cli import freeze_startup_heap
+
+    survivor = [object()]  # alive at start-up, like the service's modules and servers
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > 0
+        assert not any(obj is survivor for obj in gc.get_objects())  # no longer scanned
+    finally:
+        gc.unfreeze()
+    assert any(obj is survivor for obj in gc.get_objects())
