@@ -131,8 +131,8 @@ class TestRestart:
                 await never.wait()  # the "crash": this settle never commits
                 yield None
 
-            def settles_held() -> Any:
-                return held() if request.request_id in delivered else transaction()
+            def settles_held(*, lazy: bool = False) -> Any:
+                return held() if request.request_id in delivered else transaction(lazy=lazy)
 
             store.transaction = settles_held  # type: ignore[method-assign]
             response = await stub.SendMessage(request, timeout=TIMEOUT)

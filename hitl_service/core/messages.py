@@ -85,13 +85,14 @@ async def send_message(
                     f"session {session.id} has ended; start a new handoff",
                     session_id=session.id,
                 )
-            message = replace(cmd.message, author=Author.USER, created_at=now)
+            # Stored without an id: the outbox item's id is the message's.
+            message = replace(cmd.message, id="", author=Author.USER, created_at=now)
             item = OutboxItem(
                 id=new_id("msg"),
                 session_id=session.id,
                 kind=OutboxKind.SEND,
                 request_id=cmd.request_id,
-                payload={"message": message_to_json(replace(message, id=""))},
+                payload={"message": message_to_json(message)},
                 status=OutboxStatus.PENDING,
                 created_at=now,
                 next_attempt_at=now,

@@ -202,7 +202,10 @@ class Outbox:
         ctx = self._ctx
         now = ctx.clock.now()
         ended_items: list[str] = []
-        async with ctx.store.transaction() as tx:
+        # A delivered message's sender has had its answer (``_attempt``):
+        # nobody waits on this COMMIT, unless sends are queued behind it.
+        lazy = item.kind is OutboxKind.SEND and not self._backlog
+        async with ctx.store.transaction(lazy=lazy) as tx:
             if user is not None:
                 await tx.put_provider_user(session.user_id, ctx.provider_name, user)
             # A delivered message changes the session only if the provider

@@ -204,10 +204,13 @@ class Store(Protocol):
         """The newest applied migration."""
         ...
 
-    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+    def transaction(self, *, lazy: bool = False) -> AbstractAsyncContextManager[Tx]:
         """A write transaction; commits on success, rolls back on error.
 
-        Wakes ``wait_for_events`` after a commit that appended events.
+        Wakes ``wait_for_events`` after a commit that appended events. A
+        ``lazy`` transaction is one no caller waits on: the store may hold its
+        COMMIT a few milliseconds to share it with the next transaction. Its
+        ``async with`` still exits only once it is committed.
         """
         ...
 

@@ -229,11 +229,13 @@ class PostgresStore:
         return int(await self._database().fetchval("SELECT MAX(version) FROM schema_version") or 0)
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[PostgresTx]:
+    async def transaction(self, *, lazy: bool = False) -> AsyncIterator[PostgresTx]:
         """See base class.
 
         Errors the body raises pass through unchanged (statements of the
         ``Tx`` already map connection trouble to ``StoreUnavailable``).
+        ``lazy`` changes nothing here: each transaction has a connection of
+        its own and commits on its own.
         """
         if self._pool is None:
             raise StoreUnavailable("the store is closed")

@@ -113,6 +113,7 @@ WAL_FORCE_FRAMES = 65536
 PRUNE_BATCH = 2000  # rows deleted per transaction when pruning
 _WAITING_PAYS = 1.5  # members a COMMIT that waits a turn must gather on average
 _PROBE_EVERY = 16  # otherwise every 16th COMMIT waits anyway, to notice load
+LAZY_COMMIT_DELAY = 0.005  # how long a lazy COMMIT waits for company
 
 
 _last_ts: tuple[datetime | None, str | None] = (None, None)
@@ -182,9 +183,12 @@ async def _retry_busy(call: Callable[[], _T], timeout: float) -> _T:
         delay = min(delay * 2, 0.05)
 
 
-def _params(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Column values with datetimes as text."""
-    return {k: _ts(v) if isinstance(v, datetime) else v for k, v in values.items()}
+def _params(values: dict[str, Any]) -> dict[str, Any]:
+    """Column values with datetimes as text (in place: callers pass a new dict)."""
+    for key, value in values.items():
+        if type(value) is datetime:
+            values[key] = _ts(value)
+    return values
 
 
 def _placeholders(columns: str) -> str:
@@ -303,8 +307,14 @@ class SqliteTx(_Queries):
         if found is None:
             return None
         names, stamps, values = found
-        session = session_from_row(_parsed(names, stamps, values))
-        self._stored[session.id] = dict(zip(names, values, strict=True))
+        stored = dict(zip(names, values, strict=True))
+        row = stored.copy()
+        for key in stamps:
+            value = row[key]
+            if value is not None:
+                row[key] = datetime.fromisoformat(value)
+        session = session_from_row(row)
+        self._stored[session.id] = stored
         return session
 
     async def _exec(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> int:
@@ -572,10 +582,11 @@ class _Transaction:
     """``async with store.transaction() as tx`` (a class, not a generator:
     every write runs through it)."""
 
-    __slots__ = ("_batch", "_joined", "_store", "_tx")
+    __slots__ = ("_batch", "_joined", "_lazy", "_store", "_tx")
 
-    def __init__(self, store: SqliteStore) -> None:
+    def __init__(self, store: SqliteStore, lazy: bool) -> None:
         self._store = store
+        self._lazy = lazy
 
     async def __aenter__(self) -> SqliteTx:
         self._tx, self._batch, self._joined = await self._store._join()
@@ -584,7 +595,9 @@ class _Transaction:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
-        await self._store._leave(self._tx, self._batch, self._joined, failed=exc_type is not None)
+        await self._store._leave(
+            self._tx, self._batch, self._joined, failed=exc_type is not None, lazy=self._lazy
+        )
 
 
 class SqliteStore:
@@ -605,6 +618,7 @@ class SqliteStore:
         self._write_lock = asyncio.Lock()
         self._batch: _Batch | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._lazy: asyncio.TimerHandle | None = None  # when a lazy COMMIT stops waiting
         self._entering = 0  # callers of transaction() not yet holding the write lock
         self._gathered = 1.0  # moving average of members per COMMIT that waited a turn
         self._ends = 0
@@ -692,6 +706,10 @@ class SqliteStore:
 
     async def close(self) -> None:
         """See base class."""
+        if self._lazy is not None:  # a batch is waiting: commit it now
+            async with self._write_lock:
+                if self._batch is not None:
+                    self._commit(self._batch)
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
         if self._checkpoint is not None:
@@ -728,7 +746,7 @@ class SqliteStore:
         row = await self._queries()._one("SELECT MAX(version) AS v FROM schema_version", ())
         return int(row["v"] or 0) if row else 0
 
-    def transaction(self) -> _Transaction:
+    def transaction(self, *, lazy: bool = False) -> _Transaction:
         """See base class.
 
         Group commit: a transaction is a savepoint inside the writer's open
@@ -747,9 +765,11 @@ class SqliteStore:
         is committed; if the COMMIT fails, every member raises
         ``StoreUnavailable``. Bodies still run one at a time (the write
         lock), so each sees the effects of the ones before it, exactly as
-        serial transactions would.
+        serial transactions would. A ``lazy`` body that would commit at once
+        leaves its batch open instead, for up to ``LAZY_COMMIT_DELAY``: the
+        next transaction joins it and its COMMIT takes both.
         """
-        return _Transaction(self)
+        return _Transaction(self, lazy)
 
     async def _join(self) -> tuple[SqliteTx, _Batch, bool]:
         """Takes the write lock and joins (or begins) the open batch.
@@ -783,7 +803,9 @@ class SqliteStore:
             raise
         return SqliteTx(conn, self._busy_timeout), batch, joined
 
-    async def _leave(self, tx: SqliteTx, batch: _Batch, joined: bool, failed: bool) -> None:
+    async def _leave(
+        self, tx: SqliteTx, batch: _Batch, joined: bool, *, failed: bool, lazy: bool
+    ) -> None:
         """Ends a member: undone if its body failed, else committed with its batch."""
         try:
             conn = tx.connection
@@ -801,13 +823,30 @@ class SqliteStore:
                 or self._gathered >= _WAITING_PAYS
                 or self._ends % _PROBE_EVERY == 0
             ):
-                self._commit(batch)  # nobody would join: commit every member now
+                if not lazy:
+                    self._commit(batch)  # nobody would join: commit every member now
+                elif self._lazy is None:
+                    self._lazy = asyncio.get_running_loop().call_later(
+                        LAZY_COMMIT_DELAY, self._lazy_due
+                    )
             elif self._flusher is None:
                 self._flusher = asyncio.create_task(self._flush(), name="sqlite-commit")
         finally:
             self._write_lock.release()
         # Shielded: a cancelled caller must not cancel the batch's commit.
         await asyncio.shield(batch.committed)
+
+    def _end_batch(self) -> None:
+        self._batch = None
+        if self._lazy is not None:
+            self._lazy.cancel()
+            self._lazy = None
+
+    def _lazy_due(self) -> None:
+        """A lazy COMMIT waited long enough: nobody came to share it."""
+        self._lazy = None
+        if self._batch is not None and self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name="sqlite-commit")
 
     def _undo(self, conn: sqlite3.Connection, batch: _Batch) -> None:
         """Rolls back one failed member; the batch goes on without it."""
@@ -823,7 +862,7 @@ class SqliteStore:
         if conn.in_transaction:
             return
         # Nothing is open any more: the members before this one are gone too.
-        self._batch = None
+        self._end_batch()
         if batch.members:
             batch.committed.set_exception(
                 StoreUnavailable("SQLite rolled the transaction back after an error")
@@ -841,7 +880,7 @@ class SqliteStore:
 
     def _commit(self, batch: _Batch) -> None:
         """COMMITs the open batch (write lock held) and tells its members."""
-        self._batch = None
+        self._end_batch()
         conn = self._writer
         if conn is None:
             batch.committed.set_exception(StoreUnavailable("the store is closed"))

@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from hitl_service.store import sqlite as sqlite_module
 from hitl_service.store.sqlite import SqliteStore
 from providers.types import Queued
 from tests.store.factories import T0, make_user
 from tests.store.helpers import Boom
+from tests.support import wait_for
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -38,8 +40,8 @@ def count_statements(store: SqliteStore) -> Counter[str]:
     return seen
 
 
-async def add(store: SqliteStore, user: User, *, fail: bool = False) -> int:
-    async with store.transaction() as tx:
+async def add(store: SqliteStore, user: User, *, fail: bool = False, lazy: bool = False) -> int:
+    async with store.transaction(lazy=lazy) as tx:
         await tx.insert_user(user)
         seq = await tx.append_event("s", user.id, T0, Queued())
         if fail:
@@ -88,3 +90,49 @@ async def test_a_failing_member_is_undone_alone(sqlite_store: SqliteStore, faili
             assert stored == user
     events = await sqlite_store.read_events(after=0, limit=100)
     assert sorted(e.seq for e in events) == sorted(o for o in outcomes if isinstance(o, int))
+
+
+async def test_a_lazy_commit_is_taken_along_by_the_next_transaction(
+    sqlite_store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "LAZY_COMMIT_DELAY", 3600.0)  # only company commits it
+    seen = count_statements(sqlite_store)
+    first, second = make_user(), make_user()
+    lazy = asyncio.create_task(add(sqlite_store, first, lazy=True))
+    await wait_for(lambda: sqlite_store._lazy is not None, what="the lazy batch to wait")
+    assert not lazy.done()  # waiting for its COMMIT
+    assert await sqlite_store.get_user(first.id) is None  # readers see commits only
+    await add(sqlite_store, second)
+    await lazy
+    assert seen["COMMIT"] == 1  # one COMMIT for both
+    assert await sqlite_store.get_user(first.id) == first
+    assert await sqlite_store.get_user(second.id) == second
+
+
+async def test_a_lazy_commit_alone_commits_after_its_delay(sqlite_store: SqliteStore) -> None:
+    seen = count_statements(sqlite_store)
+    user = make_user()
+    await add(sqlite_store, user, lazy=True)
+    assert seen["COMMIT"] == 1
+    assert await sqlite_store.get_user(user.id) == user
+
+
+async def test_closing_commits_a_waiting_lazy_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "LAZY_COMMIT_DELAY", 3600.0)
+    store = SqliteStore(tmp_path / "lazy.db")
+    await store.open()
+    user = make_user()
+    lazy = asyncio.create_task(add(store, user, lazy=True))
+    seen = count_statements(store)
+    await wait_for(lambda: store._lazy is not None, what="the lazy batch to wait")
+    await store.close()
+    await lazy
+    assert seen["COMMIT"] == 1
+    again = SqliteStore(tmp_path / "lazy.db")
+    await again.open()
+    try:
+        assert await again.get_user(user.id) == user
+    finally:
+        await again.close()
