@@ -42,6 +42,20 @@ async def all_events(stub: pb_grpc.HitlServiceAsyncStub, count: int) -> list[pb.
     return events.events
 
 
+async def attempts_after_restart(app: App, request: pb.SendMessageRequest) -> list[bool]:
+    """Waits until the restarted process delivers ``request`` (its lease of
+    the interrupted attempt expires first); the ``uncertain`` flag of each
+    attempt it made."""
+    provider = app.provider
+    assert isinstance(provider, ScriptedProvider)
+    await wait_for(
+        lambda: request.request_id in provider.calls.delivered,
+        timeout=30,
+        what="delivery after restart",
+    )
+    return [s[3] for s in provider.calls.sends if s[2] == request.request_id]
+
+
 class TestRestart:
     async def test_users_sessions_and_events_survive_with_the_same_cursors(
         self, service_env: dict[str, str]
@@ -96,15 +110,8 @@ class TestRestart:
         # The lease of the interrupted attempt expires; the next process retries
         # it as uncertain, so a provider that did get it does not get it twice.
         async with running(service_env) as (app, stub):
-            provider = app.provider
-            assert isinstance(provider, ScriptedProvider)
-            await wait_for(
-                lambda: request.request_id in provider.calls.delivered,
-                timeout=30,
-                what="delivery after restart",
-            )
-            attempts = [s for s in provider.calls.sends if s[2] == request.request_id]
-            assert attempts[0][3] is True  # uncertain: check before sending
+            attempts = await attempts_after_restart(app, request)
+            assert attempts[0] is True  # uncertain: check before sending
             response = await stub.SendMessage(request, timeout=TIMEOUT)
             assert response.external_message_id == f"ev-{request.request_id}"
 
@@ -140,15 +147,8 @@ class TestRestart:
             pending, _ = await store.outbox_stats()
             assert pending == 1  # answered, and the settle not written
         async with running(service_env) as (app, stub):
-            provider = app.provider
-            assert isinstance(provider, ScriptedProvider)
-            await wait_for(
-                lambda: request.request_id in provider.calls.delivered,
-                timeout=30,
-                what="the attempt after restart",
-            )
-            attempts = [s for s in provider.calls.sends if s[2] == request.request_id]
-            assert [a[3] for a in attempts] == [True]  # uncertain: check before sending
+            attempts = await attempts_after_restart(app, request)
+            assert attempts == [True]  # one attempt, uncertain: it checks before sending
             again = await stub.SendMessage(request, timeout=TIMEOUT)
             assert again.external_message_id == response.external_message_id
 
