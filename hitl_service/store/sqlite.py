@@ -135,10 +135,19 @@ def _ts(value: datetime | None) -> str | None:
     return text
 
 
-def _columns(cursor: sqlite3.Cursor) -> tuple[tuple[str, ...], list[str]]:
-    """A result's column names, and those holding timestamps."""
-    names = tuple(d[0] for d in cursor.description)
-    return names, [n for n in names if n in _TS_COLUMNS]
+_COLUMNS_OF: dict[str, tuple[tuple[str, ...], list[str]]] = {}
+
+
+def _columns(cursor: sqlite3.Cursor, sql: str) -> tuple[tuple[str, ...], list[str]]:
+    """A result's column names, and those holding timestamps (once per SQL
+    text: the statements are constants, with parameters for every value)."""
+    found = _COLUMNS_OF.get(sql)
+    if found is None:
+        names = tuple(d[0] for d in cursor.description)
+        found = names, [n for n in names if n in _TS_COLUMNS]
+        if len(_COLUMNS_OF) < 256:
+            _COLUMNS_OF[sql] = found
+    return found
 
 
 def _parsed(names: tuple[str, ...], stamps: list[str], values: tuple[Any, ...]) -> dict[str, Any]:
@@ -150,9 +159,9 @@ def _parsed(names: tuple[str, ...], stamps: list[str], values: tuple[Any, ...]) 
     return row
 
 
-def _rows(cursor: sqlite3.Cursor, raw: Iterable[tuple[Any, ...]]) -> list[dict[str, Any]]:
+def _rows(cursor: sqlite3.Cursor, sql: str, raw: Iterable[tuple[Any, ...]]) -> list[dict[str, Any]]:
     """Result tuples as dicts, with timestamp columns parsed."""
-    names, stamps = _columns(cursor)
+    names, stamps = _columns(cursor, sql)
     return [_parsed(names, stamps, values) for values in raw]
 
 
@@ -250,7 +259,7 @@ class _Queries:
         def query() -> dict[str, Any] | None:
             cursor = self._conn().execute(sql, params)
             row = cursor.fetchone()
-            return None if row is None else _rows(cursor, (row,))[0]
+            return None if row is None else _rows(cursor, sql, (row,))[0]
 
         return await _retry_busy(query, self._busy_timeout)
 
@@ -262,7 +271,7 @@ class _Queries:
 
         def query() -> list[dict[str, Any]]:
             cursor = self._conn().execute(sql, params)
-            return _rows(cursor, cursor.fetchall())
+            return _rows(cursor, sql, cursor.fetchall())
 
         return await _retry_busy(query, self._busy_timeout)
 
@@ -301,7 +310,7 @@ class SqliteTx(_Queries):
         def query() -> tuple[tuple[str, ...], list[str], tuple[Any, ...]] | None:
             cursor = self._writer.execute(sql, params)
             row = cursor.fetchone()
-            return None if row is None else (*_columns(cursor), row)
+            return None if row is None else (*_columns(cursor, sql), row)
 
         found = await _retry_busy(query, self._busy_timeout)
         if found is None:
