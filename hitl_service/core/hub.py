@@ -43,7 +43,7 @@ class EventHub:
         store: Store,
         clock: Clock,
         *,
-        buffer_size: int = 4096,
+        buffer_size: int = 1024,
         read_batch: int = 512,
         poll_interval: float = 1.0,
     ) -> None:
