@@ -4,6 +4,7 @@ refusals, pending deliveries, per-session order — exactly one delivery."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import grpc
@@ -217,6 +218,35 @@ class TestPending:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{scripted_app.http_port}") as http:
             assert (await http.post("/webhooks/scripted", content=b"{")).status_code == 400
         assert activity.current == 0
+
+
+class TestLeases:
+    async def test_an_attempt_that_lost_its_lease_leaves_the_new_holder_alone(
+        self, scripted_app: App, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        """A retry or failure outcome is written only while this replica still
+        holds the item; one that another replica took over (the attempt
+        outlived its lease) keeps that replica's lease."""
+        store, outbox = scripted_app.store, scripted_app.core.outbox
+        session = await open_session(scripted_stub)
+        gate = scripted.hold("send")
+        scripted.fail("send", Fault("unavailable"))
+        request = send_request(session, "slow")
+        call = asyncio.ensure_future(scripted_stub.SendMessage(request, timeout=TIMEOUT))
+        await wait_for(lambda: scripted.calls.sends, what="the held attempt")
+        async with store.transaction() as tx:  # another replica takes the item over
+            [taken] = await tx.claim_outbox("other-replica", _far_future(), _far_future(), 10)
+        gate.set()
+        await wait_for(lambda: not outbox._inflight, what="the attempt to end")
+        stored = await store.get_outbox(taken.id)
+        assert stored is not None
+        assert stored.lease_owner == "other-replica"
+        assert stored.last_error == ""  # the lost attempt's outage is not recorded
+        call.cancel()
+
+
+def _far_future() -> datetime:
+    return datetime.now(UTC) + timedelta(days=1)
 
 
 class TestStop:

@@ -12,6 +12,7 @@ them over. RPCs wait on their item; a background loop retries the rest.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -32,9 +33,11 @@ from providers.types import Ended, EndedBy, ProviderChat, ProviderUser
 if TYPE_CHECKING:
     from hitl_service.core.context import CoreContext
     from hitl_service.domain import Session
+    from hitl_service.store.base import Tx
 
 log = structlog.get_logger(__name__)
 
+OUTBOX_FIELDS = tuple(f.name for f in dataclasses.fields(OutboxItem))
 SEND_TTL = timedelta(minutes=15)
 """A message not delivered within this time fails with DELIVERY_EXPIRED."""
 STOP_TTL = timedelta(hours=24)
@@ -250,7 +253,8 @@ class Outbox:
             item.done_at = now
             item.lease_owner, item.lease_until = "", None
             item.result = {"setting": setting} if setting else {}
-            await tx.update_outbox(item)
+            if not await tx.update_outbox(item, leased_by=ctx.owner):
+                return await self._lease_lost(tx, item)
             if item.kind is OutboxKind.STOP:
                 # The stop failed for good: let the provider's own end events
                 # apply again instead of being ignored as "ours".
@@ -279,7 +283,8 @@ class Outbox:
             item.next_attempt_at = now + timedelta(seconds=delay)
             item.lease_owner, item.lease_until = "", None
             item.last_error = error
-            await tx.update_outbox(item)
+            if not await tx.update_outbox(item, leased_by=ctx.owner):
+                return await self._lease_lost(tx, item)
         self._count(item, "retry")
         log.info(
             "outbox.retry",
@@ -289,6 +294,22 @@ class Outbox:
             wait=round(delay, 3),
             uncertain=uncertain,
         )
+        return item
+
+    async def _lease_lost(self, tx: Tx, item: OutboxItem) -> OutboxItem:
+        """An attempt outlived its lease and another replica holds the item
+        now: its outcome (failed, or retry later) is not ours to write. The
+        item (as the RPCs waiting on it see it) becomes what is stored.
+
+        A delivered message is still recorded as done (``_settle_done``):
+        that is a fact whoever holds the lease, and the new holder's attempt
+        is uncertain, so it finds the message rather than sending it again.
+        """
+        log.warning("outbox.lease_lost", item_id=item.id, kind=item.kind.value)
+        stored = await tx.get_outbox(item.id)
+        if stored is not None:
+            for name in OUTBOX_FIELDS:
+                setattr(item, name, getattr(stored, name))
         return item
 
     # --- waiting ---------------------------------------------------------------

@@ -156,8 +156,13 @@ class Tx(Protocol):
         """The item, or None."""
         ...
 
-    async def update_outbox(self, item: OutboxItem) -> None:
-        """Saves status, attempts, lease, errors and result."""
+    async def update_outbox(self, item: OutboxItem, *, leased_by: str = "") -> bool:
+        """Saves status, attempts, lease, errors and result; True if it did.
+
+        With ``leased_by``, only while that owner still holds the item's
+        lease: an attempt that outlived its lease must not overwrite the
+        replica that has taken the item over since.
+        """
         ...
 
     async def claim_outbox(

@@ -96,6 +96,10 @@ _SESSION_UPDATE_COLUMNS = [
     c for c in _columns(SESSION_COLUMNS) if c not in ("id", "user_id", "provider", "created_at")
 ]
 _OUTBOX_UPDATE_COLUMNS = list(OUTBOX_MUTABLE)
+_SQL_UPDATE_OUTBOX = _update("outbox", _OUTBOX_UPDATE_COLUMNS)
+_SQL_UPDATE_LEASED_OUTBOX = (
+    f"{_SQL_UPDATE_OUTBOX} AND lease_owner = ${len(_OUTBOX_UPDATE_COLUMNS) + 2}"
+)
 _OUTBOX_RETURNING = ", ".join(f"outbox.{c}" for c in _columns(OUTBOX_COLUMNS))
 
 
@@ -392,14 +396,12 @@ class PostgresTx(Queries):
         )
         return bool(head)
 
-    async def update_outbox(self, item: OutboxItem) -> None:
+    async def update_outbox(self, item: OutboxItem, *, leased_by: str = "") -> bool:
         """See base class."""
-        values = outbox_update_values(item)
-        await self._db.execute(
-            _update("outbox", _OUTBOX_UPDATE_COLUMNS),
-            item.id,
-            *_args(_OUTBOX_UPDATE_COLUMNS, values),
-        )
+        args = (item.id, *_args(_OUTBOX_UPDATE_COLUMNS, outbox_update_values(item)))
+        if not leased_by:
+            return await self._db.execute(_SQL_UPDATE_OUTBOX, *args) == 1
+        return await self._db.execute(_SQL_UPDATE_LEASED_OUTBOX, *args, leased_by) == 1
 
     async def claim_outbox(
         self, owner: str, now: datetime, lease_until: datetime, limit: int

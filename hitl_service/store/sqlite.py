@@ -222,6 +222,7 @@ _SQL_INSERT_OUTBOX = (
     f"INSERT INTO outbox ({OUTBOX_COLUMNS}) VALUES ({_placeholders(OUTBOX_COLUMNS)})"
 )
 _SQL_UPDATE_OUTBOX = f"UPDATE outbox SET {_assignments(OUTBOX_MUTABLE)} WHERE id = :id"
+_SQL_UPDATE_LEASED_OUTBOX = f"{_SQL_UPDATE_OUTBOX} AND lease_owner = :leased_by"
 _SQL_GET_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?"
 
 
@@ -502,8 +503,12 @@ class SqliteTx(_Queries):
         await self._exec(_SQL_INSERT_OUTBOX, _params(outbox_values(item)))
         return ahead is None
 
-    async def update_outbox(self, item: OutboxItem) -> None:
-        await self._exec(_SQL_UPDATE_OUTBOX, _params(outbox_update_values(item)))
+    async def update_outbox(self, item: OutboxItem, *, leased_by: str = "") -> bool:
+        values = _params(outbox_update_values(item))
+        if not leased_by:
+            return await self._exec(_SQL_UPDATE_OUTBOX, values) == 1
+        values["leased_by"] = leased_by
+        return await self._exec(_SQL_UPDATE_LEASED_OUTBOX, values) == 1
 
     async def claim_outbox(
         self, owner: str, now: datetime, lease_until: datetime, limit: int

@@ -131,6 +131,19 @@ class TestUpdate:
             await tx.update_outbox(item)  # back to the empty values
         assert await store.get_outbox(item.id) == item
 
+    async def test_a_lease_guard_writes_only_for_the_lease_holder(self, store: Store) -> None:
+        item = make_outbox("A")
+        await _insert(store, item)
+        [claimed] = await _claim(store, "w2")  # w2 took the item over
+        late = dataclasses.replace(claimed, last_error="late", lease_owner="", lease_until=None)
+        async with store.transaction() as tx:
+            assert not await tx.update_outbox(late, leased_by="w1")
+        assert await store.get_outbox(item.id) == claimed  # untouched
+        async with store.transaction() as tx:
+            assert await tx.update_outbox(late, leased_by="w2")
+            assert await tx.update_outbox(late)  # unguarded: always
+        assert await store.get_outbox(item.id) == late
+
 
 class TestFailPending:
     async def test_fails_only_pending_sends_of_the_session(self, store: Store) -> None:
