@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-OUTBOX_FIELDS = tuple(f.name for f in dataclasses.fields(OutboxItem))
+_OUTBOX_FIELDS = tuple(f.name for f in dataclasses.fields(OutboxItem))
 SEND_TTL = timedelta(minutes=15)
 """A message not delivered within this time fails with DELIVERY_EXPIRED."""
 STOP_TTL = timedelta(hours=24)
@@ -308,7 +308,7 @@ class Outbox:
         log.warning("outbox.lease_lost", item_id=item.id, kind=item.kind.value)
         stored = await tx.get_outbox(item.id)
         if stored is not None:
-            for name in OUTBOX_FIELDS:
+            for name in _OUTBOX_FIELDS:
                 setattr(item, name, getattr(stored, name))
         return item
 
