@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hitl_service.codec import message_to_json
+from hitl_service.store.rows import stable_dumps
 from providers.types import Message
-
-# Request hashes are stored and compared across versions: their text comes
-# from one fixed encoder, whatever the store uses for its columns.
-_HASHED_TEXT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,4 +69,6 @@ class StopHandoff:
 
 
 def _hash(value: object) -> str:
-    return hashlib.sha256(_HASHED_TEXT(value).encode()).hexdigest()
+    # Hashes are stored and compared across versions: stable text, not
+    # whatever the store encodes its columns with.
+    return hashlib.sha256(stable_dumps(value).encode()).hexdigest()

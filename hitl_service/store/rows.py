@@ -46,7 +46,9 @@ OUTBOX_COLUMNS = (
 USER_COLUMNS = "id, name, email, picture_url, external_id, created_at, updated_at"
 
 
-_STDLIB_DUMPS = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+stable_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+"""Compact JSON text from the standard library: the same text in every
+version (request hashes depend on it), and what orjson refuses."""
 
 
 def dumps(value: Any) -> str:
@@ -60,7 +62,7 @@ def dumps(value: Any) -> str:
     try:
         return orjson.dumps(value).decode()
     except orjson.JSONEncodeError:
-        return _STDLIB_DUMPS(value)
+        return stable_dumps(value)
 
 
 def loads(value: Any) -> Any:

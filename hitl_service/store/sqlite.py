@@ -151,7 +151,11 @@ def _columns(cursor: sqlite3.Cursor, sql: str) -> tuple[tuple[str, ...], list[st
 
 
 def _parsed(names: tuple[str, ...], stamps: list[str], values: tuple[Any, ...]) -> dict[str, Any]:
-    row = dict(zip(names, values, strict=True))
+    return _stamped(dict(zip(names, values, strict=True)), stamps)
+
+
+def _stamped(row: dict[str, Any], stamps: list[str]) -> dict[str, Any]:
+    """``row`` with its timestamp columns parsed (in place)."""
     for key in stamps:
         value = row[key]
         if value is not None:
@@ -318,12 +322,7 @@ class SqliteTx(_Queries):
             return None
         names, stamps, values = found
         stored = dict(zip(names, values, strict=True))
-        row = stored.copy()
-        for key in stamps:
-            value = row[key]
-            if value is not None:
-                row[key] = datetime.fromisoformat(value)
-        session = session_from_row(row)
+        session = session_from_row(_stamped(stored.copy(), stamps))
         self._stored[session.id] = stored
         return session
 
@@ -843,8 +842,8 @@ class SqliteStore:
                     self._lazy = asyncio.get_running_loop().call_later(
                         LAZY_COMMIT_DELAY, self._lazy_due
                     )
-            elif self._flusher is None:
-                self._flusher = asyncio.create_task(self._flush(), name="sqlite-commit")
+            else:
+                self._flush_soon()
         finally:
             self._write_lock.release()
         # Shielded: a cancelled caller must not cancel the batch's commit.
@@ -859,7 +858,12 @@ class SqliteStore:
     def _lazy_due(self) -> None:
         """A lazy COMMIT waited long enough: nobody came to share it."""
         self._lazy = None
-        if self._batch is not None and self._flusher is None:
+        if self._batch is not None:
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        """Has the open batch committed by a task of its own (if none is due)."""
+        if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush(), name="sqlite-commit")
 
     def _undo(self, conn: sqlite3.Connection, batch: _Batch) -> None:
