@@ -14,7 +14,9 @@ and the same event loop choice (``HITL_EVENT_LOOP``).
   stored: the floor of a webhook is HTTP + JSON + one protobuf.
 - gRPC ``StreamEvents``: one queue per stream; each event is serialized
   once and the same bytes go to every stream (as the service does).
-- ``grpc.health.v1.Health`` says SERVING once both servers listen.
+- ``grpc.health.v1.Health`` says SERVING once both servers listen; then,
+  like the service, the process freezes its start-up heap out of the
+  garbage collector's full passes.
 
 Run: ``python -m bench.floor --grpc-addr 127.0.0.1:P --http-addr 127.0.0.1:Q``.
 """
@@ -38,7 +40,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from hitl_service.cli import run_with_loop
+from hitl_service.cli import freeze_startup_heap, run_with_loop
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.server import GRPC_OPTIONS, SERVICE_NAME
 from hitl_service.sidecar import build_http_server
@@ -189,6 +191,7 @@ async def serve(grpc_addr: str, http_addr: str) -> None:
     http_task = asyncio.create_task(http.serve(sockets=[sock]))
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    freeze_startup_heap()  # as `hitl-service serve` does: same runtime settings
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -62,6 +62,7 @@ class Recorded:
     starts: list[StartRequest] = field(default_factory=list)
     sends: list[tuple[str, Message, str, bool]] = field(default_factory=list)  # chat, msg, rid, unc
     stops: list[str] = field(default_factory=list)
+    catch_ups: list[str] = field(default_factory=list)  # chat ids
     delivered: dict[str, Message] = field(default_factory=dict)  # request id → message
 
 
@@ -235,6 +236,7 @@ class ScriptedProvider:
         self, chat: ProviderChat, user: ProviderUser, checkpoint: str, *, timeout: float
     ) -> CatchUp:
         """See base class: whatever the test queued for the chat."""
+        self.calls.catch_ups.append(chat.external_chat_id)
         await self._maybe_fail("catch_up")
         events = self.catch_up_events.get(chat.external_chat_id, [])
         return CatchUp(tuple(events), checkpoint=f"cp{len(events)}")

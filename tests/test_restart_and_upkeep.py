@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
+import pytest
 
 from hitl_service.app import App
+from hitl_service.clock import Clock
+from hitl_service.core.maintenance import Maintenance
 from hitl_service.domain import SessionState
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
@@ -20,6 +24,23 @@ from tests.scripted import ScriptedProvider, create
 from tests.support import TIMEOUT, EventCollector, make_user, rid, start_session, wait_for
 
 JANE = Agent("jane@acme.test", "Jane")
+
+
+class ShiftedClock:
+    """The service's clock, moved forward by the test (wall and monotonic alike)."""
+
+    def __init__(self, base: Clock) -> None:
+        self._base = base
+        self.offset = 0.0
+
+    def now(self) -> datetime:
+        return self._base.now() + timedelta(seconds=self.offset)
+
+    def monotonic(self) -> float:
+        return self._base.monotonic() + self.offset
+
+    async def sleep(self, seconds: float) -> None:
+        await self._base.sleep(seconds)
 
 
 @asynccontextmanager
@@ -244,6 +265,61 @@ class TestCatchUp:
             )
             assert got.session.state == pb.SESSION_STATE_ENDED
             assert got.session.ended_by == pb.ENDED_BY_AGENT
+
+    async def test_replicas_catch_up_and_prune_in_turns(
+        self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        service_env["HITL_RECONCILE_INTERVAL"] = "60"
+        async with running(service_env) as (app, stub):
+            provider = app.provider
+            assert isinstance(provider, ScriptedProvider)
+            session = await start_session(stub, (await make_user(stub)).id)
+            clock = ShiftedClock(app.core.ctx.clock)
+            # Two more replicas' upkeep on the same store (and the app's own,
+            # which pruned when it started: the hour's prune turn is taken).
+            a, b = (Maintenance(replace(app.core.ctx, clock=clock), app.core.outbox) for _ in "ab")
+            prunes: list[datetime] = []
+            real_prune = app.store.prune
+
+            async def prune(**cutoffs: datetime) -> int:
+                prunes.append(cutoffs["dedupe_before"])
+                return await real_prune(**cutoffs)
+
+            monkeypatch.setattr(app.store, "prune", prune)
+            catch_ups = provider.calls.catch_ups
+
+            async def sweeps(offset: float) -> tuple[int, int]:
+                clock.offset = offset
+                before = len(catch_ups), len(prunes)
+                await a.sweep()
+                await b.sweep()
+                return len(catch_ups) - before[0], len(prunes) - before[1]
+
+            # Each process catches up once when it starts, turn or not.
+            assert await sweeps(0) == (2, 0)
+            assert catch_ups == [session.external_chat_id] * 2
+            assert await sweeps(30) == (0, 0)  # not due on either
+            assert await sweeps(61) == (1, 0)  # due on both: one takes the turn
+            assert await sweeps(122) == (1, 0)
+            assert await sweeps(3700) == (1, 1)  # an hour on: one prune between them
+            assert await sweeps(3730) == (0, 0)
+
+    async def test_interval_zero_catches_up_only_when_the_process_starts(
+        self, service_env: dict[str, str]
+    ) -> None:
+        service_env["HITL_RECONCILE_INTERVAL"] = "0"
+        async with running(service_env) as (app, stub):
+            provider = app.provider
+            assert isinstance(provider, ScriptedProvider)
+            session = await start_session(stub, (await make_user(stub)).id)
+            clock = ShiftedClock(app.core.ctx.clock)
+            upkeep = Maintenance(replace(app.core.ctx, clock=clock), app.core.outbox)
+            await upkeep.sweep()
+            assert provider.calls.catch_ups == [session.external_chat_id]
+            for offset in (60.0, 86400.0):
+                clock.offset = offset
+                await upkeep.sweep()
+            assert provider.calls.catch_ups == [session.external_chat_id]
 
 
 class TestEndedElsewhere:

@@ -2,7 +2,11 @@
 
 Everything here is driven from the store, so it survives restarts and works
 the same on every replica (dedupe keys and the outbox make repeated work
-harmless).
+harmless). Timeouts are checked by every replica; catch-up and pruning run in
+turns the replicas take through the store (``Tx.take_turn``), so a cluster
+makes one provider call per open chat per ``HITL_RECONCILE_INTERVAL``, not
+one per replica. A process catches up once when it starts, whatever the
+turn: that pass recovers what arrived while it was down.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ log = structlog.get_logger(__name__)
 IDEMPOTENCY_RETENTION = timedelta(hours=48)
 DEDUPE_RETENTION = timedelta(days=7)
 PARKED_RETENTION = timedelta(minutes=10)
+_PRUNE_EVERY = 3600.0  # seconds
 _PAGE = 500
 
 
@@ -81,11 +86,16 @@ class Maintenance:
         now = ctx.clock.now()
         mono = ctx.clock.monotonic()
         interval = ctx.settings.reconcile_interval
-        catch_up = ctx.provider.capabilities.catch_up and (
-            force_catch_up or (interval > 0 and mono - self._last_catch_up >= interval)
-        )
-        if catch_up:
+        # A process's first pass always catches up: it recovers what the
+        # chats did while it was down. Later passes, every `interval`, only
+        # in a turn no other replica holds.
+        first = self._last_catch_up == float("-inf")
+        due = force_catch_up or first or (interval > 0 and mono - self._last_catch_up >= interval)
+        catch_up = False
+        if due and ctx.provider.capabilities.catch_up:
             self._last_catch_up = mono
+            sure = force_catch_up or first
+            catch_up = await self._take_turn("catch_up", now, interval, force=sure) or sure
         open_sessions = 0
         after = ""
         while True:
@@ -99,14 +109,33 @@ class Maintenance:
                 break
             after = page[-1].id
         ctx.metrics.active_sessions.set(open_sessions)
-        if mono - self._last_prune >= 3600:
+        if mono - self._last_prune >= _PRUNE_EVERY:
             self._last_prune = mono
-            removed = await ctx.store.prune(
-                idempotency_before=now - IDEMPOTENCY_RETENTION,
-                dedupe_before=now - DEDUPE_RETENTION,
-                parked_before=now - PARKED_RETENTION,
-            )
-            log.info("maintenance.pruned", rows=removed)
+            if await self._take_turn("prune", now, _PRUNE_EVERY):
+                await self._prune(now)
+
+    async def _prune(self, now: datetime) -> None:
+        removed = await self._ctx.store.prune(
+            idempotency_before=now - IDEMPOTENCY_RETENTION,
+            dedupe_before=now - DEDUPE_RETENTION,
+            parked_before=now - PARKED_RETENTION,
+        )
+        log.info("maintenance.pruned", rows=removed)
+
+    async def _take_turn(
+        self, job: str, now: datetime, every: float, *, force: bool = False
+    ) -> bool:
+        """Takes ``job``'s turn among the replicas; False if another one has it.
+
+        ``force`` records a turn from ``now`` even while another lasts (unless
+        that one lasts longer). A turn lasts 90 % of ``every``: the replica
+        that took it finds the next one free when its own timer comes round,
+        even if its wall clock ran a little slower than its monotonic one.
+        """
+        until = now + timedelta(seconds=every * 0.9)
+        async with self._ctx.store.transaction() as tx:
+            # Forced, "now" is the turn's own end: past any shorter turn.
+            return await tx.take_turn(job, until if force else now, until)
 
     async def _check_timeouts(self, session: Session, now: datetime) -> None:
         settings = self._ctx.settings

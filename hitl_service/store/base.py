@@ -123,6 +123,15 @@ class Tx(Protocol):
         """Keeps an event for a chat we may be about to learn (start in flight)."""
         ...
 
+    async def take_turn(self, job: str, now: datetime, until: datetime) -> bool:
+        """Takes the turn of a periodic job the replicas share, until ``until``.
+
+        False, changing nothing, while another turn of ``job`` lasts (it ends
+        after ``now``); the first caller of a job always gets it. Concurrent
+        callers on one database: one gets the turn.
+        """
+        ...
+
     async def take_parked_events(self, provider: str, external_chat_id: str) -> list[InboundEvent]:
         """Removes and returns parked events of the chat, oldest first."""
         ...

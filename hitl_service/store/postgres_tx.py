@@ -310,6 +310,18 @@ class PostgresTx(Queries):
         )
         return added == 1
 
+    async def take_turn(self, job: str, now: datetime, until: datetime) -> bool:
+        """See base class."""
+        # A concurrent caller waits on the row's lock, then sees the new end.
+        taken = await self._db.execute(
+            "INSERT INTO upkeep_turns (job, until) VALUES ($1, $2) ON CONFLICT (job) "
+            "DO UPDATE SET until = EXCLUDED.until WHERE upkeep_turns.until <= $3",
+            job,
+            ts(until),
+            ts(now),
+        )
+        return taken == 1
+
     async def park_event(self, provider: str, event: InboundEvent, now: datetime) -> None:
         """See base class."""
         await self._db.execute(

@@ -445,6 +445,14 @@ class SqliteTx(_Queries):
         )
         return added == 1
 
+    async def take_turn(self, job: str, now: datetime, until: datetime) -> bool:
+        taken = await self._exec(
+            "INSERT INTO upkeep_turns (job, until) VALUES (?, ?) ON CONFLICT (job) "
+            "DO UPDATE SET until = excluded.until WHERE upkeep_turns.until <= ?",
+            (job, _ts(until), _ts(now)),
+        )
+        return taken == 1
+
     async def park_event(self, provider: str, event: InboundEvent, now: datetime) -> None:
         await self._exec(
             "INSERT INTO parked_events (provider, external_chat_id, event, created_at) "
