@@ -16,6 +16,7 @@ from hitl_service.app import App
 from hitl_service.clock import Clock
 from hitl_service.core.maintenance import Maintenance
 from hitl_service.domain import SessionState
+from hitl_service.errors import StoreUnavailable
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from providers.types import Agent, AgentMessage, Author, Ended, EndedBy, InboundEvent, Message
@@ -319,6 +320,29 @@ class TestCatchUp:
             for offset in (60.0, 86400.0):
                 clock.offset = offset
                 await upkeep.sweep()
+            assert provider.calls.catch_ups == [session.external_chat_id]
+
+    async def test_a_start_up_pass_the_store_interrupted_is_run_again(
+        self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        service_env["HITL_RECONCILE_INTERVAL"] = "0"
+        async with running(service_env) as (app, stub):
+            provider = app.provider
+            assert isinstance(provider, ScriptedProvider)
+            session = await start_session(stub, (await make_user(stub)).id)
+            upkeep = Maintenance(app.core.ctx, app.core.outbox)
+            real_list = app.store.list_open_sessions
+
+            async def down(**page: Any) -> list[Any]:
+                raise StoreUnavailable("the database is restarting")
+
+            monkeypatch.setattr(app.store, "list_open_sessions", down)
+            with pytest.raises(StoreUnavailable):
+                await upkeep.sweep()
+            assert provider.calls.catch_ups == []
+            monkeypatch.setattr(app.store, "list_open_sessions", real_list)
+            await upkeep.sweep()
+            await upkeep.sweep()
             assert provider.calls.catch_ups == [session.external_chat_id]
 
 

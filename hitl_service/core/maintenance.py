@@ -56,6 +56,7 @@ class Maintenance:
         self._outbox = outbox
         self._last_prune = float("-inf")
         self._last_catch_up = float("-inf")
+        self._start_pass_done = False  # the start-up catch-up pass has completed
 
     @property
     def sweep_interval(self) -> float:
@@ -86,10 +87,11 @@ class Maintenance:
         now = ctx.clock.now()
         mono = ctx.clock.monotonic()
         interval = ctx.settings.reconcile_interval
-        # A process's first pass always catches up: it recovers what the
-        # chats did while it was down. Later passes, every `interval`, only
-        # in a turn no other replica holds.
-        first = self._last_catch_up == float("-inf")
+        # A process catches up when it starts, whatever the turn: that pass
+        # recovers what the chats did while it was down (and is tried again
+        # until it completes: the store may not be up yet). Later passes,
+        # every `interval`, only in a turn no other replica holds.
+        first = not self._start_pass_done
         due = force_catch_up or first or (interval > 0 and mono - self._last_catch_up >= interval)
         catch_up = False
         if due and ctx.provider.capabilities.catch_up:
@@ -109,6 +111,7 @@ class Maintenance:
                 break
             after = page[-1].id
         ctx.metrics.active_sessions.set(open_sessions)
+        self._start_pass_done = True
         if mono - self._last_prune >= _PRUNE_EVERY:
             self._last_prune = mono
             if await self._take_turn("prune", now, _PRUNE_EVERY):
