@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from tests.support import (
@@ -146,6 +147,16 @@ class TestStartHitl:
             (
                 {"user_id": "usr_x", "request_id": "r", "history": [pb.Message()]},
                 "history[0]",
+            ),
+            (
+                {
+                    "user_id": "usr_x",
+                    "request_id": "r",
+                    "history": [
+                        pb.Message(text="t", created_at=Timestamp(seconds=-62_135_596_801))
+                    ],
+                },
+                "history[0].created_at",
             ),
             (
                 {"user_id": "usr_x", "request_id": "r", "metadata": {"bad key": "v"}},
@@ -290,6 +301,11 @@ class TestSendMessage:
                 "message.location.latitude",
             ),
             (pb.Message(card=pb.Card()), "message.card.title"),
+            (  # past 9999-12-31: a Timestamp no datetime holds
+                pb.Message(text="t", created_at=Timestamp(seconds=253_402_300_800)),
+                "message.created_at",
+            ),
+            (pb.Message(text="t", created_at=Timestamp(nanos=-1)), "message.created_at"),
             (
                 pb.Message(card=pb.Card(title="t", buttons=[pb.CardButton(text="b")] * 14)),
                 "message.card.buttons",

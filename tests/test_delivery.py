@@ -4,13 +4,20 @@ refusals, pending deliveries, per-session order — exactly one delivery."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import httpx
+import pytest
 
+from hitl_service.core.commands import SendUserMessage, StopHandoff
+from hitl_service.domain import OutboxItem, OutboxKind, OutboxStatus
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from providers.types import Message
 from tests.scripted import Fault, ScriptedProvider
 from tests.support import (
     TIMEOUT,
@@ -25,6 +32,7 @@ from tests.support import (
 if TYPE_CHECKING:
     from hitl_service.app import App
     from hitl_service.gen.hitl.v1.hitl_service_pb2_grpc import HitlServiceAsyncStub as Stub
+    from hitl_service.store.base import Tx
 
 
 async def open_session(stub: Stub) -> pb.Session:
@@ -243,6 +251,169 @@ class TestLeases:
         assert stored.lease_owner == "other-replica"
         assert stored.last_error == ""  # the lost attempt's outage is not recorded
         call.cancel()
+
+
+class TestCancelledCallers:
+    """A caller that goes away while its transaction commits (client cancel,
+    deadline) must not leave the item it claimed unattempted: until its lease
+    ran out, nothing would deliver it, nor what is queued behind it."""
+
+    @pytest.fixture
+    def service_env(self, service_env: dict[str, str]) -> dict[str, str]:
+        service_env["HITL_PROVIDER_TIMEOUT"] = "30s"  # a lease (61 s) no wait below outlasts
+        return service_env
+
+    @staticmethod
+    def park_after_commit(app: App, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+        """The next transaction commits, then its caller waits there (as if
+        the COMMIT were still under way) until cancelled; set once parked."""
+        store, transaction = app.store, app.store.transaction
+        parked = asyncio.Event()
+
+        @asynccontextmanager
+        async def committing(**options: bool) -> AsyncIterator[Tx]:
+            async with transaction(**options) as tx:
+                yield tx
+            monkeypatch.setattr(store, "transaction", transaction)  # only this one
+            parked.set()
+            await asyncio.Event().wait()
+
+        monkeypatch.setattr(store, "transaction", committing)
+        return parked
+
+    async def test_a_send_cancelled_while_committing_is_delivered_at_once(
+        self,
+        scripted_app: App,
+        scripted_stub: Stub,
+        scripted: ScriptedProvider,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        session = await open_session(scripted_stub)
+        parked = self.park_after_commit(scripted_app, monkeypatch)
+        command = SendUserMessage(session.id, Message(body="hello"), rid())
+        call = asyncio.create_task(scripted_app.core.send_message(command, TIMEOUT))
+        await wait_for(parked.is_set, what="the commit")
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await wait_for(lambda: command.request_id in scripted.calls.delivered, what="delivery")
+        attempts = [s[3] for s in scripted.calls.sends if s[2] == command.request_id]
+        assert attempts == [False]  # one attempt, not uncertain: nothing was tried before
+        answer = await scripted_stub.SendMessage(
+            send_request(session, "hello", command.request_id), timeout=TIMEOUT
+        )
+        assert answer.external_message_id == f"ev-{command.request_id}"
+
+    async def test_a_stop_cancelled_while_committing_still_closes_the_chat(
+        self,
+        scripted_app: App,
+        scripted_stub: Stub,
+        scripted: ScriptedProvider,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        session = await open_session(scripted_stub)
+        parked = self.park_after_commit(scripted_app, monkeypatch)
+        call = asyncio.create_task(scripted_app.core.stop_handoff(StopHandoff(session.id), TIMEOUT))
+        await wait_for(parked.is_set, what="the commit")
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await wait_for(lambda: scripted.calls.stops, what="the stop")
+        assert scripted.calls.stops == [session.external_chat_id]
+        stopped = await scripted_stub.StopHitl(
+            pb.StopHitlRequest(session_id=session.id), timeout=TIMEOUT
+        )
+        assert stopped.session.state == pb.SESSION_STATE_ENDED
+
+
+class TestBackgroundLoops:
+    """An error nobody expected (a disk error the store did not translate)
+    is logged; the loops go on."""
+
+    async def test_the_outbox_loop_outlives_an_unexpected_error(
+        self,
+        scripted_app: App,
+        scripted_stub: Stub,
+        scripted: ScriptedProvider,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        store, outbox = scripted_app.store, scripted_app.core.outbox
+        outbox.poll_interval = 0.05
+        session = await open_session(scripted_stub)
+        stats, calls = store.outbox_stats, []
+
+        async def failing_once() -> tuple[int, datetime | None]:
+            calls.append(1)
+            if len(calls) == 1:
+                raise sqlite3.OperationalError("database or disk is full")
+            return await stats()
+
+        monkeypatch.setattr(store, "outbox_stats", failing_once)
+        outbox.kick()
+        await wait_for(lambda: len(calls) >= 2, what="the loop to look again")
+        # A transient failure: the retry is the background loop's.
+        scripted.fail("send", Fault("unavailable"))
+        request = send_request(session, "retried")
+        answer = await scripted_stub.SendMessage(request, timeout=TIMEOUT)
+        assert answer.external_message_id == f"ev-{request.request_id}"
+
+    async def test_streams_follow_after_an_unexpected_error_in_the_hub(
+        self, scripted_app: App, scripted_stub: Stub, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        store = scripted_app.store
+        read, calls = store.read_events, []
+
+        async def failing_once(**query: Any) -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                raise sqlite3.OperationalError("disk I/O error")
+            return await read(**query)
+
+        async with EventCollector(scripted_stub, after="0") as events:
+            monkeypatch.setattr(store, "read_events", failing_once)
+            session = await open_session(scripted_stub)  # its events reach the hub
+            await events.wait_for_kind("started", session.id)
+        assert calls  # the failure did happen on the way
+
+
+class TestWaiters:
+    async def test_waiting_on_items_settled_elsewhere_leaves_nothing_behind(
+        self, scripted_app: App, scripted_stub: Stub
+    ) -> None:
+        """An RPC waiting on an item another replica settles (read from the
+        store) must not leave its wake-up event behind."""
+        store, outbox = scripted_app.store, scripted_app.core.outbox
+        outbox.poll_interval = 0.05
+        session = await open_session(scripted_stub)
+        async with store.transaction() as tx:
+            item = await _item_held_elsewhere(tx, session.id)
+        waiter = asyncio.create_task(outbox.wait(item, TIMEOUT))
+        await wait_for(lambda: item.id in outbox._finished, what="the waiter")
+        async with store.transaction() as tx:  # "another replica" settles it
+            item.status, item.lease_owner, item.lease_until = OutboxStatus.DONE, "", None
+            await tx.update_outbox(item)
+        assert (await waiter).status is OutboxStatus.DONE
+        assert item.id not in outbox._finished
+
+
+async def _item_held_elsewhere(tx: Tx, session_id: str) -> OutboxItem:
+    """An item another replica holds (its lease lasts), in ``session_id``."""
+    now = datetime.now(UTC)
+    item = OutboxItem(
+        id=f"msg_{rid()}",
+        session_id=session_id,
+        kind=OutboxKind.SEND,
+        request_id=rid(),
+        payload={"message": {"text": "x"}},
+        status=OutboxStatus.PENDING,
+        created_at=now,
+        next_attempt_at=now,
+        attempts=1,
+        lease_owner="other-replica",
+        lease_until=_far_future(),
+    )
+    await tx.insert_outbox(item)
+    return item
 
 
 def _far_future() -> datetime:

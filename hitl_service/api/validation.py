@@ -38,6 +38,8 @@ MAX_METADATA = 32
 MAX_BUTTONS = 13
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
+# What a google.protobuf.Timestamp may hold (years 1 to 9999, UTC).
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
 # Known enum numbers, built once: ``EnumTypeWrapper.values()`` builds a list per call.
 _MEDIA_KINDS = frozenset(pb.MediaKind.values())
 _AUTHORS = frozenset(pb.Author.values())
@@ -132,6 +134,10 @@ class _Checker:
             self.card(f"{field}.card", message.card)
         if message.author not in _AUTHORS:
             self.add(f"{field}.author", "is not a known author")
+        if message.HasField("created_at"):
+            stamp = message.created_at
+            if not (_MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS and 0 <= stamp.nanos < 10**9):
+                self.add(f"{field}.created_at", "must be a valid time in the years 1 to 9999")
 
     def card(self, field: str, card: pb.Card) -> None:
         if not card.title.strip() and not card.subtitle.strip():

@@ -78,6 +78,10 @@ class EventHub:
             except StoreUnavailable as exc:
                 log.warning("hub.store_unavailable", error=str(exc))
                 await self._clock.sleep(self._poll)
+            except Exception:
+                # Anything else: streams must not stop following for good.
+                log.exception("hub.error")
+                await self._clock.sleep(self._poll)
             if self._clock.monotonic() - self._woken_at >= self._poll:
                 # A heartbeat: subscribers far from their deadline wait with
                 # no timer of their own (see _follow), so wake them now and

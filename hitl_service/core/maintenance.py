@@ -163,7 +163,9 @@ class Maintenance:
 
     async def _time_out(self, session: Session, kind: str, reason: str) -> None:
         try:
-            item, head = await request_stop(self._ctx, session.id, reason, EndedBy.TIMEOUT)
+            item, head = await request_stop(
+                self._ctx, self._outbox, session.id, reason, EndedBy.TIMEOUT
+            )
         except FailedPrecondition:
             return  # changed meanwhile (still starting)
         if item is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -61,59 +62,64 @@ async def send_message(
     claimed = False
     session: Session | None = None
     user: ProviderUser | None = None
-    async with ctx.store.transaction() as tx:
-        record = await tx.get_idempotency(SEND_SCOPE, cmd.request_id)
-        if record is not None:
-            if record.request_hash != cmd.request_hash():
-                raise reused_request_id(cmd.request_id)
-            item = await tx.get_outbox(record.resource_id)
-            if item is None:
-                raise Unavailable("MESSAGE_EXPIRED", "the message record has expired")
-        else:
-            session = await tx.get_session(cmd.session_id)
-            if session is None:
-                raise NotFound("session", cmd.session_id)
-            if session.state is SessionState.STARTING:
-                raise FailedPrecondition(
-                    "SESSION_STARTING",
-                    f"session {session.id} is still starting",
-                    session_id=session.id,
-                )
-            if not session.state.is_open or session.stop_requested_at is not None:
-                raise FailedPrecondition(
-                    "SESSION_ENDED",
-                    f"session {session.id} has ended; start a new handoff",
-                    session_id=session.id,
-                )
-            # Stored without an id: the outbox item's id is the message's.
-            message = replace(cmd.message, id="", author=Author.USER, created_at=now)
-            item = OutboxItem(
-                id=new_id("msg"),
-                session_id=session.id,
-                kind=OutboxKind.SEND,
-                request_id=cmd.request_id,
-                payload={"message": message_to_json(message)},
-                status=OutboxStatus.PENDING,
-                created_at=now,
-                next_attempt_at=now,
-                attempts=1,  # claimed for an immediate attempt, if it heads the queue
-                lease_owner=ctx.owner,
-                lease_until=now + ctx.lease,
-            )
-            claimed = await tx.insert_outbox(item)
-            if claimed:
-                # Read here, in one go, for the attempt that starts below.
-                user = await tx.get_provider_user(session.user_id, ctx.provider_name)
+    try:
+        async with ctx.store.transaction() as tx:
+            record = await tx.get_idempotency(SEND_SCOPE, cmd.request_id)
+            if record is not None:
+                if record.request_hash != cmd.request_hash():
+                    raise reused_request_id(cmd.request_id)
+                item = await tx.get_outbox(record.resource_id)
+                if item is None:
+                    raise Unavailable("MESSAGE_EXPIRED", "the message record has expired")
             else:
-                item.attempts, item.lease_owner, item.lease_until = 0, "", None
-                await tx.update_outbox(item)
-            await tx.put_idempotency(
-                IdempotencyRecord(SEND_SCOPE, cmd.request_id, cmd.request_hash(), item.id, now)
-            )
-            last = session.last_activity_at
-            if last is None or now - last >= ACTIVITY_RESOLUTION:
-                session.last_activity_at = now
-                await tx.update_session(session)
+                session = await tx.get_session(cmd.session_id)
+                if session is None:
+                    raise NotFound("session", cmd.session_id)
+                if session.state is SessionState.STARTING:
+                    raise FailedPrecondition(
+                        "SESSION_STARTING",
+                        f"session {session.id} is still starting",
+                        session_id=session.id,
+                    )
+                if not session.state.is_open or session.stop_requested_at is not None:
+                    raise FailedPrecondition(
+                        "SESSION_ENDED",
+                        f"session {session.id} has ended; start a new handoff",
+                        session_id=session.id,
+                    )
+                # Stored without an id: the outbox item's id is the message's.
+                message = replace(cmd.message, id="", author=Author.USER, created_at=now)
+                item = OutboxItem(
+                    id=new_id("msg"),
+                    session_id=session.id,
+                    kind=OutboxKind.SEND,
+                    request_id=cmd.request_id,
+                    payload={"message": message_to_json(message)},
+                    status=OutboxStatus.PENDING,
+                    created_at=now,
+                    next_attempt_at=now,
+                    attempts=1,  # claimed for an immediate attempt, if it heads the queue
+                    lease_owner=ctx.owner,
+                    lease_until=now + ctx.lease,
+                )
+                claimed = await tx.insert_outbox(item)
+                if claimed:
+                    # Read here, in one go, for the attempt that starts below.
+                    user = await tx.get_provider_user(session.user_id, ctx.provider_name)
+                else:
+                    item.attempts, item.lease_owner, item.lease_until = 0, "", None
+                    await tx.update_outbox(item)
+                await tx.put_idempotency(
+                    IdempotencyRecord(SEND_SCOPE, cmd.request_id, cmd.request_hash(), item.id, now)
+                )
+                last = session.last_activity_at
+                if last is None or now - last >= ACTIVITY_RESOLUTION:
+                    session.last_activity_at = now
+                    await tx.update_session(session)
+    except asyncio.CancelledError:
+        if claimed and item is not None:  # the RPC went away while the COMMIT was under way
+            outbox.start_when_committed(item.id)
+        raise
     outbox.dispatch(item, claimed, session=session, user=user)
     item = await outbox.wait(item, budget)
     if item.status is OutboxStatus.DONE:

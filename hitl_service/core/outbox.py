@@ -58,6 +58,7 @@ class Outbox:
         self._wake = asyncio.Event()
         self._finished: dict[str, asyncio.Event] = {}
         self._inflight: dict[str, _Attempt] = {}
+        self._chores: set[asyncio.Task[None]] = set()  # start_when_committed
         self._stopping = False
         # Whether the loop last saw due items it could not claim (queued
         # behind their session's head, or beyond the concurrency): only then
@@ -93,6 +94,38 @@ class Outbox:
         elif item.status is OutboxStatus.PENDING:
             self._backlog = True
             self.kick()
+
+    def start_when_committed(self, item_id: str) -> None:
+        """Starts the attempt of an item its writer claimed, once committed.
+
+        For a writer cancelled (its RPC went away) while its transaction
+        committed, before it could ``dispatch``: nothing else would attempt
+        the item, nor the items queued behind it in its session, until its
+        lease ran out.
+        """
+        task = asyncio.create_task(self._start_when_committed(item_id), name=f"outbox-{item_id}")
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+    async def _start_when_committed(self, item_id: str) -> None:
+        ctx = self._ctx
+        try:
+            # A transaction: on SQLite it joins the batch that holds the item
+            # (if still open) and ends once that batch has committed.
+            async with ctx.store.transaction() as tx:
+                item = await tx.get_outbox(item_id)
+        except StoreUnavailable as exc:
+            log.warning("outbox.store_unavailable", error=str(exc))
+            return  # the lease runs out and the loop takes the item
+        if (
+            item is not None  # None: the writer's transaction rolled back
+            and item.status is OutboxStatus.PENDING
+            and item.lease_owner == ctx.owner
+            and item.lease_until is not None
+            and item.lease_until > ctx.clock.now()
+            and item_id not in self._inflight
+        ):
+            self.start_attempt(item)
 
     def start_attempt(
         self, item: OutboxItem, session: Session | None = None, user: ProviderUser | None = None
@@ -357,6 +390,10 @@ class Outbox:
             if latest is None:
                 break
             item = latest
+        # The item's event is dropped here too, not only by a local settle:
+        # one settled elsewhere (another replica) would leave it forever.
+        # Other RPCs waiting on it are woken to re-read and make a new one.
+        self._signal(item.id)
         return item
 
     # --- background loop ---------------------------------------------------------
@@ -373,6 +410,11 @@ class Outbox:
                     claimed = await self._claim_and_start()
             except StoreUnavailable as exc:
                 log.warning("outbox.store_unavailable", error=str(exc))
+                pending, next_due, now = 0, None, ctx.clock.now()
+            except Exception:
+                # Anything else (a disk error the store did not translate):
+                # the loop must outlive it, or retries would stop for good.
+                log.exception("outbox.error")
                 pending, next_due, now = 0, None, ctx.clock.now()
             ctx.metrics.outbox_depth.set(pending)
             if claimed:
@@ -412,6 +454,8 @@ class Outbox:
         """Stops claiming and waits up to ``timeout`` for attempts in flight."""
         self._stopping = True
         self.kick()
+        if self._chores:
+            await asyncio.wait(self._chores, timeout=timeout)  # they may start attempts
         tasks = [attempt.task for attempt in self._inflight.values()]
         if tasks:
             _, still = await asyncio.wait(tasks, timeout=timeout)

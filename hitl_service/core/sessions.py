@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -295,7 +296,7 @@ async def stop_handoff(
         Unavailable: The provider has not confirmed within the budget; the
             stop stays queued and is retried (STOP_PENDING).
     """
-    item, head = await request_stop(ctx, cmd.session_id, cmd.reason, EndedBy.CALLER)
+    item, head = await request_stop(ctx, outbox, cmd.session_id, cmd.reason, EndedBy.CALLER)
     if item is None:
         return await get_session(ctx, cmd.session_id)
     outbox.dispatch(item, head)
@@ -318,54 +319,60 @@ async def stop_handoff(
 
 
 async def request_stop(
-    ctx: CoreContext, session_id: str, reason: str, by: EndedBy
+    ctx: CoreContext, outbox: Outbox, session_id: str, reason: str, by: EndedBy
 ) -> tuple[OutboxItem | None, bool]:
     """Records the intent to stop a session (once) in the outbox.
 
     Returns:
         The stop item (None if the session is already over) and whether this
-        call claimed it for an immediate attempt.
+        call claimed it for an immediate attempt (``outbox.dispatch`` it).
     """
     now = ctx.clock.now()
-    async with ctx.store.transaction() as tx:
-        session = await tx.get_session(session_id)
-        if session is None:
-            raise NotFound("session", session_id)
-        if not session.state.is_open:
-            return None, False
-        if session.state is SessionState.STARTING:
-            raise FailedPrecondition(
-                "SESSION_STARTING",
-                f"session {session_id} is still starting; stop it once StartHitl returned",
+    head = False
+    try:
+        async with ctx.store.transaction() as tx:
+            session = await tx.get_session(session_id)
+            if session is None:
+                raise NotFound("session", session_id)
+            if not session.state.is_open:
+                return None, False
+            if session.state is SessionState.STARTING:
+                raise FailedPrecondition(
+                    "SESSION_STARTING",
+                    f"session {session_id} is still starting; stop it once StartHitl returned",
+                    session_id=session_id,
+                )
+            record = await tx.get_idempotency(STOP_SCOPE, session_id)
+            if record is not None:
+                existing = await tx.get_outbox(record.resource_id)
+                if existing is not None and existing.status is not OutboxStatus.FAILED:
+                    return existing, False
+                await tx.delete_idempotency(STOP_SCOPE, session_id)
+            item = OutboxItem(
+                id=new_id("stp"),
                 session_id=session_id,
+                kind=OutboxKind.STOP,
+                request_id=f"stop-{session_id}",
+                payload={"reason": reason, "by": by.value},
+                status=OutboxStatus.PENDING,
+                created_at=now,
+                next_attempt_at=now,
+                attempts=1,
+                lease_owner=ctx.owner,
+                lease_until=now + ctx.lease,
             )
-        record = await tx.get_idempotency(STOP_SCOPE, session_id)
-        if record is not None:
-            existing = await tx.get_outbox(record.resource_id)
-            if existing is not None and existing.status is not OutboxStatus.FAILED:
-                return existing, False
-            await tx.delete_idempotency(STOP_SCOPE, session_id)
-        item = OutboxItem(
-            id=new_id("stp"),
-            session_id=session_id,
-            kind=OutboxKind.STOP,
-            request_id=f"stop-{session_id}",
-            payload={"reason": reason, "by": by.value},
-            status=OutboxStatus.PENDING,
-            created_at=now,
-            next_attempt_at=now,
-            attempts=1,
-            lease_owner=ctx.owner,
-            lease_until=now + ctx.lease,
-        )
-        head = await tx.insert_outbox(item)
-        if not head:
-            item.attempts, item.lease_owner, item.lease_until = 0, "", None
-            await tx.update_outbox(item)
-        session.stop_requested_at = now
-        session.updated_at = now
-        await tx.update_session(session)
-        await tx.put_idempotency(IdempotencyRecord(STOP_SCOPE, session_id, "", item.id, now))
+            head = await tx.insert_outbox(item)
+            if not head:
+                item.attempts, item.lease_owner, item.lease_until = 0, "", None
+                await tx.update_outbox(item)
+            session.stop_requested_at = now
+            session.updated_at = now
+            await tx.update_session(session)
+            await tx.put_idempotency(IdempotencyRecord(STOP_SCOPE, session_id, "", item.id, now))
+    except asyncio.CancelledError:
+        if head:  # the caller went away while the COMMIT was under way
+            outbox.start_when_committed(item.id)
+        raise
     return item, head
 
 
