@@ -177,13 +177,15 @@ async def _retry_busy(call: Callable[[], _T], timeout: float) -> _T:
     """Runs ``call``; while the database is locked, retries with back-offs.
 
     The connections have no busy handler, so a lock held by another process
-    never blocks the event loop; this waits asynchronously instead.
+    never blocks the event loop; this waits asynchronously instead. A lock
+    that outlasts ``timeout``, a full disk, an I/O error: ``StoreUnavailable``,
+    as the PostgreSQL store reports its own (503 and UNAVAILABLE, not 500).
     """
     try:
         return call()
     except sqlite3.OperationalError as exc:
         if not _is_busy(exc):
-            raise
+            raise StoreUnavailable(f"SQLite failed: {exc}") from exc
     deadline = time.monotonic() + timeout
     delay = 0.001
     while True:
@@ -192,7 +194,7 @@ async def _retry_busy(call: Callable[[], _T], timeout: float) -> _T:
             return call()
         except sqlite3.OperationalError as exc:
             if not _is_busy(exc) or time.monotonic() >= deadline:
-                raise
+                raise StoreUnavailable(f"SQLite failed: {exc}") from exc
         delay = min(delay * 2, 0.05)
 
 
@@ -727,7 +729,7 @@ class SqliteStore:
 
     async def close(self) -> None:
         """See base class."""
-        if self._lazy is not None:  # a batch is waiting: commit it now
+        if self._batch is not None:  # a batch waits (lazy, or for its flush): commit it
             async with self._write_lock:
                 if self._batch is not None:
                     self._commit(self._batch)
@@ -871,7 +873,8 @@ class SqliteStore:
 
     def _flush_soon(self) -> None:
         """Has the open batch committed by a task of its own (if none is due)."""
-        if self._flusher is None:
+        # A done one was cancelled before it could run (torn down with the loop).
+        if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="sqlite-commit")
 
     def _undo(self, conn: sqlite3.Connection, batch: _Batch) -> None:
@@ -1078,11 +1081,10 @@ class SqliteStore:
     ) -> int:
         """See base class. Deletes in batches of ``PRUNE_BATCH`` rows, one
         transaction each, so the event loop never stalls on a big delete."""
-        removed = 0
+        removed = await self._prune_outbox(idempotency_before)
         for table, key, condition, cutoff in (
             # idempotency has no rowid (migration 0002): its key is the row's.
             ("idempotency", "scope, key", "created_at < ?", idempotency_before),
-            ("outbox", "rowid", "status != 'pending' AND done_at < ?", idempotency_before),
             ("dedupe_keys", "rowid", "created_at < ?", dedupe_before),
             ("parked_events", "rowid", "created_at < ?", parked_before),
         ):
@@ -1098,3 +1100,33 @@ class SqliteStore:
                     break
                 await asyncio.sleep(0)  # let requests in between batches
         return removed
+
+    async def _prune_outbox(self, before: datetime) -> int:
+        """Deletes outbox items finished before ``before``, walking the table
+        in ``pos`` order, ``PRUNE_BATCH`` rows a transaction.
+
+        Finished items have no index of their own (it would cost every
+        settle a page): a query for them would scan every row kept, 48 hours
+        of messages, in one statement on the loop. Rows are in creation
+        order, and an item finishes after it is created, so the walk stops at
+        the first batch that reaches items created after ``before``.
+        """
+        cutoff, after, removed = _ts(before), -1, 0
+        while True:
+            async with self.transaction() as tx:
+                batch = await tx._one(
+                    "SELECT count(*) AS n, max(pos) AS last, max(created_at) AS newest FROM "
+                    "(SELECT pos, created_at FROM outbox WHERE pos > ? ORDER BY pos LIMIT ?)",
+                    (after, PRUNE_BATCH),
+                )
+                if batch is None or not batch["n"]:
+                    return removed
+                removed += await tx._exec(
+                    "DELETE FROM outbox WHERE pos > ? AND pos <= ? "
+                    "AND status != 'pending' AND done_at < ?",
+                    (after, batch["last"], cutoff),
+                )
+            if batch["n"] < PRUNE_BATCH or batch["newest"] >= cutoff:
+                return removed
+            after = batch["last"]
+            await asyncio.sleep(0)  # let requests in between batches

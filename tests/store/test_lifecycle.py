@@ -8,6 +8,7 @@ import pytest
 
 from hitl_service.domain import DeadLetter, IdempotencyRecord, OutboxStatus, User
 from hitl_service.errors import StoreUnavailable
+from hitl_service.store import sqlite as sqlite_module
 from hitl_service.store.base import Store, Tx
 from hitl_service.store.migrations import migrations
 from providers.types import AgentMessage, InboundEvent, Message, ProviderUser, Queued
@@ -186,6 +187,27 @@ class TestPrune:
             await store.prune(idempotency_before=at(50), dedupe_before=at(50), parked_before=at(50))
             == 0
         )
+
+    async def test_finished_items_go_batch_by_batch_and_the_rest_stays(
+        self, store: Store, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(sqlite_module, "PRUNE_BATCH", 3)  # SQLite walks the table
+        items = [
+            make_outbox("A", created_at=at(n))
+            if n % 4 == 0  # still pending, however old
+            else make_outbox("A", created_at=at(n), status=OutboxStatus.DONE, done_at=at(n + 1))
+            for n in range(12)
+        ]
+        async with store.transaction() as tx:
+            for item in items:
+                await tx.insert_outbox(item)
+        removed = await store.prune(
+            idempotency_before=at(8), dedupe_before=at(0), parked_before=at(0)
+        )
+        gone = {i.id for i in items if i.done_at is not None and i.done_at < at(8)}
+        assert removed == len(gone) == 5
+        for item in items:
+            assert (await store.get_outbox(item.id) is None) == (item.id in gone), item
 
     async def test_separate_cutoffs(self, store: Store) -> None:
         async with store.transaction() as tx:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from hitl_service.errors import StoreUnavailable
 from hitl_service.store import sqlite as sqlite_module
 from hitl_service.store.sqlite import SqliteStore
 from providers.types import Queued
@@ -136,3 +137,42 @@ async def test_closing_commits_a_waiting_lazy_batch(
         assert await again.get_user(user.id) == user
     finally:
         await again.close()
+
+
+async def test_a_cancelled_commit_task_does_not_wedge_later_writes(
+    sqlite_store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = sqlite_store
+    monkeypatch.setattr(store, "_gathered", 2.0)  # under load: every COMMIT waits a turn
+    first = asyncio.create_task(add(store, make_user()))
+    for _ in range(100):  # loop turns: the task runs in the turn after it is made
+        if store._flusher is not None:
+            break
+        await asyncio.sleep(0)
+    assert store._flusher is not None
+    store._flusher.cancel()  # e.g. torn down with the loop's other tasks
+    later = make_user()
+    await add(store, later)  # starts a commit task of its own, which takes both
+    await first
+    assert await store.get_user(later.id) == later
+
+
+async def append_many(store: SqliteStore, count: int) -> None:
+    async with store.transaction() as tx:
+        for _ in range(count):
+            await tx.append_event("s", "u", T0, Queued())
+
+
+async def test_a_full_disk_is_store_unavailable(sqlite_store: SqliteStore) -> None:
+    writer = sqlite_store._writer
+    assert writer is not None
+    pages = writer.execute("PRAGMA page_count").fetchone()[0]
+    writer.execute(f"PRAGMA max_page_count = {pages}")  # no page more: "disk is full"
+    try:
+        with pytest.raises(StoreUnavailable, match="full"):
+            await append_many(sqlite_store, 2000)
+    finally:
+        writer.execute("PRAGMA max_page_count = 1073741823")
+    user = make_user()
+    await add(sqlite_store, user)  # the failed body was undone; writes go on
+    assert await sqlite_store.get_user(user.id) == user
