@@ -212,21 +212,21 @@ async def _keep_failed(core: HitlCore, provider: str, batch: WebhookBatch, lette
     The normalized events are kept, not the raw body, which may carry the
     provider's secret.
     """
-    body = dumps(
-        {
-            "action": batch.action,
-            "events": [
-                {
-                    "external_chat_id": e.external_chat_id,
-                    "dedupe_key": e.dedupe_key,
-                    "kind": _describe(e.kind),
-                    "occurred_at": e.occurred_at.isoformat() if e.occurred_at else None,
-                }
-                for e in batch.events
-            ],
-        }
-    ).encode()
     try:
+        body = dumps(
+            {
+                "action": batch.action,
+                "events": [
+                    {
+                        "external_chat_id": e.external_chat_id,
+                        "dedupe_key": e.dedupe_key,
+                        "kind": _describe(e.kind),
+                        "occurred_at": e.occurred_at.isoformat() if e.occurred_at else None,
+                    }
+                    for e in batch.events
+                ],
+            }
+        ).encode("utf-8", "backslashreplace")  # whatever text made the batch fail
         async with core.ctx.store.transaction() as tx:
             await tx.add_dead_letter(
                 DeadLetter(letter_id, provider, core.ctx.clock.now(), "ingest failed", body)

@@ -259,7 +259,8 @@ class ProviderUser:
     """
 
     external_user_id: str
-    state: dict[str, Any] = field(default_factory=dict)
+    # Not in the repr: it holds credentials (LiveChat: the customer's token).
+    state: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 THREAD_STATE_KEY = "thread_id"

@@ -91,6 +91,14 @@ BUTTON_FROM_PB = {v: k for k, v in BUTTON_TO_PB.items()} | {
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def _clamp(value: int, bits: int) -> int:
+    """``value`` within a signed protobuf integer of ``bits`` + 1 bits: a
+    provider's out-of-range number must not make its event unsendable (every
+    stream replaying the log would fail on it)."""
+    limit = 1 << bits
+    return max(-limit, min(value, limit - 1))
+
+
 def timestamp(value: datetime | None) -> Timestamp | None:
     """datetime → Timestamp (None stays None)."""
     if value is None:
@@ -163,7 +171,7 @@ def message_to_pb(message: Message) -> pb.Message:
                 url=body.url,
                 name=body.name,
                 mime_type=body.mime_type,
-                size_bytes=body.size_bytes,
+                size_bytes=_clamp(body.size_bytes, 63),
                 caption=body.caption,
             )
         )
@@ -248,7 +256,11 @@ def event_to_pb(event: LogEvent) -> pb.Event:
             )
         )
     elif isinstance(kind, Queued):
-        out.queued.CopyFrom(pb.Queued(position=kind.position, wait_seconds=kind.wait_seconds))
+        out.queued.CopyFrom(
+            pb.Queued(
+                position=_clamp(kind.position, 31), wait_seconds=_clamp(kind.wait_seconds, 31)
+            )
+        )
     elif isinstance(kind, AgentAssigned):
         out.agent_assigned.CopyFrom(pb.AgentAssigned(agent=agent_to_pb(kind.agent)))
     elif isinstance(kind, AgentMessage):

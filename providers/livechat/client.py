@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import http.cookiejar
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter
 from hitl_service.secret import Secret
 from providers.errors import ProviderUnavailable
 from providers.livechat import media_guard
-from providers.livechat.models import as_dict, as_int, as_str
+from providers.livechat.models import as_dict, as_int, as_str, loads_json
 from providers.livechat.settings import LiveChatSettings
 
 log = structlog.get_logger(__name__)
@@ -107,7 +106,7 @@ class TokenGrant:
     customer_id: str
     expires_in: int
     organization_id: str
-    cookies: dict[str, str] = field(default_factory=dict)
+    cookies: dict[str, str] = field(default_factory=dict, repr=False)  # credentials
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,8 +422,8 @@ class LiveChatClient:
         status = response.status_code
         debug_id = response.headers.get("x-debug-id", "")
         try:
-            body: Any = response.json() if response.content else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body: Any = loads_json(response.content) if response.content else {}
+        except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError
             body = None
         if 200 <= status < 300:
             if body is None:
@@ -494,8 +493,8 @@ class LiveChatClient:
         response = await self._exchange(request, "accounts", "customer_token", idempotent=True)
         status = response.status_code
         try:
-            payload = as_dict(response.json())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            payload = as_dict(loads_json(response.content))
+        except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError
             payload = {}
         outcome = "ok" if 200 <= status < 300 else "refused"
         if status == 429 or status >= 500:

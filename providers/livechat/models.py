@@ -8,6 +8,7 @@ callers decide what a missing required field means.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,33 @@ _UUID_RE = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 )
 _FRACTION_RE = re.compile(r"\.(\d+)")
+
+
+_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def loads_json(data: bytes) -> Any:
+    """``json.loads``, with lone UTF-16 surrogates (``"\\ud83d"`` without its
+    pair) replaced by U+FFFD: no store, protobuf or log can encode them, so
+    one would fail every write (and every stream) of the event carrying it.
+
+    Raises:
+        ValueError: Not JSON. RecursionError: nested too deep.
+    """
+    value = json.loads(data)
+    if _SURROGATE_ESCAPE_RE.search(data):  # rare: only then walk the value
+        value = _mended(value)
+    return value
+
+
+def _mended(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [_mended(v) for v in value]
+    if isinstance(value, dict):
+        return {_mended(k): _mended(v) for k, v in value.items()}
+    return value
 
 
 def as_dict(value: object) -> dict[str, Any]:
@@ -80,7 +108,10 @@ def parse_time(value: object) -> datetime | None:
         return None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00: before the first UTC instant
+        return None
 
 
 def is_customer_id(value: str) -> bool:

@@ -13,7 +13,6 @@ Answers (as ``WebhookRejected`` statuses; the sidecar turns them into HTTP):
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -25,6 +24,7 @@ from providers.livechat import normalize
 from providers.livechat.memory import ChatMemory
 from providers.livechat.models import (
     as_str,
+    loads_json,
     parse_chat,
     parse_event,
     parse_queue,
@@ -97,7 +97,7 @@ class WebhookParser:
         """Verifies and normalizes a delivery; see the module docstring."""
         del headers  # LiveChat authenticates with the body's secret_key only
         try:
-            envelope = json.loads(body)
+            envelope = loads_json(body)
         except (ValueError, RecursionError):
             raise _bad("the body is not JSON") from None
         if not isinstance(envelope, dict):

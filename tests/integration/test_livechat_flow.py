@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 import uuid
 from typing import Any
@@ -532,6 +533,81 @@ class TestWebhookDelivery:
         )
         assert answer.status_code == 200
         assert agent_texts(await lc.log(session.id)) == ["please send your password"]
+
+
+class TestHostilePayloads:
+    """What LiveChat's JSON may carry that no store, protobuf or log can:
+    accepted, made representable, and streamed; never a 500, never an event
+    that breaks every stream replaying it."""
+
+    async def post(self, lc: LiveChatService, action: str, payload: dict[str, Any]) -> Any:
+        body = {
+            "webhook_id": uuid.uuid4().hex,
+            "secret_key": WEBHOOK_SECRET,
+            "action": action,
+            "organization_id": lc.provider.settings.organization_id,
+            "payload": payload,
+            "additional_data": {},
+        }
+        response = await lc.http.post("/webhooks/livechat", content=json.dumps(body).encode())
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    async def test_numbers_beyond_the_protobuf_fields_are_clamped(
+        self, lc: LiveChatService
+    ) -> None:
+        session = await lc.start()
+        stored = await lc.app.store.get_session(session.id)
+        assert stored is not None
+        answer = await self.post(
+            lc,
+            "chat_transferred",
+            {
+                "chat_id": session.external_chat_id,
+                "thread_id": stored.chat_state["thread_id"],
+                "reason": "manual",
+                "requester_id": JOE[0],
+                "transferred_to": {"group_ids": [0]},
+                "queue": {
+                    "position": 2**40,
+                    "wait_time": 2**31,
+                    "queued_at": "2026-03-02T10:15:07Z",
+                },
+            },
+        )
+        assert answer["accepted"] >= 1
+        for _ in range(2):  # a client reconnecting from the start reads it again
+            async with EventCollector(lc.stub, session_id=session.id, after="0") as stream:
+                await wait_for(lambda: stream.kinds().count("queued") == 2, what="both queued")
+            last = [e.queued for e in stream.events if e.WhichOneof("kind") == "queued"][-1]
+            assert (last.position, last.wait_seconds) == (2**31 - 1, 2**31 - 1)
+
+    async def test_a_lone_surrogate_in_agent_text_is_replaced(self, lc: LiveChatService) -> None:
+        session = await lc.start()
+        stored = await lc.app.store.get_session(session.id)
+        assert stored is not None
+        thread = stored.chat_state["thread_id"]
+        text = "broken \ud83d"  # json.dumps writes the lone surrogate as its escape
+        answer = await self.post(
+            lc,
+            "incoming_event",
+            {
+                "chat_id": session.external_chat_id,
+                "thread_id": thread,
+                "event": {
+                    "id": f"{thread}_77",
+                    "type": "message",
+                    "author_id": JANE[0],
+                    "created_at": "2026-03-02T10:15:07.123456Z",
+                    "visibility": "all",
+                    "text": text,
+                },
+            },
+        )
+        assert answer["accepted"] >= 1  # the message (and Jane's assignment with it)
+        async with EventCollector(lc.stub, session_id=session.id, after="0") as stream:
+            message = await stream.wait_for_kind("agent_message")
+        assert message.agent_message.message.text == "broken \ufffd"
 
 
 class TestIdentity:

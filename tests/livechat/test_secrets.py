@@ -99,6 +99,7 @@ async def test_full_flow_leaks_no_secret(
         *(str(e) + repr(e) for e in errors),
         *problems,
         repr(provider.settings),
+        repr(session.user),  # its state holds the customer's token and cookies
     ]
     for secret in secrets:
         for haystack in haystacks:

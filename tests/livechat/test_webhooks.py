@@ -308,6 +308,22 @@ class TestIncomingEvent:
         assert len(batch.events) == 1
 
 
+    @pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+    def test_a_time_no_utc_datetime_holds_is_no_time(
+        self, provider: LiveChatProvider, stamp: str
+    ) -> None:
+        [inbound] = incoming(provider, created_at=stamp).events
+        assert inbound.occurred_at is None  # the core uses the time it received it
+
+    def test_lone_surrogates_become_replacement_characters(
+        self, provider: LiveChatProvider
+    ) -> None:
+        # No store, protobuf or log encodes "\ud83d" alone; a pair is one character.
+        [inbound] = incoming(provider, text="broken \ud83d, whole \ud83d\ude00").events
+        assert isinstance(inbound.kind, AgentMessage)
+        assert inbound.kind.message.body == "broken \ufffd, whole \U0001f600"
+
+
 class TestMembership:
     def added(self, provider: LiveChatProvider, user: dict[str, Any], **extra: Any):
         payload = {"chat_id": CHAT, "thread_id": THREAD, "user": user, "reason": "manual", **extra}
