@@ -307,7 +307,6 @@ class TestIncomingEvent:
         batch = provider.parse_webhook({}, json.dumps(body).encode())
         assert len(batch.events) == 1
 
-
     @pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
     def test_a_time_no_utc_datetime_holds_is_no_time(
         self, provider: LiveChatProvider, stamp: str
