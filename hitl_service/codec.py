@@ -12,6 +12,7 @@ from typing import Any
 from providers.types import (
     Agent,
     AgentAssigned,
+    AgentLeft,
     AgentMessage,
     Author,
     Body,
@@ -140,6 +141,7 @@ _TAGS: dict[type, str] = {
     AgentAssigned: "agent_assigned",
     AgentMessage: "agent_message",
     Transferred: "transferred",
+    AgentLeft: "agent_left",  # parked events only: the log holds a Transferred
     Ended: "ended",
     Failed: "failed",
 }
@@ -174,6 +176,8 @@ def kind_to_json(kind: LogKind) -> tuple[str, JSON]:
             "reason": kind.reason,
             "to_agent": agent_to_json(kind.to_agent),
         }
+    if isinstance(kind, AgentLeft):
+        return "agent_left", {"agent": agent_to_json(kind.agent), "reason": kind.reason}
     if isinstance(kind, Ended):
         return "ended", {"reason": kind.reason, "by": kind.by.value}
     if isinstance(kind, Failed):
@@ -206,6 +210,10 @@ def kind_from_json(tag: str, data: JSON) -> LogKind:
             reason=data.get("reason", ""),
             to_agent=agent_from_json(data.get("to_agent")),
         )
+    if tag == "agent_left":
+        agent = agent_from_json(data["agent"])
+        assert agent is not None
+        return AgentLeft(agent=agent, reason=data.get("reason", ""))
     if tag == "ended":
         return Ended(reason=data.get("reason", ""), by=EndedBy(data.get("by", "unspecified")))
     if tag == "failed":

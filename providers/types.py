@@ -147,6 +147,17 @@ class Transferred:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentLeft:
+    """An agent left the chat. If that agent held the handoff, it goes back to
+    the queue (logged as ``Transferred``); otherwise nothing changes. The core
+    decides, from the session it stored: a provider's own memory of who holds
+    a chat does not survive a restart and is not shared by replicas."""
+
+    agent: Agent
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Ended:
     """The handoff is over."""
 
@@ -171,7 +182,9 @@ class Started:
     group_id: str = ""
 
 
-EventKind: TypeAlias = Queued | AgentAssigned | AgentMessage | Transferred | Ended | Failed
+EventKind: TypeAlias = (
+    Queued | AgentAssigned | AgentMessage | Transferred | AgentLeft | Ended | Failed
+)
 """What a provider can report about a chat."""
 
 LogKind: TypeAlias = Started | EventKind

@@ -11,6 +11,7 @@ from hitl_service.domain import Session, SessionState
 from providers.types import (
     Agent,
     AgentAssigned,
+    AgentLeft,
     AgentMessage,
     Author,
     Ended,
@@ -93,6 +94,42 @@ def test_transfers_to_a_queue_and_to_an_agent() -> None:
     assert (s.state, s.agent) == (SessionState.ASSIGNED, BOB)
 
 
+def test_a_queue_report_while_an_agent_holds_the_chat_is_an_old_one() -> None:
+    """Back to the queue comes as a transfer or the agent leaving; a queue
+    report alone, once an agent holds the chat, was overtaken (webhooks of
+    different actions arrive in any order)."""
+    s = session(SessionState.ASSIGNED, JANE)
+    with pytest.raises(Ignored):
+        apply_event(s, Queued(3, 180), NOW)
+    assert (s.state, s.agent) == (SessionState.ASSIGNED, JANE)
+    apply_event(s, Transferred(to_group_id="7"), NOW)
+    assert apply_event(s, Queued(1, 10), NOW) == [Queued(1, 10)]  # queued again: current
+
+
+def test_an_agent_leaving_requeues_only_the_session_they_held() -> None:
+    s = session(SessionState.ASSIGNED, JANE)
+    with pytest.raises(Ignored):  # a supervisor, or an agent from before a transfer
+        apply_event(s, AgentLeft(Agent(BOB.id), "manual"), NOW)
+    assert (s.state, s.agent) == (SessionState.ASSIGNED, JANE)
+    [left] = apply_event(s, AgentLeft(Agent(JANE.id), "manual"), NOW)
+    assert left == Transferred(from_agent=JANE, reason="manual")
+    assert (s.state, s.agent) == (SessionState.QUEUED, None)
+    with pytest.raises(Ignored):  # the same news again
+        apply_event(s, AgentLeft(Agent(JANE.id), "manual"), NOW)
+
+
+def test_routing_within_its_group_before_any_agent_is_not_a_transfer() -> None:
+    """The start-up routing (the bridge's own transfer to the session's
+    group) reaches replicas that never saw the start: not a transfer."""
+    s = session(SessionState.QUEUED)
+    s.group_id = "19"
+    for kind in (Transferred(to_group_id="19", reason="manual"), Transferred(reason="other")):
+        with pytest.raises(Ignored):
+            apply_event(s, kind, NOW)
+    [moved] = apply_event(s, Transferred(to_group_id="7", reason="manual"), NOW)
+    assert moved == Transferred(to_group_id="7", reason="manual")
+
+
 @pytest.mark.parametrize("state", [SessionState.ENDED, SessionState.FAILED, SessionState.STARTING])
 @pytest.mark.parametrize(
     "kind",
@@ -101,6 +138,7 @@ def test_transfers_to_a_queue_and_to_an_agent() -> None:
         AgentAssigned(JANE),
         AgentMessage(Message("x"), JANE),
         Transferred(),
+        AgentLeft(JANE),
         Ended(),
         Failed("X"),
     ],

@@ -16,6 +16,7 @@ from hitl_service.domain import Session, SessionState
 from providers.types import (
     Agent,
     AgentAssigned,
+    AgentLeft,
     AgentMessage,
     Author,
     Ended,
@@ -59,8 +60,20 @@ def apply_event(session: Session, kind: EventKind, now: datetime) -> list[EventK
     if session.state is SessionState.STARTING:
         raise Ignored("session is not started yet")
     if isinstance(kind, Queued):
+        if session.state is SessionState.ASSIGNED:
+            # A chat going back to the queue comes as a transfer (or the
+            # agent leaving), which moves the session first. A queue report
+            # alone is an old one: LiveChat does not order webhooks across
+            # actions, and retries come up to a minute late.
+            raise Ignored("an agent holds the chat: an earlier queue report")
         _set(session, SessionState.QUEUED, None, now)
         return [kind]
+    if isinstance(kind, AgentLeft):
+        if session.agent is None or session.agent.id != kind.agent.id:
+            raise Ignored("an agent who did not hold the chat left")
+        left = Transferred(from_agent=session.agent, reason=kind.reason or "agent_left")
+        _set(session, SessionState.QUEUED, None, now)
+        return [left]
     if isinstance(kind, AgentAssigned):
         if session.state is SessionState.ASSIGNED and _same(session.agent, kind.agent):
             # A transfer may name only the new agent's id (LiveChat's
@@ -78,6 +91,15 @@ def apply_event(session: Session, kind: EventKind, now: datetime) -> list[EventK
         return _agent_message(session, kind, now)
     if isinstance(kind, Transferred):
         transferred = replace(kind, from_agent=kind.from_agent or session.agent)
+        if (
+            transferred.from_agent is None
+            and transferred.to_agent is None
+            and transferred.to_group_id in ("", session.group_id)
+        ):
+            # Routed within its own group before any agent held it: the
+            # start-up routing (ours), not a transfer for the caller. Its
+            # queue position, if any, comes as a Queued event of its own.
+            raise Ignored("routed within its group before any agent: not a transfer")
         if kind.to_agent is not None:
             _set(session, SessionState.ASSIGNED, kind.to_agent, now)
         else:

@@ -7,7 +7,7 @@ with the same dedupe keys:
 - an agent joining: ``user_added_to_chat:<chat>:<thread>:<agent>``;
 - a transfer: ``chat_transferred:<chat>:<thread>:<reason>:<groups>:<agents>:<queued_at>``;
 - a queue position: ``queued:<chat>:<thread>:<queued_at or position>``;
-- the assigned agent leaving: ``user_removed_from_chat:<chat>:<thread>:<agent>``;
+- an agent leaving: ``user_removed_from_chat:<chat>:<thread>:<agent>``;
 - the end of a thread: ``chat_deactivated:<chat>:<thread>``.
 
 LiveChat's ``webhook_id`` names a registration, not a delivery, so it is
@@ -23,6 +23,7 @@ from providers.livechat.memory import OWN_CUSTOM_ID_PREFIX, ChatMemory
 from providers.livechat.models import LcEvent, LcQueue, LcThread, LcUser, as_str, parse_time
 from providers.types import (
     AgentAssigned,
+    AgentLeft,
     AgentMessage,
     Ended,
     EndedBy,
@@ -183,21 +184,19 @@ def transferred(
 def agent_removed(
     memory: ChatMemory, chat_id: str, thread_id: str, user_id: str, reason: str, requester: str
 ) -> tuple[InboundEvent | None, str]:
-    """The assigned agent leaving as Transferred (back to the queue).
-
-    Other agents leaving (supervisors, agents we did not see assigned) are
-    ignored: the session keeps its agent.
-    """
+    """An agent leaving the chat as AgentLeft: the core knows whether that
+    agent held the session (then it goes back to the queue)."""
+    if not user_id:
+        return None, "no agent left"
+    if memory.is_own(user_id):
+        return None, "the bridge itself left"
     facts = memory.known(chat_id)
-    if facts is None or not user_id or facts.assignee != user_id:
-        return None, "an agent who was not the assignee left"
-    facts.assignee = ""
+    if facts is not None and facts.assignee == user_id:
+        facts.assignee = ""
     return (
         InboundEvent(
             external_chat_id=chat_id,
-            kind=Transferred(
-                from_agent=memory.agent(chat_id, user_id), reason=reason or "agent_removed"
-            ),
+            kind=AgentLeft(agent=memory.agent(chat_id, user_id), reason=reason or "agent_removed"),
             dedupe_key=f"user_removed_from_chat:{chat_id}:{thread_id}:{user_id}",
             author_id=requester,
             thread_id=thread_id,

@@ -535,23 +535,35 @@ class TestWebhookDelivery:
         assert agent_texts(await lc.log(session.id)) == ["please send your password"]
 
 
+async def post_webhook(lc: LiveChatService, action: str, payload: dict[str, Any]) -> Any:
+    """Delivers a webhook the test writes (not the fake's); its JSON answer."""
+    body = {
+        "webhook_id": uuid.uuid4().hex,
+        "secret_key": WEBHOOK_SECRET,
+        "action": action,
+        "organization_id": lc.provider.settings.organization_id,
+        "payload": payload,
+        "additional_data": {},
+    }
+    response = await lc.http.post("/webhooks/livechat", content=json.dumps(body).encode())
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def has_state(lc: LiveChatService, session_id: str, state: int) -> bool:
+    return (await lc.session(session_id)).state == state
+
+
+async def thread_of(lc: LiveChatService, session: pb.Session) -> str:
+    stored = await lc.app.store.get_session(session.id)
+    assert stored is not None
+    return str(stored.chat_state["thread_id"])
+
+
 class TestHostilePayloads:
     """What LiveChat's JSON may carry that no store, protobuf or log can:
     accepted, made representable, and streamed; never a 500, never an event
     that breaks every stream replaying it."""
-
-    async def post(self, lc: LiveChatService, action: str, payload: dict[str, Any]) -> Any:
-        body = {
-            "webhook_id": uuid.uuid4().hex,
-            "secret_key": WEBHOOK_SECRET,
-            "action": action,
-            "organization_id": lc.provider.settings.organization_id,
-            "payload": payload,
-            "additional_data": {},
-        }
-        response = await lc.http.post("/webhooks/livechat", content=json.dumps(body).encode())
-        assert response.status_code == 200, response.text
-        return response.json()
 
     async def test_numbers_beyond_the_protobuf_fields_are_clamped(
         self, lc: LiveChatService
@@ -559,7 +571,7 @@ class TestHostilePayloads:
         session = await lc.start()
         stored = await lc.app.store.get_session(session.id)
         assert stored is not None
-        answer = await self.post(
+        answer = await post_webhook(
             lc,
             "chat_transferred",
             {
@@ -588,7 +600,7 @@ class TestHostilePayloads:
         assert stored is not None
         thread = stored.chat_state["thread_id"]
         text = "broken \ud83d"  # json.dumps writes the lone surrogate as its escape
-        answer = await self.post(
+        answer = await post_webhook(
             lc,
             "incoming_event",
             {
@@ -608,6 +620,70 @@ class TestHostilePayloads:
         async with EventCollector(lc.stub, session_id=session.id, after="0") as stream:
             message = await stream.wait_for_kind("agent_message")
         assert message.agent_message.message.text == "broken \ufffd"
+
+
+class TestWhatThisProcessNeverSaw:
+    """Who holds a chat is the session's (stored) business, not one process's
+    memory: a restart, or a webhook landing on another replica, must not
+    change what a webhook means. And webhooks of different actions arrive in
+    any order."""
+
+    async def test_a_late_queue_report_leaves_the_assigned_agent(self, lc: LiveChatService) -> None:
+        session = await lc.start()
+        chat, thread = session.external_chat_id, await thread_of(lc, session)
+        lc.fake.agent_join(chat, JANE[0])
+        await wait_for(lambda: has_state(lc, session.id, pb.SESSION_STATE_ASSIGNED), what="Jane")
+        await post_webhook(  # the start-up routing's queue report, retried late
+            lc,
+            "chat_transferred",
+            {
+                "chat_id": chat,
+                "thread_id": thread,
+                "reason": "manual",
+                "requester_id": lc.fake.state.bridge.id,
+                "transferred_to": {"group_ids": [0]},
+                "queue": {"position": 3, "wait_time": 180, "queued_at": "2026-03-02T10:15:07Z"},
+            },
+        )
+        now = await lc.session(session.id)
+        assert (now.state, now.agent.id) == (pb.SESSION_STATE_ASSIGNED, JANE[0])
+
+    async def test_the_assignee_leaving_after_a_restart_requeues_the_session(
+        self, make_service: MakeService
+    ) -> None:
+        lc = await make_service()
+        session = await lc.start()
+        chat, thread = session.external_chat_id, await thread_of(lc, session)
+        lc.fake.agent_join(chat, JANE[0])
+        await wait_for(lambda: has_state(lc, session.id, pb.SESSION_STATE_ASSIGNED), what="Jane")
+        await lc.app.stop(grace=1)  # a deploy; or the webhook lands on another replica
+        fresh = await make_service(register=False)
+        removed = {"chat_id": chat, "thread_id": thread, "user_id": JANE[0], "reason": "manual"}
+        await post_webhook(fresh, "user_removed_from_chat", {**removed, "user_type": "agent"})
+        now = await fresh.session(session.id)
+        assert (now.state, now.agent.id) == (pb.SESSION_STATE_QUEUED, "")
+        kinds_now = kinds(await fresh.log(session.id))
+        assert kinds_now[-1] == "transferred"
+
+    async def test_the_start_up_routing_seen_by_another_replica_is_no_transfer(
+        self, make_service: MakeService
+    ) -> None:
+        starter = await make_service(register=False)
+        session = await starter.start()
+        other = await make_service(register=False)  # same store, memory of its own
+        await post_webhook(
+            other,
+            "chat_transferred",
+            {
+                "chat_id": session.external_chat_id,
+                "thread_id": await thread_of(starter, session),
+                "reason": "manual",
+                "requester_id": starter.fake.state.bridge.id,
+                "transferred_to": {"group_ids": [0]},
+                "queue": {"position": 1, "wait_time": 60, "queued_at": "2026-03-02T10:15:07Z"},
+            },
+        )
+        assert "transferred" not in kinds(await other.log(session.id))
 
 
 class TestIdentity:

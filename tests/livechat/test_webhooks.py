@@ -12,6 +12,7 @@ from providers.errors import WebhookRejected
 from providers.livechat import LiveChatProvider
 from providers.types import (
     AgentAssigned,
+    AgentLeft,
     AgentMessage,
     Card,
     Ended,
@@ -359,7 +360,9 @@ class TestMembership:
         batch = self.added(provider, {"id": BRIDGE_ACCOUNT, "type": "agent", "name": "Bridge"})
         assert batch.events == ()
 
-    def test_assignee_leaving_goes_back_to_the_queue(self, provider: LiveChatProvider) -> None:
+    def test_an_agent_leaving_is_reported_for_the_core_to_judge(
+        self, provider: LiveChatProvider
+    ) -> None:
         self.added(provider, JANE)
         removed = {
             "chat_id": CHAT,
@@ -369,13 +372,13 @@ class TestMembership:
             "reason": "manual",
         }
         [inbound] = provider.parse_webhook({}, envelope("user_removed_from_chat", removed)).events
-        kind = kind_of(inbound, Transferred)
-        assert kind.to_agent is None
-        assert kind.from_agent is not None
-        assert kind.from_agent.name == "Jane Doe"
-        # A second agent leaving (not the assignee) changes nothing.
+        left = kind_of(inbound, AgentLeft)
+        assert (left.agent.name, left.reason) == ("Jane Doe", "manual")
+        # Whether the agent held the session is the core's to say (from the
+        # store): this process's memory may never have seen the assignment.
         other = {**removed, "user_id": "joe@acme.com"}
-        assert provider.parse_webhook({}, envelope("user_removed_from_chat", other)).events == ()
+        [inbound] = provider.parse_webhook({}, envelope("user_removed_from_chat", other)).events
+        assert kind_of(inbound, AgentLeft).agent.id == "joe@acme.com"
 
 
 class TestTransfers:
