@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -264,9 +264,11 @@ class TestCancelledCallers:
         return service_env
 
     @staticmethod
-    def park_after_commit(app: App, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
-        """The next transaction commits, then its caller waits there (as if
-        the COMMIT were still under way) until cancelled; set once parked."""
+    async def cancel_while_committing(
+        app: App, monkeypatch: pytest.MonkeyPatch, call: Coroutine[Any, Any, Any]
+    ) -> None:
+        """Runs ``call`` until its transaction has committed, then cancels it
+        there (as if the COMMIT were still under way)."""
         store, transaction = app.store, app.store.transaction
         parked = asyncio.Event()
 
@@ -279,7 +281,11 @@ class TestCancelledCallers:
             await asyncio.Event().wait()
 
         monkeypatch.setattr(store, "transaction", committing)
-        return parked
+        task = asyncio.create_task(call)
+        await wait_for(parked.is_set, what="the commit")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
     async def test_a_send_cancelled_while_committing_is_delivered_at_once(
         self,
@@ -289,13 +295,9 @@ class TestCancelledCallers:
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         session = await open_session(scripted_stub)
-        parked = self.park_after_commit(scripted_app, monkeypatch)
         command = SendUserMessage(session.id, Message(body="hello"), rid())
-        call = asyncio.create_task(scripted_app.core.send_message(command, TIMEOUT))
-        await wait_for(parked.is_set, what="the commit")
-        call.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await call
+        call = scripted_app.core.send_message(command, TIMEOUT)
+        await self.cancel_while_committing(scripted_app, monkeypatch, call)
         await wait_for(lambda: command.request_id in scripted.calls.delivered, what="delivery")
         attempts = [s[3] for s in scripted.calls.sends if s[2] == command.request_id]
         assert attempts == [False]  # one attempt, not uncertain: nothing was tried before
@@ -312,12 +314,8 @@ class TestCancelledCallers:
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         session = await open_session(scripted_stub)
-        parked = self.park_after_commit(scripted_app, monkeypatch)
-        call = asyncio.create_task(scripted_app.core.stop_handoff(StopHandoff(session.id), TIMEOUT))
-        await wait_for(parked.is_set, what="the commit")
-        call.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await call
+        call = scripted_app.core.stop_handoff(StopHandoff(session.id), TIMEOUT)
+        await self.cancel_while_committing(scripted_app, monkeypatch, call)
         await wait_for(lambda: scripted.calls.stops, what="the stop")
         assert scripted.calls.stops == [session.external_chat_id]
         stopped = await scripted_stub.StopHitl(

@@ -58,6 +58,17 @@ async def running(
         await app.stop(grace=1)
 
 
+@asynccontextmanager
+async def with_session(
+    env: dict[str, str],
+) -> AsyncIterator[tuple[App, pb_grpc.HitlServiceAsyncStub, ScriptedProvider, pb.Session]]:
+    """A scripted service with one started session."""
+    async with running(env) as (app, stub):
+        provider = app.provider
+        assert isinstance(provider, ScriptedProvider)
+        yield app, stub, provider, await start_session(stub, (await make_user(stub)).id)
+
+
 async def all_events(stub: pb_grpc.HitlServiceAsyncStub, count: int) -> list[pb.Event]:
     async with EventCollector(stub, after="0") as events:
         await wait_for(lambda: len(events.events) >= count, what=f"{count} events")
@@ -210,10 +221,7 @@ class TestTimeouts:
         self, service_env: dict[str, str]
     ) -> None:
         service_env["HITL_QUEUE_TIMEOUT"] = "1s"
-        async with running(service_env) as (app, stub):
-            provider = app.provider
-            assert isinstance(provider, ScriptedProvider)
-            session = await start_session(stub, (await make_user(stub)).id)
+        async with with_session(service_env) as (app, stub, provider, session):
             async with EventCollector(stub, session_id=session.id) as events:
                 ended = await events.wait_for_kind("ended")
             assert ended.ended.by == pb.ENDED_BY_TIMEOUT
@@ -238,10 +246,7 @@ class TestCatchUp:
     async def test_missed_agent_messages_reach_the_stream_once_and_in_order(
         self, service_env: dict[str, str]
     ) -> None:
-        async with running(service_env) as (app, stub):
-            provider = app.provider
-            assert isinstance(provider, ScriptedProvider)
-            session = await start_session(stub, (await make_user(stub)).id)
+        async with with_session(service_env) as (app, stub, provider, session):
             chat = session.external_chat_id
             # One webhook arrived; two more never did.
             await provider.push(chat, AgentMessage(Message("one", Author.AGENT), JANE), "ev:1")
@@ -271,10 +276,7 @@ class TestCatchUp:
         self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
     ) -> None:
         service_env["HITL_RECONCILE_INTERVAL"] = "60"
-        async with running(service_env) as (app, stub):
-            provider = app.provider
-            assert isinstance(provider, ScriptedProvider)
-            session = await start_session(stub, (await make_user(stub)).id)
+        async with with_session(service_env) as (app, _stub, provider, session):
             clock = ShiftedClock(app.core.ctx.clock)
             # Two more replicas' upkeep on the same store (and the app's own,
             # which pruned when it started: the hour's prune turn is taken).
@@ -309,10 +311,7 @@ class TestCatchUp:
         self, service_env: dict[str, str]
     ) -> None:
         service_env["HITL_RECONCILE_INTERVAL"] = "0"
-        async with running(service_env) as (app, stub):
-            provider = app.provider
-            assert isinstance(provider, ScriptedProvider)
-            session = await start_session(stub, (await make_user(stub)).id)
+        async with with_session(service_env) as (app, _stub, provider, session):
             clock = ShiftedClock(app.core.ctx.clock)
             upkeep = Maintenance(replace(app.core.ctx, clock=clock), app.core.outbox)
             await upkeep.sweep()
@@ -326,10 +325,7 @@ class TestCatchUp:
         self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
     ) -> None:
         service_env["HITL_RECONCILE_INTERVAL"] = "0"
-        async with running(service_env) as (app, stub):
-            provider = app.provider
-            assert isinstance(provider, ScriptedProvider)
-            session = await start_session(stub, (await make_user(stub)).id)
+        async with with_session(service_env) as (app, _stub, provider, session):
             upkeep = Maintenance(app.core.ctx, app.core.outbox)
             real_list = app.store.list_open_sessions
 
@@ -350,10 +346,7 @@ class TestEndedElsewhere:
     async def test_agent_end_fails_queued_messages_and_refuses_new_ones(
         self, service_env: dict[str, str]
     ) -> None:
-        async with running(service_env) as (app, stub):
-            provider = app.provider
-            assert isinstance(provider, ScriptedProvider)
-            session = await start_session(stub, (await make_user(stub)).id)
+        async with with_session(service_env) as (_app, stub, provider, session):
             await provider.push(session.external_chat_id, Ended(by=EndedBy.AGENT), "end")
             got = await stub.GetSession(
                 pb.GetSessionRequest(session_id=session.id), timeout=TIMEOUT
@@ -370,10 +363,7 @@ class TestEndedElsewhere:
     async def test_our_own_stop_is_not_reported_twice_by_the_provider(
         self, service_env: dict[str, str]
     ) -> None:
-        async with running(service_env) as (app, stub):
-            provider = app.provider
-            assert isinstance(provider, ScriptedProvider)
-            session = await start_session(stub, (await make_user(stub)).id)
+        async with with_session(service_env) as (_app, stub, provider, session):
             await stub.StopHitl(pb.StopHitlRequest(session_id=session.id), timeout=TIMEOUT)
             # The provider's own end notification for that chat arrives afterwards.
             await provider.push(session.external_chat_id, Ended(by=EndedBy.AGENT), "late-end")
