@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import structlog
 
 from hitl_service.codec import kind_tag
-from hitl_service.core.state import Ignored, apply_event
-from providers.types import THREAD_STATE_KEY, AgentMessage, InboundEvent
+from hitl_service.core.state import Ignored, apply_event, holds
+from providers.types import THREAD_STATE_KEY, AgentLeft, AgentMessage, InboundEvent
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -93,6 +93,17 @@ class Ingestor:
                         result.parked += 1
                     else:
                         result.foreign += 1
+                    continue
+                if isinstance(event.kind, AgentLeft) and not holds(session, event.kind.agent):
+                    # Changes nothing, so its key stays free: the same agent
+                    # may take the chat and leave later in the same thread.
+                    log.info(
+                        "ingest.ignored",
+                        session_id=session.id,
+                        kind="agent_left",
+                        reason="an agent who did not hold the chat left",
+                    )
+                    result.ignored += 1
                     continue
                 if not await tx.claim_dedupe_key(provider, event.dedupe_key, now):
                     result.duplicates += 1

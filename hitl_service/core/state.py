@@ -69,7 +69,7 @@ def apply_event(session: Session, kind: EventKind, now: datetime) -> list[EventK
         _set(session, SessionState.QUEUED, None, now)
         return [kind]
     if isinstance(kind, AgentLeft):
-        if session.agent is None or session.agent.id != kind.agent.id:
+        if not holds(session, kind.agent):
             raise Ignored("an agent who did not hold the chat left")
         left = Transferred(from_agent=session.agent, reason=kind.reason or "agent_left")
         _set(session, SessionState.QUEUED, None, now)
@@ -114,6 +114,11 @@ def apply_event(session: Session, kind: EventKind, now: datetime) -> list[EventK
     assert isinstance(kind, Failed)
     finish(session, SessionState.FAILED, kind.detail or kind.code, EndedBy.PROVIDER, now)
     return [kind]
+
+
+def holds(session: Session, agent: Agent) -> bool:
+    """Whether ``agent`` holds the session (is its assigned agent)."""
+    return session.agent is not None and session.agent.id == agent.id
 
 
 def finish(session: Session, state: SessionState, reason: str, by: EndedBy, now: datetime) -> None:

@@ -554,6 +554,10 @@ async def has_state(lc: LiveChatService, session_id: str, state: int) -> bool:
     return (await lc.session(session_id)).state == state
 
 
+async def agent_is(lc: LiveChatService, session_id: str, agent_id: str) -> bool:
+    return (await lc.session(session_id)).agent.id == agent_id
+
+
 async def thread_of(lc: LiveChatService, session: pb.Session) -> str:
     stored = await lc.app.store.get_session(session.id)
     assert stored is not None
@@ -664,6 +668,26 @@ class TestWhatThisProcessNeverSaw:
         assert (now.state, now.agent.id) == (pb.SESSION_STATE_QUEUED, "")
         kinds_now = kinds(await fresh.log(session.id))
         assert kinds_now[-1] == "transferred"
+
+    async def test_an_agent_who_left_before_holding_the_chat_can_leave_again_later(
+        self, lc: LiveChatService
+    ) -> None:
+        session = await lc.start()
+        chat, thread = session.external_chat_id, await thread_of(lc, session)
+        lc.fake.agent_join(chat, JANE[0])
+        await wait_for(lambda: has_state(lc, session.id, pb.SESSION_STATE_ASSIGNED), what="Jane")
+        left = {"chat_id": chat, "thread_id": thread, "user_type": "agent", "reason": "manual"}
+        # Joe (say, a supervisor) leaves while Jane holds the chat: nothing changes.
+        answer = await post_webhook(lc, "user_removed_from_chat", {**left, "user_id": JOE[0]})
+        assert (answer["accepted"], answer["ignored"]) == (0, 1)
+        lc.fake.transfer(chat, agent_ids=[JOE[0]], requester_id=JANE[0])
+        await wait_for(lambda: agent_is(lc, session.id, JOE[0]), what="Joe holds it")
+        await lc.delivered()  # the fake's webhooks about it (Joe's join) are all in
+        # Joe leaves again, holding it now: back to the queue, not a "duplicate".
+        answer = await post_webhook(lc, "user_removed_from_chat", {**left, "user_id": JOE[0]})
+        assert (answer["accepted"], answer["duplicates"]) == (1, 0)
+        now = await lc.session(session.id)
+        assert (now.state, now.agent.id) == (pb.SESSION_STATE_QUEUED, "")
 
     async def test_the_start_up_routing_seen_by_another_replica_is_no_transfer(
         self, make_service: MakeService
