@@ -14,6 +14,7 @@ import grpc
 import httpx
 import pytest
 
+from hitl_service.core import outbox as outbox_module
 from hitl_service.core.commands import SendUserMessage, StopHandoff
 from hitl_service.domain import OutboxItem, OutboxKind, OutboxStatus
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
@@ -114,6 +115,35 @@ class TestRetries:
         assert error.reason == "PROVIDER_CREDENTIALS"
         assert error.metadata["setting"] == "HITL_SCRIPTED_TOKEN"
         assert "HITL_SCRIPTED_TOKEN" in error.message
+
+
+class TestExpiry:
+    @pytest.mark.parametrize(
+        ("fault", "words"),
+        [
+            ("unavailable", "not delivered within 0 min"),
+            ("uncertain", "outcome is unknown, so the agent may have it"),
+        ],
+    )
+    async def test_a_send_past_its_time_is_given_up_saying_what_is_known(
+        self,
+        scripted_app: App,
+        scripted_stub: Stub,
+        scripted: ScriptedProvider,
+        monkeypatch: pytest.MonkeyPatch,
+        fault: str,
+        words: str,
+    ) -> None:
+        monkeypatch.setattr(outbox_module, "SEND_TTL", timedelta(0))  # any retry is too late
+        session = await open_session(scripted_stub)
+        scripted.fail("send", Fault(fault))
+        error = await expect_error(
+            scripted_stub.SendMessage(send_request(session, "late"), timeout=TIMEOUT),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        assert error.reason == "DELIVERY_EXPIRED"
+        assert error.message.startswith("gave up on the message: ")
+        assert words in error.message
 
 
 class TestPending:

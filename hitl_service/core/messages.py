@@ -126,9 +126,12 @@ async def send_message(
         return SendOutcome(item.id, str(item.result.get("external_message_id", "")))
     if item.status is OutboxStatus.FAILED:
         setting = item.result.get("setting")
+        # DELIVERY_EXPIRED: retries gave up (an outage), not a refusal.
+        expired = item.error_code == "DELIVERY_EXPIRED"
+        why = "gave up on the message" if expired else "the provider did not accept the message"
         raise FailedPrecondition(
             item.error_code or "DELIVERY_FAILED",
-            f"the provider did not accept the message: {item.last_error}",
+            f"{why}: {item.last_error}",
             message_id=item.id,
             **({"setting": setting} if setting else {}),
         )

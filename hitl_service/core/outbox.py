@@ -307,9 +307,15 @@ class Outbox:
         ttl = SEND_TTL if item.kind is OutboxKind.SEND else STOP_TTL
         delay = ctx.calls.backoff.delay(item.attempts, retry_after)
         if now + timedelta(seconds=delay) > item.created_at + ttl:
-            return await self._settle_failed(
-                item, "DELIVERY_EXPIRED", f"not delivered within {ttl}; last error: {error}"
-            )
+            within = f"{ttl.total_seconds() / 60:g} min"
+            if uncertain or item.earlier_attempt_uncertain:
+                detail = (
+                    f"not confirmed within {within}: an attempt's outcome is unknown, so the "
+                    f"agent may have it; last error: {error}"
+                )
+            else:
+                detail = f"not delivered within {within}; last error: {error}"
+            return await self._settle_failed(item, "DELIVERY_EXPIRED", detail)
         async with ctx.store.transaction() as tx:
             if not uncertain:
                 item.attempts_settled += 1
