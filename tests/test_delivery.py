@@ -17,6 +17,7 @@ import pytest
 from hitl_service.core import outbox as outbox_module
 from hitl_service.core.commands import SendUserMessage, StopHandoff
 from hitl_service.domain import OutboxItem, OutboxKind, OutboxStatus
+from hitl_service.errors import StoreUnavailable
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from providers.types import Message
 from tests.scripted import Fault, ScriptedProvider
@@ -402,6 +403,40 @@ class TestBackgroundLoops:
             session = await open_session(scripted_stub)  # its events reach the hub
             await events.wait_for_kind("started", session.id)
         assert calls  # the failure did happen on the way
+
+
+class TestUncommittedOutcomes:
+    async def test_a_refusal_whose_record_failed_to_commit_is_not_reported(
+        self,
+        scripted_app: App,
+        scripted_stub: Stub,
+        scripted: ScriptedProvider,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The store still holds the item as pending (it is retried when its
+        lease ends), so the caller must not be told it failed for good."""
+        store, transaction = scripted_app.store, scripted_app.store.transaction
+        session = await open_session(scripted_stub)
+        gate = scripted.hold("send")
+        scripted.fail("send", Fault("rejected"))
+        request = send_request(session, "refused, unrecorded")
+        call = asyncio.ensure_future(scripted_stub.SendMessage(request, timeout=TIMEOUT))
+        await wait_for(lambda: scripted.calls.sends, what="the held attempt")
+
+        @asynccontextmanager
+        async def failing(**options: bool) -> AsyncIterator[Tx]:
+            monkeypatch.setattr(store, "transaction", transaction)  # only this one
+            async with transaction(**options) as tx:
+                yield tx
+                raise StoreUnavailable("SQLite could not commit: disk I/O error")
+
+        monkeypatch.setattr(store, "transaction", failing)  # the settle's
+        gate.set()
+        error = await expect_error(call, grpc.StatusCode.UNAVAILABLE)
+        assert error.reason == "DELIVERY_PENDING"
+        stored = await store.get_outbox(error.metadata["message_id"])
+        assert stored is not None
+        assert stored.status is OutboxStatus.PENDING
 
 
 class TestWaiters:

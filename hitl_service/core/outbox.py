@@ -279,14 +279,20 @@ class Outbox:
     ) -> OutboxItem:
         ctx = self._ctx
         now = ctx.clock.now()
+        # A copy until committed: if the COMMIT fails, the waiters must not
+        # be told "failed" about an item the store still retries.
+        failed = dataclasses.replace(
+            item,
+            status=OutboxStatus.FAILED,
+            error_code=code,
+            last_error=f"{message} (setting: {setting})" if setting else message,
+            done_at=now,
+            lease_owner="",
+            lease_until=None,
+            result={"setting": setting} if setting else {},
+        )
         async with ctx.store.transaction() as tx:
-            item.status = OutboxStatus.FAILED
-            item.error_code = code
-            item.last_error = f"{message} (setting: {setting})" if setting else message
-            item.done_at = now
-            item.lease_owner, item.lease_until = "", None
-            item.result = {"setting": setting} if setting else {}
-            if not await tx.update_outbox(item, leased_by=ctx.owner):
+            if not await tx.update_outbox(failed, leased_by=ctx.owner):
                 return await self._lease_lost(tx, item)
             if item.kind is OutboxKind.STOP:
                 # The stop failed for good: let the provider's own end events
@@ -295,6 +301,8 @@ class Outbox:
                 if session is not None and session.stop_requested_at is not None:
                     session.stop_requested_at = None
                     await tx.update_session(session)
+        for name in _OUTBOX_FIELDS:
+            setattr(item, name, getattr(failed, name))
         self._count(item, "failed")
         log.warning("outbox.failed", item_id=item.id, kind=item.kind.value, code=code)
         return item
