@@ -18,7 +18,7 @@ The factory is called with a :class:`ProviderDeps` and returns a
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TextIO, runtime_checkable
 
@@ -73,7 +73,7 @@ class ProviderDeps:
             means the default network transport.
     """
 
-    env: Mapping[str, str]
+    env: Mapping[str, str] = field(repr=False)  # holds tokens, secrets, the store URL
     sink: EventSink
     clock: Clock
     registry: CollectorRegistry

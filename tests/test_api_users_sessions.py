@@ -3,12 +3,15 @@ success paths, idempotency and the documented errors."""
 
 from __future__ import annotations
 
+import base64
+from datetime import UTC, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from hitl_service.api.validation import encode_page_token
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from tests.support import (
     TIMEOUT,
@@ -20,6 +23,7 @@ from tests.support import (
 )
 
 if TYPE_CHECKING:
+    from hitl_service.app import App
     from hitl_service.gen.hitl.v1.hitl_service_pb2_grpc import HitlServiceAsyncStub as Stub
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -85,6 +89,29 @@ class TestCreateUser:
         assert set(error.violations) == {"name", "email", "picture_url"}
         assert error.reason == "INVALID_FIELDS"
         assert error.domain == "hitl.v1"
+
+
+async def test_a_body_its_message_type_cannot_parse_is_invalid_argument(app: App) -> None:
+    """Bad UTF-8 in a string field (a C++ or Node client, a proxy): a clear
+    INVALID_ARGUMENT with its reason and metrics, not gRPC's bare UNKNOWN."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        create = channel.unary_unary(
+            "/hitl.v1.HitlService/CreateUser",
+            request_serializer=lambda raw: raw,
+            response_deserializer=pb.CreateUserResponse.FromString,
+        )
+        error = await expect_error(create(b"\x0a\x02\xff\xfe", timeout=TIMEOUT), INVALID)
+    assert error.reason == "MALFORMED_REQUEST"
+    handled = app.metrics.registry.get_sample_value(
+        "grpc_server_handled_total",
+        {
+            "grpc_type": "unary",
+            "grpc_service": "hitl.v1.HitlService",
+            "grpc_method": "CreateUser",
+            "grpc_code": "INVALID_ARGUMENT",
+        },
+    )
+    assert handled == 1
 
 
 class TestStartHitl:
@@ -423,6 +450,21 @@ class TestGetAndList:
                 stub.ListSessions(pb.ListSessionsRequest(page_token=token), timeout=TIMEOUT),
                 INVALID,
             )
+
+    async def test_forged_page_tokens_are_invalid_not_internal(self, stub: Stub) -> None:
+        """Tokens for the right filters, with what the service never issues."""
+        request = pb.ListSessionsRequest(page_size=1)
+        hour = timezone(timedelta(hours=1))
+        forged = [
+            encode_page_token(request, (datetime(1, 1, 1, tzinfo=hour), "ses_x")),
+            encode_page_token(request, (datetime(9999, 12, 31, 23, tzinfo=hour), "ses_x")),
+            encode_page_token(request, (datetime.now(UTC), "a\x00b")),  # NUL: PostgreSQL
+            base64.urlsafe_b64encode(b"[" * 100_000).decode(),  # too deep for json
+        ]
+        for token in forged:
+            request.page_token = token
+            error = await expect_error(stub.ListSessions(request, timeout=TIMEOUT), INVALID)
+            assert "page_token" in error.violations
 
     async def test_bad_list_fields(self, stub: Stub) -> None:
         error = await expect_error(

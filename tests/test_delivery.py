@@ -552,6 +552,27 @@ class TestStop:
         assert stopped.session.state == pb.SESSION_STATE_ENDED
 
 
+class TestCancelledStart:
+    async def test_a_start_whose_caller_went_away_finishes_for_the_retry(
+        self, scripted_app: App, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        """The provider may have opened the chat: the start runs to its end,
+        and the caller's retry with the same request id gets the session."""
+        user = await make_user(scripted_stub)
+        gate = scripted.hold("start")
+        request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="t")
+        call = scripted_stub.StartHitl(request, timeout=TIMEOUT)
+        await wait_for(lambda: scripted.waiting.get("start") == 1, what="the held start")
+        call.cancel()  # the caller goes away mid-start
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        gate.set()
+        await wait_for(lambda: scripted.waiting.get("start") == 0, what="the start to go on")
+        retried = await scripted_stub.StartHitl(request, timeout=TIMEOUT)
+        assert retried.session.external_chat_id  # started, not stuck STARTING
+        assert len(scripted.calls.starts) == 1
+
+
 class TestStartFailures:
     async def test_refused_start_fails_the_session_with_an_event(
         self, scripted_stub: Stub, scripted: ScriptedProvider

@@ -234,3 +234,20 @@ def test_logged_tracebacks_carry_no_frame_locals(capsys: pytest.CaptureFixture[s
     assert line["event"] == "failed"
     assert "boom" in json.dumps(line["exception"])
     assert "4111" not in err
+
+
+def test_provider_deps_repr_leaves_out_the_environment(tmp_path: Path) -> None:
+    """The environment holds provider tokens, webhook secrets, the store URL."""
+    from prometheus_client import CollectorRegistry
+
+    from hitl_service.clock import SystemClock
+    from providers.base import ProviderDeps
+
+    deps = ProviderDeps(
+        env={"HITL_LIVECHAT_AGENT_TOKEN": "pat-s3cret-value"},
+        sink=None,  # type: ignore[arg-type]  # not used by repr
+        clock=SystemClock(),
+        registry=CollectorRegistry(),
+        data_dir=tmp_path,
+    )
+    assert "pat-s3cret-value" not in repr(deps)

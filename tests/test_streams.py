@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hitl_service.app import App
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
@@ -196,3 +197,16 @@ async def test_stream_metrics_count_subscribers(scripted_app: App, scripted_stub
     async with EventCollector(scripted_stub):
         await wait_for(lambda: gauge._value.get() == 1, what="one subscriber")
     await wait_for(lambda: gauge._value.get() == 0, what="no subscriber")
+
+
+async def test_health_watch_streams_the_serving_status(app: App) -> None:
+    """grpc's Health.Watch sends with context.write(); the interceptor must
+    await it, not iterate it (clients with health checking call Watch)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        health: Any = health_pb2_grpc.HealthStub(channel)  # the stubs' types lack Watch
+        call = health.Watch(
+            health_pb2.HealthCheckRequest(service="hitl.v1.HitlService"), timeout=TIMEOUT
+        )
+        first = await call.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        call.cancel()

@@ -10,6 +10,7 @@ comes from the servicer context, so nothing per call is captured.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
 from structlog.contextvars import bind_contextvars, clear_contextvars
 
 from hitl_service.activity import Activity
@@ -114,6 +116,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     async with _Rpc(self, info, context):
                         info.received.inc()
+                        if type(request) is _Undecodable:
+                            raise request.error()
                         response = await inner(request, context)
                         info.sent.inc()
                         return response
@@ -121,7 +125,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     activity.current -= 1
 
             return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer
+                unary, _decoding(handler.request_deserializer), handler.response_serializer
             )
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
@@ -130,13 +134,28 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             async def server_stream(request: Any, context: Context) -> AsyncIterator[Any]:
                 async with _Rpc(self, stream_info, context):
                     stream_info.received.inc()
+                    if type(request) is _Undecodable:
+                        raise request.error()
                     sent = stream_info.sent
                     async for response in inner_stream(request, context):
                         sent.inc()
                         yield response
 
+            async def server_stream_writing(request: Any, context: Context) -> None:
+                # A handler that sends with context.write() (grpc's own
+                # Health.Watch): awaited, not iterated; its messages uncounted.
+                async with _Rpc(self, stream_info, context):
+                    stream_info.received.inc()
+                    if type(request) is _Undecodable:
+                        raise request.error()
+                    await inner_stream(request, context)
+
             return grpc.unary_stream_rpc_method_handler(
-                server_stream, handler.request_deserializer, handler.response_serializer
+                server_stream
+                if inspect.isasyncgenfunction(inner_stream)
+                else server_stream_writing,
+                _decoding(handler.request_deserializer),
+                handler.response_serializer,
             )
         if handler.stream_stream is not None:
             inner_bidi = handler.stream_stream
@@ -147,10 +166,47 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     async for response in inner_bidi(requests, context):
                         yield response
 
+            async def bidi_writing(requests: Any, context: Context) -> None:
+                async with _Rpc(self, bidi_info, context):
+                    await inner_bidi(requests, context)
+
             return grpc.stream_stream_rpc_method_handler(
-                bidi, handler.request_deserializer, handler.response_serializer
+                bidi if inspect.isasyncgenfunction(inner_bidi) else bidi_writing,
+                handler.request_deserializer,
+                handler.response_serializer,
             )
         return cast("Handler", handler)
+
+
+class _Undecodable:
+    """A request body its message type cannot parse (bad UTF-8 in a string,
+    a truncated field): answered INVALID_ARGUMENT by the interceptor, with
+    its log line and metrics, instead of gRPC's bare UNKNOWN."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+    def error(self) -> HitlError:
+        return HitlError(
+            Code.INVALID_ARGUMENT,
+            "MALFORMED_REQUEST",
+            f"the request is not a valid message of its type: {self.problem[:200]}",
+        )
+
+
+def _decoding(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return decode
 
 
 class _Rpc:
@@ -191,18 +247,20 @@ class _Rpc:
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         code = grpc.StatusCode.OK
         status: grpc.Status | None = None
+        reason = ""  # the ErrorInfo reason the caller gets, for the log line
         if exc is None:
             code = _code(self._context, grpc.StatusCode.OK)
         elif isinstance(exc, HitlError):
-            status = to_status(exc)
+            status, reason = to_status(exc), exc.reason
         elif isinstance(exc, StoreUnavailable):
             status = to_status(HitlError(Code.UNAVAILABLE, "STORE_UNAVAILABLE", str(exc)))
+            reason = "STORE_UNAVAILABLE"
         elif isinstance(exc, grpc.aio.AbortError):
             code = _code(self._context, grpc.StatusCode.UNKNOWN)
         elif isinstance(exc, Exception):
             error_id = _new_id()[:12]
             log.error("rpc.internal_error", error_id=error_id, exc_info=exc)
-            status = internal_error(error_id)
+            status, reason = internal_error(error_id), "INTERNAL_ERROR"
         else:  # cancellation: the client went away, or the server is stopping
             code = grpc.StatusCode.CANCELLED
         if status is not None:
@@ -210,9 +268,7 @@ class _Rpc:
         elapsed = time.perf_counter() - self._started
         # The log line and metrics are written in the next loop turn, once
         # gRPC has the response (call_soon keeps the request's log context).
-        asyncio.get_running_loop().call_soon(
-            _done, self._info, code, elapsed, exc.reason if isinstance(exc, HitlError) else ""
-        )
+        asyncio.get_running_loop().call_soon(_done, self._info, code, elapsed, reason)
         if status is not None:
             trailers = (*status.trailing_metadata, ("x-request-id", self.request_id))
             await self._context.abort(status.code, status.details, trailers)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from hitl_service.api.convert import STATE_FROM_PB, message_from_pb
@@ -304,12 +304,28 @@ def decode_page_token(token: str, filters: str) -> tuple[datetime, str]:
         payload = json.loads(raw)
         if not isinstance(payload, dict) or payload.get("v") != 1:
             raise ValueError
+        # What the service issues: a UTC time and a session id. Anything
+        # else (another offset near year 1 or 9999, NUL in the id) would
+        # fail deeper, in the store, as an internal error.
         created = datetime.fromisoformat(payload["c"])
         ident = payload["i"]
         issued_for = payload["f"]
-        if not isinstance(ident, str) or not isinstance(issued_for, str) or created.tzinfo is None:
+        if (
+            not isinstance(ident, str)
+            or not ID_RE.fullmatch(ident)
+            or not isinstance(issued_for, str)
+            or created.utcoffset() != timedelta(0)
+        ):
             raise ValueError
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        binascii.Error,
+        UnicodeDecodeError,
+        RecursionError,
+        OverflowError,
+    ):
         raise ValueError("is not a page token this service issued") from None
     if issued_for != filters:
         raise ValueError("was issued for other filters (user_id, state); start from page one")

@@ -18,7 +18,7 @@ from hitl_service.core.maintenance import Maintenance
 from hitl_service.core.outbox import Outbox
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator
+    from collections.abc import AsyncGenerator, Callable
     from datetime import datetime
 
     from hitl_service.core.commands import CreateUser, SendUserMessage, StartHandoff, StopHandoff
@@ -41,6 +41,7 @@ class HitlCore:
         self.hub = EventHub(ctx.store, ctx.clock, buffer_size=ctx.settings.stream_buffer)
         self.maintenance = Maintenance(ctx, self.outbox)
         self._tasks: list[asyncio.Task[None]] = []
+        self._starts: set[asyncio.Task[Session]] = set()  # see start_handoff
 
     async def start(self) -> None:
         """Starts the background work: fan-out, outbox, maintenance."""
@@ -57,9 +58,13 @@ class HitlCore:
         self.hub.close()
 
     async def stop(self, grace: float) -> None:
-        """Lets outbox attempts in flight finish (up to ``grace``), then stops."""
+        """Lets starts and outbox attempts in flight finish (up to ``grace``
+        in all), then stops."""
         self.hub.close()
-        await self.outbox.stop(grace)
+        deadline = self.ctx.clock.monotonic() + grace
+        if self._starts:
+            await asyncio.wait(self._starts, timeout=grace)
+        await self.outbox.stop(max(0.0, deadline - self.ctx.clock.monotonic()))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -71,8 +76,18 @@ class HitlCore:
         return await users.create_user(self.ctx, cmd)
 
     async def start_handoff(self, cmd: StartHandoff, budget: float) -> Session:
-        """See ``sessions.start_handoff``."""
-        return await sessions.start_handoff(self.ctx, cmd, budget)
+        """See ``sessions.start_handoff``.
+
+        Runs in a task of its own: a caller that goes away (cancelled, past
+        its deadline) must not cut a start in half, with the session left
+        STARTING, its request id answering START_IN_PROGRESS, and perhaps a
+        chat opened at the provider. The start finishes or fails as if the
+        caller had waited, and a retry with the same request id gets that.
+        """
+        task = asyncio.create_task(sessions.start_handoff(self.ctx, cmd, budget))
+        self._starts.add(task)
+        task.add_done_callback(_forget_start(self._starts))
+        return await asyncio.shield(task)
 
     async def send_message(self, cmd: SendUserMessage, budget: float) -> SendOutcome:
         """See ``messages.send_message``."""
@@ -108,3 +123,12 @@ class HitlCore:
     async def ingest(self, batch: WebhookBatch) -> IngestResult:
         """See ``Ingestor.ingest``."""
         return await self.ingestor.ingest(batch)
+
+
+def _forget_start(starts: set[asyncio.Task[Session]]) -> Callable[[asyncio.Task[Session]], None]:
+    def done(task: asyncio.Task[Session]) -> None:
+        starts.discard(task)
+        if not task.cancelled():
+            task.exception()  # its caller may be gone: retrieved here, not reported as lost
+
+    return done

@@ -468,11 +468,13 @@ class Outbox:
         """Stops claiming and waits up to ``timeout`` for attempts in flight."""
         self._stopping = True
         self.kick()
+        deadline = self._ctx.clock.monotonic() + timeout
         if self._chores:
             await asyncio.wait(self._chores, timeout=timeout)  # they may start attempts
         tasks = [attempt.task for attempt in self._inflight.values()]
         if tasks:
-            _, still = await asyncio.wait(tasks, timeout=timeout)
+            left = max(0.0, deadline - self._ctx.clock.monotonic())
+            _, still = await asyncio.wait(tasks, timeout=left)
             for task in still:
                 task.cancel()
             if still:
