@@ -23,13 +23,19 @@ from hitl_service.config import ConfigError
 from hitl_service.core import HitlCore
 from hitl_service.core.context import CoreContext
 from hitl_service.core.retry import ProviderCalls
+from hitl_service.errors import StoreUnavailable
 from hitl_service.metrics import Metrics
 from hitl_service.server import NOT_SERVING, SERVICE_NAME, SERVING, bind, build_grpc_server
 from hitl_service.sidecar import EmbeddedServer, build_http_server, build_sidecar
 from hitl_service.store import open_store
 from providers.base import ProviderDeps
-from providers.errors import ProviderConfigError
-from providers.registry import UnknownProviderError, available_providers, load_provider_factory
+from providers.errors import ProviderConfigError, ProviderUnavailable
+from providers.registry import (
+    ProviderLoadError,
+    UnknownProviderError,
+    available_providers,
+    load_provider_factory,
+)
 
 if TYPE_CHECKING:
     import grpc
@@ -58,7 +64,13 @@ class _LateSink:
     async def deliver(self, batch: WebhookBatch) -> int:
         if self._ingestor is None:
             raise RuntimeError("events arrived before the core was built")
-        return await self._ingestor.deliver(batch)
+        try:
+            return await self._ingestor.deliver(batch)
+        except StoreUnavailable as exc:
+            # Providers know only their own errors (they never import the
+            # store); this one tells them to answer "retry later".
+            log.warning("sink.store_unavailable", action=batch.action, error=str(exc))
+            raise ProviderUnavailable("storage unavailable; retry later") from exc
 
 
 def load_provider(
@@ -73,16 +85,20 @@ def load_provider(
     """Builds the configured provider (or the one ``factory`` makes).
 
     Raises:
-        ConfigError: Unknown provider name or a bad provider setting.
+        ConfigError: Unknown provider name, a provider that cannot be
+            imported or built, or a bad provider setting.
     """
+    name = settings.provider
     if factory is None:
         try:
-            factory = load_provider_factory(settings.provider)
+            factory = load_provider_factory(name)
         except UnknownProviderError:
             known = ", ".join(available_providers())
             raise ConfigError(
-                "HITL_PROVIDER", f"no provider named {settings.provider!r} (known: {known})"
+                "HITL_PROVIDER", f"no provider named {name!r} (known: {known})"
             ) from None
+        except ProviderLoadError as exc:
+            raise ConfigError("HITL_PROVIDER", str(exc)) from None
     deps = ProviderDeps(
         env=settings.env,
         sink=sink,
@@ -95,6 +111,13 @@ def load_provider(
         return factory(deps)
     except ProviderConfigError as exc:
         raise ConfigError(exc.setting, str(exc).removeprefix(f"{exc.setting}: ")) from None
+    except Exception as exc:
+        # A third-party factory's bug: one line naming the provider, never a
+        # traceback (the CLI prints this at start-up).
+        raise ConfigError(
+            "HITL_PROVIDER",
+            f"the {name!r} provider failed to start: {type(exc).__name__}: {exc}",
+        ) from None
 
 
 @dataclass

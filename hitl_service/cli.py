@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from hitl_service.config import ConfigError, Settings, load_environment
 from hitl_service.secret import Secret
+
+if TYPE_CHECKING:
+    from providers.base import Provider
 
 EXIT_CONFIG = 2
 EXIT_PROBLEMS = 1
@@ -144,6 +146,7 @@ async def _serve(settings: Settings) -> int:
     from hitl_service.app import build_app
     from hitl_service.errors import StoreUnavailable
     from hitl_service.logs import SecretRedactor, configure_logging
+    from providers.errors import ProviderConfigError, ProviderError
 
     redactor = SecretRedactor(_secrets(settings))
     configure_logging(log_format=settings.log_format, level=settings.log_level, redactor=redactor)
@@ -158,7 +161,11 @@ async def _serve(settings: Settings) -> int:
         loop.add_signal_handler(signum, stop.set)
     try:
         await app.start()
-    except (StoreUnavailable, OSError) as exc:
+    except ProviderConfigError as exc:  # found when the provider opens (its files)
+        print(f"hitl-service: configuration error: {exc}", file=sys.stderr)
+        await app.stop(grace=0)
+        return EXIT_CONFIG
+    except (StoreUnavailable, OSError, ProviderError) as exc:
         print(f"hitl-service: cannot start: {exc}", file=sys.stderr)
         await app.stop(grace=0)
         return EXIT_PROBLEMS
@@ -224,7 +231,7 @@ async def _check(settings: Settings, out: TextIO) -> int:
     from hitl_service.clock import SystemClock
     from hitl_service.errors import StoreUnavailable
     from hitl_service.store import open_store
-    from providers.errors import ProviderError
+    from providers.errors import ProviderConfigError, ProviderError
 
     problems = 0
     out.write(
@@ -248,13 +255,21 @@ async def _check(settings: Settings, out: TextIO) -> int:
     except ConfigError as exc:
         out.write(f"provider {settings.provider}: PROBLEM: {exc}\n")
         return EXIT_CONFIG
-    await provider.open()
+    found: list[str] = []
     try:
-        found = list(await provider.probe(timeout=settings.provider_timeout))
-    except ProviderError as exc:
-        found = [f"cannot reach the provider: {exc}"]
-    finally:
-        await provider.close()
+        await provider.open()
+    except ProviderConfigError as exc:
+        out.write(f"provider {provider.name}: PROBLEM: {exc}\n")
+        return EXIT_CONFIG
+    except (ProviderError, OSError) as exc:
+        found.append(f"cannot open the provider: {exc}")
+    else:
+        try:
+            found += await provider.probe(timeout=settings.provider_timeout)
+        except ProviderError as exc:
+            found.append(f"cannot reach the provider: {exc}")
+        finally:
+            found += await _close_provider(provider)
     if found:
         problems += len(found)
         for problem in found:
@@ -263,6 +278,15 @@ async def _check(settings: Settings, out: TextIO) -> int:
         out.write(f"provider {provider.name}: ok\n")
     out.write("all checks passed\n" if not problems else f"{problems} problem(s) found\n")
     return 0 if not problems else EXIT_PROBLEMS
+
+
+async def _close_provider(provider: Provider) -> list[str]:
+    """Closes ``provider``; what went wrong, as problems (never a traceback)."""
+    try:
+        await provider.close()
+    except Exception as exc:
+        return [f"closing failed: {type(exc).__name__}: {exc}"]
+    return []
 
 
 def _provider_command(argv: list[str]) -> int:
@@ -293,7 +317,7 @@ async def _run_provider_command(settings: Settings, argv: list[str]) -> int:
     from hitl_service.app import load_provider
     from hitl_service.clock import SystemClock
     from providers.base import SupportsCommands
-    from providers.errors import ProviderError
+    from providers.errors import ProviderConfigError, ProviderError
 
     try:
         provider = load_provider(
@@ -305,12 +329,19 @@ async def _run_provider_command(settings: Settings, argv: list[str]) -> int:
     if not isinstance(provider, SupportsCommands):
         print(f"hitl-service: the {provider.name} provider has no commands", file=sys.stderr)
         return EXIT_CONFIG
-    await provider.open()
+    try:
+        await provider.open()
+    except ProviderConfigError as exc:
+        print(f"hitl-service: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (ProviderError, OSError) as exc:
+        print(f"hitl-service {provider.name}: cannot open the provider: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
     try:
         return await provider.run_command(argv, sys.stdout)
     except ProviderError as exc:
         print(f"hitl-service {provider.name}: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS
     finally:
-        with contextlib.suppress(Exception):
-            await provider.close()
+        for problem in await _close_provider(provider):
+            print(f"hitl-service {provider.name}: {problem}", file=sys.stderr)

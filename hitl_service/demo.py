@@ -96,7 +96,7 @@ async def run_demo(args: argparse.Namespace, settings: Settings, out: TextIO) ->
             if args.message and not sys.stdin.isatty():
                 await ended.wait()
             else:
-                await _read_lines(stub, session.id, metadata, out, ended)
+                return await _read_lines(stub, session.id, metadata, out, ended)
         finally:
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
@@ -171,7 +171,8 @@ async def _read_lines(
     metadata: tuple[tuple[str, str], ...],
     out: TextIO,
     ended: asyncio.Event,
-) -> None:
+) -> int:
+    """Sends typed lines until the handoff ends or input does; the exit status."""
     loop = asyncio.get_running_loop()
     while not ended.is_set():
         reader = loop.run_in_executor(None, sys.stdin.readline)
@@ -180,18 +181,24 @@ async def _read_lines(
             return_when=asyncio.FIRST_COMPLETED,
         )
         if ended.is_set():
-            return
+            return 0
         line = reader.result()
         if line == "":  # end of input: stop the handoff
-            await stub.StopHitl(
-                pb.StopHitlRequest(session_id=session_id, reason="the user left"),
-                timeout=_TIMEOUT,
-                metadata=metadata,
-            )
+            try:
+                await stub.StopHitl(
+                    pb.StopHitlRequest(session_id=session_id, reason="the user left"),
+                    timeout=_TIMEOUT,
+                    metadata=metadata,
+                )
+            except grpc.aio.AioRpcError as exc:  # e.g. the server went away meanwhile
+                out.write(f"demo: could not end the handoff: {exc.code().name}: {exc.details()}\n")
+                out.flush()
+                return 1
             await ended.wait()
-            return
+            return 0
         if line.strip():
             await _send(stub, session_id, line.rstrip("\n"), metadata, out)
+    return 0
 
 
 async def _follow(

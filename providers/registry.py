@@ -29,6 +29,14 @@ class UnknownProviderError(LookupError):
         self.name = name
 
 
+class ProviderLoadError(ImportError):
+    """A provider is registered under this name but cannot be imported."""
+
+    def __init__(self, name: str, cause: BaseException) -> None:
+        super().__init__(f"the {name!r} provider cannot be loaded: {type(cause).__name__}: {cause}")
+        self.name = name
+
+
 def available_providers() -> list[str]:
     """Names of the built-in and installed providers, sorted."""
     names = set(_BUILTIN)
@@ -43,10 +51,15 @@ def load_provider_factory(name: str) -> ProviderFactory:
 
     Raises:
         UnknownProviderError: Nothing is registered under ``name``.
+        ProviderLoadError: An installed provider's entry point fails to
+            import (a missing dependency, a bug at import time).
     """
     if (ref := _BUILTIN.get(name)) is not None:
         module, _, attr = ref.partition(":")
         return cast("ProviderFactory", getattr(import_module(module), attr))
     for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
-        return cast("ProviderFactory", ep.load())
+        try:
+            return cast("ProviderFactory", ep.load())
+        except Exception as exc:  # whatever a third-party import raises
+            raise ProviderLoadError(name, exc) from exc
     raise UnknownProviderError(name)

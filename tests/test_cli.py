@@ -9,7 +9,7 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -18,6 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from tests.support import TIMEOUT, make_user, start_session
+
+if TYPE_CHECKING:
+    from hitl_service.app import App
 
 HITL = [sys.executable, "-m", "hitl_service"]
 
@@ -98,6 +101,8 @@ async def test_check_names_an_unreachable_store(
 async def test_provider_subcommands(service_env: dict[str, str], tmp_path: Path) -> None:
     code, _, _ = await run(["local", "list"], service_env, tmp_path)
     assert code == 0
+    # Listing writes nothing: no state file appears (nor overwrites the server's).
+    assert not (Path(service_env["HITL_DATA_DIR"]) / "local-console.json").exists()
     code, _, err = await run(["frobnicate"], service_env, tmp_path)
     assert code == 2
     assert "unknown command" in err
@@ -163,3 +168,100 @@ def test_the_startup_heap_is_frozen_out_of_full_collections() -> None:
     finally:
         gc.unfreeze()
     assert any(obj is survivor for obj in gc.get_objects())
+
+
+def one_line(err: str, start: str) -> str:
+    """The only line of ``err`` that is not a JSON log line; it starts with ``start``."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("{")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(start), lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def broken_providers(tmp_path: Path) -> dict[str, str]:
+    """Two installed third-party providers: one fails to import, one's factory raises."""
+    site = tmp_path / "site"
+    info = site / "broken_hitl-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-hitl\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[hitl_service.providers]\n"
+        "unimportable = broken_hitl_missing:create\n"
+        "exploding = broken_hitl_exploding:create\n"
+    )
+    (site / "broken_hitl_exploding.py").write_text(
+        "def create(deps):\n    raise RuntimeError('no ACME_URL in the environment')\n"
+    )
+    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.mark.parametrize("name", ["unimportable", "exploding"])
+async def test_a_broken_third_party_provider_is_one_line(
+    service_env: dict[str, str], tmp_path: Path, broken_providers: dict[str, str], name: str
+) -> None:
+    env = {**service_env, **broken_providers, "HITL_PROVIDER": name}
+    code, _, err = await run(["serve"], env, tmp_path)
+    assert code == 2
+    line = one_line(err, "hitl-service: configuration error: HITL_PROVIDER")
+    assert repr(name) in line
+    code, out, err = await run(["check"], env, tmp_path)
+    assert code == 2
+    assert "Traceback" not in out + err
+    assert f"provider {name}: PROBLEM: HITL_PROVIDER" in out
+    code, _, err = await run([name, "list"], service_env | broken_providers, tmp_path)
+    assert code == 2
+    assert repr(name) in one_line(err, "hitl-service: configuration error: HITL_PROVIDER")
+
+
+@pytest.mark.parametrize("kind", ["not an object", "a directory"])
+async def test_an_unusable_state_file_is_one_line(
+    service_env: dict[str, str], tmp_path: Path, kind: str
+) -> None:
+    state = tmp_path / "state"
+    if kind == "a directory":
+        state.mkdir()
+    else:
+        state.write_text("[]")
+    env = {**service_env, "HITL_LOCAL_STATE_FILE": str(state)}
+    code, out, err = await run(["check"], env, tmp_path)
+    assert code == 2
+    assert "Traceback" not in out + err
+    assert "provider local: PROBLEM: HITL_LOCAL_STATE_FILE" in out
+    code, _, err = await run(["local", "list"], env, tmp_path)
+    assert code == 2
+    one_line(err, "hitl-service: configuration error: HITL_LOCAL_STATE_FILE")
+    code, _, err = await run(["serve"], env, tmp_path)
+    assert code == 2
+    one_line(err, "hitl-service: configuration error: HITL_LOCAL_STATE_FILE")
+    assert state.is_dir() or state.read_text() == "[]"  # left for a person to look at
+
+
+async def test_demo_ctrl_d_after_the_server_went_away(app: App, tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *HITL,
+        "demo",
+        "--target",
+        f"127.0.0.1:{app.grpc_port}",
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=tmp_path,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    try:
+        first = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert b"started" in first, first
+        await app.stop(grace=0)
+        proc.stdin.close()  # Ctrl-D
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert "Traceback" not in err.decode(), err.decode()
+    assert "could not end the handoff: UNAVAILABLE" in out.decode()
+    assert proc.returncode == 1

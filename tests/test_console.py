@@ -1,13 +1,17 @@
 """The local provider's agent console over HTTP: take, reply, transfer, end,
-each reaching the gRPC event stream; bad requests get a JSON reason."""
+each reaching the gRPC event stream; bad requests get a JSON reason; foreign
+hosts, cross-site origins and non-JSON actions are refused."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
+import pytest
 
+from hitl_service.errors import StoreUnavailable
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from providers.local.console import host_allowed
 from tests.support import TIMEOUT, EventCollector, make_user, rid, start_session
 
 if TYPE_CHECKING:
@@ -94,8 +98,11 @@ async def test_agent_actions_reach_the_stream(http: httpx.AsyncClient, stub: Stu
 async def test_bad_console_requests(http: httpx.AsyncClient, stub: Stub) -> None:
     session = await start_session(stub, (await make_user(stub)).id)
     chat = session.external_chat_id
+    as_json = {"Content-Type": "application/json"}
+    url = f"/console/api/conversations/{chat}/reply"
     cases = [
-        (await http.post(f"/console/api/conversations/{chat}/reply", content=b"nope"), 400),
+        (await http.post(url, content=b"nope", headers=as_json), 400),
+        (await http.post(url, content=b"[" * 60_000, headers=as_json), 400),  # RecursionError
         (await act(http, chat, "reply", agent="A", text=""), 400),
         (await act(http, chat, "dance", agent="A"), 404),
         (await act(http, "lc_missing", "take", agent="A"), 404),
@@ -143,3 +150,121 @@ async def test_conversations_survive_a_restart(service_env: dict[str, str]) -> N
             assert conv["user"]["name"] == "Kept"
     finally:
         await app.stop(grace=1)
+
+
+async def test_a_second_agent_cannot_take_a_taken_conversation(
+    http: httpx.AsyncClient, stub: Stub
+) -> None:
+    session = await start_session(stub, (await make_user(stub)).id)
+    chat = session.external_chat_id
+    async with EventCollector(stub, session_id=session.id) as events:
+        assert (await act(http, chat, "take", agent="Alice")).status_code == 200
+        second = await act(http, chat, "take", agent="Bob")
+        again = await act(http, chat, "take", agent="Alice")  # a double click
+        assert (await act(http, chat, "reply", agent="Alice", text="hi")).status_code == 200
+        await events.wait_for_kind("agent_message")
+    assert second.status_code == 409
+    assert "Alice" in second.json()["error"]
+    assert again.status_code == 200
+    assert events.kinds() == ["started", "queued", "agent_assigned", "agent_message"]
+    (conv,) = (await http.get("/console/api/state")).json()["conversations"]
+    assert conv["agent"]["name"] == "Alice"
+
+
+async def test_a_store_outage_during_an_action_is_a_503(
+    http: httpx.AsyncClient, stub: Stub, app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = await start_session(stub, (await make_user(stub)).id)
+
+    async def down(*args: Any, **kwargs: Any) -> int:
+        raise StoreUnavailable("the database is restarting")
+
+    monkeypatch.setattr(app.core.ingestor, "deliver", down)
+    response = await act(http, session.external_chat_id, "take", agent="Alice")
+    assert response.status_code == 503
+    assert response.json()["error"]
+    assert response.headers["retry-after"]
+    monkeypatch.undo()
+    (conv,) = (await http.get("/console/api/state")).json()["conversations"]
+    assert conv["status"] == "waiting"  # the failed commit left the console as it was
+
+
+class TestRequestChecks:
+    """DNS rebinding and cross-site requests cannot read or act."""
+
+    @pytest.mark.parametrize(
+        "host",
+        ["attacker.example", "attacker.example:8080", "127.0.0.1.attacker.example", "bad:port"],
+    )
+    async def test_a_foreign_host_is_refused(self, http: httpx.AsyncClient, host: str) -> None:
+        for path in ("/console", "/console/api/state", "/console/api/stream"):
+            response = await http.get(path, headers={"Host": host})
+            assert response.status_code == 403, path
+            assert response.json()["error"]
+
+    async def test_loopback_names_are_served(self, http: httpx.AsyncClient, app: App) -> None:
+        for host in ("localhost", f"localhost:{app.http_port}", f"127.0.0.1:{app.http_port}"):
+            response = await http.get("/console/api/state", headers={"Host": host})
+            assert response.status_code == 200, host
+
+    @pytest.mark.parametrize(
+        "origin", ["http://attacker.example", "null", "http://127.0.0.1:1", "https://127.0.0.1"]
+    )
+    async def test_a_cross_origin_request_is_refused(
+        self, http: httpx.AsyncClient, stub: Stub, origin: str
+    ) -> None:
+        session = await start_session(stub, (await make_user(stub)).id)
+        took = await http.post(
+            f"/console/api/conversations/{session.external_chat_id}/take",
+            json={"agent": "mallory"},
+            headers={"Origin": origin},
+        )
+        read = await http.get("/console/api/state", headers={"Origin": origin})
+        assert (took.status_code, read.status_code) == (403, 403)
+        assert took.json()["error"]
+        (conv,) = (await http.get("/console/api/state")).json()["conversations"]
+        assert conv["status"] == "waiting"
+
+    async def test_a_same_origin_request_is_served(
+        self, http: httpx.AsyncClient, stub: Stub, app: App
+    ) -> None:
+        session = await start_session(stub, (await make_user(stub)).id)
+        took = await http.post(
+            f"/console/api/conversations/{session.external_chat_id}/take",
+            json={"agent": "Alice"},
+            headers={"Origin": f"http://127.0.0.1:{app.http_port}"},
+        )
+        assert took.status_code == 200
+
+    @pytest.mark.parametrize(
+        "content_type", ["text/plain", "", "application/x-www-form-urlencoded"]
+    )
+    async def test_an_action_must_be_json(
+        self, http: httpx.AsyncClient, stub: Stub, content_type: str
+    ) -> None:
+        session = await start_session(stub, (await make_user(stub)).id)
+        took = await http.post(
+            f"/console/api/conversations/{session.external_chat_id}/take",
+            content=b'{"agent": "mallory"}',
+            headers={"Content-Type": content_type} if content_type else {},
+        )
+        assert took.status_code == 415
+        assert took.json()["error"]
+        charset = await http.post(
+            f"/console/api/conversations/{session.external_chat_id}/take",
+            content=b'{"agent": "Alice"}',
+            headers={"Content-Type": "application/json; charset=utf-8"},
+        )
+        assert charset.status_code == 200
+
+    def test_the_bound_host_is_accepted(self) -> None:
+        assert host_allowed("console.internal", "console.internal")
+        assert host_allowed("10.1.2.3", "10.1.2.3")
+        assert host_allowed("::1", "10.1.2.3")
+        assert not host_allowed("10.9.9.9", "10.1.2.3")
+        assert not host_allowed("attacker.example", "10.1.2.3")
+        # Bound to every interface: any address, but still no foreign name.
+        everywhere = "0.0.0.0"  # noqa: S104 - the bind address under test, nothing binds
+        assert host_allowed("192.168.1.5", everywhere)
+        assert host_allowed("fe80::1", "::")
+        assert not host_allowed("attacker.example", everywhere)

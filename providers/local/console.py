@@ -1,13 +1,23 @@
 """HTTP routes of the agent console: the page, its state, live updates and
-the agent's actions. No build step: the page is one static HTML file."""
+the agent's actions. No build step: the page is one static HTML file.
+
+The console has no login: whoever reaches it acts as an agent. So it answers
+only requests addressed to this host by name (a DNS-rebound page carries its
+own name in ``Host``), refuses cross-site origins, and takes actions only as
+``application/json``, which a cross-site form or "simple" request cannot send
+without a preflight that gets no CORS approval.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -25,6 +35,10 @@ _MAX_BODY = 64 * 1024
 _MAX_TEXT = 16_000
 _STREAM_SECONDS = 25.0  # EventSource reconnects by itself; short streams end cleanly
 _ACTIONS = ("take", "reply", "transfer", "end")
+_LOOPBACK_NAMES = frozenset({"localhost"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+Handler = Callable[[Request], Awaitable[Response]]
 
 
 def _error(status: int, reason: str) -> JSONResponse:
@@ -42,6 +56,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
             raise ValueError(f"body larger than {_MAX_BODY} bytes")
     try:
         data = json.loads(raw or b"{}")
+    except RecursionError:
+        raise ValueError("body is nested too deeply") from None
     except ValueError:
         raise ValueError("body is not JSON") from None
     if not isinstance(data, dict):
@@ -59,6 +75,67 @@ def _text(data: dict[str, Any], key: str, *, limit: int, required: bool = False)
     if len(value) > limit:
         raise ValueError(f"{key} must be at most {limit} characters")
     return value
+
+
+def _host_port(authority: str, scheme: str) -> tuple[str, int] | None:
+    """(lower-case host, port) of ``host[:port]``; None when malformed."""
+    try:
+        parts = urlsplit(f"//{authority}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    if not host or parts.username is not None or parts.path:
+        return None
+    return host, port if port is not None else _DEFAULT_PORTS.get(scheme, 0)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def host_allowed(host: str, bound: str) -> bool:
+    """Whether ``host`` (from the Host header) names this console.
+
+    Loopback names and addresses always do, and so does the host the
+    sidecar is bound to. Bound to all interfaces, any IP address and this
+    machine's name do too: DNS rebinding needs a name of the attacker's.
+    """
+    if host in _LOOPBACK_NAMES or (_is_ip(host) and ipaddress.ip_address(host).is_loopback):
+        return True
+    bound = bound.lower()
+    if not bound or (_is_ip(bound) and ipaddress.ip_address(bound).is_unspecified):
+        return _is_ip(host) or host == socket.gethostname().lower()
+    if _is_ip(bound) and _is_ip(host):
+        return ipaddress.ip_address(host) == ipaddress.ip_address(bound)
+    return host == bound
+
+
+def _guard(handler: Handler, bound: str) -> Handler:
+    """Refuses requests for another host, from another origin, and action
+    bodies that are not JSON; then runs ``handler``."""
+
+    async def guarded(request: Request) -> Response:
+        scheme = request.url.scheme
+        target = _host_port(request.headers.get("host", ""), scheme)
+        if target is None or not host_allowed(target[0], bound):
+            return _error(403, "the console answers only requests addressed to this host")
+        origin = request.headers.get("origin")
+        if origin is not None:
+            parts = urlsplit(origin)
+            source = _host_port(parts.netloc, parts.scheme) if parts.scheme else None
+            if source != target:
+                return _error(403, "cross-origin requests to the console are refused")
+        if request.method == "POST":
+            media_type = request.headers.get("content-type", "").partition(";")[0]
+            if media_type.strip().lower() != "application/json":
+                return _error(415, "send the body as application/json")
+        return await handler(request)
+
+    return guarded
 
 
 def console_routes(provider: LocalProvider) -> list[BaseRoute]:
@@ -118,13 +195,18 @@ def console_routes(provider: LocalProvider) -> list[BaseRoute]:
         except ProviderRejected as exc:
             status = 404 if exc.code == "CHAT_NOT_FOUND" else 409
             return _error(status, str(exc))
-        except ProviderError as exc:
-            return _error(503, str(exc))
+        except ProviderError as exc:  # ProviderUnavailable: the store is down, say
+            response = _error(503, str(exc))
+            response.headers["Retry-After"] = "5"
+            return response
         return JSONResponse({"ok": True})
 
+    bound = provider.http_host
     return [
-        Route("/console", index, methods=["GET"]),
-        Route("/console/api/state", state, methods=["GET"]),
-        Route("/console/api/stream", stream, methods=["GET"]),
-        Route("/console/api/conversations/{chat_id}/{action}", act, methods=["POST"]),
+        Route("/console", _guard(index, bound), methods=["GET"]),
+        Route("/console/api/state", _guard(state, bound), methods=["GET"]),
+        Route("/console/api/stream", _guard(stream, bound), methods=["GET"]),
+        Route(
+            "/console/api/conversations/{chat_id}/{action}", _guard(act, bound), methods=["POST"]
+        ),
     ]

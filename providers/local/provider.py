@@ -13,9 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
+import hashlib
 import json
 import os
-import re
+import tempfile
+import threading
+import unicodedata
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
-from providers.errors import ChatInactive, ProviderRejected, WebhookRejected
+from providers.errors import ChatInactive, ProviderConfigError, ProviderRejected, WebhookRejected
 from providers.types import (
     Agent,
     AgentAssigned,
@@ -61,6 +65,7 @@ log = structlog.get_logger(__name__)
 
 WAITING, ACTIVE, ENDED = "waiting", "active", "ended"
 _MAX_ENDED = 200  # ended conversations kept for the console's history
+STATE_SETTING = "HITL_LOCAL_STATE_FILE"
 
 
 def render_body(message: Message) -> dict[str, Any]:
@@ -121,7 +126,7 @@ class Conversation:
     messages: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     end_reason: str = ""
-    seq: int = 0  # numbers the events this conversation reported
+    seq: int = 0  # counts the events this conversation reported (not their dedupe keys)
 
     def snapshot(self) -> dict[str, Any]:
         """JSON for the console and the state file."""
@@ -137,12 +142,19 @@ class LocalProvider:
     )
 
     def __init__(
-        self, *, sink: EventSink, clock: Clock, state_file: Path | None, default_group: str
+        self,
+        *,
+        sink: EventSink,
+        clock: Clock,
+        state_file: Path | None,
+        default_group: str,
+        http_host: str = "",
     ) -> None:
         self._sink = sink
         self._clock = clock
         self._state_file = state_file
         self._default_group = default_group
+        self.http_host = http_host  # the sidecar's bind host, which the console accepts
         self._chats: dict[str, Conversation] = {}
         # (conversation, request id) → message id: a repeated send is found
         # without scanning the conversation.
@@ -152,61 +164,115 @@ class LocalProvider:
         self._changed = asyncio.Event()
         self._dirty = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        # The version last written: a process that changed nothing (``local
+        # list``, ``check``) never writes, so it cannot overwrite a newer file
+        # the running server wrote meanwhile.
+        self._saved_version = 0
+        # Writes run in threads; a cancelled one may still be running when the
+        # next starts, so the file takes a snapshot only if it is not older.
+        self._file_lock = threading.Lock()
+        self._file_version = -1
 
     # --- lifecycle ----------------------------------------------------------------
     async def open(self) -> None:
-        """Loads saved conversations and starts the state-file writer."""
-        if self._state_file is not None and self._state_file.is_file():
-            data = await asyncio.to_thread(self._state_file.read_text, encoding="utf-8")
-            try:
-                for raw in json.loads(data).get("conversations", []):
-                    conv = Conversation(**raw)
-                    self._chats[conv.id] = conv
-                    for m in conv.messages:
-                        if m.get("request_id"):
-                            self._sent[(conv.id, m["request_id"])] = m["id"]
-            except (ValueError, TypeError) as exc:
-                log.warning("local.state_unreadable", path=str(self._state_file), error=str(exc))
-        if self._state_file is not None:
-            self._flusher = asyncio.create_task(self._flush_loop(), name="local-console-state")
+        """Loads saved conversations and starts the state-file writer.
+
+        Raises:
+            ProviderConfigError: The state file cannot be read or is not a
+                console state file. Starting empty would orphan the open
+                conversations and overwrite the file on the first change.
+        """
+        path = self._state_file
+        if path is None:
+            return
+        try:
+            if path.exists():
+                if not path.is_file():
+                    raise ValueError("it is not a regular file")
+                data = await asyncio.to_thread(path.read_text, encoding="utf-8")
+                self._chats, self._sent = _load_state(data)
+        except (OSError, ValueError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ProviderConfigError(
+                STATE_SETTING, f"cannot use {path} as the console state file: {detail}"
+            ) from None
+        self._flusher = asyncio.create_task(self._flush_loop(), name="local-console-state")
 
     async def close(self) -> None:
-        """Writes the state file one last time."""
+        """Writes the state file one last time, if anything changed.
+
+        A failed write is logged, not raised: the process is stopping anyway.
+        """
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
             self._flusher = None
-            await self._write_state()
+            if self._version != self._saved_version:
+                await self._try_write_state()
         self._changed.set()
 
     async def _flush_loop(self) -> None:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
-            await self._write_state()
+            # A failure is retried on the next change (or at close).
+            await self._try_write_state()
             await self._clock.sleep(0.2)  # coalesce bursts of changes into one write
 
-    async def _write_state(self) -> None:
+    async def _try_write_state(self) -> bool:
+        version = self._version
+        try:
+            await self._write_state(version)
+        except OSError as exc:
+            log.error(
+                "local.state_write_failed",
+                setting=STATE_SETTING,
+                path=str(self._state_file),
+                error=str(exc),
+            )
+            return False
+        self._saved_version = version
+        return True
+
+    async def _write_state(self, version: int) -> None:
         if self._state_file is None:
             return
+        payload = json.dumps({"conversations": [c.snapshot() for c in self._chats.values()]})
+        path = self._state_file
+
+        def write() -> None:
+            with self._file_lock:
+                if version < self._file_version:
+                    return
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # A name of its own: another process (the server, ``local
+                # list``) may be writing next to it at the same moment.
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                try:
+                    with os.fdopen(fd, "w", encoding="utf-8") as f:
+                        f.write(payload)
+                        f.flush()
+                        os.fsync(f.fileno())  # on disk before the name points to it
+                    os.replace(tmp, path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
+                self._file_version = version
+
+        await asyncio.to_thread(write)
+
+    def _prune(self) -> None:
+        """Forgets the oldest ended conversations beyond ``_MAX_ENDED``."""
         ended = [c for c in self._chats.values() if c.status == ENDED]
         for old in ended[:-_MAX_ENDED]:
             del self._chats[old.id]
             for m in old.messages:
                 self._sent.pop((old.id, m.get("request_id", "")), None)
-        payload = json.dumps({"conversations": [c.snapshot() for c in self._chats.values()]})
-        path = self._state_file
-
-        def write() -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(payload, encoding="utf-8")
-            os.replace(tmp, path)
-
-        await asyncio.to_thread(write)
 
     def _touch(self) -> None:
+        self._prune()  # here, not in the writer: memory-only mode needs it too
         self._version += 1
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
@@ -343,8 +409,21 @@ class LocalProvider:
                 await changed.wait()
 
     async def take(self, chat_id: str, agent: Agent) -> None:
-        """An agent takes a waiting conversation."""
-        await self._act(chat_id, agent, lambda conv: AgentAssigned(agent), status=ACTIVE)
+        """An agent takes a waiting conversation.
+
+        Taking one the same agent holds is a no-op (a double click); taking
+        one another agent holds is refused.
+        """
+
+        def event(conv: Conversation) -> EventKind | None:
+            if conv.status == WAITING:
+                return AgentAssigned(agent)
+            if conv.agent is not None and conv.agent.get("id") == agent.id:
+                return None
+            holder = (conv.agent or {}).get("name") or "another agent"
+            raise ProviderRejected("CHAT_TAKEN", f"this conversation is already taken by {holder}")
+
+        await self._act(chat_id, agent, event, status=ACTIVE)
 
     async def reply(self, chat_id: str, agent: Agent, text: str) -> None:
         """An agent writes to the user."""
@@ -385,7 +464,7 @@ class LocalProvider:
         self,
         chat_id: str,
         agent: Agent,
-        make: Callable[[Conversation], EventKind],
+        make: Callable[[Conversation], EventKind | None],
         *,
         status: str,
     ) -> None:
@@ -397,6 +476,8 @@ class LocalProvider:
             # commit leaves the console as it was.
             conv = copy.deepcopy(current)
             kind = make(conv)
+            if kind is None:  # nothing to do
+                return
             conv.status = status
             conv.agent = None if status == WAITING else {"id": agent.id, "name": agent.name}
             inbound = self._event(conv, kind)
@@ -405,11 +486,15 @@ class LocalProvider:
             self._touch()
 
     def _event(self, conv: Conversation, kind: EventKind) -> InboundEvent:
+        # A key that never repeats: a counter would be reused after a crash,
+        # since the state file lags the store, and the store would drop the
+        # new event as a duplicate. Nothing redelivers console events
+        # (``catch_up`` returns none), so keys need not be reproducible.
         conv.seq += 1
         return InboundEvent(
             external_chat_id=conv.id,
             kind=kind,
-            dedupe_key=f"{conv.id}:{conv.seq}",
+            dedupe_key=f"{conv.id}:{uuid.uuid4().hex}",
             occurred_at=self._clock.now(),
         )
 
@@ -421,20 +506,63 @@ class LocalProvider:
 
 
 def agent_from_name(name: str) -> Agent:
-    """The console's agent identity: a stable id from the typed name."""
-    clean = " ".join(name.split())[:80] or "Agent"
-    slug = re.sub(r"[^a-z0-9]+", "-", clean.lower()).strip("-") or "agent"
+    """The console's agent identity: a stable id from the typed name.
+
+    Letters and digits of any script are kept (case-folded), the rest become
+    dashes; a name with none gets a short hash, so different names stay apart.
+    """
+    clean = " ".join(unicodedata.normalize("NFKC", name).split())[:80] or "Agent"
+    folded = "".join(ch if ch.isalnum() else " " for ch in clean.casefold())
+    slug = "-".join(folded.split())
+    if not slug:
+        slug = "agent-" + hashlib.sha256(clean.encode()).hexdigest()[:10]
     return Agent(id=f"console:{slug}", name=clean)
+
+
+def _load_state(data: str) -> tuple[dict[str, Conversation], dict[tuple[str, str], str]]:
+    """Conversations and sent request ids from a state file's text.
+
+    Raises:
+        ValueError: The text is not a console state file.
+    """
+    try:
+        doc = json.loads(data)
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None
+    except ValueError:
+        raise ValueError("it is not JSON") from None
+    raws = doc.get("conversations", []) if isinstance(doc, dict) else None
+    if not isinstance(raws, list):
+        raise ValueError('expected a JSON object with a "conversations" list')
+    known = {f.name for f in dataclasses.fields(Conversation)}
+    chats: dict[str, Conversation] = {}
+    sent: dict[tuple[str, str], str] = {}
+    try:
+        for raw in raws:
+            if not isinstance(raw.get("id"), str) or not isinstance(raw.get("messages", []), list):
+                raise TypeError("bad conversation")
+            conv = Conversation(**{k: v for k, v in raw.items() if k in known})
+            chats[conv.id] = conv
+            for m in conv.messages:
+                if m.get("request_id"):
+                    sent[(conv.id, m["request_id"])] = m["id"]
+    except (AttributeError, KeyError, TypeError):
+        raise ValueError("a conversation in it is malformed") from None
+    return chats, sent
 
 
 def create(deps: ProviderDeps) -> LocalProvider:
     """Builds the local provider (``HITL_LOCAL_STATE_FILE`` may move its file;
     ``HITL_LOCAL_STATE_FILE=`` with no value keeps everything in memory)."""
     default = str(deps.data_dir / "local-console.json")
-    raw = deps.env.get("HITL_LOCAL_STATE_FILE", default)
+    raw = deps.env.get(STATE_SETTING, default)
+    # The console accepts requests for the host the sidecar listens on (and
+    # loopback names); unset means the default, a loopback address.
+    http_host = deps.env.get("HITL_HTTP_ADDR", "").strip().rpartition(":")[0].strip("[]")
     return LocalProvider(
         sink=deps.sink,
         clock=deps.clock,
         state_file=Path(raw) if raw else None,
         default_group=deps.env.get("HITL_LOCAL_GROUP_ID", "general") or "general",
+        http_host=http_host,
     )

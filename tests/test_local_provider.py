@@ -1,0 +1,314 @@
+"""The local provider on its own and across restarts: dedupe keys that survive
+a crash, a state-file writer that survives failed writes, pruning, processes
+that share the state file, and agent identities."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import httpx
+import pytest
+import structlog
+from prometheus_client import CollectorRegistry
+
+from hitl_service.clock import SystemClock
+from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
+from providers.base import ProviderDeps
+from providers.errors import ProviderConfigError
+from providers.local.provider import LocalProvider, agent_from_name, create
+from providers.types import (
+    Author,
+    Message,
+    ProviderChat,
+    ProviderUser,
+    StartRequest,
+    UserProfile,
+    WebhookBatch,
+)
+from tests.conftest import start_app
+from tests.support import EventCollector, make_user, rid, start_session, wait_for
+
+if TYPE_CHECKING:
+    from hitl_service.app import App
+
+USER = ProviderUser("local:usr_1")
+
+
+class Sink:
+    """Records the dedupe keys of what the provider delivers."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    async def deliver(self, batch: WebhookBatch) -> int:
+        self.keys += [e.dedupe_key for e in batch.events]
+        return len(batch.events)
+
+
+def provider(state_file: Path | None, sink: Sink | None = None) -> LocalProvider:
+    return LocalProvider(
+        sink=sink or Sink(), clock=SystemClock(), state_file=state_file, default_group="general"
+    )
+
+
+def request(session_id: str) -> StartRequest:
+    return StartRequest(
+        session_id=session_id,
+        user=UserProfile(id="usr_1", name="Ada"),
+        title="Refund",
+        request_id=rid(),
+    )
+
+
+def saved(path: Path) -> list[dict[str, Any]]:
+    """Conversations in the state file (none while it does not exist)."""
+    if not path.is_file():
+        return []
+    conversations: list[dict[str, Any]] = json.loads(path.read_text())["conversations"]
+    return conversations
+
+
+async def console(app: App, chat: str, action: str, **body: str) -> None:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as http:
+        response = await http.post(f"/console/api/conversations/{chat}/{action}", json=body)
+    assert response.status_code == 200, response.text
+
+
+async def test_agent_replies_after_a_crash_reach_the_user(service_env: dict[str, str]) -> None:
+    """The state file lags the store; after a crash the provider must not
+    reuse dedupe keys of events the store already has."""
+    state_file = Path(service_env["HITL_DATA_DIR"]) / "local-console.json"
+    at_crash = state_file.with_name("at-crash.json")
+    app = await start_app(service_env)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            stub = pb_grpc.HitlServiceStub(channel)
+            session = await start_session(stub, (await make_user(stub)).id)
+            chat = session.external_chat_id
+            await wait_for(lambda: saved(state_file), what="the handoff on disk")
+            shutil.copy(state_file, at_crash)  # what kill -9 leaves if the writer lags
+            await console(app, chat, "take", agent="Al")
+            await console(app, chat, "reply", agent="Al", text="one")
+    finally:
+        await app.stop(grace=1)
+    shutil.copy(at_crash, state_file)
+    app = await start_app(service_env)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            stub = pb_grpc.HitlServiceStub(channel)
+            async with EventCollector(stub, session_id=session.id) as events:
+                await console(app, chat, "take", agent="Al")
+                for text in ("two", "three"):
+                    await console(app, chat, "reply", agent="Al", text=text)
+
+                def texts() -> list[str]:
+                    return [
+                        e.agent_message.message.text
+                        for e in events.events
+                        if e.WhichOneof("kind") == "agent_message"
+                    ]
+
+                await wait_for(lambda: len(texts()) == 3, what="three agent messages")
+    finally:
+        await app.stop(grace=1)
+    assert texts() == ["one", "two", "three"]
+
+
+async def test_dedupe_keys_never_repeat_across_restarts(tmp_path: Path) -> None:
+    state_file = tmp_path / "s.json"
+    first = provider(state_file)
+    await first.open()
+    chat = (await first.start(request("ses_1"), USER, timeout=1)).chat.external_chat_id
+    await first.close()
+    at_crash = state_file.read_text()
+    sink = Sink()
+    for _ in range(2):  # two restarts from the same lagging file
+        state_file.write_text(at_crash)
+        again = provider(state_file, sink)
+        await again.open()
+        await again.take(chat, agent_from_name("Al"))
+        await again.close()
+    assert len(set(sink.keys)) == len(sink.keys) == 2
+
+
+class TestStateWriter:
+    async def test_a_failed_write_is_logged_and_retried_on_the_next_change(
+        self, tmp_path: Path
+    ) -> None:
+        blocker = tmp_path / "d"
+        blocker.write_text("a file where the directory should be")
+        state_file = blocker / "s.json"
+        local = provider(state_file)
+        await local.open()
+        with structlog.testing.capture_logs() as logs:
+            await local.start(request("ses_1"), USER, timeout=1)
+            failed = await wait_for(
+                lambda: [e for e in logs if e["event"] == "local.state_write_failed"],
+                what="the failed write logged",
+            )
+        assert failed[0]["log_level"] == "error"
+        assert failed[0]["setting"] == "HITL_LOCAL_STATE_FILE"
+        blocker.unlink()
+        blocker.mkdir()  # the problem goes away
+        await local.start(request("ses_2"), USER, timeout=1)
+        await wait_for(lambda: len(saved(state_file)) == 2, what="both handoffs on disk")
+        await local.close()
+
+    async def test_close_does_not_raise_after_failed_writes(self, tmp_path: Path) -> None:
+        blocker = tmp_path / "d"
+        blocker.write_text("a file where the directory should be")
+        local = provider(blocker / "s.json")
+        await local.open()
+        with structlog.testing.capture_logs() as logs:
+            await local.start(request("ses_1"), USER, timeout=1)
+            await wait_for(
+                lambda: any(e["event"] == "local.state_write_failed" for e in logs),
+                what="the failed write logged",
+            )
+            await local.close()  # tries once more, logs, and returns
+        assert [e["event"] for e in logs].count("local.state_write_failed") == 2
+
+    async def test_no_temporary_files_are_left(self, tmp_path: Path) -> None:
+        local = provider(tmp_path / "s.json")
+        await local.open()
+        await local.start(request("ses_1"), USER, timeout=1)
+        await local.close()
+        assert os.listdir(tmp_path) == ["s.json"]
+
+
+async def test_memory_only_mode_prunes_ended_conversations() -> None:
+    local = provider(None)
+    await local.open()
+    waiting = await local.start(request("ses_waiting"), USER, timeout=1)
+    chats: list[ProviderChat] = []
+    for i in range(205):
+        chat = (await local.start(request(f"ses_{i}"), USER, timeout=1)).chat
+        await local.send(
+            chat,
+            USER,
+            Message(body="hello", author=Author.USER),
+            request_id=f"r{i}",
+            uncertain=False,
+            timeout=1,
+        )
+        await local.stop(chat, USER, "done", timeout=1)
+        chats.append(chat)
+    _, conversations = local.snapshot()
+    ids = {c["id"] for c in conversations}
+    assert len(ids) == 201
+    assert waiting.chat.external_chat_id in ids
+    assert {c.external_chat_id for c in chats[:5]}.isdisjoint(ids)  # the oldest went
+    assert len(local._sent) == 200
+    await local.close()
+
+
+class TestSharedStateFile:
+    """``hitl-service local list`` and ``check`` open the server's file too."""
+
+    async def test_a_process_that_changed_nothing_does_not_write(self, tmp_path: Path) -> None:
+        state_file = tmp_path / "s.json"
+        server = provider(state_file)
+        await server.open()
+        reader = provider(state_file)
+        await reader.open()  # `local list` starts
+        await server.start(request("ses_1"), USER, timeout=1)
+        await wait_for(lambda: saved(state_file), what="the server's write")
+        await reader.close()  # `local list` ends
+        assert len(saved(state_file)) == 1
+        await server.close()
+
+    async def test_no_file_is_created_by_reading(self, tmp_path: Path) -> None:
+        reader = provider(tmp_path / "s.json")
+        await reader.open()
+        await reader.close()
+        assert os.listdir(tmp_path) == []
+
+    async def test_the_temporary_file_name_is_not_shared(self, tmp_path: Path) -> None:
+        (tmp_path / "s.tmp").mkdir()  # a fixed temporary name, taken
+        local = provider(tmp_path / "s.json")
+        await local.open()
+        await local.start(request("ses_1"), USER, timeout=1)
+        await local.close()
+        assert len(saved(tmp_path / "s.json")) == 1
+
+
+class TestUnusableStateFile:
+    @pytest.mark.parametrize(
+        "content",
+        [
+            "[]",
+            '"text"',
+            "{not json",
+            '{"conversations": {}}',
+            '{"conversations": [1]}',
+            "[" * 5000,
+        ],
+    )
+    async def test_a_file_that_is_no_state_file_names_the_setting(
+        self, tmp_path: Path, content: str
+    ) -> None:
+        state_file = tmp_path / "s.json"
+        state_file.write_text(content)
+        local = provider(state_file)
+        with pytest.raises(ProviderConfigError) as refused:
+            await local.open()
+        assert refused.value.setting == "HITL_LOCAL_STATE_FILE"
+        assert str(state_file) in str(refused.value)
+        await local.close()
+        assert state_file.read_text() == content  # kept for a person to look at
+
+    async def test_a_directory_names_the_setting(self, tmp_path: Path) -> None:
+        local = provider(tmp_path)
+        with pytest.raises(ProviderConfigError) as refused:
+            await local.open()
+        assert refused.value.setting == "HITL_LOCAL_STATE_FILE"
+        assert "not a regular file" in str(refused.value)
+        await local.close()
+
+    async def test_unknown_fields_of_a_newer_version_are_ignored(self, tmp_path: Path) -> None:
+        state_file = tmp_path / "s.json"
+        first = provider(state_file)
+        await first.open()
+        await first.start(request("ses_1"), USER, timeout=1)
+        await first.close()
+        data = json.loads(state_file.read_text())
+        data["conversations"][0]["added_later"] = True
+        state_file.write_text(json.dumps(data))
+        again = provider(state_file)
+        await again.open()
+        assert len(again.snapshot()[1]) == 1
+        await again.close()
+
+
+class TestAgentIds:
+    def test_names_in_any_script_get_distinct_ids(self) -> None:
+        names = ["李雷", "王芳", "Иван", "Мария", "محمد", "🙂", "😀", "Al", "Bea"]
+        ids = {agent_from_name(name).id for name in names}
+        assert len(ids) == len(names)
+
+    def test_ids_are_stable_and_ignore_case_and_spacing(self) -> None:
+        assert agent_from_name("Alex Agent").id == "console:alex-agent"
+        assert agent_from_name("  alex   AGENT ").id == "console:alex-agent"
+        assert agent_from_name("Иван").id == agent_from_name("ИВАН").id == "console:иван"
+        assert agent_from_name("🙂").id == agent_from_name("🙂").id
+
+
+def test_the_console_learns_the_sidecar_host(tmp_path: Path) -> None:
+    def build(env: dict[str, str]) -> LocalProvider:
+        deps = ProviderDeps(
+            env=env,
+            sink=Sink(),
+            clock=SystemClock(),
+            registry=CollectorRegistry(),
+            data_dir=tmp_path,
+        )
+        return create(deps)
+
+    assert build({"HITL_HTTP_ADDR": "console.internal:8080"}).http_host == "console.internal"
+    assert build({"HITL_HTTP_ADDR": "[::]:8080"}).http_host == "::"
+    assert build({}).http_host == ""
