@@ -342,6 +342,28 @@ class TestCatchUp:
             assert provider.calls.catch_ups == [session.external_chat_id]
 
 
+class TestSweepResilience:
+    async def test_a_session_the_store_fails_on_does_not_stop_the_sweep(
+        self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """One session's row locked by a frozen replica (its statement timed
+        out) must not keep the others from their timeouts."""
+        async with with_session(service_env) as (app, stub, _provider, first):
+            second = await start_session(stub, (await make_user(stub)).id)
+            upkeep = Maintenance(app.core.ctx, app.core.outbox)
+            check, seen = upkeep._check_timeouts, []
+
+            async def failing_first(session: Any, now: datetime) -> None:
+                seen.append(session.id)
+                if len(seen) == 1:
+                    raise StoreUnavailable("canceling statement due to statement timeout")
+                await check(session, now)
+
+            monkeypatch.setattr(upkeep, "_check_timeouts", failing_first)
+            await upkeep.sweep()
+            assert sorted(seen) == sorted([first.id, second.id])
+
+
 class TestEndedElsewhere:
     async def test_agent_end_fails_queued_messages_and_refuses_new_ones(
         self, service_env: dict[str, str]

@@ -38,6 +38,7 @@ DEDUPE_RETENTION = timedelta(days=7)
 PARKED_RETENTION = timedelta(minutes=10)
 _PRUNE_EVERY = 3600.0  # seconds
 _PAGE = 500
+_FAILURES_IN_A_ROW = 3  # store errors on consecutive sessions that end a sweep
 
 
 def _words(seconds: float) -> str:
@@ -99,14 +100,27 @@ class Maintenance:
             sure = force_catch_up or first
             catch_up = await self._take_turn("catch_up", now, interval, force=sure) or sure
         open_sessions = 0
+        failures = 0  # in a row
         after = ""
         while True:
             page = await ctx.store.list_open_sessions(after_id=after, limit=_PAGE)
             for session in page:
                 open_sessions += 1
-                await self._check_timeouts(session, now)
-                if catch_up and session.external_chat_id and session.state.is_open:
-                    await self.catch_up(session)
+                try:
+                    await self._check_timeouts(session, now)
+                    if catch_up and session.external_chat_id and session.state.is_open:
+                        await self.catch_up(session)
+                    failures = 0
+                except StoreUnavailable as exc:
+                    # One session's row may be locked by a frozen replica
+                    # (the statement timed out): the others still get their
+                    # turn. Several in a row: the store is down; stop here.
+                    failures += 1
+                    if failures >= _FAILURES_IN_A_ROW:
+                        raise
+                    log.warning(
+                        "maintenance.session_skipped", session_id=session.id, error=str(exc)
+                    )
             if len(page) < _PAGE:
                 break
             after = page[-1].id

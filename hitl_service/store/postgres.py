@@ -44,6 +44,8 @@ log = structlog.get_logger(__name__)
 # pg_advisory_xact_lock(bigint) key serializing migrations across replicas.
 _MIGRATION_LOCK = 0x6869_746C_6D69_6772  # "hitlmigr"
 _APP_NAME = "hitl-service"
+_NO_LIMIT = 24 * 3600.0  # seconds: "no statement timeout" for asyncpg calls
+PRUNE_BATCH = 5000  # rows deleted per transaction when pruning
 _EVENT_COLUMNS = "seq, session_id, user_id, occurred_at, kind, data"
 
 
@@ -61,7 +63,12 @@ class PostgresStore:
             older than 1.21 (or without ``max_prepared_statements``), where
             a named statement prepared in one transaction is missing in the
             next one's server connection.
-        connect_timeout: Seconds to open a connection.
+        connect_timeout: Seconds to open a connection (and to wait for a
+            free one in the pool).
+        statement_timeout: Seconds a statement may take, lock waits
+            included, before it is cancelled (``StoreUnavailable``): a
+            replica frozen while it holds a row lock must not hang the
+            others. Migrations are exempt.
         ping_timeout: Seconds ``ping()`` waits for ``SELECT 1``.
         poll_min: First poll interval while nobody listens.
         poll_max: Longest poll interval (reached while nothing changes).
@@ -82,6 +89,7 @@ class PostgresStore:
         poll_only: bool = False,
         statement_cache_size: int = 100,
         connect_timeout: float = 10.0,
+        statement_timeout: float = 10.0,
         ping_timeout: float = 5.0,
         poll_min: float = 0.25,
         poll_max: float = 2.0,
@@ -95,6 +103,7 @@ class PostgresStore:
         self._poll_only = poll_only
         self._statement_cache_size = statement_cache_size
         self._connect_timeout = connect_timeout
+        self._statement_timeout = statement_timeout
         self._ping_timeout = ping_timeout
         self._redactor = Redactor(dsn)
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
@@ -149,10 +158,13 @@ class PostgresStore:
                     min_size=self._pool_min,
                     max_size=self._pool_max,
                     timeout=self._connect_timeout,
+                    # Client-side (asyncpg cancels the query): no server
+                    # setting in the startup packet, which PgBouncer refuses.
+                    command_timeout=self._statement_timeout,
                     statement_cache_size=self._statement_cache_size,
                     server_settings={"application_name": _APP_NAME},
                 )
-            self._db = Db(self._pool, self._redactor)
+            self._db = Db(self._pool, self._redactor, acquire_timeout=self._connect_timeout)
             self._reads = Queries(self._db)
             with self._mapped("cannot be migrated"):
                 await self._migrate(self._pool)
@@ -164,8 +176,13 @@ class PostgresStore:
         log.debug("store.open", backend=self.backend, store=self._redactor.where, head=head)
 
     async def _migrate(self, pool: asyncpg.Pool[asyncpg.Record]) -> None:
+        # No statement timeout here: another replica may be migrating (the
+        # lock), and a migration may rewrite a large table.
         async with pool.acquire(timeout=self._connect_timeout) as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute("SET LOCAL statement_timeout = 0")
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK, timeout=_NO_LIMIT
+            )
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_version "
                 "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL)"
@@ -175,7 +192,7 @@ class PostgresStore:
                 if version <= current:
                     continue
                 log.info("store.migrate", backend=self.backend, version=version)
-                await conn.execute(sql)  # no parameters: the file runs as one batch
+                await conn.execute(sql, timeout=_NO_LIMIT)  # no parameters: one batch
                 await conn.execute(
                     "INSERT INTO schema_version (version, applied_at) VALUES ($1, now())", version
                 )
@@ -379,16 +396,22 @@ class PostgresStore:
     ) -> int:
         """See base class."""
         removed = 0
-        async with self.transaction() as tx:
-            db = tx._db
-            for sql, cutoff in (
-                ("DELETE FROM idempotency WHERE created_at < $1", idempotency_before),
-                (
-                    "DELETE FROM outbox WHERE status <> 'pending' AND done_at < $1",
-                    idempotency_before,
-                ),
-                ("DELETE FROM dedupe_keys WHERE created_at < $1", dedupe_before),
-                ("DELETE FROM parked_events WHERE created_at < $1", parked_before),
-            ):
-                removed += await db.execute(sql, ts(cutoff))
+        # In batches, a transaction each: one statement over a large backlog
+        # would outlast the statement timeout (and hold its locks as long).
+        for table, condition, cutoff in (
+            ("idempotency", "created_at < $1", idempotency_before),
+            ("outbox", "status <> 'pending' AND done_at < $1", idempotency_before),
+            ("dedupe_keys", "created_at < $1", dedupe_before),
+            ("parked_events", "created_at < $1", parked_before),
+        ):
+            sql = (
+                f"DELETE FROM {table} WHERE ctid = ANY(ARRAY("
+                f"SELECT ctid FROM {table} WHERE {condition} LIMIT {PRUNE_BATCH}))"
+            )
+            while True:
+                async with self.transaction() as tx:
+                    count = await tx._db.execute(sql, ts(cutoff))
+                removed += count
+                if count < PRUNE_BATCH:
+                    break
         return removed

@@ -105,9 +105,22 @@ class Db:
         self,
         target: asyncpg.Pool[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
         redactor: Redactor,
+        *,
+        acquire_timeout: float = 10.0,
     ) -> None:
         self._target = target
         self._redactor = redactor
+        # asyncpg's Pool.fetch() and friends wait for a free connection
+        # without end; with every connection stuck (a lock a frozen replica
+        # holds), each read would hang too. Bounded: StoreUnavailable.
+        self._acquire_timeout = acquire_timeout
+
+    async def _run(self, method: str, sql: str, args: tuple[object, ...]) -> Any:
+        target = self._target
+        if isinstance(target, asyncpg.Pool):
+            async with target.acquire(timeout=self._acquire_timeout) as conn:
+                return await getattr(conn, method)(sql, *args)
+        return await getattr(target, method)(sql, *args)
 
     @contextmanager
     def _mapped(self) -> Iterator[None]:
@@ -121,23 +134,23 @@ class Db:
     async def fetch(self, sql: str, *args: object) -> list[Row]:
         """All rows, as dicts."""
         with self._mapped():
-            rows = await self._target.fetch(sql, *args)
+            rows = await self._run("fetch", sql, args)
         return [dict(r.items()) for r in rows]
 
     async def fetchrow(self, sql: str, *args: object) -> Row | None:
         """The first row as a dict, or None."""
         with self._mapped():
-            row = await self._target.fetchrow(sql, *args)
+            row = await self._run("fetchrow", sql, args)
         return None if row is None else dict(row.items())
 
     async def fetchval(self, sql: str, *args: object) -> Any:
         """The first column of the first row, or None."""
         with self._mapped():
-            return await self._target.fetchval(sql, *args)
+            return await self._run("fetchval", sql, args)
 
     async def execute(self, sql: str, *args: object) -> int:
         """Runs a statement; returns the affected row count (0 if none is reported)."""
         with self._mapped():
-            status = await self._target.execute(sql, *args)
+            status = await self._run("execute", sql, args)
         last = status.rsplit(" ", 1)[-1]
         return int(last) if last.isdigit() else 0

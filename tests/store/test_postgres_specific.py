@@ -27,7 +27,7 @@ from hitl_service.store.postgres import PostgresStore
 from providers.types import Queued
 from tests.postgres_fixture import PgCluster, PostgresServer
 from tests.store.factories import T0, at, make_outbox, make_session, make_user
-from tests.store.helpers import Boom, eventually, rolled_back, until_blocked
+from tests.store.helpers import Boom, eventually, lock_waits, rolled_back, until_blocked
 
 pytestmark = pytest.mark.postgres
 
@@ -600,3 +600,62 @@ class TestOutage:
         assert after == before + 1
         await asyncio.wait_for(waiter, 30)
         assert [e.seq for e in await store.read_events(after=0, limit=10)] == [before, after]
+
+
+class TestBoundedWaits:
+    """A replica frozen while it holds a row lock (SIGSTOP, a paused VM, a
+    partition) must not hang the others: statements and waits for a pooled
+    connection end with StoreUnavailable. (The 30 s bounds only keep a
+    regression from hanging the suite.)"""
+
+    async def test_a_lock_held_by_a_frozen_replica_times_out(
+        self, make: Make, postgres_dsn: str
+    ) -> None:
+        store = await opened(make, statement_timeout=0.5, connect_timeout=0.5)
+        user = make_user()
+        session = make_session(user.id)
+        async with store.transaction() as tx:
+            await tx.insert_user(user)
+            await tx.insert_session(session)
+        frozen = await asyncpg.connect(postgres_dsn)
+        try:
+            await frozen.execute("BEGIN")
+            await frozen.execute("SELECT id FROM sessions WHERE id = $1 FOR UPDATE", session.id)
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(lock_session(store, session.id), 30)
+        finally:
+            await frozen.close()
+
+    async def test_waiting_for_a_pooled_connection_is_bounded(
+        self, make: Make, postgres_dsn: str
+    ) -> None:
+        store = await opened(make, pool_min=1, pool_max=1, connect_timeout=0.5)
+        user = make_user()
+        session = make_session(user.id)
+        async with store.transaction() as tx:
+            await tx.insert_user(user)
+            await tx.insert_session(session)
+        frozen = await asyncpg.connect(postgres_dsn)
+        monitor = await asyncpg.connect(postgres_dsn)
+        try:
+            await frozen.execute("BEGIN")
+            await frozen.execute("SELECT id FROM sessions WHERE id = $1 FOR UPDATE", session.id)
+            stuck = asyncio.ensure_future(lock_session(store, session.id))  # the only connection
+            await eventually(lambda: blocked(monitor), what="the pool's connection blocked")
+            with pytest.raises(StoreUnavailable):  # no connection free: not a hang
+                await asyncio.wait_for(store.get_user(user.id), 30)
+            stuck.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StoreUnavailable):
+                await stuck
+        finally:
+            await frozen.close()
+            await monitor.close()
+
+
+async def blocked(monitor: asyncpg.Connection) -> bool:
+    return await lock_waits(monitor) > 0
+
+
+async def lock_session(store: PostgresStore, session_id: str) -> None:
+    async with store.transaction() as tx:
+        await tx.get_session(session_id)  # FOR UPDATE
