@@ -479,6 +479,34 @@ async def _item_held_elsewhere(tx: Tx, session_id: str) -> OutboxItem:
     return item
 
 
+class TestOneAttemptAtATime:
+    async def test_an_attempt_outliving_its_lease_is_not_started_twice_here(
+        self, scripted_app: App, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        """The lease ran out while this replica's attempt still runs: the
+        loop may claim the item again, but must not start a second attempt
+        beside the first (both would pass the lease guard: same owner)."""
+        store, outbox = scripted_app.store, scripted_app.core.outbox
+        session = await open_session(scripted_stub)
+        gate = scripted.hold("send")
+        call = asyncio.ensure_future(
+            scripted_stub.SendMessage(send_request(session, "slow"), timeout=TIMEOUT)
+        )
+        await wait_for(lambda: scripted.calls.sends, what="the held attempt")
+        [(item_id, running)] = outbox._inflight.items()
+        async with store.transaction() as tx:  # its lease runs out
+            item = await tx.get_outbox(item_id)
+            assert item is not None
+            item.lease_until = datetime.now(UTC) - timedelta(seconds=1)
+            await tx.update_outbox(item)
+        await outbox._claim_and_start()
+        assert outbox._inflight.get(item_id) is running
+        gate.set()
+        answer = await call
+        assert answer.message_id == item_id
+        assert len(scripted.calls.sends) == 1
+
+
 def _far_future() -> datetime:
     return datetime.now(UTC) + timedelta(days=1)
 

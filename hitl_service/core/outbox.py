@@ -461,7 +461,10 @@ class Outbox:
                 item.attempts += 1  # recorded before the call: a crash leaves it uncertain
                 await tx.update_outbox(item)
         for item in items:
-            self.start_attempt(item)
+            # Ours still running (it outlived its lease, say on a slow
+            # store): one attempt at a time; it settles what it learns.
+            if item.id not in self._inflight:
+                self.start_attempt(item)
         return len(items)
 
     async def stop(self, timeout: float) -> None:
