@@ -42,6 +42,8 @@ TRANSIENT_TYPES: Final = frozenset(
     {"too_many_requests", "internal", "service_unavailable", "request_timeout"}
 )
 _SERVER_SIDE_TYPES: Final = frozenset({"internal", "service_unavailable", "request_timeout"})
+# LiveChat gave up waiting, which the docs do not say stops the work itself.
+_STILL_RUNNING_TYPES: Final = frozenset({"request_timeout"})
 _COOKIE_NAME_RE: Final = re.compile(r"^__lc[A-Za-z0-9_]*$")
 _COOKIE_VALUE_RE: Final = re.compile(r"^[A-Za-z0-9._~+/=:-]*$")
 _USER_AGENT: Final = "hitl-service-livechat/1"
@@ -79,10 +81,12 @@ class ApiError(Exception):
 
 
 class AnsweredUnavailable(ProviderUnavailable):
-    """A transient failure LiveChat answered (5xx, 429, ``request_timeout``).
+    """A transient failure LiveChat itself answered (a JSON ``error.type``).
 
     Unlike a timeout or a lost connection, the call is over at LiveChat: it
-    can no longer take effect later.
+    can no longer take effect later. A 5xx without LiveChat's error body (a
+    proxy or load balancer giving up) and ``request_timeout`` are not this:
+    the call may still be running behind them.
     """
 
 
@@ -436,6 +440,9 @@ class LiveChatClient:
             return body
         error = as_dict(as_dict(body).get("error"))
         error_type = as_str(error.get("type"))
+        # A 5xx without LiveChat's error body comes from something in between
+        # (a gateway timing out, say) while LiveChat may still run the call.
+        still_running = (not error_type and status >= 500) or error_type in _STILL_RUNNING_TYPES
         if not error_type:
             error_type = (
                 "too_many_requests" if status == 429 else "internal" if status >= 500 else "unknown"
@@ -451,6 +458,12 @@ class LiveChatClient:
         )
         transient = error_type in TRANSIENT_TYPES or status >= 500
         self._requests.labels(api, method, "unavailable" if transient else "refused").inc()
+        if still_running:
+            raise ProviderUnavailable(
+                f"LiveChat {api} {method}: no answer from LiveChat ({error_type}: {detail})",
+                retry_after=_retry_after(response.headers),
+                uncertain=not idempotent,
+            )
         if transient:
             server_side = error_type in _SERVER_SIDE_TYPES or status >= 500
             raise AnsweredUnavailable(

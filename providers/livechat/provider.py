@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 import structlog
 
@@ -55,6 +55,9 @@ if TYPE_CHECKING:
     from providers.base import ProviderDeps
 
 log = structlog.get_logger(__name__)
+
+# The part of a send's remaining time a media download may use.
+_MEDIA_FETCH_SHARE: Final = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,9 +309,9 @@ class LiveChatProvider:
         try:
             await self.client.agent("transfer_chat", body, timeout=budget.left(), idempotent=True)
         except ApiError as err:
+            # Close what we opened so no half-started chat lingers.
+            await self._deactivate_quietly(chat_id, budget)
             if is_no_agent(err):
-                # Close what we opened so no half-started chat lingers.
-                await self._deactivate_quietly(chat_id, budget)
                 raise ProviderRejected(
                     "NO_AGENT_AVAILABLE",
                     f"no agent of LiveChat group {group} can take the chat, and LiveChat "
@@ -496,8 +499,12 @@ class LiveChatProvider:
     ) -> dict[str, Any] | None:
         """Fetches and uploads a media file; None when it must go as a link."""
         try:
+            # A share only: a slow media host must leave time for the fallback
+            # (the media as a readable link), or every retry would run out too.
             fetched = await self.client.fetch(
-                media.url, max_bytes=self.settings.max_upload_bytes, timeout=budget.left()
+                media.url,
+                max_bytes=self.settings.max_upload_bytes,
+                timeout=budget.left() * _MEDIA_FETCH_SHARE,
             )
         except FetchFailed as exc:
             log.info("livechat.media_as_link", reason=str(exc), size=media.size_bytes)
@@ -554,7 +561,12 @@ class LiveChatProvider:
                     if err.type == "chat_inactive":
                         log.info("livechat.already_inactive", chat_id=chat_id)
                         return
-                    if err.type in ("authentication", "authorization", "missing_access"):
+                    if err.type in ("authorization", "missing_access"):
+                        # Moved to a group the bridge agent is not in (like catch_up).
+                        await self._deactivate_as_customer(chat_id, user, err, budget)
+                        log.info("livechat.stopped_as_customer", chat_id=chat_id)
+                        return
+                    if err.type == "authentication":
                         raise
                     current = await self._get_chat(chat_id, "", budget)
                     if current is not None and (
@@ -567,6 +579,25 @@ class LiveChatProvider:
         except BaseException:
             facts.stopped_by_us = was_stopped
             raise
+
+    async def _deactivate_as_customer(
+        self, chat_id: str, user: ProviderUser, agent_err: ApiError, budget: Budget
+    ) -> None:
+        """Closes the chat as its customer after the agent was refused.
+
+        Raises:
+            ApiError: ``agent_err`` when the customer is refused too, so a
+                token without access is reported naming its setting.
+        """
+        try:
+            await self.customers.call(
+                user, "deactivate_chat", {"id": chat_id}, budget, idempotent=True
+            )
+        except ApiError as err:
+            if err.type == "chat_inactive":
+                return
+            log.warning("livechat.customer_stop_refused", chat_id=chat_id, error_type=err.type)
+            raise agent_err from None
 
     # -- inbound -------------------------------------------------------------------
 

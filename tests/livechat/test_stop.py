@@ -57,7 +57,8 @@ async def test_stop_without_access_names_the_token(
     provider: LiveChatProvider, fake: FakeLiveChat
 ) -> None:
     session = await start_session(provider)
-    fake.add_fault("deactivate_chat", error_type="missing_access")
+    # Refused as the agent and, in the fallback, as the customer too.
+    fake.add_fault("deactivate_chat", error_type="missing_access", times=2)
     with pytest.raises(ProviderAuthError) as info:
         await provider.stop(session.chat, session.user, "done", timeout=5)
     assert info.value.setting == "HITL_LIVECHAT_AGENT_TOKEN"
