@@ -18,6 +18,7 @@ from hitl_service.domain import (
     OutboxStatus,
     Session,
     SessionState,
+    User,
 )
 from hitl_service.errors import StoreUnavailable
 from hitl_service.secret import Secret
@@ -612,11 +613,7 @@ class TestBoundedWaits:
         self, make: Make, postgres_dsn: str
     ) -> None:
         store = await opened(make, statement_timeout=0.5, connect_timeout=0.5)
-        user = make_user()
-        session = make_session(user.id)
-        async with store.transaction() as tx:
-            await tx.insert_user(user)
-            await tx.insert_session(session)
+        _user, session = await user_with_session(store)
         frozen = await asyncpg.connect(postgres_dsn)
         try:
             await frozen.execute("BEGIN")
@@ -630,11 +627,7 @@ class TestBoundedWaits:
         self, make: Make, postgres_dsn: str
     ) -> None:
         store = await opened(make, pool_min=1, pool_max=1, connect_timeout=0.5)
-        user = make_user()
-        session = make_session(user.id)
-        async with store.transaction() as tx:
-            await tx.insert_user(user)
-            await tx.insert_session(session)
+        user, session = await user_with_session(store)
         frozen = await asyncpg.connect(postgres_dsn)
         monitor = await asyncpg.connect(postgres_dsn)
         try:
@@ -650,6 +643,15 @@ class TestBoundedWaits:
         finally:
             await frozen.close()
             await monitor.close()
+
+
+async def user_with_session(store: PostgresStore) -> tuple[User, Session]:
+    user = make_user()
+    session = make_session(user.id)
+    async with store.transaction() as tx:
+        await tx.insert_user(user)
+        await tx.insert_session(session)
+    return user, session
 
 
 async def blocked(monitor: asyncpg.Connection) -> bool:
