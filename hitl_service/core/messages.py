@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from hitl_service.codec import message_to_json
-from hitl_service.core.sessions import reused_request_id
+from hitl_service.core.sessions import earlier_request
 from hitl_service.domain import (
     IdempotencyRecord,
     OutboxItem,
@@ -59,15 +59,14 @@ async def send_message(
             message stays queued.
     """
     now = ctx.clock.now()
+    request_hash = cmd.request_hash()
     claimed = False
     session: Session | None = None
     user: ProviderUser | None = None
     try:
         async with ctx.store.transaction() as tx:
-            record = await tx.get_idempotency(SEND_SCOPE, cmd.request_id)
+            record = await earlier_request(tx, SEND_SCOPE, cmd.request_id, request_hash)
             if record is not None:
-                if record.request_hash != cmd.request_hash():
-                    raise reused_request_id(cmd.request_id)
                 item = await tx.get_outbox(record.resource_id)
                 if item is None:
                     raise Unavailable("MESSAGE_EXPIRED", "the message record has expired")
@@ -110,7 +109,7 @@ async def send_message(
                     item.attempts, item.lease_owner, item.lease_until = 0, "", None
                     await tx.update_outbox(item)
                 await tx.put_idempotency(
-                    IdempotencyRecord(SEND_SCOPE, cmd.request_id, cmd.request_hash(), item.id, now)
+                    IdempotencyRecord(SEND_SCOPE, cmd.request_id, request_hash, item.id, now)
                 )
                 last = session.last_activity_at
                 if last is None or now - last >= ACTIVITY_RESOLUTION:

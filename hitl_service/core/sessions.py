@@ -93,14 +93,13 @@ async def start_handoff(ctx: CoreContext, cmd: StartHandoff, budget: float) -> S
     """
     deadline = ctx.clock.monotonic() + budget
     async with ctx.store.transaction() as tx:
-        record = await tx.get_idempotency(START_SCOPE, cmd.request_id)
+        request_hash = cmd.request_hash()
+        record = await earlier_request(tx, START_SCOPE, cmd.request_id, request_hash)
         if record is not None:
-            if record.request_hash != cmd.request_hash():
-                raise reused_request_id(cmd.request_id)
             existing = await tx.get_session(record.resource_id)
             assert existing is not None  # idempotency records point at kept sessions
             return _replay(existing)
-        user, session = await _insert_session(tx, ctx, cmd)
+        user, session = await _insert_session(tx, ctx, cmd, request_hash)
         provider_user = await tx.get_provider_user(cmd.user_id, ctx.provider_name)
         previous = await tx.last_session_with_chat(cmd.user_id, ctx.provider_name)
     try:
@@ -128,7 +127,9 @@ async def start_handoff(ctx: CoreContext, cmd: StartHandoff, budget: float) -> S
     return await _commit_start(ctx, session, identity, result)
 
 
-async def _insert_session(tx: Tx, ctx: CoreContext, cmd: StartHandoff) -> tuple[User, Session]:
+async def _insert_session(
+    tx: Tx, ctx: CoreContext, cmd: StartHandoff, request_hash: str
+) -> tuple[User, Session]:
     """Inserts the STARTING session and its idempotency record."""
     user = await tx.get_user(cmd.user_id)
     if user is None:
@@ -157,7 +158,7 @@ async def _insert_session(tx: Tx, ctx: CoreContext, cmd: StartHandoff) -> tuple[
             session_id=exc.session_id,
         ) from None
     await tx.put_idempotency(
-        IdempotencyRecord(START_SCOPE, cmd.request_id, cmd.request_hash(), session.id, now)
+        IdempotencyRecord(START_SCOPE, cmd.request_id, request_hash, session.id, now)
     )
     return user, session
 
@@ -376,10 +377,20 @@ async def request_stop(
     return item, head
 
 
-def reused_request_id(request_id: str) -> FailedPrecondition:
-    """The error for a request id reused with a different request."""
-    return FailedPrecondition(
-        "REQUEST_ID_REUSED",
-        f"request_id {request_id!r} was already used for a different request",
-        request_id=request_id,
-    )
+async def earlier_request(
+    tx: Tx, scope: str, request_id: str, request_hash: str
+) -> IdempotencyRecord | None:
+    """The record of an earlier request with this id, if any.
+
+    Raises:
+        FailedPrecondition: The id was used for a different request
+            (REQUEST_ID_REUSED).
+    """
+    record = await tx.get_idempotency(scope, request_id)
+    if record is not None and record.request_hash != request_hash:
+        raise FailedPrecondition(
+            "REQUEST_ID_REUSED",
+            f"request_id {request_id!r} was already used for a different request",
+            request_id=request_id,
+        )
+    return record
