@@ -80,7 +80,10 @@ class Readiness:
         try:
             await self._store.ping()
         except StoreUnavailable as exc:
-            problems["store"] = str(exc)
+            # The detail names the database (host, user), and /readyz shares
+            # the listener with public webhooks: logs only.
+            log.warning("readyz.store_unavailable", error=str(exc))
+            problems["store"] = "unavailable"
         now = time.monotonic()
         if now - self._checked_at >= self._ttl or self._problems:
             try:

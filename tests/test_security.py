@@ -15,7 +15,9 @@ import pytest
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from hitl_service.app import App
 from hitl_service.config import ConfigError, Settings, parse_store_url
+from hitl_service.errors import StoreUnavailable
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from hitl_service.logs import SecretRedactor
@@ -251,3 +253,28 @@ def test_provider_deps_repr_leaves_out_the_environment(tmp_path: Path) -> None:
         data_dir=tmp_path,
     )
     assert "pat-s3cret-value" not in repr(deps)
+
+
+async def test_a_store_outage_does_not_name_the_database_to_callers(
+    app: App, stub: pb_grpc.HitlServiceAsyncStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's error names the database host and user: operators get it
+    in the log; API callers get a plain UNAVAILABLE they can retry on."""
+    detail = "PostgreSQL at db.internal:5432/hitl (user hitl_app) cannot connect"
+
+    async def down(*args: object, **kwargs: object) -> None:
+        raise StoreUnavailable(detail)
+
+    monkeypatch.setattr(app.store, "get_session", down)
+    with structlog.testing.capture_logs() as logs:
+        error = await expect_error(
+            stub.GetSession(pb.GetSessionRequest(session_id="ses_x"), timeout=TIMEOUT),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+    assert error.reason == "STORE_UNAVAILABLE"
+    assert "db.internal" not in error.message
+    assert "hitl_app" not in error.message
+    assert "retry" in error.message
+    assert any(
+        entry["event"] == "rpc.store_unavailable" and entry["error"] == detail for entry in logs
+    )

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 _OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})  # probes carry no token
+STORE_DOWN = "the store is unavailable; retry later"
 _UNAUTHENTICATED = (
     "missing or wrong API token; send 'authorization: Bearer <token>' "
     "with a token from HITL_API_TOKENS"
@@ -253,7 +254,9 @@ class _Rpc:
         elif isinstance(exc, HitlError):
             status, reason = to_status(exc), exc.reason
         elif isinstance(exc, StoreUnavailable):
-            status = to_status(HitlError(Code.UNAVAILABLE, "STORE_UNAVAILABLE", str(exc)))
+            # The detail names the database (host, user): logs only.
+            log.warning("rpc.store_unavailable", error=str(exc))
+            status = to_status(HitlError(Code.UNAVAILABLE, "STORE_UNAVAILABLE", STORE_DOWN))
             reason = "STORE_UNAVAILABLE"
         elif isinstance(exc, grpc.aio.AbortError):
             code = _code(self._context, grpc.StatusCode.UNKNOWN)
