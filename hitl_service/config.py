@@ -44,8 +44,6 @@ class StoreUrl:
         if self.scheme == "sqlite":
             return f"sqlite:///{self.path}"
         parts = urlsplit(self.dsn.reveal())
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
         user = (
             f"{parts.username}:***@"
             if parts.password
@@ -53,7 +51,31 @@ class StoreUrl:
             if parts.username
             else ""
         )
-        return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+        return f"{parts.scheme}://{user}{_hosts(parts.netloc)}{parts.path}"
+
+
+def _hosts(netloc: str) -> str:
+    """The ``host[:port]`` list of a PostgreSQL URL's authority (libpq and
+    asyncpg accept several, comma-separated, for failover)."""
+    return netloc.rpartition("@")[2]
+
+
+def _host_names(netloc: str) -> list[str]:
+    """The host names of a PostgreSQL URL's authority, ports checked."""
+    names = []
+    for entry in _hosts(netloc).split(","):
+        host, port = entry, ""
+        if entry.startswith("["):  # [v6] or [v6]:port
+            host, _, rest = entry.partition("]")
+            host, port = host + "]", rest[1:] if rest.startswith(":") else rest or ""
+            if rest and not rest.startswith(":"):
+                port = "?"
+        elif ":" in entry:
+            host, _, port = entry.partition(":")
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError("HITL_STORE_URL", "the PostgreSQL URL has a malformed port")
+        names.append(host)
+    return names
 
 
 @dataclass(frozen=True)
@@ -187,12 +209,14 @@ def parse_store_url(raw: str) -> StoreUrl:
             )
         return StoreUrl("sqlite", path=Path(raw[len("sqlite:///") :]))
     if raw.startswith(("postgresql://", "postgres://")):
-        parts = urlsplit(raw)
         try:
-            _ = parts.port
-        except ValueError:
-            raise ConfigError(var, "the PostgreSQL URL has a malformed port") from None
-        if not parts.hostname and "host=" not in parts.query:
+            parts = urlsplit(raw)
+        except ValueError:  # an unclosed [v6 address
+            raise ConfigError(var, "the PostgreSQL URL is malformed") from None
+        hosts = _host_names(parts.netloc)
+        if len(hosts) > 1 and not all(hosts):
+            raise ConfigError(var, "the PostgreSQL URL lists an empty host")
+        if not hosts[0] and "host=" not in parts.query:
             raise ConfigError(var, "the PostgreSQL URL names no host")
         return StoreUrl("postgresql", dsn=Secret(raw))
     scheme = raw.split(":", 1)[0] if ":" in raw else ""

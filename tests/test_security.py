@@ -58,9 +58,17 @@ class TestSecret:
         shown = repr(settings)
         assert "tok-one-123" not in shown
         assert "hunter2" not in shown
-        with pytest.raises(ConfigError) as bad:
-            parse_store_url("postgresql://u:hunter2@h:port/d")
-        assert "hunter2" not in str(bad.value)
+        for malformed in (
+            "postgresql://u:hunter2@h:port/d",
+            "postgresql://u:hunter2@h1:5432,h2:99999/d",
+            "postgresql://u:hunter2@h1,,h2/d",
+            "postgresql://u:hunter2@[::1/d",
+        ):
+            with pytest.raises(ConfigError) as bad:
+                parse_store_url(malformed)
+            assert "hunter2" not in str(bad.value)
+        several = parse_store_url("postgresql://u:hunter2@h1:5432,[::1]:5433/d?sslmode=require")
+        assert several.redacted() == "postgresql://u:***@h1:5432,[::1]:5433/d"
 
 
 class TestRedactor:

@@ -7,11 +7,13 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from hitl_service.config import parse_store_url
 from hitl_service.domain import (
     IdempotencyRecord,
     OutboxItem,
@@ -517,9 +519,23 @@ class TestSecrets:
         with pytest.raises(StoreUnavailable):
             await store.ping()
 
-    async def test_wrong_password_error_is_clean(self, make: Make, postgres_dsn: str) -> None:
-        from urllib.parse import urlsplit
+    async def test_a_multi_host_url_fails_over_to_a_live_host(
+        self, make: Make, postgres_dsn: str
+    ) -> None:
+        """libpq-style host lists (failover) are accepted as asyncpg takes them."""
+        parts = urlsplit(postgres_dsn)
+        live = parts.netloc.rpartition("@")[2]
+        dead = f"127.0.0.1:{_unused_port()}"
+        dsn = postgres_dsn.replace(f"@{live}", f"@{dead},{live}")
+        url = parse_store_url(dsn)
+        assert dead in url.redacted()
+        assert parts.password not in url.redacted()
+        store = make(url.dsn.reveal())
+        await store.open()
+        await store.ping()
+        assert parts.password not in repr(store)
 
+    async def test_wrong_password_error_is_clean(self, make: Make, postgres_dsn: str) -> None:
         parts = urlsplit(postgres_dsn)
         bad = postgres_dsn.replace(f":{parts.password}@", f":{PASSWORD}@")
         assert PASSWORD in bad
