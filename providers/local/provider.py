@@ -133,6 +133,16 @@ class Conversation:
         return {k: v for k, v in self.__dict__.items()}
 
 
+def _sync_directory(folder: Path) -> None:
+    """fsync a folder (POSIX; skipped where folders cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class LocalProvider:
     """``Provider`` backed by the in-process console."""
 
@@ -259,6 +269,7 @@ class LocalProvider:
                     with contextlib.suppress(OSError):
                         os.unlink(tmp)
                     raise
+                _sync_directory(path.parent)  # the rename itself survives a crash
                 self._file_version = version
 
         await asyncio.to_thread(write)
