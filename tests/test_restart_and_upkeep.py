@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -11,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog
 
 from hitl_service.app import App
 from hitl_service.clock import Clock
@@ -231,6 +233,28 @@ class TestTimeouts:
                 "hitl_session_timeouts_total", {"kind": "queue"}
             )
             assert value == 1
+
+    async def test_two_sweeps_timing_out_one_session_count_it_once(
+        self, service_env: dict[str, str]
+    ) -> None:
+        """Replicas sweep at once: both may read the session before either
+        stops it. One stop, one metric count, one log line."""
+        async with with_session(service_env) as (app, _stub, provider, session):
+            gate = provider.hold("stop")  # the stop stays in flight
+            stored = await app.store.get_session(session.id)
+            assert stored is not None
+            sweeps = [Maintenance(app.core.ctx, app.core.outbox) for _ in range(2)]
+            with structlog.testing.capture_logs() as logs:
+                for upkeep in sweeps:  # both with the read taken before either stop
+                    await upkeep._time_out(copy.copy(stored), "queue", "no agent")
+            gate.set()
+            await wait_for(lambda: provider.calls.stops, what="the stop")
+            value = app.metrics.registry.get_sample_value(
+                "hitl_session_timeouts_total", {"kind": "queue"}
+            )
+            assert value == 1
+            assert [e["event"] for e in logs].count("session.timeout") == 1
+            assert provider.calls.stops == [session.external_chat_id]
 
     async def test_a_silent_user_times_out(self, service_env: dict[str, str]) -> None:
         service_env["HITL_IDLE_TIMEOUT"] = "1s"

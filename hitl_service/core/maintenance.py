@@ -177,8 +177,10 @@ class Maintenance:
 
     async def _time_out(self, session: Session, kind: str, reason: str) -> None:
         try:
+            # only_new: another replica's sweep may have timed it out since
+            # this one read it; that one counts and logs the timeout.
             item, head = await request_stop(
-                self._ctx, self._outbox, session.id, reason, EndedBy.TIMEOUT
+                self._ctx, self._outbox, session.id, reason, EndedBy.TIMEOUT, only_new=True
             )
         except FailedPrecondition:
             return  # changed meanwhile (still starting)

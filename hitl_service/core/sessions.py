@@ -320,13 +320,20 @@ async def stop_handoff(
 
 
 async def request_stop(
-    ctx: CoreContext, outbox: Outbox, session_id: str, reason: str, by: EndedBy
+    ctx: CoreContext,
+    outbox: Outbox,
+    session_id: str,
+    reason: str,
+    by: EndedBy,
+    *,
+    only_new: bool = False,
 ) -> tuple[OutboxItem | None, bool]:
     """Records the intent to stop a session (once) in the outbox.
 
     Returns:
-        The stop item (None if the session is already over) and whether this
-        call claimed it for an immediate attempt (``outbox.dispatch`` it).
+        The stop item (None if the session is already over, or, with
+        ``only_new``, if a stop was requested before) and whether this call
+        claimed it for an immediate attempt (``outbox.dispatch`` it).
     """
     now = ctx.clock.now()
     head = False
@@ -347,7 +354,7 @@ async def request_stop(
             if record is not None:
                 existing = await tx.get_outbox(record.resource_id)
                 if existing is not None and existing.status is not OutboxStatus.FAILED:
-                    return existing, False
+                    return (None if only_new else existing), False
                 await tx.delete_idempotency(STOP_SCOPE, session_id)
             item = OutboxItem(
                 id=new_id("stp"),
