@@ -80,6 +80,9 @@ class Session:
     stop_requested_at: datetime | None = None
     last_activity_at: datetime | None = None
     catch_up_checkpoint: str = ""
+    # When it last went back to waiting for an agent (None: since it was
+    # created): the queue timeout counts from here.
+    waiting_since: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

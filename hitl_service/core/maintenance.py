@@ -165,7 +165,8 @@ class Maintenance:
         if session.stop_requested_at is not None:
             return
         waiting = session.state in (SessionState.REQUESTED, SessionState.QUEUED)
-        if waiting and settings.queue_timeout > 0 and age > settings.queue_timeout:
+        waited = (now - (session.waiting_since or session.created_at)).total_seconds()
+        if waiting and settings.queue_timeout > 0 and waited > settings.queue_timeout:
             words = _words(settings.queue_timeout)
             await self._time_out(session, "queue", f"no agent took the handoff within {words}")
             return

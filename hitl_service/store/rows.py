@@ -36,7 +36,7 @@ Row = Mapping[str, Any]
 SESSION_COLUMNS = (
     "id, user_id, provider, state, request_id, title, description, group_id, metadata, "
     "external_chat_id, chat_state, agent, created_at, updated_at, ended_at, end_reason, "
-    "ended_by, stop_requested_at, last_activity_at, catch_up_checkpoint"
+    "ended_by, stop_requested_at, last_activity_at, catch_up_checkpoint, waiting_since"
 )
 OUTBOX_COLUMNS = (
     "id, session_id, kind, request_id, payload, status, attempts, attempts_settled, "
@@ -125,6 +125,7 @@ def session_from_row(row: Row) -> Session:
         stop_requested_at=row["stop_requested_at"],
         last_activity_at=row["last_activity_at"],
         catch_up_checkpoint=row["catch_up_checkpoint"],
+        waiting_since=row["waiting_since"],
     )
 
 
@@ -151,6 +152,7 @@ def session_values(session: Session) -> dict[str, Any]:
         "stop_requested_at": session.stop_requested_at,
         "last_activity_at": session.last_activity_at,
         "catch_up_checkpoint": session.catch_up_checkpoint,
+        "waiting_since": session.waiting_since,
     }
 
 

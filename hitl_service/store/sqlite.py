@@ -94,6 +94,7 @@ _TS_COLUMNS = frozenset(
         "ended_at",
         "stop_requested_at",
         "last_activity_at",
+        "waiting_since",
         "occurred_at",
         "next_attempt_at",
         "lease_until",

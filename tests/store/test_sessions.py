@@ -45,6 +45,7 @@ def _full(session: Session) -> Session:
         stop_requested_at=at(8),
         last_activity_at=at(7),
         catch_up_checkpoint="cp-3",
+        waiting_since=at(6),
     )
 
 

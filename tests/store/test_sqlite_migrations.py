@@ -23,6 +23,10 @@ async def test_version_2_keeps_idempotency_and_the_outbox_queue(
 ) -> None:
     path = tmp_path / "hitl.db"
     monkeypatch.setattr(sqlite_module, "migrations", lambda d: migrations(d)[:1])
+    # Version 1's sessions had no waiting_since (version 4).
+    v1_insert = sqlite_module._SQL_INSERT_SESSION.replace(", waiting_since", "")
+    v1_insert = v1_insert.replace(", :waiting_since", "")
+    monkeypatch.setattr(sqlite_module, "_SQL_INSERT_SESSION", v1_insert)
     old = SqliteStore(path)
     await old.open()
     user = make_user()
@@ -52,6 +56,7 @@ async def test_version_2_keeps_idempotency_and_the_outbox_queue(
             later = make_outbox(session.id)
             assert not await tx.insert_outbox(later)  # queued behind the old ones
         assert await store.get_outbox(done.id) == done
+        assert await store.get_session(session.id) == session  # waiting_since: None
         conn = sqlite3.connect(path)
         try:
             (ddl,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'idempotency'")
