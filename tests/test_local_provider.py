@@ -246,6 +246,8 @@ class TestUnusableStateFile:
             "{not json",
             '{"conversations": {}}',
             '{"conversations": [1]}',
+            '{"database": {"host": "db", "password": "keep-me"}}',  # another program's file
+            "{}",
             "[" * 5000,
         ],
     )

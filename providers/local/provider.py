@@ -542,7 +542,9 @@ def _load_state(data: str) -> tuple[dict[str, Conversation], dict[tuple[str, str
         raise ValueError("it is nested too deeply") from None
     except ValueError:
         raise ValueError("it is not JSON") from None
-    raws = doc.get("conversations", []) if isinstance(doc, dict) else None
+    # The key is required: a JSON file of another program has none, and
+    # would be overwritten.
+    raws = doc.get("conversations") if isinstance(doc, dict) else None
     if not isinstance(raws, list):
         raise ValueError('expected a JSON object with a "conversations" list')
     known = {f.name for f in dataclasses.fields(Conversation)}
