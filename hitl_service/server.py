@@ -10,7 +10,7 @@ from grpc_reflection.v1alpha import reflection
 
 from hitl_service.activity import Activity
 from hitl_service.api.interceptor import ServiceInterceptor
-from hitl_service.api.servicer import HitlServicer
+from hitl_service.api.servicer import MAX_MESSAGE_BYTES, HitlServicer
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from hitl_service.metrics import Metrics
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HitlService"].full_name
-MAX_MESSAGE_BYTES = 1024 * 1024  # media travels as URLs, so 1 MiB is plenty
 
 GRPC_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -17,6 +18,7 @@ from grpc_status import rpc_status
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 
 if TYPE_CHECKING:
+    from hitl_service.clock import Clock
     from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
@@ -165,3 +167,20 @@ class EventCollector:
 
         found: pb.Event = await wait_for(find, what=f"a {kind} event")
         return found
+
+
+class ShiftedClock:
+    """The service's clock, moved forward by the test (wall and monotonic alike)."""
+
+    def __init__(self, base: Clock) -> None:
+        self._base = base
+        self.offset = 0.0
+
+    def now(self) -> datetime:
+        return self._base.now() + timedelta(seconds=self.offset)
+
+    def monotonic(self) -> float:
+        return self._base.monotonic() + self.offset
+
+    async def sleep(self, seconds: float) -> None:
+        await self._base.sleep(seconds)

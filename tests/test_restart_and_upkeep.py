@@ -15,7 +15,7 @@ import pytest
 import structlog
 
 from hitl_service.app import App
-from hitl_service.clock import Clock, SystemClock
+from hitl_service.clock import SystemClock
 from hitl_service.core.maintenance import Maintenance
 from hitl_service.domain import SessionState
 from hitl_service.errors import StoreUnavailable
@@ -34,26 +34,17 @@ from providers.types import (
 )
 from tests.conftest import start_app
 from tests.scripted import ScriptedProvider, create
-from tests.support import TIMEOUT, EventCollector, make_user, rid, start_session, wait_for
+from tests.support import (
+    TIMEOUT,
+    EventCollector,
+    ShiftedClock,
+    make_user,
+    rid,
+    start_session,
+    wait_for,
+)
 
 JANE = Agent("jane@acme.test", "Jane")
-
-
-class ShiftedClock:
-    """The service's clock, moved forward by the test (wall and monotonic alike)."""
-
-    def __init__(self, base: Clock) -> None:
-        self._base = base
-        self.offset = 0.0
-
-    def now(self) -> datetime:
-        return self._base.now() + timedelta(seconds=self.offset)
-
-    def monotonic(self) -> float:
-        return self._base.monotonic() + self.offset
-
-    async def sleep(self, seconds: float) -> None:
-        await self._base.sleep(seconds)
 
 
 @asynccontextmanager

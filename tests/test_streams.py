@@ -9,13 +9,16 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hitl_service.app import App
+from hitl_service.clock import SystemClock
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from providers.types import Agent, AgentMessage, Author, Message
 from tests.conftest import start_app
 from tests.scripted import ScriptedProvider, create
 from tests.support import (
     TIMEOUT,
     EventCollector,
+    ShiftedClock,
     expect_error,
     make_user,
     start_session,
@@ -190,6 +193,64 @@ class TestLifetime:
                 assert await call.code() == grpc.StatusCode.OK
         finally:
             await app.stop(grace=1)
+
+    async def test_a_stream_that_stays_behind_still_ends_at_its_lifetime(
+        self, service_env: dict[str, str]
+    ) -> None:
+        """A reader slower than the log never catches up; its stream must end
+        at HITL_STREAM_MAX_SECONDS all the same (right after an event, so it
+        resumes from its cursor), or it would stay on one replica forever."""
+        service_env["HITL_PROVIDER"] = "scripted"
+        service_env["HITL_STREAM_MAX_SECONDS"] = "60s"
+        clock = ShiftedClock(SystemClock())
+        app = await start_app(service_env, provider_factory=create, clock=clock)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+                stub = pb_grpc.HitlServiceStub(channel)
+                provider = app.provider
+                assert isinstance(provider, ScriptedProvider)
+                session = await start_session(stub, (await make_user(stub)).id)
+                backlog = 300  # 30 MB: far more than gRPC sends ahead of the reader
+                for i in range(backlog):
+                    await provider.push(
+                        session.external_chat_id, say(f"{i}" + "x" * 100_000), f"{i}"
+                    )
+                call = stub.StreamEvents(pb.StreamEventsRequest(after_cursor="0"))
+                first = await call.read()
+                assert first is not grpc.aio.EOF
+                clock.offset = 61  # the lifetime passes while the reader is behind
+                cursors = [int(first.cursor)]
+                while (event := await call.read()) is not grpc.aio.EOF:
+                    cursors.append(int(event.cursor))
+                assert await call.code() == grpc.StatusCode.OK
+                assert cursors == list(range(1, len(cursors) + 1))  # in order, no gap
+                assert len(cursors) < 3 + backlog, "the stream ran on through the backlog"
+                rest = await read(stub, 3 + backlog - len(cursors), after_cursor=str(cursors[-1]))
+                assert int(rest[0].cursor) == cursors[-1] + 1
+                assert int(rest[-1].cursor) == 3 + backlog
+        finally:
+            await app.stop(grace=1)
+
+
+class TestOversizedEvent:
+    async def test_an_event_over_the_message_limit_is_shortened_not_fatal(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        """An event that encodes to more than the 1 MiB gRPC message limit
+        (a third-party provider, or HITL_HTTP_MAX_BODY raised) must not fail
+        every stream that reaches it, and every resume after it."""
+        session = await start_session(scripted_stub, (await make_user(scripted_stub)).id)
+        chat = session.external_chat_id
+        await scripted.push(chat, say("y" * (1100 * 1024)), "big")
+        await scripted.push(chat, say("after"), "after")
+        events = await read(scripted_stub, 5, after_cursor="0")
+        assert [int(e.cursor) for e in events] == [1, 2, 3, 4, 5]
+        big, after = events[3], events[4]
+        text = big.agent_message.message.text
+        assert text.startswith("yyyy")
+        assert text.endswith("[truncated]")
+        assert big.ByteSize() <= 1024 * 1024
+        assert after.agent_message.message.text == "after"
 
 
 async def test_stream_metrics_count_subscribers(scripted_app: App, scripted_stub: Stub) -> None:

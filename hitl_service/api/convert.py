@@ -35,6 +35,8 @@ from providers.types import (
 )
 
 if TYPE_CHECKING:
+    from google.protobuf.message import Message as ProtoMessage
+
     from hitl_service.domain import LogEvent, Session, User
 
 STATE_TO_PB = {
@@ -281,3 +283,29 @@ def event_to_pb(event: LogEvent) -> pb.Event:
     elif isinstance(kind, Failed):
         out.failed.CopyFrom(pb.Failed(code=kind.code, detail=kind.detail))
     return out
+
+
+_TRUNCATED = "… [truncated]"
+
+
+def _shorten(message: ProtoMessage, cap: int) -> None:
+    """Cuts every string field longer than ``cap`` UTF-8 bytes, recursively."""
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_MESSAGE:
+            for item in value if field.is_repeated else (value,):
+                _shorten(item, cap)
+        elif field.type == field.TYPE_STRING and not field.is_repeated:
+            data = value.encode()
+            if len(data) > cap:
+                setattr(message, field.name, data[:cap].decode(errors="ignore") + _TRUNCATED)
+
+
+def fit_event(event: pb.Event, limit: int) -> pb.Event:
+    """``event`` with its texts shortened until it encodes to at most
+    ``limit`` bytes (an event too large for one gRPC message would fail
+    every stream reaching it); shortened, not dropped, so cursors stay whole."""
+    cap = 64 * 1024
+    while event.ByteSize() > limit and cap > 0:
+        _shorten(event, cap)
+        cap //= 2
+    return event

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from hitl_service.api import validation
-from hitl_service.api.convert import event_to_pb, session_to_pb, user_to_pb
+from hitl_service.api.convert import event_to_pb, fit_event, session_to_pb, user_to_pb
 from hitl_service.core.hub import HubClosed
 from hitl_service.errors import Code, FieldViolation, HitlError, InvalidArgument
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
 
 _MARGIN = 0.25  # seconds kept back from the caller's deadline to answer in time
+MAX_MESSAGE_BYTES = 1024 * 1024  # media travels as URLs, so 1 MiB is plenty
+_MAX_EVENT_BYTES = MAX_MESSAGE_BYTES - 1024  # room for gRPC's framing
 
 
 class EncodedEvents:
@@ -48,6 +50,9 @@ class EncodedEvents:
         data = self._cache.get(event.seq)
         if data is None:
             data = event_to_pb(event).SerializeToString()
+            if len(data) > _MAX_EVENT_BYTES:
+                # Unsendable as it is: every stream reaching it would fail.
+                data = fit_event(event_to_pb(event), _MAX_EVENT_BYTES).SerializeToString()
             cache = self._cache
             cache[event.seq] = data
             if len(cache) > self._size:

@@ -137,6 +137,9 @@ class EventHub:
         """
         return self._follow(self._head if after is None else after, session_id, until)
 
+    def _expired(self, until: float | None) -> bool:
+        return until is not None and self._clock.monotonic() >= until
+
     async def _follow(
         self, cursor: int, session_id: str, until: float | None
     ) -> AsyncGenerator[LogEvent]:
@@ -145,10 +148,15 @@ class EventHub:
             while True:
                 if self._closed:
                     raise HubClosed
+                # A stream that is behind ends at its lifetime too (after an
+                # event: the reader resumes from its cursor, missing nothing),
+                # or a reader slower than the log would keep it forever.
                 if cursor < self._floor:
                     cursor, events = await self._from_store(cursor, session_id)
                     for event in events:
                         yield event
+                        if self._expired(until):
+                            return
                     continue
                 start = bisect_right(self._buf, cursor, key=_seq)
                 fresh = self._buf[start:]
@@ -156,6 +164,8 @@ class EventHub:
                     for event in fresh:
                         if not session_id or event.session_id == session_id:
                             yield event
+                            if self._expired(until):
+                                return
                     cursor = fresh[-1].seq
                     continue
                 signal = self._signal
