@@ -33,7 +33,7 @@ from providers.types import (
     Transferred,
 )
 from tests.conftest import start_app
-from tests.scripted import ScriptedProvider, create
+from tests.scripted import Fault, ScriptedProvider, create
 from tests.support import (
     TIMEOUT,
     EventCollector,
@@ -240,14 +240,18 @@ class TestTimeouts:
     ) -> None:
         """Replicas sweep at once: both may read the session before either
         stops it. One stop, one metric count, one log line."""
+        service_env["HITL_QUEUE_TIMEOUT"] = "60s"
         async with with_session(service_env) as (app, _stub, provider, session):
             gate = provider.hold("stop")  # the stop stays in flight
             stored = await app.store.get_session(session.id)
             assert stored is not None
-            sweeps = [Maintenance(app.core.ctx, app.core.outbox) for _ in range(2)]
+            clock = ShiftedClock(app.core.ctx.clock)
+            clock.offset = 61
+            ctx = replace(app.core.ctx, clock=clock)
+            sweeps = [Maintenance(ctx, app.core.outbox) for _ in range(2)]
             with structlog.testing.capture_logs() as logs:
                 for upkeep in sweeps:  # both with the read taken before either stop
-                    await upkeep._time_out(copy.copy(stored), "queue", "no agent")
+                    await upkeep._check_timeouts(copy.copy(stored), clock.now())
             gate.set()
             await wait_for(lambda: provider.calls.stops, what="the stop")
             value = app.metrics.registry.get_sample_value(
@@ -256,6 +260,62 @@ class TestTimeouts:
             assert value == 1
             assert [e["event"] for e in logs].count("session.timeout") == 1
             assert provider.calls.stops == [session.external_chat_id]
+
+    async def test_a_timeout_decided_on_an_old_read_is_checked_again(
+        self, service_env: dict[str, str]
+    ) -> None:
+        """The sweep reads a page, then works through it (catch-up calls the
+        provider per chat in between): an agent who took the chat since must
+        not see it ended as "no agent took the handoff"."""
+        service_env["HITL_QUEUE_TIMEOUT"] = "60s"
+        async with with_session(service_env) as (app, stub, provider, session):
+            stale = await app.store.get_session(session.id)
+            assert stale is not None
+            await provider.push(session.external_chat_id, AgentAssigned(JANE), "assigned")
+            clock = ShiftedClock(app.core.ctx.clock)
+            clock.offset = 61
+            upkeep = Maintenance(replace(app.core.ctx, clock=clock), app.core.outbox)
+            await upkeep._check_timeouts(stale, clock.now())
+            got = await stub.GetSession(
+                pb.GetSessionRequest(session_id=session.id), timeout=TIMEOUT
+            )
+            assert got.session.state == pb.SESSION_STATE_ASSIGNED
+            assert provider.calls.stops == []
+
+    async def test_a_refused_timeout_stop_is_asked_again_later_and_counted_once(
+        self, service_env: dict[str, str]
+    ) -> None:
+        """The provider refuses the timeout's stop for good: the next sweeps
+        (every few seconds) must not ask again at once, nor count a new
+        timeout each time."""
+        service_env["HITL_QUEUE_TIMEOUT"] = "60s"
+        async with with_session(service_env) as (app, _stub, provider, session):
+            provider.fail("stop", Fault("rejected"), Fault("rejected"))
+            refusals = provider.faults["stop"]  # each stop asked takes one
+            clock = ShiftedClock(app.core.ctx.clock)
+            upkeep = Maintenance(replace(app.core.ctx, clock=clock), app.core.outbox)
+
+            async def sweep_at(offset: float) -> int:
+                clock.offset = offset
+                current = await app.store.get_session(session.id)
+                assert current is not None
+                await upkeep._check_timeouts(current, clock.now())
+
+                async def settled() -> bool:
+                    again = await app.store.get_session(session.id)
+                    return again is not None and again.stop_requested_at is None
+
+                await wait_for(settled, what="the refused stop settled")
+                return 2 - len(refusals)
+
+            assert await sweep_at(61) == 1
+            assert await sweep_at(65) == 1  # refused moments ago: not asked again
+            assert await sweep_at(70) == 1
+            assert await sweep_at(61 + 601) == 2  # ten minutes on: asked again
+            value = app.metrics.registry.get_sample_value(
+                "hitl_session_timeouts_total", {"kind": "queue"}
+            )
+            assert value == 1
 
     async def test_a_handoff_given_back_to_the_queue_waits_anew(
         self, service_env: dict[str, str]

@@ -36,6 +36,9 @@ log = structlog.get_logger(__name__)
 IDEMPOTENCY_RETENTION = timedelta(hours=48)
 DEDUPE_RETENTION = timedelta(days=7)
 PARKED_RETENTION = timedelta(minutes=10)
+REFUSED_STOP_BACKOFF = timedelta(minutes=10)
+"""A timeout's stop the provider refused for good is asked again after this."""
+_TIMED = (SessionState.REQUESTED, SessionState.QUEUED, SessionState.ASSIGNED)
 _PRUNE_EVERY = 3600.0  # seconds
 _PAGE = 500
 _FAILURES_IN_A_ROW = 3  # store errors on consecutive sessions that end a sweep
@@ -162,33 +165,50 @@ class Maintenance:
             if age > limit:
                 await self._fail_interrupted_start(session, now)
             return
-        if session.stop_requested_at is not None:
-            return
+        due = self._due(session, now)
+        if due is not None:
+            await self._time_out(session, *due)
+
+    def _due(self, session: Session, now: datetime) -> tuple[str, str] | None:
+        """The timeout ``session`` has passed, as (kind, reason), if any."""
+        settings = self._ctx.settings
+        if session.stop_requested_at is not None or session.state not in _TIMED:
+            return None
         waiting = session.state in (SessionState.REQUESTED, SessionState.QUEUED)
         waited = (now - (session.waiting_since or session.created_at)).total_seconds()
         if waiting and settings.queue_timeout > 0 and waited > settings.queue_timeout:
-            words = _words(settings.queue_timeout)
-            await self._time_out(session, "queue", f"no agent took the handoff within {words}")
-            return
+            return "queue", f"no agent took the handoff within {_words(settings.queue_timeout)}"
         idle_since = session.last_activity_at or session.created_at
         idle = (now - idle_since).total_seconds()
         if settings.idle_timeout > 0 and idle > settings.idle_timeout:
-            words = _words(settings.idle_timeout)
-            await self._time_out(session, "idle", f"the user was silent for {words}")
+            return "idle", f"the user was silent for {_words(settings.idle_timeout)}"
+        return None
 
     async def _time_out(self, session: Session, kind: str, reason: str) -> None:
+        def still_due(current: Session, now: datetime) -> bool:
+            # The sweep read its page earlier (catch-up calls the provider
+            # per chat in between): an agent may have taken the chat, the
+            # user written, or another replica's sweep stopped it since.
+            due = self._due(current, now)
+            return due is not None and due[0] == kind
+
         try:
-            # only_new: another replica's sweep may have timed it out since
-            # this one read it; that one counts and logs the timeout.
             item, head = await request_stop(
-                self._ctx, self._outbox, session.id, reason, EndedBy.TIMEOUT, only_new=True
+                self._ctx,
+                self._outbox,
+                session.id,
+                reason,
+                EndedBy.TIMEOUT,
+                check=still_due,
+                refused_backoff=REFUSED_STOP_BACKOFF,
             )
         except FailedPrecondition:
             return  # changed meanwhile (still starting)
         if item is None:
             return
-        self._ctx.metrics.timeouts.labels(kind).inc()
-        log.info("session.timeout", session_id=session.id, kind=kind)
+        if "retry_of" not in item.payload:  # a refused stop asked again is no new timeout
+            self._ctx.metrics.timeouts.labels(kind).inc()
+            log.info("session.timeout", session_id=session.id, kind=kind)
         self._outbox.dispatch(item, head)
 
     async def _fail_interrupted_start(self, session: Session, now: datetime) -> None:

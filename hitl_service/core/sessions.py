@@ -36,6 +36,9 @@ from providers.types import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from datetime import timedelta
+
     from hitl_service.core.commands import StartHandoff, StopHandoff
     from hitl_service.core.context import CoreContext
     from hitl_service.core.outbox import Outbox
@@ -326,17 +329,23 @@ async def request_stop(
     reason: str,
     by: EndedBy,
     *,
-    only_new: bool = False,
+    check: Callable[[Session, datetime], bool] | None = None,
+    refused_backoff: timedelta | None = None,
 ) -> tuple[OutboxItem | None, bool]:
     """Records the intent to stop a session (once) in the outbox.
 
+    ``check`` is asked about the session as this transaction locked it (a
+    timeout decided on an earlier read must still hold); ``refused_backoff``
+    keeps a stop the provider refused from being asked again sooner.
+
     Returns:
-        The stop item (None if the session is already over, or, with
-        ``only_new``, if a stop was requested before) and whether this call
-        claimed it for an immediate attempt (``outbox.dispatch`` it).
+        The stop item (None if the session is already over, ``check`` said
+        no, or the last refusal is too recent) and whether this call claimed
+        it for an immediate attempt (``outbox.dispatch`` it).
     """
     now = ctx.clock.now()
     head = False
+    retry_of = ""
     try:
         async with ctx.store.transaction() as tx:
             session = await tx.get_session(session_id)
@@ -350,18 +359,29 @@ async def request_stop(
                     f"session {session_id} is still starting; stop it once StartHitl returned",
                     session_id=session_id,
                 )
+            if check is not None and not check(session, now):
+                return None, False
             record = await tx.get_idempotency(STOP_SCOPE, session_id)
             if record is not None:
                 existing = await tx.get_outbox(record.resource_id)
                 if existing is not None and existing.status is not OutboxStatus.FAILED:
-                    return (None if only_new else existing), False
+                    return existing, False
+                if existing is not None:  # refused for good: ask again, later
+                    refused_at = existing.done_at or existing.created_at
+                    if refused_backoff is not None and now - refused_at < refused_backoff:
+                        return None, False
+                    retry_of = existing.id
                 await tx.delete_idempotency(STOP_SCOPE, session_id)
             item = OutboxItem(
                 id=new_id("stp"),
                 session_id=session_id,
                 kind=OutboxKind.STOP,
                 request_id=f"stop-{session_id}",
-                payload={"reason": reason, "by": by.value},
+                payload={
+                    "reason": reason,
+                    "by": by.value,
+                    **({"retry_of": retry_of} if retry_of else {}),
+                },
                 status=OutboxStatus.PENDING,
                 created_at=now,
                 next_attempt_at=now,
