@@ -19,7 +19,7 @@ from hitl_service.core.commands import SendUserMessage, StopHandoff
 from hitl_service.domain import OutboxItem, OutboxKind, OutboxStatus
 from hitl_service.errors import StoreUnavailable
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
-from providers.types import Message
+from providers.types import Agent, AgentMessage, Author, Message
 from tests.scripted import Fault, ScriptedProvider
 from tests.support import (
     TIMEOUT,
@@ -548,6 +548,27 @@ class TestStop:
 
         await wait_for(ended, what="the background stop")
         assert scripted.calls.stops == [session.external_chat_id]
+
+    async def test_the_agent_is_not_heard_once_the_stop_is_recorded(
+        self, scripted_app: App, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        """STOP_PENDING: the chat is still open at the provider and its agent
+        types on; nothing they write after the stop reaches the streams."""
+        session = await open_session(scripted_stub)
+        gate = scripted.hold("stop")
+        error = await expect_error(
+            scripted_stub.StopHitl(pb.StopHitlRequest(session_id=session.id), timeout=1.0),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+        assert error.reason == "STOP_PENDING"
+        head = await scripted_app.store.head()
+        late = AgentMessage(Message("are you there?", Author.AGENT), Agent("jane", "Jane"))
+        await scripted.push(session.external_chat_id, late, "late")
+        assert await scripted_app.store.read_events(after=head, limit=10) == []
+        gate.set()
+        async with EventCollector(scripted_stub, session_id=session.id, after="0") as events:
+            await events.wait_for_kind("ended")
+        assert "agent_message" not in [e.WhichOneof("kind") for e in events.events]
 
     async def test_stop_of_a_chat_already_closed_at_the_provider_is_a_success(
         self, scripted_stub: Stub, scripted: ScriptedProvider

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -156,6 +156,19 @@ def test_the_providers_end_is_ignored_while_our_stop_is_in_flight() -> None:
     with pytest.raises(Ignored):
         apply_event(s, Ended(by=EndedBy.AGENT), NOW)
     assert s.state is SessionState.ASSIGNED
+
+
+def test_agent_messages_written_after_our_stop_are_not_delivered() -> None:
+    s = session(SessionState.ASSIGNED, JANE)
+    s.stop_requested_at = NOW
+    late = AgentMessage(Message("still there?", Author.AGENT), JANE)
+    with pytest.raises(Ignored):
+        apply_event(s, late, NOW)  # no time of its own: now
+    with pytest.raises(Ignored):
+        apply_event(s, late, NOW + timedelta(seconds=1), occurred_at=NOW)
+    # Written before the stop, reported late: still the handoff's.
+    before = apply_event(s, late, NOW, occurred_at=NOW - timedelta(seconds=1))
+    assert [type(k) for k in before] == [AgentMessage]
 
 
 def test_failed_moves_to_failed() -> None:

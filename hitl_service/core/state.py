@@ -44,8 +44,12 @@ class Ignored(Exception):
     """The event does not apply to the session; ``str()`` says why."""
 
 
-def apply_event(session: Session, kind: EventKind, now: datetime) -> list[EventKind]:
+def apply_event(
+    session: Session, kind: EventKind, now: datetime, *, occurred_at: datetime | None = None
+) -> list[EventKind]:
     """Applies one provider event to ``session`` in place.
+
+    ``occurred_at`` is when the provider says it happened (None: now).
 
     Returns:
         The events to append to the log, in order (an agent message from an
@@ -88,6 +92,12 @@ def apply_event(session: Session, kind: EventKind, now: datetime) -> list[EventK
         _set(session, SessionState.ASSIGNED, kind.agent, now)
         return [kind]
     if isinstance(kind, AgentMessage):
+        stopped = session.stop_requested_at
+        if stopped is not None and (occurred_at or now) >= stopped:
+            # The caller (or a timeout) ended the handoff: SendMessage already
+            # refuses it, and the user is back with the bot. What the agent
+            # wrote before the stop still arrives.
+            raise Ignored("written after our stop was requested")
         return _agent_message(session, kind, now)
     if isinstance(kind, Transferred):
         transferred = replace(kind, from_agent=kind.from_agent or session.agent)
