@@ -199,10 +199,12 @@ def _print_banner(app: object, out: TextIO) -> None:
     host = app.settings.http_addr.rpartition(":")[0]
     http = f"http://{host}:{app.http_port}"
     grpc_host = app.settings.grpc_addr.rpartition(":")[0]
+    # A provider whose backend sends no webhooks (local) says so.
+    webhooks = f" /webhooks/{app.provider.name}" if getattr(app.provider, "webhooks", True) else ""
     lines = [
         f"hitl-service is serving with the {app.provider.name} provider",
         f"  gRPC     {grpc_host}:{app.grpc_port}  (hitl.v1.HitlService, health, reflection)",
-        f"  HTTP     {http}  (/healthz /readyz /metrics /webhooks/{app.provider.name})",
+        f"  HTTP     {http}  (/healthz /readyz /metrics{webhooks})",
     ]
     paths = {getattr(route, "path", "") for route in app.provider.routes()}
     if "/console" in paths:

@@ -129,6 +129,7 @@ async def test_serve_then_sigterm_drains_and_exits_cleanly(
                 banner += line.decode()
         grpc_port = int(re.search(r"gRPC\s+127\.0\.0\.1:(\d+)", banner).group(1))  # type: ignore[union-attr]
         assert re.search(r"console\s+http://127\.0\.0\.1:\d+/console", banner)
+        assert "/webhooks/" not in banner  # the local provider takes none
         async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             health: Any = health_pb2_grpc.HealthStub(channel)
             status = await health.Check(

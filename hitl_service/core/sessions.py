@@ -177,7 +177,7 @@ def _replay(session: Session) -> Session:
     if session.state is SessionState.FAILED and session.ended_by is EndedBy.UNSPECIFIED:
         raise FailedPrecondition(
             "START_FAILED",
-            f"the provider refused this handoff: {session.end_reason}",
+            f"this handoff failed to start: {session.end_reason}",
             session_id=session.id,
         )
     return session

@@ -147,6 +147,7 @@ class LocalProvider:
     """``Provider`` backed by the in-process console."""
 
     name = "local"
+    webhooks = False  # the console acts in-process
     capabilities = Capabilities(
         media=True, location=True, card=True, transfers=True, queue_info=True, catch_up=False
     )

@@ -13,7 +13,12 @@ google.rpc.BadRequest field violations for bad input, NOT_FOUND for unknown
 ids, FAILED_PRECONDITION for a wrong state or refused provider credentials,
 UNAVAILABLE when the provider stays unreachable after retries. Every error
 carries a google.rpc.ErrorInfo (domain "hitl.v1") whose UPPER_SNAKE reason
-is stable: branch on the reason, not on the message text.
+is stable: branch on the reason, not on the message text. docs/errors.md
+lists every reason, its metadata and whether to retry.
+
+Request ids (StartHitl, SendMessage) are remembered for 48 hours: a retry
+within that time returns the first call's outcome; after it, the same id
+is a new request.
 """
 
 from collections import abc as _abc
@@ -52,7 +57,10 @@ class _SessionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionS
     SESSION_STATE_ENDED: _SessionState.ValueType  # 4
     """The handoff is over (see Session.end_reason and the ended event)."""
     SESSION_STATE_FAILED: _SessionState.ValueType  # 5
-    """The provider refused to start the handoff."""
+    """The handoff could not start: the provider refused it or could not be
+    reached, or the service stopped while it was starting (see
+    Session.end_reason and the failed event's code).
+    """
 
 class SessionState(_SessionState, metaclass=_SessionStateEnumTypeWrapper):
     """The state of a handoff."""
@@ -70,7 +78,10 @@ SESSION_STATE_ASSIGNED: SessionState.ValueType  # 3
 SESSION_STATE_ENDED: SessionState.ValueType  # 4
 """The handoff is over (see Session.end_reason and the ended event)."""
 SESSION_STATE_FAILED: SessionState.ValueType  # 5
-"""The provider refused to start the handoff."""
+"""The handoff could not start: the provider refused it or could not be
+reached, or the service stopped while it was starting (see
+Session.end_reason and the failed event's code).
+"""
 Global___SessionState: _TypeAlias = SessionState  # noqa: Y015
 
 class _EndedBy:
@@ -768,7 +779,10 @@ class Failed(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     code: _builtins.str
-    """Stable UPPER_SNAKE code, for example PROVIDER_REFUSED."""
+    """Stable UPPER_SNAKE code: PROVIDER_UNAVAILABLE (unreachable),
+    START_INTERRUPTED (the service stopped during the start), INTERNAL,
+    or the provider's refusal (PROVIDER_CREDENTIALS, or its own code).
+    """
     detail: _builtins.str
     """Explanation in words."""
     def __init__(

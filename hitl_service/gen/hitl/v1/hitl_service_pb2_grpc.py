@@ -103,8 +103,9 @@ class HitlServiceServicer:
         Retrying with the same request_id never sends twice. If the provider
         cannot be reached within the deadline the call fails with UNAVAILABLE
         (reason DELIVERY_PENDING, metadata message_id): the message stays queued
-        and is delivered later; retry with the same request_id to learn the
-        outcome. Deadline: up to 30 s.
+        and is retried until 15 minutes after the first call, then given up
+        (FAILED_PRECONDITION, reason DELIVERY_EXPIRED); retry with the same
+        request_id to learn the outcome. Deadline: up to 30 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,7 +116,9 @@ class HitlServiceServicer:
         closed; the session is then ENDED and the ended event (by CALLER) is in
         the log. Stopping an ENDED or FAILED session returns it unchanged.
         UNAVAILABLE (reason STOP_PENDING) means the stop is recorded and retried
-        in the background. Deadline: up to 30 s.
+        in the background for up to 24 hours; if the provider stays unreachable
+        that long, the session stays open and ends when the provider reports its
+        end. Deadline: up to 30 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -13,7 +13,12 @@ google.rpc.BadRequest field violations for bad input, NOT_FOUND for unknown
 ids, FAILED_PRECONDITION for a wrong state or refused provider credentials,
 UNAVAILABLE when the provider stays unreachable after retries. Every error
 carries a google.rpc.ErrorInfo (domain "hitl.v1") whose UPPER_SNAKE reason
-is stable: branch on the reason, not on the message text.
+is stable: branch on the reason, not on the message text. docs/errors.md
+lists every reason, its metadata and whether to retry.
+
+Request ids (StartHitl, SendMessage) are remembered for 48 hours: a retry
+within that time returns the first call's outcome; after it, the same id
+is a new request.
 """
 
 from collections import abc as _abc
@@ -65,15 +70,18 @@ class HitlServiceStub:
     Retrying with the same request_id never sends twice. If the provider
     cannot be reached within the deadline the call fails with UNAVAILABLE
     (reason DELIVERY_PENDING, metadata message_id): the message stays queued
-    and is delivered later; retry with the same request_id to learn the
-    outcome. Deadline: up to 30 s.
+    and is retried until 15 minutes after the first call, then given up
+    (FAILED_PRECONDITION, reason DELIVERY_EXPIRED); retry with the same
+    request_id to learn the outcome. Deadline: up to 30 s.
     """
     StopHitl: _grpc.UnaryUnaryMultiCallable[_hitl_service_pb2.StopHitlRequest, _hitl_service_pb2.StopHitlResponse]
     """Ends a handoff. Returns once the provider confirmed that the chat is
     closed; the session is then ENDED and the ended event (by CALLER) is in
     the log. Stopping an ENDED or FAILED session returns it unchanged.
     UNAVAILABLE (reason STOP_PENDING) means the stop is recorded and retried
-    in the background. Deadline: up to 30 s.
+    in the background for up to 24 hours; if the provider stays unreachable
+    that long, the session stays open and ends when the provider reports its
+    end. Deadline: up to 30 s.
     """
     GetSession: _grpc.UnaryUnaryMultiCallable[_hitl_service_pb2.GetSessionRequest, _hitl_service_pb2.GetSessionResponse]
     """Returns one session. Deadline: 5 s."""
@@ -114,15 +122,18 @@ class HitlServiceAsyncStub(HitlServiceStub):
     Retrying with the same request_id never sends twice. If the provider
     cannot be reached within the deadline the call fails with UNAVAILABLE
     (reason DELIVERY_PENDING, metadata message_id): the message stays queued
-    and is delivered later; retry with the same request_id to learn the
-    outcome. Deadline: up to 30 s.
+    and is retried until 15 minutes after the first call, then given up
+    (FAILED_PRECONDITION, reason DELIVERY_EXPIRED); retry with the same
+    request_id to learn the outcome. Deadline: up to 30 s.
     """
     StopHitl: _aio.UnaryUnaryMultiCallable[_hitl_service_pb2.StopHitlRequest, _hitl_service_pb2.StopHitlResponse]  # type: ignore[assignment]
     """Ends a handoff. Returns once the provider confirmed that the chat is
     closed; the session is then ENDED and the ended event (by CALLER) is in
     the log. Stopping an ENDED or FAILED session returns it unchanged.
     UNAVAILABLE (reason STOP_PENDING) means the stop is recorded and retried
-    in the background. Deadline: up to 30 s.
+    in the background for up to 24 hours; if the provider stays unreachable
+    that long, the session stays open and ends when the provider reports its
+    end. Deadline: up to 30 s.
     """
     GetSession: _aio.UnaryUnaryMultiCallable[_hitl_service_pb2.GetSessionRequest, _hitl_service_pb2.GetSessionResponse]  # type: ignore[assignment]
     """Returns one session. Deadline: 5 s."""
@@ -178,8 +189,9 @@ class HitlServiceServicer(metaclass=_abc_1.ABCMeta):
         Retrying with the same request_id never sends twice. If the provider
         cannot be reached within the deadline the call fails with UNAVAILABLE
         (reason DELIVERY_PENDING, metadata message_id): the message stays queued
-        and is delivered later; retry with the same request_id to learn the
-        outcome. Deadline: up to 30 s.
+        and is retried until 15 minutes after the first call, then given up
+        (FAILED_PRECONDITION, reason DELIVERY_EXPIRED); retry with the same
+        request_id to learn the outcome. Deadline: up to 30 s.
         """
 
     @_abc_1.abstractmethod
@@ -192,7 +204,9 @@ class HitlServiceServicer(metaclass=_abc_1.ABCMeta):
         closed; the session is then ENDED and the ended event (by CALLER) is in
         the log. Stopping an ENDED or FAILED session returns it unchanged.
         UNAVAILABLE (reason STOP_PENDING) means the stop is recorded and retried
-        in the background. Deadline: up to 30 s.
+        in the background for up to 24 hours; if the provider stays unreachable
+        that long, the session stays open and ends when the provider reports its
+        end. Deadline: up to 30 s.
         """
 
     @_abc_1.abstractmethod
