@@ -14,12 +14,23 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 
 import structlog
 
-from providers.errors import ChatInactive, ProviderRejected, ProviderUnavailable
+from providers.errors import (
+    ChatInactive,
+    ProviderAuthError,
+    ProviderError,
+    ProviderRejected,
+    ProviderUnavailable,
+)
 from providers.livechat import mapping, normalize
 from providers.livechat.budget import Budget, bounded
 from providers.livechat.client import AnsweredUnavailable, ApiError, FetchFailed, LiveChatClient
 from providers.livechat.customers import Customers
-from providers.livechat.failures import group_error, is_group_error, is_no_agent, map_api_error
+from providers.livechat.failures import (
+    group_error,
+    is_group_error,
+    is_no_agent,
+    map_api_error,
+)
 from providers.livechat.memory import OWN_CUSTOM_ID_PREFIX, ChatMemory
 from providers.livechat.models import (
     LcChat,
@@ -376,12 +387,10 @@ class LiveChatProvider:
                     continue
                 try:
                     event_ids.append(await self._send_part(chat, user, part, budget))
-                except ProviderUnavailable as exc:
-                    if index == 0 or exc.uncertain:
-                        raise
-                    raise ProviderUnavailable(
-                        str(exc), retry_after=exc.retry_after, uncertain=True
-                    ) from None
+                except ApiError as err:
+                    raise _after_parts(map_api_error(err), index, len(parts)) from None
+                except ProviderError as exc:
+                    raise _after_parts(exc, index, len(parts)) from None
             log.info(
                 "livechat.sent",
                 chat_id=chat.external_chat_id,
@@ -650,3 +659,21 @@ def _constant(event: dict[str, Any]) -> Callable[[], Awaitable[dict[str, Any] | 
         return event
 
     return build
+
+
+def _after_parts(exc: ProviderError, sent: int, total: int) -> ProviderError:
+    """A failure of part ``sent + 1`` of a message whose first parts are sent."""
+    if sent == 0:
+        return exc
+    if isinstance(exc, ProviderUnavailable):
+        # Part one is at LiveChat: the retry must look for what arrived.
+        if exc.uncertain:
+            return exc
+        return ProviderUnavailable(str(exc), retry_after=exc.retry_after, uncertain=True)
+    if isinstance(exc, ProviderRejected) and not isinstance(exc, ChatInactive | ProviderAuthError):
+        # Say what the agent has, so the caller does not send it all again.
+        return ProviderRejected(
+            exc.code,
+            f"LiveChat refused part {sent + 1} of {total} (the agent has the first {sent}): {exc}",
+        )
+    return exc

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from providers.errors import ChatInactive, ProviderUnavailable
+from providers.errors import ChatInactive, ProviderRejected, ProviderUnavailable
 from providers.livechat import LiveChatProvider
 from providers.types import ButtonKind, Card, CardButton, Location, Media, MediaKind, Message
 from tests.fake_livechat import FakeLiveChat
@@ -196,6 +196,22 @@ async def test_failure_after_a_first_part_is_uncertain(provider, fake, session) 
     await send(provider, session, text, request_id="req-2", uncertain=True)
     ids = [e["custom_id"] for e in customer_events(fake, session)]
     assert ids == ["req-2", "req-2#2"]
+
+
+async def test_a_refusal_after_a_first_part_says_what_the_agent_has(
+    provider, fake, session
+) -> None:
+    """The first part is with the agent: the error must say so, or a caller
+    that resends the whole message under a new id doubles that part."""
+    from tests.fake_livechat import Fault
+
+    fake.faults.add(Fault("send_event", kind="delay", delay=0))  # first part passes
+    fake.faults.add(Fault("send_event", error_type="validation"))  # second part refused
+    with pytest.raises(ProviderRejected) as info:
+        await send(provider, session, "c " * 12000)
+    assert "part 2 of 2" in str(info.value)
+    assert "the agent has the first 1" in str(info.value)
+    assert [e["custom_id"] for e in customer_events(fake, session)] == ["req-1"]
 
 
 async def test_uncertain_send_that_never_arrived_is_sent(provider, fake, session, clock) -> None:
