@@ -67,9 +67,8 @@ def _host_names(netloc: str) -> list[str]:
         host, port = entry, ""
         if entry.startswith("["):  # [v6] or [v6]:port
             host, _, rest = entry.partition("]")
-            host, port = host + "]", rest[1:] if rest.startswith(":") else rest or ""
-            if rest and not rest.startswith(":"):
-                port = "?"
+            host += "]"
+            port = rest[1:] if rest.startswith(":") else ("?" if rest else "")
         elif ":" in entry:
             host, _, port = entry.partition(":")
         if port and not (port.isdigit() and 0 < int(port) < 65536):
