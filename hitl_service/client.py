@@ -30,8 +30,11 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import random
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -210,7 +213,11 @@ class RetryPolicy:
         "Equal jitter": between half and all of the exponential bound, so
         clients that failed together do not come back together.
         """
-        bound = min(self.max_backoff, self.initial_backoff * self.multiplier ** (failures - 1))
+        try:
+            growth = self.multiplier ** (failures - 1)
+        except OverflowError:  # a long outage (1025 failures at 2.0): the cap anyway
+            growth = math.inf
+        bound = min(self.max_backoff, self.initial_backoff * growth)
         return bound / 2 + random.uniform(0, bound / 2)
 
 
@@ -262,6 +269,7 @@ class HitlClient:
                 target, credentials, options=all_options, interceptors=interceptors
             )
         self._stub: HitlServiceAsyncStub = pb_grpc.HitlServiceStub(self._channel)
+        self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
 
     @property
     def stub(self) -> HitlServiceAsyncStub:
@@ -280,7 +288,10 @@ class HitlClient:
         await self.close()
 
     async def close(self) -> None:
-        """Closes the channel; calls still running are cancelled."""
+        """Closes the channel; calls still running are cancelled, and event
+        iterators end (as with ``EventStream.aclose()``)."""
+        for stream in list(self._streams):
+            await stream.aclose()
         await self._channel.close()
 
     # --- RPCs ---------------------------------------------------------------------------
@@ -384,10 +395,12 @@ class HitlClient:
             session_id: Only this session's events; empty for every session.
             after: Start after this cursor: ``"0"`` from the beginning, a
                 cursor saved earlier (``EventStream.cursor``) to resume, or
-                ``""`` for live events only (then nothing that happens before
-                the first event arrives can be recovered after a reconnect).
+                ``""`` for live events only (the iterator then resumes from
+                the log head the server reported when it subscribed).
         """
-        return EventStream(self, session_id=session_id, after=after)
+        stream = EventStream(self, session_id=session_id, after=after)
+        self._streams.add(stream)
+        return stream
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -407,7 +420,10 @@ class HitlClient:
         attempts = self.retry.attempts if retry else 1
         metadata = self._metadata
         request_id = getattr(request, "request_id", "")
-        if request_id:  # the service logs it: every attempt shows up under one id
+        # The service logs it: every attempt shows up under one id. Only a
+        # valid one (visible ASCII, as the contract says): anything else is
+        # no legal header, and the service's INVALID_FIELDS says why.
+        if request_id and request_id.isascii() and request_id.isprintable():
             metadata = (*metadata, ("x-request-id", request_id))
         failures = 0
         while True:
@@ -472,6 +488,15 @@ class EventStream:
             self._call.cancel()
             self._call = None
 
+    def __del__(self) -> None:
+        # ``async for ...: break`` drops the iterator without aclose(), and
+        # grpc keeps a reference to the call itself, so its own finalizer
+        # never runs: cancel here, or the server stream stays open.
+        call = getattr(self, "_call", None)
+        if call is not None:
+            with contextlib.suppress(RuntimeError):  # the event loop is already closed
+                call.cancel()
+
     def _is_closed(self) -> bool:
         # A method, not the attribute: aclose() may run in another task while
         # this one awaits, which attribute narrowing would not allow for.
@@ -485,6 +510,12 @@ class EventStream:
                     metadata=self._client._metadata,
                 )
             try:
+                if not self.cursor:
+                    # Live only: the server names the head its subscription
+                    # starts after; resuming from it loses nothing.
+                    head = (await self._call.initial_metadata()).get("x-stream-head")
+                    if isinstance(head, str) and head.isdigit():
+                        self.cursor = head
                 event = await self._call.read()
             except asyncio.CancelledError:
                 # aclose() from another task cancels the call, and grpc raises
@@ -493,6 +524,12 @@ class EventStream:
                 task = asyncio.current_task()
                 if self._is_closed() and (task is None or not task.cancelling()):
                     break
+                # This read was cancelled (a timeout around it, or its task):
+                # grpc cancelled the call with it, so the next read opens a
+                # new one after the last cursor returned.
+                if self._call is not None:
+                    self._call.cancel()
+                    self._call = None
                 raise
             except grpc.aio.AioRpcError as exc:
                 self._call = None
