@@ -13,6 +13,7 @@ Fixtures:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from tests import scripted as scripted_module
 
 if TYPE_CHECKING:
+    from hitl_service.clock import Clock
     from providers.base import ProviderFactory
 
 pytest_plugins = ["tests.postgres_fixture"]
@@ -67,6 +69,22 @@ async def start_app(
     )
     await app.start()
     return app
+
+
+@asynccontextmanager
+async def scripted_on_clock(
+    env: dict[str, str], clock: Clock
+) -> AsyncIterator[tuple[App, pb_grpc.HitlServiceAsyncStub, scripted_module.ScriptedProvider]]:
+    """A started service on ``ScriptedProvider`` whose clock the test moves."""
+    env["HITL_PROVIDER"] = "scripted"
+    app = await start_app(env, provider_factory=scripted_module.create, clock=clock)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            provider = app.provider
+            assert isinstance(provider, scripted_module.ScriptedProvider)
+            yield app, pb_grpc.HitlServiceStub(channel), provider
+    finally:
+        await app.stop(grace=1)
 
 
 @pytest.fixture

@@ -10,11 +10,12 @@ import grpc
 import pytest
 
 from hitl_service.app import App
-from hitl_service.client import EventStream, HitlClient, InvalidArgumentError, RetryPolicy
+from hitl_service.client import HitlClient, InvalidArgumentError, RetryPolicy
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from tests.conftest import start_app
 from tests.e2e.helpers import free_port
 from tests.support import wait_for
+from tests.test_client import Follower
 
 FAST = RetryPolicy(attempts=50, initial_backoff=0.02, max_backoff=0.2)
 QUICK_RECONNECT = (
@@ -41,24 +42,6 @@ class HoldReconnect(grpc.aio.UnaryStreamClientInterceptor):
         if self.calls > 1:
             await self.release.wait()
         return await continuation(client_call_details, request)
-
-
-class Follower:
-    def __init__(self, stream: EventStream) -> None:
-        self.stream = stream
-        self.events: list[pb.Event] = []
-        self.task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        async for event in self.stream:
-            self.events.append(event)
-
-    def kinds(self) -> list[str]:
-        return [str(e.WhichOneof("kind")) for e in self.events]
-
-    async def close(self) -> None:
-        await self.stream.aclose()
-        await asyncio.wait_for(self.task, 10)
 
 
 async def test_live_stream_misses_nothing_across_a_reconnect(

@@ -47,6 +47,19 @@ def send_request(session: pb.Session, text: str, request_id: str = "") -> pb.Sen
     )
 
 
+async def stop_pending(stub: Stub, scripted: ScriptedProvider) -> tuple[pb.Session, asyncio.Event]:
+    """An open session whose StopHitl answered STOP_PENDING; set the gate to
+    let the provider close the chat."""
+    session = await open_session(stub)
+    gate = scripted.hold("stop")
+    error = await expect_error(
+        stub.StopHitl(pb.StopHitlRequest(session_id=session.id), timeout=1.0),
+        grpc.StatusCode.UNAVAILABLE,
+    )
+    assert error.reason == "STOP_PENDING"
+    return session, gate
+
+
 class TestRetries:
     async def test_transient_failures_are_retried_within_the_call(
         self, scripted_stub: Stub, scripted: ScriptedProvider
@@ -526,13 +539,7 @@ class TestStop:
     async def test_stop_pending_then_done_in_the_background(
         self, scripted_stub: Stub, scripted: ScriptedProvider
     ) -> None:
-        session = await open_session(scripted_stub)
-        gate = scripted.hold("stop")
-        error = await expect_error(
-            scripted_stub.StopHitl(pb.StopHitlRequest(session_id=session.id), timeout=1.0),
-            grpc.StatusCode.UNAVAILABLE,
-        )
-        assert error.reason == "STOP_PENDING"
+        session, gate = await stop_pending(scripted_stub, scripted)
         # A message after the stop was asked for is refused.
         await expect_error(
             scripted_stub.SendMessage(send_request(session, "late"), timeout=TIMEOUT),
@@ -554,13 +561,7 @@ class TestStop:
     ) -> None:
         """STOP_PENDING: the chat is still open at the provider and its agent
         types on; nothing they write after the stop reaches the streams."""
-        session = await open_session(scripted_stub)
-        gate = scripted.hold("stop")
-        error = await expect_error(
-            scripted_stub.StopHitl(pb.StopHitlRequest(session_id=session.id), timeout=1.0),
-            grpc.StatusCode.UNAVAILABLE,
-        )
-        assert error.reason == "STOP_PENDING"
+        session, gate = await stop_pending(scripted_stub, scripted)
         head = await scripted_app.store.head()
         late = AgentMessage(Message("are you there?", Author.AGENT), Agent("jane", "Jane"))
         await scripted.push(session.external_chat_id, late, "late")

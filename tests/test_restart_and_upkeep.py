@@ -32,7 +32,7 @@ from providers.types import (
     Message,
     Transferred,
 )
-from tests.conftest import start_app
+from tests.conftest import scripted_on_clock, start_app
 from tests.scripted import Fault, ScriptedProvider, create
 from tests.support import (
     TIMEOUT,
@@ -324,34 +324,26 @@ class TestTimeouts:
         not from its start: an agent who had it for longer than the timeout
         and transfers it to a group must not see it ended at once."""
         service_env["HITL_QUEUE_TIMEOUT"] = "60s"
-        service_env["HITL_PROVIDER"] = "scripted"
         clock = ShiftedClock(SystemClock())
-        app = await start_app(service_env, provider_factory=create, clock=clock)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
-                stub = pb_grpc.HitlServiceStub(channel)
-                provider = app.provider
-                assert isinstance(provider, ScriptedProvider)
-                session = await start_session(stub, (await make_user(stub)).id)
-                chat, upkeep = session.external_chat_id, app.core.maintenance
+        async with scripted_on_clock(service_env, clock) as (app, stub, provider):
+            session = await start_session(stub, (await make_user(stub)).id)
+            chat, upkeep = session.external_chat_id, app.core.maintenance
 
-                async def state_after_sweep(offset: float) -> pb.SessionState.ValueType:
-                    clock.offset = offset
-                    await upkeep.sweep()
-                    got = await stub.GetSession(
-                        pb.GetSessionRequest(session_id=session.id), timeout=TIMEOUT
-                    )
-                    return got.session.state
+            async def state_after_sweep(offset: float) -> pb.SessionState.ValueType:
+                clock.offset = offset
+                await upkeep.sweep()
+                got = await stub.GetSession(
+                    pb.GetSessionRequest(session_id=session.id), timeout=TIMEOUT
+                )
+                return got.session.state
 
-                clock.offset = 30
-                await provider.push(chat, AgentAssigned(JANE), "assigned")
-                clock.offset = 100  # Jane had it for 70 s, then gives it to billing
-                await provider.push(chat, Transferred(to_group_id="billing"), "to-billing")
-                assert await state_after_sweep(130) == pb.SESSION_STATE_QUEUED
-                assert await state_after_sweep(161) == pb.SESSION_STATE_ENDED
-                assert provider.calls.stops == [chat]
-        finally:
-            await app.stop(grace=1)
+            clock.offset = 30
+            await provider.push(chat, AgentAssigned(JANE), "assigned")
+            clock.offset = 100  # Jane had it for 70 s, then gives it to billing
+            await provider.push(chat, Transferred(to_group_id="billing"), "to-billing")
+            assert await state_after_sweep(130) == pb.SESSION_STATE_QUEUED
+            assert await state_after_sweep(161) == pb.SESSION_STATE_ENDED
+            assert provider.calls.stops == [chat]
 
     async def test_a_silent_user_times_out(self, service_env: dict[str, str]) -> None:
         service_env["HITL_IDLE_TIMEOUT"] = "1s"

@@ -11,9 +11,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hitl_service.app import App
 from hitl_service.clock import SystemClock
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
-from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from providers.types import Agent, AgentMessage, Author, Message
-from tests.conftest import start_app
+from tests.conftest import scripted_on_clock, start_app
 from tests.scripted import ScriptedProvider, create
 from tests.support import (
     TIMEOUT,
@@ -200,36 +199,26 @@ class TestLifetime:
         """A reader slower than the log never catches up; its stream must end
         at HITL_STREAM_MAX_SECONDS all the same (right after an event, so it
         resumes from its cursor), or it would stay on one replica forever."""
-        service_env["HITL_PROVIDER"] = "scripted"
         service_env["HITL_STREAM_MAX_SECONDS"] = "60s"
         clock = ShiftedClock(SystemClock())
-        app = await start_app(service_env, provider_factory=create, clock=clock)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
-                stub = pb_grpc.HitlServiceStub(channel)
-                provider = app.provider
-                assert isinstance(provider, ScriptedProvider)
-                session = await start_session(stub, (await make_user(stub)).id)
-                backlog = 300  # 30 MB: far more than gRPC sends ahead of the reader
-                for i in range(backlog):
-                    await provider.push(
-                        session.external_chat_id, say(f"{i}" + "x" * 100_000), f"{i}"
-                    )
-                call = stub.StreamEvents(pb.StreamEventsRequest(after_cursor="0"))
-                first = await call.read()
-                assert first is not grpc.aio.EOF
-                clock.offset = 61  # the lifetime passes while the reader is behind
-                cursors = [int(first.cursor)]
-                while (event := await call.read()) is not grpc.aio.EOF:
-                    cursors.append(int(event.cursor))
-                assert await call.code() == grpc.StatusCode.OK
-                assert cursors == list(range(1, len(cursors) + 1))  # in order, no gap
-                assert len(cursors) < 3 + backlog, "the stream ran on through the backlog"
-                rest = await read(stub, 3 + backlog - len(cursors), after_cursor=str(cursors[-1]))
-                assert int(rest[0].cursor) == cursors[-1] + 1
-                assert int(rest[-1].cursor) == 3 + backlog
-        finally:
-            await app.stop(grace=1)
+        async with scripted_on_clock(service_env, clock) as (_app, stub, provider):
+            session = await start_session(stub, (await make_user(stub)).id)
+            backlog = 300  # 30 MB: far more than gRPC sends ahead of the reader
+            for i in range(backlog):
+                await provider.push(session.external_chat_id, say(f"{i}" + "x" * 100_000), f"{i}")
+            call = stub.StreamEvents(pb.StreamEventsRequest(after_cursor="0"))
+            first = await call.read()
+            assert first is not grpc.aio.EOF
+            clock.offset = 61  # the lifetime passes while the reader is behind
+            cursors = [int(first.cursor)]
+            while (event := await call.read()) is not grpc.aio.EOF:
+                cursors.append(int(event.cursor))
+            assert await call.code() == grpc.StatusCode.OK
+            assert cursors == list(range(1, len(cursors) + 1))  # in order, no gap
+            assert len(cursors) < 3 + backlog, "the stream ran on through the backlog"
+            rest = await read(stub, 3 + backlog - len(cursors), after_cursor=str(cursors[-1]))
+            assert int(rest[0].cursor) == cursors[-1] + 1
+            assert int(rest[-1].cursor) == 3 + backlog
 
 
 class TestOversizedEvent:
