@@ -208,10 +208,10 @@ class TestLifetime:
                 await provider.push(session.external_chat_id, say(f"{i}" + "x" * 100_000), f"{i}")
             call = stub.StreamEvents(pb.StreamEventsRequest(after_cursor="0"))
             first = await call.read()
-            assert first is not grpc.aio.EOF
+            assert isinstance(first, pb.Event)
             clock.offset = 61  # the lifetime passes while the reader is behind
             cursors = [int(first.cursor)]
-            while (event := await call.read()) is not grpc.aio.EOF:
+            while isinstance(event := await call.read(), pb.Event):
                 cursors.append(int(event.cursor))
             assert await call.code() == grpc.StatusCode.OK
             assert cursors == list(range(1, len(cursors) + 1))  # in order, no gap
