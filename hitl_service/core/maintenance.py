@@ -18,11 +18,11 @@ import structlog
 
 from hitl_service.core.ingest import apply_inbound
 from hitl_service.core.sessions import request_stop
-from hitl_service.core.state import finish
+from hitl_service.core.state import finish, holds
 from hitl_service.domain import SessionState
 from hitl_service.errors import FailedPrecondition, StoreUnavailable
 from providers.errors import ProviderError
-from providers.types import EndedBy, Failed, ProviderChat
+from providers.types import AgentLeft, EndedBy, Failed, ProviderChat
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -236,6 +236,7 @@ class Maintenance:
         if user is None:
             return 0
         chat = ProviderChat(session.external_chat_id, dict(session.chat_state))
+        user_before = dict(user.state)
         try:
             listing = await ctx.calls.once(
                 "catch_up",
@@ -248,12 +249,16 @@ class Maintenance:
         added: list[str] = []
         failed_items: list[str] = []
         async with ctx.store.transaction() as tx:
+            if user.state != user_before:  # e.g. a customer token renewed on the way
+                await tx.put_provider_user(session.user_id, ctx.provider_name, user)
             current = await tx.get_session(session.id)
             if current is None:
                 return 0
             for event in listing.events:
                 if event.external_chat_id != current.external_chat_id:
                     continue
+                if isinstance(event.kind, AgentLeft) and not holds(current, event.kind.agent):
+                    continue  # changes nothing; its key stays free (as in ingest)
                 if await tx.claim_dedupe_key(ctx.provider_name, event.dedupe_key, now):
                     added.extend(await apply_inbound(tx, ctx, current, event, now, failed_items))
             if listing.checkpoint and listing.checkpoint != current.catch_up_checkpoint:

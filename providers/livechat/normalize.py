@@ -253,8 +253,6 @@ def thread_events(
             memory.learn_own(seen.author_id)
     memory.remember_users(chat_id, tuple(users))
     out: list[InboundEvent] = []
-    if thread.active and thread.queue is not None:
-        out.append(queued_event(chat_id, thread.id, thread.queue))
     for user in users:
         if (
             user.type == "agent"
@@ -276,6 +274,22 @@ def thread_events(
         message, _ = message_event(memory, chat_id, event, thread.id)
         if message is not None:
             out.append(message)
+    if thread.active:
+        # The chat as it is now, after its history: agents of this thread who
+        # are gone (the one holding the session, if any, gave it up) ...
+        authors = {e.author_id for e in thread.events}
+        for user in users:
+            if (
+                user.type == "agent"
+                and not user.present
+                and (user.id in thread.user_ids or user.id in authors)
+            ):
+                left, _ = agent_removed(memory, chat_id, thread.id, user.id, "agent_left", "")
+                if left is not None:
+                    out.append(left)
+        # ... and its place in the queue.
+        if thread.queue is not None:
+            out.append(queued_event(chat_id, thread.id, thread.queue))
     if not thread.active:
         facts = memory.known(chat_id)
         if facts is not None and facts.stopped_by_us:

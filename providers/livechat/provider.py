@@ -154,7 +154,10 @@ class LiveChatProvider:
                     )
                 user = await self.customers.create(budget)
             else:
-                await self.customers.ensure_fresh(user, budget, adopt=True)
+                # A new handoff checks the identity is still LiveChat's (one grant):
+                # a customer LiveChat forgot is replaced here, not found lost by
+                # every message of the handoff (the token may still look fresh).
+                await self.customers.refresh(user, budget, adopt=True)
             await self.customers.update_profile(user, profile, budget)
             return user
 
@@ -191,9 +194,16 @@ class LiveChatProvider:
                 )
             ]
             customer_id = user.external_user_id
-            chat_id = (
-                request.previous_chat.external_chat_id if request.previous_chat else ""
-            ) or as_str(user.state.get("chat_id"))
+            previous = request.previous_chat
+            if (
+                previous is not None
+                and (as_str(previous.state.get("customer_id")) or customer_id) != customer_id
+            ):
+                # The identity was replaced since: that chat is another customer's.
+                previous = None
+            chat_id = (previous.external_chat_id if previous else "") or as_str(
+                user.state.get("chat_id")
+            )
             if not chat_id:
                 chat_id = await self._existing_chat(customer_id, budget)
             thread_id = ""
