@@ -7,6 +7,7 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ from hitl_service.core.commands import SendUserMessage, StopHandoff
 from hitl_service.domain import OutboxItem, OutboxKind, OutboxStatus
 from hitl_service.errors import StoreUnavailable
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
-from providers.types import Agent, AgentMessage, Author, Message
+from providers.types import Agent, AgentMessage, Author, InboundEvent, Message
 from tests.scripted import Fault, ScriptedProvider
 from tests.support import (
     TIMEOUT,
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
     from hitl_service.app import App
     from hitl_service.gen.hitl.v1.hitl_service_pb2_grpc import HitlServiceAsyncStub as Stub
     from hitl_service.store.base import Tx
+
+
+JANE = Agent("jane", "Jane")
 
 
 async def open_session(stub: Stub) -> pb.Session:
@@ -563,13 +567,38 @@ class TestStop:
         types on; nothing they write after the stop reaches the streams."""
         session, gate = await stop_pending(scripted_stub, scripted)
         head = await scripted_app.store.head()
-        late = AgentMessage(Message("are you there?", Author.AGENT), Agent("jane", "Jane"))
+        late = AgentMessage(Message("are you there?", Author.AGENT), JANE)
         await scripted.push(session.external_chat_id, late, "late")
         assert await scripted_app.store.read_events(after=head, limit=10) == []
         gate.set()
         async with EventCollector(scripted_stub, session_id=session.id, after="0") as events:
             await events.wait_for_kind("ended")
         assert "agent_message" not in [e.WhichOneof("kind") for e in events.events]
+
+    async def test_what_the_agent_wrote_while_a_refused_stop_was_pending_comes_back(
+        self, scripted_app: App, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        """The stop is refused for good, so the handoff goes on: a message
+        passed over while it was pending is the handoff's after all, and
+        catch-up brings it (its dedupe key was left free)."""
+        session, gate = await stop_pending(scripted_stub, scripted)
+        chat = session.external_chat_id
+        written = datetime.now(UTC)
+        pending = InboundEvent(chat, AgentMessage(Message("one moment", Author.AGENT), JANE), "m1")
+        await scripted.push(chat, pending.kind, pending.dedupe_key)  # passed over
+        scripted.fail("stop", Fault("rejected"))
+        gate.set()
+
+        async def refused() -> bool:
+            current = await scripted_app.store.get_session(session.id)
+            return current is not None and current.stop_requested_at is None
+
+        await wait_for(refused, what="the stop refused for good")
+        scripted.catch_up_events[chat] = [replace(pending, occurred_at=written)]
+        await scripted_app.core.maintenance.sweep(force_catch_up=True)
+        events = await scripted_app.store.read_events(after=0, limit=50, session_id=session.id)
+        texts = [e.kind.message.body for e in events if isinstance(e.kind, AgentMessage)]
+        assert texts == ["one moment"]
 
     async def test_stop_of_a_chat_already_closed_at_the_provider_is_a_success(
         self, scripted_stub: Stub, scripted: ScriptedProvider

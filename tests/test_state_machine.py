@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from hitl_service.core.state import Ignored, apply_event
+from hitl_service.core.state import Ignored, apply_event, passes_over
 from hitl_service.domain import Session, SessionState
 from providers.types import (
     Agent,
@@ -158,17 +158,16 @@ def test_the_providers_end_is_ignored_while_our_stop_is_in_flight() -> None:
     assert s.state is SessionState.ASSIGNED
 
 
-def test_agent_messages_written_after_our_stop_are_not_delivered() -> None:
+def test_agent_messages_written_after_our_stop_pass_over() -> None:
     s = session(SessionState.ASSIGNED, JANE)
     s.stop_requested_at = NOW
     late = AgentMessage(Message("still there?", Author.AGENT), JANE)
-    with pytest.raises(Ignored):
-        apply_event(s, late, NOW)  # no time of its own: now
-    with pytest.raises(Ignored):
-        apply_event(s, late, NOW + timedelta(seconds=1), occurred_at=NOW)
+    assert passes_over(s, late, NOW)
+    assert passes_over(s, late, NOW + timedelta(seconds=1))
     # Written before the stop, reported late: still the handoff's.
-    before = apply_event(s, late, NOW, occurred_at=NOW - timedelta(seconds=1))
-    assert [type(k) for k in before] == [AgentMessage]
+    assert not passes_over(s, late, NOW - timedelta(seconds=1))
+    s.stop_requested_at = None  # the stop was refused for good: the handoff goes on
+    assert not passes_over(s, late, NOW + timedelta(seconds=1))
 
 
 def test_failed_moves_to_failed() -> None:

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import structlog
 
 from hitl_service.codec import kind_tag
-from hitl_service.core.state import Ignored, apply_event, holds
-from providers.types import THREAD_STATE_KEY, AgentLeft, AgentMessage, InboundEvent
+from hitl_service.core.state import Ignored, apply_event, passes_over
+from providers.types import THREAD_STATE_KEY, AgentMessage, InboundEvent
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -94,14 +94,13 @@ class Ingestor:
                     else:
                         result.foreign += 1
                     continue
-                if isinstance(event.kind, AgentLeft) and not holds(session, event.kind.agent):
-                    # Changes nothing, so its key stays free: the same agent
-                    # may take the chat and leave later in the same thread.
+                why = passes_over(session, event.kind, event.occurred_at or now)
+                if why:
                     log.info(
                         "ingest.ignored",
                         session_id=session.id,
-                        kind="agent_left",
-                        reason="an agent who did not hold the chat left",
+                        kind=kind_tag(event.kind),
+                        reason=why,
                     )
                     result.ignored += 1
                     continue
@@ -170,7 +169,7 @@ async def apply_inbound(
             log.debug("ingest.echo", session_id=session.id)
             return []
     try:
-        kinds = apply_event(session, event.kind, now, occurred_at=event.occurred_at)
+        kinds = apply_event(session, event.kind, now)
     except Ignored as why:
         log.info(
             "ingest.ignored",

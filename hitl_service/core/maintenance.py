@@ -18,11 +18,11 @@ import structlog
 
 from hitl_service.core.ingest import apply_inbound
 from hitl_service.core.sessions import request_stop
-from hitl_service.core.state import finish, holds
+from hitl_service.core.state import finish, passes_over
 from hitl_service.domain import SessionState
 from hitl_service.errors import FailedPrecondition, StoreUnavailable
 from providers.errors import ProviderError
-from providers.types import AgentLeft, EndedBy, Failed, ProviderChat
+from providers.types import EndedBy, Failed, ProviderChat
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -257,8 +257,8 @@ class Maintenance:
             for event in listing.events:
                 if event.external_chat_id != current.external_chat_id:
                     continue
-                if isinstance(event.kind, AgentLeft) and not holds(current, event.kind.agent):
-                    continue  # changes nothing; its key stays free (as in ingest)
+                if passes_over(current, event.kind, event.occurred_at or now):
+                    continue  # its key stays free, as in ingest
                 if await tx.claim_dedupe_key(ctx.provider_name, event.dedupe_key, now):
                     added.extend(await apply_inbound(tx, ctx, current, event, now, failed_items))
             if listing.checkpoint and listing.checkpoint != current.catch_up_checkpoint:

@@ -44,12 +44,9 @@ class Ignored(Exception):
     """The event does not apply to the session; ``str()`` says why."""
 
 
-def apply_event(
-    session: Session, kind: EventKind, now: datetime, *, occurred_at: datetime | None = None
-) -> list[EventKind]:
-    """Applies one provider event to ``session`` in place.
-
-    ``occurred_at`` is when the provider says it happened (None: now).
+def apply_event(session: Session, kind: EventKind, now: datetime) -> list[EventKind]:
+    """Applies one provider event to ``session`` in place (``passes_over``
+    is asked first, before the event's dedupe key is claimed).
 
     Returns:
         The events to append to the log, in order (an agent message from an
@@ -92,12 +89,6 @@ def apply_event(
         _set(session, SessionState.ASSIGNED, kind.agent, now)
         return [kind]
     if isinstance(kind, AgentMessage):
-        stopped = session.stop_requested_at
-        if stopped is not None and (occurred_at or now) >= stopped:
-            # The caller (or a timeout) ended the handoff: SendMessage already
-            # refuses it, and the user is back with the bot. What the agent
-            # wrote before the stop still arrives.
-            raise Ignored("written after our stop was requested")
         return _agent_message(session, kind, now)
     if isinstance(kind, Transferred):
         transferred = replace(kind, from_agent=kind.from_agent or session.agent)
@@ -129,6 +120,26 @@ def apply_event(
 def holds(session: Session, agent: Agent) -> bool:
     """Whether ``agent`` holds the session (is its assigned agent)."""
     return session.agent is not None and session.agent.id == agent.id
+
+
+def passes_over(session: Session, kind: EventKind, occurred_at: datetime) -> str:
+    """Why an event changes nothing *for now*, or "" if it applies.
+
+    Such an event is ignored without being recorded as seen (its dedupe key
+    stays free), so that it applies if it comes again once it would: the
+    same agent may take the chat and leave later in the same thread, and a
+    message written while our stop was pending belongs to the handoff if
+    the provider refuses the stop for good (catch-up brings it then).
+    """
+    if isinstance(kind, AgentLeft) and not holds(session, kind.agent):
+        return "an agent who did not hold the chat left"
+    stopped = session.stop_requested_at
+    if isinstance(kind, AgentMessage) and stopped is not None and occurred_at >= stopped:
+        # The caller (or a timeout) ended the handoff: SendMessage already
+        # refuses it, and the user is back with the bot. What the agent
+        # wrote before the stop still arrives.
+        return "written after our stop was requested"
+    return ""
 
 
 def finish(session: Session, state: SessionState, reason: str, by: EndedBy, now: datetime) -> None:
