@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import random
 import uuid
 import weakref
@@ -214,10 +213,13 @@ class RetryPolicy:
         clients that failed together do not come back together.
         """
         try:
-            growth = self.multiplier ** (failures - 1)
+            # float(): an int multiplier makes an int power, whose product
+            # with a float overflows instead of the power itself.
+            bound = min(
+                self.max_backoff, self.initial_backoff * float(self.multiplier) ** (failures - 1)
+            )
         except OverflowError:  # a long outage (1025 failures at 2.0): the cap anyway
-            growth = math.inf
-        bound = min(self.max_backoff, self.initial_backoff * growth)
+            bound = self.max_backoff
         return bound / 2 + random.uniform(0, bound / 2)
 
 

@@ -163,9 +163,12 @@ async def test_the_iterator_keeps_reconnecting_through_a_long_outage() -> None:
 
 
 def test_backoff_of_a_very_long_outage_is_the_cap() -> None:
-    policy = RetryPolicy(initial_backoff=0.2, max_backoff=5.0)
-    for failures in (1024, 1025, 10_000):
-        assert 2.5 <= policy.backoff(failures) <= 5.0
+    # An int multiplier, as people write it, makes an int power: the
+    # product with the float overflows then, not the power.
+    for multiplier in (2.0, 2):
+        policy = RetryPolicy(initial_backoff=0.2, max_backoff=5.0, multiplier=multiplier)
+        for failures in (1024, 1025, 1100, 10_000):
+            assert 2.5 <= policy.backoff(failures) <= 5.0
 
 
 async def test_a_bad_request_id_is_the_services_invalid_argument(app: App) -> None:

@@ -38,6 +38,7 @@ from tests.support import (
     TIMEOUT,
     EventCollector,
     ShiftedClock,
+    expect_error,
     make_user,
     rid,
     start_session,
@@ -316,6 +317,33 @@ class TestTimeouts:
                 "hitl_session_timeouts_total", {"kind": "queue"}
             )
             assert value == 1
+
+    async def test_a_timeout_after_the_callers_refused_stop_is_counted(
+        self, service_env: dict[str, str]
+    ) -> None:
+        """The caller's StopHitl is refused for good; later the queue timeout
+        ends the session: that is a timeout of its own, counted and logged,
+        not a retry of the caller's stop."""
+        service_env["HITL_QUEUE_TIMEOUT"] = "60s"
+        clock = ShiftedClock(SystemClock())
+        async with scripted_on_clock(service_env, clock) as (app, stub, provider):
+            session = await start_session(stub, (await make_user(stub)).id)
+            provider.fail("stop", Fault("rejected"))
+            await expect_error(
+                stub.StopHitl(pb.StopHitlRequest(session_id=session.id), timeout=TIMEOUT),
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+            with structlog.testing.capture_logs() as logs:
+                clock.offset = 61 + 601  # the queue timeout, past the refusal's back-off
+                await app.core.maintenance.sweep()
+                async with EventCollector(stub, session_id=session.id) as events:
+                    ended = await events.wait_for_kind("ended")
+            assert ended.ended.by == pb.ENDED_BY_TIMEOUT
+            value = app.metrics.registry.get_sample_value(
+                "hitl_session_timeouts_total", {"kind": "queue"}
+            )
+            assert value == 1
+            assert [e["event"] for e in logs].count("session.timeout") == 1
 
     async def test_a_handoff_given_back_to_the_queue_waits_anew(
         self, service_env: dict[str, str]

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hitl_service.app import App
 from hitl_service.clock import SystemClock
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
-from providers.types import Agent, AgentMessage, Author, Message
+from providers.types import Agent, AgentMessage, Author, Card, CardButton, Message
 from tests.conftest import scripted_on_clock, start_app
 from tests.scripted import ScriptedProvider, create
 from tests.support import (
@@ -240,6 +240,23 @@ class TestOversizedEvent:
         assert text.endswith("[truncated]")
         assert big.ByteSize() <= 1024 * 1024
         assert after.agent_message.message.text == "after"
+
+    async def test_a_shortened_event_keeps_its_ids_and_cursor(
+        self, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        """Its bulk in many short strings (a third-party provider's card with
+        thousands of buttons): shortening must never cut the ids that name
+        the event, and must end below the limit."""
+        session = await start_session(scripted_stub, (await make_user(scripted_stub)).id)
+        buttons = tuple(CardButton("t" * 100, value="v" * 100) for _ in range(12_000))
+        card = AgentMessage(Message(Card(title="Pick one", buttons=buttons), Author.AGENT), AGENT)
+        await scripted.push(session.external_chat_id, card, "big-card")
+        async with EventCollector(scripted_stub, session_id=session.id, after="0") as events:
+            big = await events.wait_for_kind("agent_message")
+        assert events.error is None
+        assert big.session_id == session.id
+        assert big.cursor.isdigit()
+        assert big.ByteSize() <= 1024 * 1024
 
 
 async def test_stream_metrics_count_subscribers(scripted_app: App, scripted_stub: Stub) -> None:

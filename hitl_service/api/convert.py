@@ -286,18 +286,30 @@ def event_to_pb(event: LogEvent) -> pb.Event:
 
 
 _TRUNCATED = "… [truncated]"
+_MARK = len(_TRUNCATED.encode())
+_IDS = frozenset({"cursor", "session_id", "user_id", "id"})  # never cut: they identify
 
 
 def _shorten(message: ProtoMessage, cap: int) -> None:
-    """Cuts every string field longer than ``cap`` UTF-8 bytes, recursively."""
+    """Cuts every text longer than ``cap`` UTF-8 bytes, recursively (ids
+    stay whole, and a text is cut only where the mark makes it shorter)."""
     for field, value in message.ListFields():
         if field.type == field.TYPE_MESSAGE:
             for item in value if field.is_repeated else (value,):
                 _shorten(item, cap)
-        elif field.type == field.TYPE_STRING and not field.is_repeated:
+        elif field.type == field.TYPE_STRING and not field.is_repeated and field.name not in _IDS:
             data = value.encode()
-            if len(data) > cap:
+            if len(data) > cap + _MARK:
                 setattr(message, field.name, data[:cap].decode(errors="ignore") + _TRUNCATED)
+
+
+def _drop_lists(message: ProtoMessage) -> None:
+    """Clears every repeated field, recursively (the last resort)."""
+    for field, value in message.ListFields():
+        if field.is_repeated:
+            message.ClearField(field.name)
+        elif field.type == field.TYPE_MESSAGE:
+            _drop_lists(value)
 
 
 def fit_event(event: pb.Event, limit: int) -> pb.Event:
@@ -308,4 +320,6 @@ def fit_event(event: pb.Event, limit: int) -> pb.Event:
     while event.ByteSize() > limit and cap > 0:
         _shorten(event, cap)
         cap //= 2
+    if event.ByteSize() > limit:
+        _drop_lists(event)  # its bulk is in lists of short entries
     return event

@@ -370,7 +370,8 @@ async def request_stop(
                     refused_at = existing.done_at or existing.created_at
                     if refused_backoff is not None and now - refused_at < refused_backoff:
                         return None, False
-                    retry_of = existing.id
+                    if existing.payload.get("by") == by.value:  # the same stop, asked again
+                        retry_of = existing.id
                 await tx.delete_idempotency(STOP_SCOPE, session_id)
             item = OutboxItem(
                 id=new_id("stp"),

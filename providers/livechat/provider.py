@@ -157,7 +157,16 @@ class LiveChatProvider:
                 # A new handoff checks the identity is still LiveChat's (one grant):
                 # a customer LiveChat forgot is replaced here, not found lost by
                 # every message of the handoff (the token may still look fresh).
-                await self.customers.refresh(user, budget, adopt=True)
+                try:
+                    await self.customers.refresh(user, budget, adopt=True)
+                except ProviderUnavailable:
+                    # The check is a precaution: with a token still fresh, an
+                    # accounts outage must not fail a start that needs none.
+                    if self.customers.needs_refresh(user):
+                        raise
+                    log.warning(
+                        "livechat.customer_check_skipped", customer_id=user.external_user_id
+                    )
             await self.customers.update_profile(user, profile, budget)
             return user
 

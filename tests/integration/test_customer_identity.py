@@ -115,3 +115,17 @@ async def test_after_customer_identity_lost_the_next_handoff_works_again(
             f"the user's next handoff cannot carry a message either: {exc.details()}"
         ) from None
     assert lc.with_custom_id(second.external_chat_id, request_id)
+
+
+async def test_an_accounts_outage_does_not_fail_a_start_with_a_fresh_token(
+    lc: LiveChatService,
+) -> None:
+    """Each handoff renews the customer token as a check; while the token is
+    hours from expiry, an outage of the token endpoint alone (the agent API,
+    which opens and routes chats, is up) must not fail the start."""
+    user = await lc.user()
+    first = await lc.start(user.id, title="First visit")
+    await lc.stub.StopHitl(pb.StopHitlRequest(session_id=first.id), timeout=TIMEOUT)
+    lc.fake.add_fault("customer_token", api="accounts", kind="status", status=503, times=None)
+    second = await lc.start(user.id, title="Second visit")
+    assert second.state != pb.SESSION_STATE_FAILED
