@@ -30,6 +30,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from hitl_service.app import App
+from hitl_service.clock import Clock
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from providers.livechat import LiveChatProvider
@@ -233,9 +234,11 @@ async def make_service(
 ) -> AsyncIterator[MakeService]:
     made: list[LiveChatService] = []
 
-    async def make(*, register: bool = True, **overrides: str) -> LiveChatService:
+    async def make(
+        *, register: bool = True, clock: Clock | None = None, **overrides: str
+    ) -> LiveChatService:
         env = livechat_env(service_env, fake, **overrides)
-        app = await start_app(env)
+        app = await start_app(env, clock=clock)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}")
         http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}")
         service = LiveChatService(

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from datetime import datetime
 
 import grpc
-import httpx
 import pytest
 
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
-from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
-from tests.conftest import start_app
 from tests.fake_livechat import FakeLiveChat
-from tests.integration.conftest import LiveChatService, MediaServer, livechat_env
+from tests.integration.conftest import LiveChatService, MakeService
 from tests.support import TIMEOUT, expect_error, rid
 
 
@@ -37,28 +33,8 @@ class WallClock:
 
 
 @pytest.fixture
-async def svc(
-    service_env: dict[str, str], fake: FakeLiveChat, media: MediaServer
-) -> AsyncIterator[LiveChatService]:
-    env = livechat_env(service_env, fake)
-    app = await start_app(env, clock=WallClock(fake))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}")
-    http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}")
-    service = LiveChatService(
-        app=app,
-        fake=fake,
-        stub=pb_grpc.HitlServiceStub(channel),
-        http=http,
-        media=media,
-        env=env,
-        channel=channel,
-    )
-    await service.register_webhooks()
-    yield service
-    await fake.delivery.stop()
-    await http.aclose()
-    await channel.close()
-    await app.stop(grace=1)
+async def svc(make_service: MakeService, fake: FakeLiveChat) -> LiveChatService:
+    return await make_service(clock=WallClock(fake))
 
 
 async def test_a_replaced_customer_identity_does_not_resume_the_old_customers_chat(
