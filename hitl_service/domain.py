@@ -32,6 +32,11 @@ class SessionState(enum.Enum):
         """True until the session ended or failed."""
         return self not in (SessionState.ENDED, SessionState.FAILED)
 
+    @property
+    def is_waiting(self) -> bool:
+        """True while the handoff waits for an agent (the queue timeout runs)."""
+        return self in (SessionState.REQUESTED, SessionState.QUEUED)
+
 
 OPEN_STATES = tuple(s for s in SessionState if s.is_open)
 

@@ -174,9 +174,8 @@ class Maintenance:
         settings = self._ctx.settings
         if session.stop_requested_at is not None or session.state not in _TIMED:
             return None
-        waiting = session.state in (SessionState.REQUESTED, SessionState.QUEUED)
         waited = (now - (session.waiting_since or session.created_at)).total_seconds()
-        if waiting and settings.queue_timeout > 0 and waited > settings.queue_timeout:
+        if session.state.is_waiting and 0 < settings.queue_timeout < waited:
             return "queue", f"no agent took the handoff within {_words(settings.queue_timeout)}"
         idle_since = session.last_activity_at or session.created_at
         idle = (now - idle_since).total_seconds()

@@ -174,11 +174,8 @@ def _agent_message(session: Session, kind: AgentMessage, now: datetime) -> list[
     return out
 
 
-_WAITING = (SessionState.REQUESTED, SessionState.QUEUED)
-
-
 def _set(session: Session, state: SessionState, agent: Agent | None, now: datetime) -> None:
-    if state in _WAITING and session.state is SessionState.ASSIGNED:
+    if state.is_waiting and session.state is SessionState.ASSIGNED:
         session.waiting_since = now  # back in the queue: the queue timeout starts over
     session.state = state
     session.agent = agent
