@@ -19,8 +19,17 @@ if TYPE_CHECKING:
     from hitl_service.gen.hitl.v1.hitl_service_pb2_grpc import HitlServiceAsyncStub as Stub
 
 
-async def act(http: httpx.AsyncClient, chat_id: str, action: str, **body: str) -> httpx.Response:
-    return await http.post(f"/console/api/conversations/{chat_id}/{action}", json=body)
+async def act(
+    http: httpx.AsyncClient,
+    chat_id: str,
+    action: str,
+    *,
+    headers: dict[str, str] | None = None,
+    **body: str,
+) -> httpx.Response:
+    return await http.post(
+        f"/console/api/conversations/{chat_id}/{action}", json=body, headers=headers
+    )
 
 
 async def test_page_and_state_are_served(http: httpx.AsyncClient, stub: Stub) -> None:
@@ -214,10 +223,8 @@ class TestRequestChecks:
         self, http: httpx.AsyncClient, stub: Stub, origin: str
     ) -> None:
         session = await start_session(stub, (await make_user(stub)).id)
-        took = await http.post(
-            f"/console/api/conversations/{session.external_chat_id}/take",
-            json={"agent": "mallory"},
-            headers={"Origin": origin},
+        took = await act(
+            http, session.external_chat_id, "take", agent="mallory", headers={"Origin": origin}
         )
         read = await http.get("/console/api/state", headers={"Origin": origin})
         assert (took.status_code, read.status_code) == (403, 403)
@@ -229,10 +236,9 @@ class TestRequestChecks:
         self, http: httpx.AsyncClient, stub: Stub, app: App
     ) -> None:
         session = await start_session(stub, (await make_user(stub)).id)
-        took = await http.post(
-            f"/console/api/conversations/{session.external_chat_id}/take",
-            json={"agent": "Alice"},
-            headers={"Origin": f"http://127.0.0.1:{app.http_port}"},
+        origin = f"http://127.0.0.1:{app.http_port}"
+        took = await act(
+            http, session.external_chat_id, "take", agent="Alice", headers={"Origin": origin}
         )
         assert took.status_code == 200
 

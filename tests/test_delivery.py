@@ -64,6 +64,18 @@ async def stop_pending(stub: Stub, scripted: ScriptedProvider) -> tuple[pb.Sessi
     return session, gate
 
 
+async def held_send(
+    stub: Stub, scripted: ScriptedProvider, session: pb.Session, text: str, *faults: Fault
+) -> tuple[asyncio.Future[pb.SendMessageResponse], asyncio.Event]:
+    """A SendMessage whose attempt is at the provider and held there (set the
+    gate to let it go; ``faults`` then decide its outcome)."""
+    gate = scripted.hold("send")
+    scripted.fail("send", *faults)
+    call = asyncio.ensure_future(stub.SendMessage(send_request(session, text), timeout=TIMEOUT))
+    await wait_for(lambda: scripted.calls.sends, what="the held attempt")
+    return call, gate
+
+
 class TestRetries:
     async def test_transient_failures_are_retried_within_the_call(
         self, scripted_stub: Stub, scripted: ScriptedProvider
@@ -259,11 +271,7 @@ class TestPending:
         session = await open_session(scripted_stub)
         async with EventCollector(scripted_stub, session_id=session.id):
             assert activity.current == 0  # an open stream is not a request in progress
-            gate = scripted.hold("send")
-            call = asyncio.ensure_future(
-                scripted_stub.SendMessage(send_request(session, "held"), timeout=TIMEOUT)
-            )
-            await wait_for(lambda: scripted.calls.sends, what="the held attempt")
+            call, gate = await held_send(scripted_stub, scripted, session, "held")
             assert activity.current == 1
             gate.set()
             await call
@@ -285,11 +293,7 @@ class TestLeases:
         outlived its lease) keeps that replica's lease."""
         store, outbox = scripted_app.store, scripted_app.core.outbox
         session = await open_session(scripted_stub)
-        gate = scripted.hold("send")
-        scripted.fail("send", Fault("unavailable"))
-        request = send_request(session, "slow")
-        call = asyncio.ensure_future(scripted_stub.SendMessage(request, timeout=TIMEOUT))
-        await wait_for(lambda: scripted.calls.sends, what="the held attempt")
+        call, gate = await held_send(scripted_stub, scripted, session, "slow", Fault("unavailable"))
         async with store.transaction() as tx:  # another replica takes the item over
             [taken] = await tx.claim_outbox("other-replica", _far_future(), _far_future(), 10)
         gate.set()
@@ -434,11 +438,9 @@ class TestUncommittedOutcomes:
         lease ends), so the caller must not be told it failed for good."""
         store, transaction = scripted_app.store, scripted_app.store.transaction
         session = await open_session(scripted_stub)
-        gate = scripted.hold("send")
-        scripted.fail("send", Fault("rejected"))
-        request = send_request(session, "refused, unrecorded")
-        call = asyncio.ensure_future(scripted_stub.SendMessage(request, timeout=TIMEOUT))
-        await wait_for(lambda: scripted.calls.sends, what="the held attempt")
+        call, gate = await held_send(
+            scripted_stub, scripted, session, "refused, unrecorded", Fault("rejected")
+        )
 
         @asynccontextmanager
         async def failing(**options: bool) -> AsyncIterator[Tx]:
@@ -505,11 +507,7 @@ class TestOneAttemptAtATime:
         beside the first (both would pass the lease guard: same owner)."""
         store, outbox = scripted_app.store, scripted_app.core.outbox
         session = await open_session(scripted_stub)
-        gate = scripted.hold("send")
-        call = asyncio.ensure_future(
-            scripted_stub.SendMessage(send_request(session, "slow"), timeout=TIMEOUT)
-        )
-        await wait_for(lambda: scripted.calls.sends, what="the held attempt")
+        call, gate = await held_send(scripted_stub, scripted, session, "slow")
         [(item_id, running)] = outbox._inflight.items()
         async with store.transaction() as tx:  # its lease runs out
             item = await tx.get_outbox(item_id)

@@ -15,7 +15,7 @@ import pytest
 import structlog
 
 from hitl_service.app import App
-from hitl_service.clock import SystemClock
+from hitl_service.clock import Clock, SystemClock
 from hitl_service.core.maintenance import Maintenance
 from hitl_service.domain import SessionState
 from hitl_service.errors import StoreUnavailable
@@ -71,6 +71,11 @@ async def with_session(
         provider = app.provider
         assert isinstance(provider, ScriptedProvider)
         yield app, stub, provider, await start_session(stub, (await make_user(stub)).id)
+
+
+def upkeep_on(app: App, clock: Clock) -> Maintenance:
+    """Another replica's upkeep on the app's store, on ``clock``."""
+    return Maintenance(replace(app.core.ctx, clock=clock), app.core.outbox)
 
 
 async def all_events(stub: pb_grpc.HitlServiceAsyncStub, count: int) -> list[pb.Event]:
@@ -248,8 +253,7 @@ class TestTimeouts:
             assert stored is not None
             clock = ShiftedClock(app.core.ctx.clock)
             clock.offset = 61
-            ctx = replace(app.core.ctx, clock=clock)
-            sweeps = [Maintenance(ctx, app.core.outbox) for _ in range(2)]
+            sweeps = [upkeep_on(app, clock) for _ in range(2)]
             with structlog.testing.capture_logs() as logs:
                 for upkeep in sweeps:  # both with the read taken before either stop
                     await upkeep._check_timeouts(copy.copy(stored), clock.now())
@@ -275,7 +279,7 @@ class TestTimeouts:
             await provider.push(session.external_chat_id, AgentAssigned(JANE), "assigned")
             clock = ShiftedClock(app.core.ctx.clock)
             clock.offset = 61
-            upkeep = Maintenance(replace(app.core.ctx, clock=clock), app.core.outbox)
+            upkeep = upkeep_on(app, clock)
             await upkeep._check_timeouts(stale, clock.now())
             got = await stub.GetSession(
                 pb.GetSessionRequest(session_id=session.id), timeout=TIMEOUT
@@ -294,7 +298,7 @@ class TestTimeouts:
             provider.fail("stop", Fault("rejected"), Fault("rejected"))
             refusals = provider.faults["stop"]  # each stop asked takes one
             clock = ShiftedClock(app.core.ctx.clock)
-            upkeep = Maintenance(replace(app.core.ctx, clock=clock), app.core.outbox)
+            upkeep = upkeep_on(app, clock)
 
             async def sweep_at(offset: float) -> int:
                 clock.offset = offset
@@ -421,7 +425,7 @@ class TestCatchUp:
             clock = ShiftedClock(app.core.ctx.clock)
             # Two more replicas' upkeep on the same store (and the app's own,
             # which pruned when it started: the hour's prune turn is taken).
-            a, b = (Maintenance(replace(app.core.ctx, clock=clock), app.core.outbox) for _ in "ab")
+            a, b = (upkeep_on(app, clock) for _ in "ab")
             prunes: list[datetime] = []
             real_prune = app.store.prune
 
@@ -454,7 +458,7 @@ class TestCatchUp:
         service_env["HITL_RECONCILE_INTERVAL"] = "0"
         async with with_session(service_env) as (app, _stub, provider, session):
             clock = ShiftedClock(app.core.ctx.clock)
-            upkeep = Maintenance(replace(app.core.ctx, clock=clock), app.core.outbox)
+            upkeep = upkeep_on(app, clock)
             await upkeep.sweep()
             assert provider.calls.catch_ups == [session.external_chat_id]
             for offset in (60.0, 86400.0):
