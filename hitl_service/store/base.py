@@ -211,7 +211,10 @@ class Store(Protocol):
         ...
 
     async def ping(self) -> None:
-        """Round-trips to the database. Raises ``StoreUnavailable``."""
+        """Round-trips to the database and checks it takes writes.
+
+        Raises ``StoreUnavailable`` (readiness reports it).
+        """
         ...
 
     async def schema_version(self) -> int:

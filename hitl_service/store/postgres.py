@@ -69,7 +69,7 @@ class PostgresStore:
             included, before it is cancelled (``StoreUnavailable``): a
             replica frozen while it holds a row lock must not hang the
             others. Migrations are exempt.
-        ping_timeout: Seconds ``ping()`` waits for ``SELECT 1``.
+        ping_timeout: Seconds ``ping()`` waits for its query.
         poll_min: First poll interval while nobody listens.
         poll_max: Longest poll interval (reached while nothing changes).
         check_interval: How often the listener connection is verified (and
@@ -235,11 +235,21 @@ class PostgresStore:
         return self._reads
 
     async def ping(self) -> None:
-        """See base class."""
+        """See base class.
+
+        A standby (after a failover the DSN still points at) or a database
+        set ``default_transaction_read_only`` answers reads and refuses
+        every write: that is not ready either.
+        """
         db = self._database()
         with self._mapped("does not answer"):
             async with asyncio.timeout(self._ping_timeout):
-                await db.fetchval("SELECT 1")
+                read_only = await db.fetchval(
+                    "SELECT pg_is_in_recovery()"
+                    " OR current_setting('transaction_read_only')::boolean"
+                )
+        if read_only:
+            raise StoreUnavailable("PostgreSQL takes no writes here (a standby, or read-only)")
 
     async def schema_version(self) -> int:
         """See base class."""

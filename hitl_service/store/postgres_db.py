@@ -33,6 +33,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     pgerr.InvalidAuthorizationSpecificationError,  # class 28: bad role or password
     pgerr.InvalidCatalogNameError,  # 3D000: the database does not exist
     pgerr.ClientConfigurationError,  # a DSN asyncpg cannot use
+    # 25006: a standby (the DSN still names a primary that failed over) or a
+    # read-only database; writes come back once the DSN reaches a primary.
+    pgerr.ReadOnlySQLTransactionError,
     # Class 40: a deadlock (40P01) or serialization failure (40001) rolled
     # the transaction back. Nothing of it was committed and every write the
     # core makes is safe to repeat (request ids, dedupe keys), so it is

@@ -231,6 +231,11 @@ _SQL_INSERT_OUTBOX = (
 _SQL_UPDATE_OUTBOX = f"UPDATE outbox SET {_assignments(OUTBOX_MUTABLE)} WHERE id = :id"
 _SQL_UPDATE_LEASED_OUTBOX = f"{_SQL_UPDATE_OUTBOX} AND lease_owner = :leased_by"
 _SQL_GET_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?"
+# A write that changes nothing: the newest migration's row rewritten as it is.
+_WRITE_PROBE = (
+    "UPDATE schema_version SET version = version"
+    " WHERE version = (SELECT MAX(version) FROM schema_version)"
+)
 
 
 @functools.lru_cache(maxsize=64)
@@ -619,6 +624,8 @@ class _Transaction:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
+        if exc_type is not None and issubclass(exc_type, StoreUnavailable):
+            self._store._write_failed = True
         await self._store._leave(
             self._tx, self._batch, self._joined, failed=exc_type is not None, lazy=self._lazy
         )
@@ -650,6 +657,7 @@ class SqliteStore:
         self._changed = asyncio.Event()
         self._commits = 0
         self._checkpoint: asyncio.Task[None] | None = None
+        self._write_failed = False  # the last write failed: ping() tries one
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self._path)!r})"
@@ -759,11 +767,19 @@ class SqliteStore:
         return self._reads
 
     async def ping(self) -> None:
-        """See base class."""
+        """See base class.
+
+        A read answers even when the file takes no writes (full disk, I/O
+        error, read-only mount), so once a write has failed, and until one
+        succeeds, the ping is a write: one row rewritten with its own value.
+        """
         try:
             await self._queries()._one("SELECT 1 AS one", ())
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite does not answer: {exc}") from exc
+        if self._write_failed:
+            async with self.transaction() as tx:
+                await tx._exec(_WRITE_PROBE)
 
     async def schema_version(self) -> int:
         """See base class."""
@@ -815,7 +831,10 @@ class SqliteStore:
             if batch is None:
                 try:
                     await _retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"), self._busy_timeout)
-                except sqlite3.Error as exc:
+                except (sqlite3.Error, StoreUnavailable) as exc:
+                    self._write_failed = True
+                    if isinstance(exc, StoreUnavailable):
+                        raise
                     raise StoreUnavailable(f"SQLite refused a write: {exc}") from exc
                 batch = self._batch = _Batch(asyncio.get_running_loop().create_future())
             # The first member needs no savepoint: undoing it is a ROLLBACK.
@@ -920,8 +939,10 @@ class SqliteStore:
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            self._write_failed = True
             batch.committed.set_exception(StoreUnavailable(f"SQLite could not commit: {exc}"))
             return
+        self._write_failed = False
         self._after_commit()
         if batch.last_seq > self._head:
             self._head = batch.last_seq

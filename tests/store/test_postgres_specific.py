@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -679,3 +679,52 @@ async def blocked(monitor: asyncpg.Connection) -> bool:
 async def lock_session(store: PostgresStore, session_id: str) -> None:
     async with store.transaction() as tx:
         await tx.get_session(session_id)  # FOR UPDATE
+
+
+ReadOnly = Callable[[bool], Awaitable[None]]
+
+
+class TestReadOnlyDatabase:
+    """What a failover to a standby looks like to a replica: reads answer,
+    writes are refused."""
+
+    @pytest.fixture
+    async def read_only(self, monitor: asyncpg.Connection) -> AsyncIterator[ReadOnly]:
+        """Makes new connections to the test database start read-only, or not."""
+        database = await monitor.fetchval("SELECT current_database()")
+
+        async def switch(on: bool) -> None:
+            value = (
+                "SET default_transaction_read_only = on"
+                if on
+                else "RESET default_transaction_read_only"
+            )
+            await monitor.execute(f'ALTER DATABASE "{database}" {value}')
+
+        try:
+            yield switch
+        finally:
+            await switch(False)
+
+    async def test_opening_says_unavailable(self, make: Make, read_only: ReadOnly) -> None:
+        await read_only(True)
+        store = make()
+        with pytest.raises(StoreUnavailable):  # not a raw asyncpg error from the migration
+            await store.open()
+
+    async def test_an_open_store_turns_unready_and_refuses_writes(
+        self, make: Make, read_only: ReadOnly
+    ) -> None:
+        store = await opened(make)
+        await store.ping()
+        await read_only(True)
+        assert store._pool is not None
+        await store._pool.expire_connections()  # reconnects, as after a failover
+        with pytest.raises(StoreUnavailable, match="takes no writes"):
+            await store.ping()
+        with pytest.raises(StoreUnavailable):  # UNAVAILABLE / 503, not INTERNAL / 500
+            await _session(store)
+        await read_only(False)
+        await store._pool.expire_connections()
+        await store.ping()
+        await _session(store)

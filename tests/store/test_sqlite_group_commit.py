@@ -176,3 +176,24 @@ async def test_a_full_disk_is_store_unavailable(sqlite_store: SqliteStore) -> No
     user = make_user()
     await add(sqlite_store, user)  # the failed body was undone; writes go on
     assert await sqlite_store.get_user(user.id) == user
+
+
+async def test_ping_fails_while_writes_fail_and_recovers_with_them(
+    sqlite_store: SqliteStore,
+) -> None:
+    """A read answers on a file that takes no writes; readiness must not."""
+    writer = sqlite_store._writer
+    assert writer is not None
+    await sqlite_store.ping()
+    writer.execute("PRAGMA query_only = ON")  # every write now fails, reads go on
+    try:
+        with pytest.raises(StoreUnavailable):
+            await add(sqlite_store, make_user())
+        with pytest.raises(StoreUnavailable):
+            await sqlite_store.ping()
+    finally:
+        writer.execute("PRAGMA query_only = OFF")
+    await sqlite_store.ping()  # the probe write goes through again
+    user = make_user()
+    await add(sqlite_store, user)
+    assert await sqlite_store.get_user(user.id) == user
