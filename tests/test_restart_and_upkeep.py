@@ -377,6 +377,26 @@ class TestTimeouts:
             assert await state_after_sweep(161) == pb.SESSION_STATE_ENDED
             assert provider.calls.stops == [chat]
 
+    async def test_a_long_catch_up_pass_does_not_hold_timeouts_back(
+        self, service_env: dict[str, str]
+    ) -> None:
+        """Catch-up makes a provider call per open chat, which may take
+        minutes over many chats; timeouts run on a loop of their own."""
+        service_env["HITL_QUEUE_TIMEOUT"] = "600s"
+        service_env["HITL_RECONCILE_INTERVAL"] = "1"
+        service_env["HITL_PROVIDER_TIMEOUT"] = "60s"  # the held call outlasts the test
+        clock = ShiftedClock(SystemClock())
+        async with scripted_on_clock(service_env, clock) as (_app, stub, provider):
+            gate = provider.hold("catch_up")
+            session = await start_session(stub, (await make_user(stub)).id)
+            await wait_for(lambda: provider.waiting.get("catch_up") == 1, what="a held catch-up")
+            clock.offset = 700
+            async with EventCollector(stub, session_id=session.id) as events:
+                ended = await events.wait_for_kind("ended")
+            assert ended.ended.by == pb.ENDED_BY_TIMEOUT
+            assert provider.waiting["catch_up"] == 1  # still held: it did not wait for it
+            gate.set()
+
     async def test_a_silent_user_times_out(self, service_env: dict[str, str]) -> None:
         service_env["HITL_IDLE_TIMEOUT"] = "1s"
         async with running(service_env) as (_app, stub):

@@ -11,6 +11,7 @@ turn: that pass recovers what arrived while it was down.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ from providers.errors import ProviderError
 from providers.types import EndedBy, Failed, ProviderChat
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
     from datetime import datetime
 
     from hitl_service.core.context import CoreContext
@@ -74,45 +76,74 @@ class Maintenance:
         return max(0.5, min([5.0, *intervals]))
 
     async def run(self) -> None:
-        """Sweeps until cancelled."""
-        ctx = self._ctx
+        """Sweeps until cancelled: timeouts and pruning in one loop, catch-up
+        in another, so that a long catch-up pass (one provider call per open
+        chat) never holds a timeout back."""
+        await asyncio.gather(self._every(self.sweep_timeouts), self._every(self.sweep_catch_up))
+
+    async def _every(self, sweep: Callable[[], Awaitable[None]]) -> None:
         while True:
             try:
-                await self.sweep()
+                await sweep()
             except StoreUnavailable as exc:
                 log.warning("maintenance.store_unavailable", error=str(exc))
             except Exception:
                 log.exception("maintenance.error")
-            await ctx.clock.sleep(self.sweep_interval)
+            await self._ctx.clock.sleep(self.sweep_interval)
 
     async def sweep(self, *, force_catch_up: bool = False) -> None:
-        """One pass: timeouts, catch-up when due, pruning when due."""
+        """One pass of each: timeouts and pruning, then catch-up when due."""
+        await self.sweep_timeouts()
+        await self.sweep_catch_up(force=force_catch_up)
+
+    async def sweep_timeouts(self) -> None:
+        """Times out the open sessions that are due; prunes when due."""
         ctx = self._ctx
         now = ctx.clock.now()
+        open_sessions = await self._each_open(lambda session: self._check_timeouts(session, now))
+        ctx.metrics.active_sessions.set(open_sessions)
+        mono = ctx.clock.monotonic()
+        if mono - self._last_prune >= _PRUNE_EVERY:
+            self._last_prune = mono
+            if await self._take_turn("prune", now, _PRUNE_EVERY):
+                await self._prune(now)
+
+    async def sweep_catch_up(self, *, force: bool = False) -> None:
+        """Catches up every open chat, when due and this replica's turn."""
+        ctx = self._ctx
+        if not ctx.provider.capabilities.catch_up:
+            return
         mono = ctx.clock.monotonic()
         interval = ctx.settings.reconcile_interval
         # A process catches up when it starts, whatever the turn: that pass
         # recovers what the chats did while it was down (and is tried again
         # until it completes: the store may not be up yet). Later passes,
         # every `interval`, only in a turn no other replica holds.
-        first = not self._start_pass_done
-        due = force_catch_up or first or (interval > 0 and mono - self._last_catch_up >= interval)
-        catch_up = False
-        if due and ctx.provider.capabilities.catch_up:
-            self._last_catch_up = mono
-            sure = force_catch_up or first
-            catch_up = await self._take_turn("catch_up", now, interval, force=sure) or sure
-        open_sessions = 0
+        sure = force or not self._start_pass_done
+        if not (sure or (interval > 0 and mono - self._last_catch_up >= interval)):
+            return
+        self._last_catch_up = mono
+        if not (await self._take_turn("catch_up", ctx.clock.now(), interval, force=sure) or sure):
+            return
+
+        async def catch_up(session: Session) -> None:
+            if session.external_chat_id and session.state.is_open:
+                await self.catch_up(session)
+
+        await self._each_open(catch_up)
+        self._start_pass_done = True
+
+    async def _each_open(self, action: Callable[[Session], Awaitable[object]]) -> int:
+        """Runs ``action`` on every open session, page by page; returns how many."""
+        count = 0
         failures = 0  # in a row
         after = ""
         while True:
-            page = await ctx.store.list_open_sessions(after_id=after, limit=_PAGE)
+            page = await self._ctx.store.list_open_sessions(after_id=after, limit=_PAGE)
             for session in page:
-                open_sessions += 1
+                count += 1
                 try:
-                    await self._check_timeouts(session, now)
-                    if catch_up and session.external_chat_id and session.state.is_open:
-                        await self.catch_up(session)
+                    await action(session)
                     failures = 0
                 except StoreUnavailable as exc:
                     # One session's row may be locked by a frozen replica
@@ -125,14 +156,8 @@ class Maintenance:
                         "maintenance.session_skipped", session_id=session.id, error=str(exc)
                     )
             if len(page) < _PAGE:
-                break
+                return count
             after = page[-1].id
-        ctx.metrics.active_sessions.set(open_sessions)
-        self._start_pass_done = True
-        if mono - self._last_prune >= _PRUNE_EVERY:
-            self._last_prune = mono
-            if await self._take_turn("prune", now, _PRUNE_EVERY):
-                await self._prune(now)
 
     async def _prune(self, now: datetime) -> None:
         removed = await self._ctx.store.prune(
