@@ -47,6 +47,8 @@ _STILL_RUNNING_TYPES: Final = frozenset({"request_timeout"})
 _COOKIE_NAME_RE: Final = re.compile(r"^__lc[A-Za-z0-9_]*$")
 _COOKIE_VALUE_RE: Final = re.compile(r"^[A-Za-z0-9._~+/=:-]*$")
 _USER_AGENT: Final = "hitl-service-livechat/1"
+# livechat-api.md §10: back off from 1 s when rate limited without Retry-After.
+_RATE_LIMIT_FLOOR: Final = 1.0
 _MAX_REDIRECTS: Final = 3  # for media URLs
 
 
@@ -466,9 +468,12 @@ class LiveChatClient:
             )
         if transient:
             server_side = error_type in _SERVER_SIDE_TYPES or status >= 500
+            retry_after = _retry_after(response.headers)
+            if error_type == "too_many_requests" and retry_after is None:
+                retry_after = _RATE_LIMIT_FLOOR
             raise AnsweredUnavailable(
                 f"LiveChat {api} {method} failed: {error_type}: {detail}",
-                retry_after=_retry_after(response.headers),
+                retry_after=retry_after,
                 uncertain=server_side and not idempotent,
             )
         raise ApiError(api, method, error_type, detail, status, as_dict(error.get("data")))

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from providers.errors import ProviderError
 from providers.livechat.budget import bounded
+from providers.livechat.client import ApiError
 from providers.livechat.models import as_dict, as_list, as_str
 
 if TYPE_CHECKING:
@@ -134,7 +135,9 @@ def _differences(
     if as_dict(existing.get("filters")) != as_dict(wanted.get("filters")):
         why.append("filters")
     secret = existing.get("secret_key")
-    if isinstance(secret, str) and not provider.settings.webhook_secrets[0].matches(secret):
+    if not isinstance(secret, str):
+        why.append("secret (LiveChat does not show it)")  # cannot tell: replace
+    elif not provider.settings.webhook_secrets[0].matches(secret):
         why.append("secret")
     return why
 
@@ -164,6 +167,13 @@ async def _unregister_one(provider: LiveChatProvider, hook_id: str) -> None:
     )
 
 
+async def _remove(
+    provider: LiveChatProvider, action: str, hook: Mapping[str, Any], reason: str, out: IO[str]
+) -> None:
+    await _unregister_one(provider, as_str(hook.get("id")))
+    out.write(f"removed: {action} webhook {as_str(hook.get('id'))} ({reason})\n")
+
+
 async def _register(provider: LiveChatProvider, url: str, out: IO[str]) -> int:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc or len(url) > 500:
@@ -175,23 +185,36 @@ async def _register(provider: LiveChatProvider, url: str, out: IO[str]) -> int:
     changed = 0
     for action, filters in WEBHOOKS:
         wanted = _desired(provider, url, action, filters)
+        stale: list[tuple[dict[str, Any], str]] = []
         kept = False
         for hook in [h for h in ours if as_str(h.get("action")) == action]:
             why = _differences(provider, hook, wanted)
             if not why and not kept:
                 kept = True
                 out.write(f"ok: {action} is already registered (id {as_str(hook.get('id'))})\n")
+            else:
+                stale.append((hook, "differs in " + ", ".join(why) if why else "is a duplicate"))
+        # The replacement is registered before the old one goes, so that no
+        # event falls between them (one delivered by both is deduplicated).
+        # LiveChat takes 3 per action (webhooks made by hand count too):
+        # when that is reached, an old one goes first.
+        while not kept:
+            try:
+                answer = await provider.client.configuration(
+                    "register_webhook", wanted, timeout=COMMAND_TIMEOUT
+                )
+            except ApiError as err:
+                if err.type != "limit_reached" or not stale:
+                    raise
+                await _remove(provider, action, *stale.pop(), out)
+                changed += 1
                 continue
-            await _unregister_one(provider, as_str(hook.get("id")))
-            changed += 1
-            reason = "differs in " + ", ".join(why) if why else "is a duplicate"
-            out.write(f"removed: {action} webhook {as_str(hook.get('id'))} ({reason})\n")
-        if not kept:
-            answer = await provider.client.configuration(
-                "register_webhook", wanted, timeout=COMMAND_TIMEOUT
-            )
+            kept = True
             changed += 1
             out.write(f"registered: {action} -> {url} (id {as_str(as_dict(answer).get('id'))})\n")
+        for hook, reason in stale:
+            await _remove(provider, action, hook, reason, out)
+            changed += 1
     out.write(
         f"done: {changed} change(s); LiveChat delivers them once the app is installed "
         "on the account\n"

@@ -145,12 +145,26 @@ def transferred(
     """
     facts = memory.facts(chat_id)
     group = group_ids[0] if group_ids else ""
-    ours = not agent_ids and (
-        memory.is_own(requester)
-        or (not requester and facts.start_group is not None and facts.start_group == group)
+    ours = memory.is_own(requester) or (
+        not agent_ids
+        and not requester
+        and facts.start_group is not None
+        and facts.start_group == group
     )
     if ours:
         facts.start_group = None
+        if agent_ids:
+            # LiveChat routed our start-up transfer straight to a free agent:
+            # an assignment (keyed like that agent's join), not a transfer.
+            facts.assignee = agent_ids[0]
+            assigned = InboundEvent(
+                external_chat_id=chat_id,
+                kind=AgentAssigned(agent=memory.agent(chat_id, agent_ids[0])),
+                dedupe_key=assigned_key(chat_id, thread_id, agent_ids[0]),
+                author_id=requester,
+                thread_id=thread_id,
+            )
+            return [assigned], ""
         if queue is not None:
             return [queued_event(chat_id, thread_id, queue)], ""
         return [], "the bridge's own start-up transfer"

@@ -53,8 +53,9 @@ class FakeConfig:
         require_response_type: the cookie grant requires ``response_type`` (❓).
         reject_unknown_keys: unknown top-level request keys give validation (❓).
         list_webhooks_shows_secret: ``list_webhooks`` includes ``secret_key`` (❓).
-        auto_assign: a transfer assigns an available agent at once instead of
-            queueing even with ``ignore_agents_availability``.
+        auto_assign: a group transfer with ``ignore_agents_availability``
+            assigns an available agent at once, as LiveChat routes it (False:
+            it always queues).
         max_text_bytes: the message text limit.
         max_upload_bytes: the upload limit.
         webhook_attempts: delivery attempts (1 + retries).
@@ -79,7 +80,7 @@ class FakeConfig:
     require_response_type: bool = True
     reject_unknown_keys: bool = False
     list_webhooks_shows_secret: bool = True
-    auto_assign: bool = False
+    auto_assign: bool = True
     max_text_bytes: int = 16 * 1024
     max_upload_bytes: int = 10 * 1024 * 1024
     webhook_attempts: int = 4

@@ -65,6 +65,20 @@ async def test_rate_limit_maps_to_unavailable_with_retry_after(
     assert info.value.uncertain is False  # LiveChat refused it: nothing happened
 
 
+async def test_rate_limit_without_retry_after_asks_for_at_least_a_second(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    """LiveChat publishes no rate limits and says to back off from 1 s; the
+    core's back-off alone would start at 0.2 s against a blocked API."""
+    session = await start_session(provider)
+    fake.add_fault("send_event", error_type="too_many_requests")
+    with pytest.raises(ProviderUnavailable) as info:
+        await provider.send(
+            session.chat, session.user, Message("hi"), request_id="m1", uncertain=False, timeout=5
+        )
+    assert info.value.retry_after == 1.0
+
+
 @pytest.mark.parametrize("error_type", ["internal", "service_unavailable", "request_timeout"])
 async def test_server_errors_on_a_send_are_uncertain(
     provider: LiveChatProvider, fake: FakeLiveChat, error_type: str

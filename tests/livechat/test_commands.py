@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from providers.base import SupportsCommands
 from providers.livechat import LiveChatProvider
 from tests.fake_livechat import FakeLiveChat
+from tests.fake_livechat.state import Webhook
 from tests.livechat.conftest import WEBHOOK_SECRET, MakeProvider
 
 URL = "https://bridge.example.com/webhooks/livechat"
@@ -70,6 +73,65 @@ async def test_register_replaces_changed_webhooks(
     assert {h.secret_key for h in fake.state.webhooks.values()} == {"a-new-secret"}
     assert "differs in URL, secret" in text
     assert "a-new-secret" not in text
+
+
+class _Watched(dict[str, Webhook]):
+    """The fake's webhooks, recording every moment an action had none."""
+
+    def __init__(self, hooks: dict[str, Webhook]) -> None:
+        super().__init__(hooks)
+        self.gaps: list[str] = []
+
+    def __delitem__(self, key: str) -> None:
+        action = self[key].action
+        super().__delitem__(key)
+        if not any(h.action == action for h in self.values()):
+            self.gaps.append(action)
+
+
+@pytest.mark.parametrize("shown", [True, False])
+async def test_a_rotated_secret_replaces_every_webhook_without_a_gap(
+    provider: LiveChatProvider, make_provider: MakeProvider, fake: FakeLiveChat, shown: bool
+) -> None:
+    """Whether ``list_webhooks`` shows ``secret_key`` is unconfirmed: when it
+    does not, the secret cannot be compared and the webhook is replaced.
+    New before old: LiveChat delivers nothing between an unregister and a
+    register."""
+    fake.set_config(list_webhooks_shows_secret=shown)
+    await run(provider, "register-webhooks", "--url", URL)
+    fake.state.webhooks = watched = _Watched(fake.state.webhooks)
+    rotated = await make_provider(
+        HITL_LIVECHAT_WEBHOOK_SECRET="a-new-secret",
+        HITL_LIVECHAT_WEBHOOK_SECRET_PREVIOUS=WEBHOOK_SECRET,
+    )
+    status, text = await run(rotated, "register-webhooks", "--url", URL)
+    assert status == 0, text
+    assert {h.secret_key for h in fake.state.webhooks.values()} == {"a-new-secret"}
+    assert len(fake.state.webhooks) == 6
+    assert watched.gaps == []
+    assert "a-new-secret" not in text
+
+
+async def test_a_replacement_at_the_limit_removes_the_old_one_first(
+    provider: LiveChatProvider, make_provider: MakeProvider, fake: FakeLiveChat
+) -> None:
+    await run(provider, "register-webhooks", "--url", URL)
+    for n in range(2):  # two made by hand: with ours, the action is full
+        fake.state.register_webhook(
+            {
+                "action": "chat_deactivated",
+                "url": f"https://other.example/{n}",
+                "secret_key": "s",
+                "owner_client_id": fake.state.seed.client_id,
+                "type": "license",
+            }
+        )
+    status, text = await run(provider, "register-webhooks", "--url", URL + "/v2")
+    assert status == 0, text
+    ours = [h for h in fake.state.webhooks.values() if h.action == "chat_deactivated"]
+    assert sorted(h.url for h in ours) == sorted(
+        [URL + "/v2", "https://other.example/0", "https://other.example/1"]
+    )
 
 
 async def test_register_keeps_webhooks_made_by_hand(

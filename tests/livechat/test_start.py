@@ -6,9 +6,18 @@ import pytest
 
 from providers.errors import ProviderAuthError, ProviderRejected, ProviderUnavailable
 from providers.livechat import LiveChatProvider
-from providers.types import Author, Location, Media, MediaKind, Message, Queued
+from providers.types import (
+    AgentAssigned,
+    Author,
+    Location,
+    Media,
+    MediaKind,
+    Message,
+    Queued,
+    Transferred,
+)
 from tests.fake_livechat import FakeLiveChat
-from tests.livechat.conftest import MakeProvider, start_session
+from tests.livechat.conftest import MakeProvider, Receiver, start_session
 
 HISTORY = [
     Message("My parcel never came", Author.USER),
@@ -192,3 +201,19 @@ async def test_start_chat_refused_for_existing_customer_falls_back_to_resume(
     second = await start_session(provider, user=first.user, session_id="s-2", request_id="start-2")
     assert second.chat_id == first.chat_id
     assert [c.error_type for c in fake.calls("start_chat")] == ["", "validation"]
+
+
+async def test_a_start_up_transfer_routed_to_a_free_agent_is_an_assignment(
+    provider: LiveChatProvider, fake: FakeLiveChat, receiver: Receiver
+) -> None:
+    """With an agent free, LiveChat routes the start-up transfer straight to
+    that agent (``ignore_agents_availability`` only queues what no agent can
+    take): the caller sees the agent join, not a transfer."""
+    fake.state.agents["jane@acme.example"].accepting = True
+    session = await start_session(provider)
+    chat = fake.chat(session.chat_id)
+    assert chat.thread.queue is None  # the fake routes as LiveChat does
+    assert chat.users["jane@acme.example"].present
+    await fake.delivery.idle()
+    assert [a.agent.id for a in receiver.kinds(AgentAssigned)] == ["jane@acme.example"]
+    assert receiver.kinds(Transferred) == []
