@@ -25,6 +25,7 @@ from hitl_service.core.context import CoreContext
 from hitl_service.core.retry import ProviderCalls
 from hitl_service.errors import StoreUnavailable
 from hitl_service.metrics import Metrics
+from hitl_service.provider_calls import close_provider, open_provider
 from hitl_service.server import NOT_SERVING, SERVICE_NAME, SERVING, bind, build_grpc_server
 from hitl_service.sidecar import EmbeddedServer, build_http_server, build_sidecar
 from hitl_service.store import open_store
@@ -149,7 +150,7 @@ class App:
         await self.health.set(SERVICE_NAME, NOT_SERVING)
         await self.store.open()
         self._started.append("store")
-        await self.provider.open()
+        await open_provider(self.provider)
         self._started.append("provider")
         await self.core.start()
         self._started.append("core")
@@ -187,7 +188,9 @@ class App:
         if "core" in self._started:
             await self.core.stop(grace)
         if "provider" in self._started:
-            await self.provider.close()
+            # A provider that fails or hangs here must not keep the store open.
+            for problem in await close_provider(self.provider, self.settings.provider_timeout):
+                log.warning("provider.close_failed", error=problem)
         if "store" in self._started:
             await self.store.close()
         self._started.clear()

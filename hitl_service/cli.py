@@ -12,13 +12,10 @@ import gc
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from hitl_service.config import ConfigError, Settings, load_environment
 from hitl_service.secret import Secret
-
-if TYPE_CHECKING:
-    from providers.base import Provider
 
 EXIT_CONFIG = 2
 EXIT_PROBLEMS = 1
@@ -213,6 +210,10 @@ def _print_banner(app: object, out: TextIO) -> None:
     print("\n".join(lines), file=out, flush=True)
 
 
+_SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "PRIVATE_KEY", "CREDENTIAL")
+"""Words naming a secret setting (``providers.base.ProviderDeps.env`` says so)."""
+
+
 def _secrets(settings: Settings) -> list[Secret]:
     """Every configured secret, for the log redactor's safety net."""
     found: list[Secret] = list(settings.api_tokens)
@@ -220,7 +221,7 @@ def _secrets(settings: Settings) -> list[Secret]:
         found.append(settings.store_url.dsn)
     for key, value in settings.env.items():
         upper = key.upper()
-        if upper.startswith("HITL_") and any(w in upper for w in ("TOKEN", "SECRET", "PASSWORD")):
+        if upper.startswith("HITL_") and any(w in upper for w in _SECRET_WORDS):
             found.extend(Secret(v) for v in value.split(",") if v)
     return found
 
@@ -232,6 +233,7 @@ async def _check(settings: Settings, out: TextIO) -> int:
     from hitl_service.app import load_provider
     from hitl_service.clock import SystemClock
     from hitl_service.errors import StoreUnavailable
+    from hitl_service.provider_calls import close_provider, open_provider, probe_provider
     from hitl_service.store import open_store
     from providers.errors import ProviderConfigError, ProviderError
 
@@ -259,7 +261,7 @@ async def _check(settings: Settings, out: TextIO) -> int:
         return EXIT_CONFIG
     found: list[str] = []
     try:
-        await provider.open()
+        await open_provider(provider)
     except ProviderConfigError as exc:
         out.write(f"provider {provider.name}: PROBLEM: {exc}\n")
         return EXIT_CONFIG
@@ -267,11 +269,9 @@ async def _check(settings: Settings, out: TextIO) -> int:
         found.append(f"cannot open the provider: {exc}")
     else:
         try:
-            found += await provider.probe(timeout=settings.provider_timeout)
-        except ProviderError as exc:
-            found.append(f"cannot reach the provider: {exc}")
+            found += await probe_provider(provider, settings.provider_timeout)
         finally:
-            found += await _close_provider(provider)
+            found += await close_provider(provider, settings.provider_timeout)
     if found:
         problems += len(found)
         for problem in found:
@@ -280,15 +280,6 @@ async def _check(settings: Settings, out: TextIO) -> int:
         out.write(f"provider {provider.name}: ok\n")
     out.write("all checks passed\n" if not problems else f"{problems} problem(s) found\n")
     return 0 if not problems else EXIT_PROBLEMS
-
-
-async def _close_provider(provider: Provider) -> list[str]:
-    """Closes ``provider``; what went wrong, as problems (never a traceback)."""
-    try:
-        await provider.close()
-    except Exception as exc:
-        return [f"closing failed: {type(exc).__name__}: {exc}"]
-    return []
 
 
 def _provider_command(argv: list[str]) -> int:
@@ -318,6 +309,7 @@ async def _run_provider_command(settings: Settings, argv: list[str]) -> int:
 
     from hitl_service.app import load_provider
     from hitl_service.clock import SystemClock
+    from hitl_service.provider_calls import close_provider, open_provider
     from providers.base import SupportsCommands
     from providers.errors import ProviderConfigError, ProviderError
 
@@ -332,7 +324,7 @@ async def _run_provider_command(settings: Settings, argv: list[str]) -> int:
         print(f"hitl-service: the {provider.name} provider has no commands", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        await provider.open()
+        await open_provider(provider)
     except ProviderConfigError as exc:
         print(f"hitl-service: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -345,5 +337,5 @@ async def _run_provider_command(settings: Settings, argv: list[str]) -> int:
         print(f"hitl-service {provider.name}: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS
     finally:
-        for problem in await _close_provider(provider):
+        for problem in await close_provider(provider, settings.provider_timeout):
             print(f"hitl-service {provider.name}: {problem}", file=sys.stderr)

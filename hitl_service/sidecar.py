@@ -26,8 +26,9 @@ from hitl_service.activity import Activity
 from hitl_service.codec import kind_to_json
 from hitl_service.domain import DeadLetter, new_id
 from hitl_service.errors import StoreUnavailable
+from hitl_service.provider_calls import probe_provider
 from hitl_service.store.rows import dumps
-from providers.errors import ProviderError, WebhookRejected
+from providers.errors import WebhookRejected
 
 if TYPE_CHECKING:
     from hitl_service.config import Settings
@@ -86,10 +87,7 @@ class Readiness:
             problems["store"] = "unavailable"
         now = time.monotonic()
         if now - self._checked_at >= self._ttl or self._problems:
-            try:
-                self._problems = list(await self._provider.probe(timeout=timeout))
-            except ProviderError as exc:
-                self._problems = [f"provider unreachable: {exc}"]
+            self._problems = await probe_provider(self._provider, timeout)
             self._checked_at = now
         if self._problems:
             problems["provider"] = "; ".join(self._problems)

@@ -17,6 +17,7 @@ from providers.registry import UnknownProviderError, available_providers, load_p
 from providers.types import (
     Agent,
     AgentAssigned,
+    AgentLeft,
     AgentMessage,
     Author,
     Body,
@@ -50,6 +51,7 @@ from providers.types import (
 __all__ = [
     "Agent",
     "AgentAssigned",
+    "AgentLeft",
     "AgentMessage",
     "Author",
     "Body",

@@ -64,7 +64,10 @@ class ProviderDeps:
 
     Attributes:
         env: The process environment merged with ``.env``; providers read
-            their own ``HITL_<NAME>_*`` settings from it.
+            their own ``HITL_<NAME>_*`` settings from it. Name secret settings
+            with ``TOKEN``, ``SECRET``, ``PASSWORD``, ``API_KEY``,
+            ``PRIVATE_KEY`` or ``CREDENTIAL`` in them: the log redactor masks
+            those values wherever they appear.
         sink: Where to push events that do not come through a webhook.
         clock: Time source; use it instead of ``datetime.now``/``sleep``.
         registry: Prometheus registry for the provider's own metrics.
@@ -87,21 +90,36 @@ class Provider(Protocol):
 
     Errors: raise ``ProviderUnavailable`` for transient failures (the core
     retries), ``ProviderRejected`` (or ``ChatInactive``/``ProviderAuthError``)
-    for permanent ones, ``WebhookRejected`` from ``parse_webhook``.
+    for permanent ones, ``WebhookRejected`` from ``parse_webhook``. Anything
+    else a call raises is taken for a provider bug: ``StartHitl`` answers
+    INTERNAL, and a send or stop is retried as uncertain (a send until it
+    expires with ``DELIVERY_EXPIRED``).
 
     ``ProviderUser.state`` and ``ProviderChat.state`` may be updated in place
-    during a call; the core persists them afterwards.
+    during a call; the core persists them afterwards, also when the call
+    then fails (a token renewed before an outage is kept).
+
+    ``name`` is the entry-point name, and must never change: webhooks are
+    served at ``/webhooks/{name}``, and stored identities, sessions and
+    dedupe keys are keyed by it. A provider that receives no webhooks sets
+    ``webhooks = False`` (the start-up banner then lists no webhook route).
     """
 
     name: str
     capabilities: Capabilities
 
     async def open(self) -> None:
-        """Prepares clients and background work; called once at start-up."""
+        """Prepares clients and background work; called once at start-up.
+
+        Raises ``ProviderConfigError`` for a setting it cannot use (the
+        process stops with that one line); any other error also stops the
+        start with one line naming the provider.
+        """
         ...
 
     async def close(self) -> None:
-        """Releases clients; called once at shutdown."""
+        """Releases clients; called once at shutdown, within
+        ``HITL_PROVIDER_TIMEOUT`` (errors are logged, never raised on)."""
         ...
 
     async def probe(self, *, timeout: float) -> Sequence[str]:

@@ -201,7 +201,10 @@ class InboundEvent:
         kind: What happened.
         dedupe_key: Stable id of this happening, the same on every redelivery
             and in catch-up listings (LiveChat: derived from event, chat and
-            thread ids). The core records each key once per provider.
+            thread ids). The core records each key once per provider, for
+            7 days: it must be unique across all the provider's chats
+            (include the chat id if the backend numbers events per chat), and
+            never empty.
         occurred_at: When it happened, as the provider says; None means now.
         author_id: The provider's id of whoever caused it, if known. The core
             drops agent messages authored by the session's own end user.
@@ -236,7 +239,9 @@ class WebhookBatch:
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
-    """What a provider carries natively; anything else goes as text fallback."""
+    """What a provider carries natively. The core hands ``send`` and
+    ``start`` (history) any other body already as readable text
+    (``providers.fallback``), so a text-only provider needs no renderer."""
 
     media: bool = False
     location: bool = False

@@ -21,15 +21,19 @@ from hitl_service.domain import SessionState
 from hitl_service.errors import StoreUnavailable
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
+from providers.errors import ProviderUnavailable
 from providers.types import (
     Agent,
     AgentAssigned,
     AgentMessage,
     Author,
+    CatchUp,
     Ended,
     EndedBy,
     InboundEvent,
     Message,
+    ProviderChat,
+    ProviderUser,
     Transferred,
 )
 from tests.conftest import scripted_on_clock, start_app
@@ -436,6 +440,23 @@ class TestCatchUp:
             )
             assert got.session.state == pb.SESSION_STATE_ENDED
             assert got.session.ended_by == pb.ENDED_BY_AGENT
+
+    async def test_a_token_renewed_before_a_failed_catch_up_is_kept(
+        self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        async with with_session(service_env) as (app, _stub, provider, session):
+
+            async def renew_then_fail(
+                chat: ProviderChat, user: ProviderUser, checkpoint: str, *, timeout: float
+            ) -> CatchUp:
+                user.state["token"] = "renewed"  # the old one may be spent now
+                raise ProviderUnavailable("503 after the renewal")
+
+            monkeypatch.setattr(provider, "catch_up", renew_then_fail)
+            await app.core.maintenance.sweep(force_catch_up=True)
+            stored = await app.store.get_provider_user(session.user_id, "scripted")
+            assert stored is not None
+            assert stored.state["token"] == "renewed"
 
     async def test_replicas_catch_up_and_prune_in_turns(
         self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch

@@ -225,4 +225,4 @@ class TestStartRace:
         scripted.fail("probe", Fault("unavailable"))
         response = await hook.get("/readyz")
         assert response.status_code == 503
-        assert "unreachable" in response.json()["problems"]["provider"]
+        assert "cannot reach the provider" in response.json()["problems"]["provider"]

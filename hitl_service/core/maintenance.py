@@ -268,6 +268,9 @@ class Maintenance:
             )
         except ProviderError as exc:
             log.info("catch_up.failed", session_id=session.id, error=str(exc))
+            if user.state != user_before:  # renewed before the failure: keep it
+                async with ctx.store.transaction() as tx:
+                    await tx.put_provider_user(session.user_id, ctx.provider_name, user)
             return 0
         now = ctx.clock.now()
         added: list[str] = []

@@ -25,9 +25,11 @@ from hitl_service.errors import StoreUnavailable
 from providers.errors import (
     ChatInactive,
     ProviderAuthError,
+    ProviderError,
     ProviderRejected,
     ProviderUnavailable,
 )
+from providers.fallback import fit_to
 from providers.types import Ended, EndedBy, ProviderChat, ProviderUser
 
 if TYPE_CHECKING:
@@ -166,7 +168,7 @@ class Outbox:
             chat = ProviderChat(session.external_chat_id, dict(session.chat_state))
             chat_before, user_before = dict(chat.state), dict(user.state)
             try:
-                result = await self._call(item, chat, user)
+                result = await self._call_keeping_state(item, session, chat, user)
             except ChatInactive as exc:
                 if item.kind is OutboxKind.STOP:
                     result = {}  # already closed: the stop is done
@@ -206,6 +208,26 @@ class Outbox:
             if self._backlog or item.status is OutboxStatus.PENDING:
                 self.kick()
 
+    async def _call_keeping_state(
+        self, item: OutboxItem, session: Session, chat: ProviderChat, user: ProviderUser
+    ) -> dict[str, str]:
+        """``_call``; state the provider updated before failing is kept too
+        (a token refreshed, and its refresh token spent, before a 503)."""
+        chat_before, user_before = dict(chat.state), dict(user.state)
+        try:
+            return await self._call(item, chat, user)
+        except ProviderError:
+            if user.state != user_before or chat.state != chat_before:
+                ctx = self._ctx
+                async with ctx.store.transaction() as tx:
+                    if user.state != user_before:
+                        await tx.put_provider_user(session.user_id, ctx.provider_name, user)
+                    current = await tx.get_session(session.id)
+                    if current is not None and chat.state != chat_before:
+                        current.chat_state = dict(chat.state)
+                        await tx.update_session(current)
+            raise
+
     async def _call(
         self, item: OutboxItem, chat: ProviderChat, user: ProviderUser
     ) -> dict[str, str]:
@@ -213,7 +235,7 @@ class Outbox:
         provider = ctx.provider
         uncertain = item.earlier_attempt_uncertain
         if item.kind is OutboxKind.SEND:
-            message = message_from_json(item.payload["message"])
+            message = fit_to(message_from_json(item.payload["message"]), provider.capabilities)
             sent = await ctx.calls.once(
                 "send",
                 lambda t: provider.send(

@@ -24,6 +24,7 @@ from hitl_service.domain import (
 from hitl_service.errors import FailedPrecondition, NotFound, Unavailable
 from hitl_service.store.base import OpenSessionExists
 from providers.errors import ProviderAuthError, ProviderRejected, ProviderUnavailable
+from providers.fallback import fit_to
 from providers.types import (
     EndedBy,
     Failed,
@@ -212,7 +213,7 @@ async def _call_provider(
         user=profile,
         title=cmd.title,
         description=cmd.description,
-        history=cmd.history,
+        history=tuple(fit_to(m, provider.capabilities) for m in cmd.history),
         group_id=cmd.group_id,
         metadata=cmd.metadata,
         request_id=cmd.request_id,

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from providers.fallback import body_text
 from providers.livechat.models import LcEvent, as_dict, as_int, as_list, as_str
 from providers.types import (
     Author,
     ButtonKind,
     Card,
     CardButton,
-    Location,
     Media,
     MediaKind,
     Message,
@@ -60,53 +60,6 @@ def split_text(text: str, limit: int = MAX_TEXT_BYTES) -> list[str]:
     return pieces
 
 
-def human_size(size: int) -> str:
-    """``1536`` -> ``1.5 KB``."""
-    value = float(size)
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{int(value)} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} bytes"  # pragma: no cover - the loop always returns
-
-
-def media_name(media: Media) -> str:
-    """The file name to show: the given name, else the URL's last segment."""
-    if media.name:
-        return media.name
-    tail = media.url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
-    return tail or "file"
-
-
-def media_text(media: Media) -> str:
-    """A readable link for a file that could not be attached."""
-    details = [
-        d for d in (media.mime_type, human_size(media.size_bytes) if media.size_bytes else "") if d
-    ]
-    suffix = f" ({', '.join(details)})" if details else ""
-    text = f"📎 {media_name(media)}{suffix}: {media.url}"
-    return f"{text}\n{media.caption}" if media.caption else text
-
-
-def location_text(location: Location) -> str:
-    """A location as readable text with a map link."""
-    lines = [f"📍 {location.name}" if location.name else "📍 Location"]
-    if location.address:
-        lines.append(location.address)
-    lines.append(f"https://maps.google.com/?q={location.latitude:.6f},{location.longitude:.6f}")
-    return "\n".join(lines)
-
-
-def card_text(card: Card) -> str:
-    """A card as readable text (the fallback when rich messages are refused)."""
-    lines = [line for line in (card.title, card.subtitle) if line]
-    if card.image_url:
-        lines.append(card.image_url)
-    for button in card.buttons:
-        lines.append(f"• {button.text}: {button.value}" if button.value else f"• {button.text}")
-    return "\n".join(lines) or "(empty card)"
-
-
 def card_event(card: Card, postback_prefix: str) -> dict[str, Any]:
     """A ``rich_message`` event (template ``cards``) for a card.
 
@@ -141,18 +94,6 @@ def overflow_buttons_text(card: Card) -> str:
     """The buttons a rich message could not hold, as text; ``""`` if none."""
     extra = card.buttons[MAX_BUTTONS:]
     return "\n".join(f"• {b.text}: {b.value}" if b.value else f"• {b.text}" for b in extra)
-
-
-def body_text(message: Message) -> str:
-    """Any message body as one readable text."""
-    body = message.body
-    if isinstance(body, str):
-        return body
-    if isinstance(body, Media):
-        return media_text(body)
-    if isinstance(body, Location):
-        return location_text(body)
-    return card_text(body)
 
 
 def transcript_lines(history: Sequence[Message]) -> list[str]:

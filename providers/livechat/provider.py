@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 
 import structlog
 
+from providers import fallback
 from providers.errors import (
     ChatInactive,
     ProviderAuthError,
@@ -465,15 +466,15 @@ class LiveChatProvider:
                 return await self._upload(user, media, budget)
 
             plain = Media(media.kind, media.url, media.name, media.mime_type, media.size_bytes)
-            specs.append((build_file, _text_event(mapping.media_text(plain))))
+            specs.append((build_file, _text_event(fallback.media_text(plain))))
             if media.caption:
                 text_parts(media.caption)
         elif isinstance(body, Location):
-            text_parts(mapping.location_text(body))
+            text_parts(fallback.location_text(body))
         else:
             rich = mapping.card_event(body, f"{request_id[:40]}:")
             specs.append(
-                (_constant(rich), _text_event(mapping.split_text(mapping.card_text(body))[0]))
+                (_constant(rich), _text_event(mapping.split_text(fallback.card_text(body))[0]))
             )
             if overflow := mapping.overflow_buttons_text(body):
                 text_parts(overflow)
@@ -540,7 +541,7 @@ class LiveChatProvider:
         content_type = media.mime_type or fetched.content_type or "application/octet-stream"
         try:
             url = await self.customers.upload(
-                user, mapping.media_name(media), fetched.content, content_type, budget
+                user, fallback.media_name(media), fetched.content, content_type, budget
             )
         except ApiError as err:
             log.info("livechat.media_as_link", reason=err.type, size=len(fetched.content))

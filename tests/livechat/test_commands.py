@@ -9,7 +9,7 @@ import pytest
 from providers.base import SupportsCommands
 from providers.livechat import LiveChatProvider
 from tests.fake_livechat import FakeLiveChat
-from tests.fake_livechat.state import Webhook
+from tests.fake_livechat.model import Webhook
 from tests.livechat.conftest import WEBHOOK_SECRET, MakeProvider
 
 URL = "https://bridge.example.com/webhooks/livechat"

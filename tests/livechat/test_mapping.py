@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
+from providers import fallback
 from providers.livechat import mapping
 from providers.livechat.models import parse_event, parse_time
 from providers.types import (
@@ -47,7 +48,7 @@ class TestSplitText:
 
 
 def test_location_text_has_map_link() -> None:
-    text = mapping.location_text(Location(48.8584, 2.2945, "Eiffel Tower", "Champ de Mars"))
+    text = fallback.location_text(Location(48.8584, 2.2945, "Eiffel Tower", "Champ de Mars"))
     assert "Eiffel Tower" in text
     assert "Champ de Mars" in text
     assert "https://maps.google.com/?q=48.858400,2.294500" in text
@@ -56,7 +57,7 @@ def test_location_text_has_map_link() -> None:
 def test_media_text_is_readable() -> None:
     media = Media(MediaKind.FILE, "https://x.example/a.pdf", "a.pdf", "application/pdf", 2048)
     assert (
-        mapping.media_text(media) == "📎 a.pdf (application/pdf, 2.0 KB): https://x.example/a.pdf"
+        fallback.media_text(media) == "📎 a.pdf (application/pdf, 2.0 KB): https://x.example/a.pdf"
     )
 
 

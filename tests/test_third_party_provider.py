@@ -1,0 +1,175 @@
+"""A third-party provider, installed as an entry point the way the docs say
+(no ``provider_factory``: the registry finds it), driven through the real
+service: gRPC on 127.0.0.1:0, the HTTP sidecar, and the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import typing
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+import providers
+from hitl_service.app import App
+from hitl_service.cli import _secrets
+from hitl_service.config import Settings
+from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
+from hitl_service.logs import SecretRedactor
+from providers import types
+from providers.errors import ProviderUnavailable
+from providers.types import Card, Location, Media, ProviderChat, ProviderUser
+from tests.conftest import start_app
+from tests.support import TIMEOUT, make_user, rid, start_session
+from tests.test_cli import run
+from tests.zendesk_provider import ZendeskProvider
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "zk-live-abcdef0123456789"
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A distribution registering ``zendesk`` under ``hitl_service.providers``."""
+    site = tmp_path / "site"
+    info = site / "zendesk_hitl-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: zendesk-hitl\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[hitl_service.providers]\nzendesk = tests.zendesk_provider:create\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    return site
+
+
+@pytest.fixture
+def env(service_env: dict[str, str], site: Path) -> dict[str, str]:
+    return {**service_env, "HITL_PROVIDER": "zendesk", "HITL_ZENDESK_API_KEY": API_KEY}
+
+
+@asynccontextmanager
+async def zendesk(
+    env: dict[str, str],
+) -> AsyncIterator[tuple[App, ZendeskProvider, pb_grpc.HitlServiceAsyncStub, httpx.AsyncClient]]:
+    app = await start_app(env)
+    provider = app.provider
+    assert isinstance(provider, ZendeskProvider)
+    try:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}", timeout=10) as http,
+        ):
+            yield app, provider, pb_grpc.HitlServiceStub(channel), http
+    finally:
+        await app.stop(grace=1)
+
+
+async def send(stub: pb_grpc.HitlServiceAsyncStub, session: pb.Session, **body: object) -> None:
+    await stub.SendMessage(
+        pb.SendMessageRequest(
+            session_id=session.id,
+            message=pb.Message(**body),  # type: ignore[arg-type]
+            request_id=rid(),
+        ),
+        timeout=TIMEOUT,
+    )
+
+
+class TestContract:
+    async def test_a_text_only_provider_gets_every_body_as_readable_text(
+        self, env: dict[str, str]
+    ) -> None:
+        """``Capabilities()`` carries text only: media, locations and cards
+        reach it as text, in sends and in the start's transcript."""
+        async with zendesk(env) as (_app, provider, stub, _http):
+            user = await make_user(stub)
+            history = [pb.Message(location=pb.Location(latitude=52.52, longitude=13.405))]
+            session = await start_session(stub, user.id, history=history)
+            image = pb.Media(kind=pb.MEDIA_KIND_IMAGE, url="https://cdn.example/p.png")
+            await send(stub, session, media=image)
+            await send(stub, session, card=pb.Card(title="Plan", subtitle="Pro"))
+            await send(stub, session, text="plain")
+            bodies = [message.body for _state, message in provider.sends]
+            assert all(isinstance(b, str) for b in bodies), bodies
+            assert "https://cdn.example/p.png" in str(bodies[0])
+            assert "Plan" in str(bodies[1])
+            assert bodies[2] == "plain"
+            (transcript,) = provider.histories
+            assert isinstance(transcript[0].body, str)
+            assert "52.52" in transcript[0].body
+
+    async def test_state_a_provider_changed_before_failing_is_kept(
+        self, env: dict[str, str]
+    ) -> None:
+        """A token refreshed in a send whose delivery then fails (the old
+        refresh token is spent) must reach the retry."""
+        async with zendesk(env) as (_app, provider, stub, _http):
+
+            def refresh_then_fail(chat: ProviderChat, user: ProviderUser) -> None:
+                user.state.update(token="t1", refresh="r1")
+                raise ProviderUnavailable("503 after the token refresh")
+
+            provider.send_steps.append(refresh_then_fail)
+            session = await start_session(stub, (await make_user(stub)).id)
+            await send(stub, session, text="hi")
+            assert [state["refresh"] for state, _message in provider.sends] == ["r0", "r1"]
+
+    def test_every_event_kind_is_importable_from_providers(self) -> None:
+        kinds = typing.get_args(types.EventKind)
+        assert [k.__name__ for k in kinds if not hasattr(providers, k.__name__)] == []
+
+    def test_body_kinds_the_fallback_knows(self) -> None:
+        assert set(typing.get_args(types.Body)) == {str, Media, Location, Card}
+
+
+class TestLifecycle:
+    async def test_readyz_answers_while_the_probe_hangs(self, env: dict[str, str]) -> None:
+        async with zendesk(env) as (_app, provider, _stub, http):
+
+            async def hang(timeout: float) -> list[str]:
+                await asyncio.Event().wait()
+                return []
+
+            provider.probe_hook = hang
+            response = await http.get("/readyz")
+            assert response.status_code == 503
+            assert "did not answer" in response.json()["problems"]["provider"]
+
+    @pytest.mark.parametrize("mode", ["raise", "hang"])
+    async def test_stop_closes_the_store_whatever_close_does(
+        self, env: dict[str, str], mode: str
+    ) -> None:
+        app = await start_app({**env, "HITL_ZENDESK_MODES": f"close={mode}"})
+        await app.stop(grace=0)  # neither raises nor hangs
+        assert not app._started
+        with pytest.raises(Exception, match="closed"):
+            await app.store.ping()
+
+    async def test_a_bug_in_open_is_one_line(
+        self, env: dict[str, str], site: Path, tmp_path: Path
+    ) -> None:
+        env = {
+            **env,
+            "HITL_ZENDESK_MODES": "open=bug",
+            "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]),
+        }
+        code, _out, err = await run(["serve"], env, tmp_path)
+        assert (code, "Traceback" in err) == (1, False), err[-600:]
+        assert "the 'zendesk' provider failed to open: KeyError" in err
+        code, out, err = await run(["check"], env, tmp_path)
+        assert "Traceback" not in out + err, err[-600:]
+        assert "provider zendesk: PROBLEM: cannot open the provider" in out
+
+
+def test_a_providers_api_key_setting_is_masked_in_logs(env: dict[str, str]) -> None:
+    """Secret settings are recognized by their names (ProviderDeps.env says
+    which words); ``_API_KEY`` is one."""
+    redact = SecretRedactor(_secrets(Settings.from_env(env)))
+    line = redact(None, "error", {"event": "zendesk.failed", "error": f"401 for {API_KEY}"})
+    assert API_KEY not in str(line)
