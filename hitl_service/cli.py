@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -129,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args) if args.command != "demo" else Settings.from_env()
         if args.command == "serve":
             return run_with_loop(_serve(settings), settings.env.get("HITL_EVENT_LOOP", "auto"))
+        if args.command == "check":
+            loop_factory(settings.env.get("HITL_EVENT_LOOP", "auto"))  # as serve would
     except ConfigError as exc:
         print(f"hitl-service: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -242,16 +245,34 @@ async def _check(settings: Settings, out: TextIO) -> int:
         f"settings: ok (provider {settings.provider}, gRPC {settings.grpc_addr}, "
         f"HTTP {settings.http_addr})\n"
     )
-    store = open_store(settings)
-    try:
-        await store.open()
-        version = await store.schema_version()
-        out.write(f"store: ok ({settings.store_url.redacted()}, schema version {version})\n")
-    except StoreUnavailable as exc:
-        problems += 1
-        out.write(f"store: PROBLEM (HITL_STORE_URL): {exc}\n")
-    finally:
-        await store.close()
+    path = settings.store_url.path
+    if settings.store_url.scheme == "sqlite" and path is not None and not path.exists():
+        # Opening would create (and migrate) it: a mistyped path would get a
+        # fresh, empty database that looks fine. Look, do not touch.
+        where = settings.store_url.redacted()
+        parent = next(p for p in path.absolute().parents if p.exists())
+        if parent.is_dir() and os.access(parent, os.W_OK | os.X_OK):
+            out.write(
+                f"store: ok ({where} does not exist yet: serve creates it; "
+                "check the path if it should be there)\n"
+            )
+        else:
+            problems += 1
+            out.write(
+                f"store: PROBLEM (HITL_STORE_URL): cannot create {where}: {parent} "
+                "is not a writable directory\n"
+            )
+    else:
+        store = open_store(settings)
+        try:
+            await store.open()
+            version = await store.schema_version()
+            out.write(f"store: ok ({settings.store_url.redacted()}, schema version {version})\n")
+        except StoreUnavailable as exc:
+            problems += 1
+            out.write(f"store: PROBLEM (HITL_STORE_URL): {exc}\n")
+        finally:
+            await store.close()
     try:
         provider = load_provider(
             settings, sink=None, clock=SystemClock(), registry=CollectorRegistry()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -147,6 +148,8 @@ class Settings:
             )
         if tls["client_ca"] is not None and tls["cert"] is None:
             raise ConfigError("HITL_GRPC_TLS_CLIENT_CA", "needs HITL_GRPC_TLS_CERT and _KEY too")
+        if tls["cert"] is not None and tls["key"] is not None:
+            _check_tls(tls["cert"], tls["key"], tls["client_ca"])
         tokens = tuple(
             Secret(t.strip()) for t in get("HITL_API_TOKENS", "").split(",") if t.strip()
         )
@@ -269,6 +272,30 @@ def _bool(env: Mapping[str, str], variable: str, *, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise ConfigError(variable, f"expected true or false, got {raw!r}")
+
+
+def _check_tls(cert: Path, key: Path, client_ca: Path | None) -> None:
+    """Loads the PEM files as gRPC will, so a bad one is named here (gRPC
+    itself only says that it cannot bind the address)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # An encrypted key gets no password (gRPC cannot use one): no prompt.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            "HITL_GRPC_TLS_CERT",
+            f"{cert} and HITL_GRPC_TLS_KEY {key} are not a PEM certificate chain and "
+            f"its unencrypted private key ({getattr(exc, 'reason', None) or exc.strerror})",
+        ) from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                "HITL_GRPC_TLS_CLIENT_CA",
+                f"{client_ca} holds no PEM CA certificate "
+                f"({getattr(exc, 'reason', None) or exc.strerror})",
+            ) from None
 
 
 def _optional_path(env: Mapping[str, str], variable: str) -> Path | None:

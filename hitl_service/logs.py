@@ -100,11 +100,21 @@ def configure_logging(
     *, log_format: str, level: str, redactor: SecretRedactor, cache: bool = True
 ) -> None:
     """Configures structlog and routes standard-library logging through it."""
+    # Tracebacks are rendered before the redactor, which runs last, so an
+    # exception's message is masked too: as data in JSON (without frame
+    # locals: they hold end-user text and, in the wrong frame, credentials),
+    # as text on the console.
+    exceptions: Processor = (
+        structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
+        if log_format == "json"
+        else structlog.processors.format_exc_info
+    )
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redactor,
     ]
     renderer: Processor = (
         structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
@@ -116,13 +126,8 @@ def configure_logging(
         processors=[
             *shared,
             structlog.processors.StackInfoRenderer(),
-            # Tracebacks as data, without frame locals: locals hold end-user
-            # text and, in the wrong frame, credentials.
-            structlog.processors.ExceptionRenderer(
-                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
-            )
-            if log_format == "json"
-            else _identity,
+            exceptions,
+            redactor,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -130,7 +135,7 @@ def configure_logging(
         cache_logger_on_first_use=cache,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, exceptions, redactor],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
     handler = logging.StreamHandler(sys.stderr)
@@ -166,7 +171,3 @@ def _fallback(value: Any) -> Any:
     """Like structlog's: ``__structlog__()`` if the object has one, else ``repr``."""
     to_log = getattr(value, "__structlog__", None)
     return to_log() if callable(to_log) else repr(value)
-
-
-def _identity(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
-    return event_dict

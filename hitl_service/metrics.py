@@ -65,7 +65,8 @@ class Metrics:
         self.webhooks = Counter(
             "hitl_webhook_requests_total",
             "Inbound webhook deliveries by outcome "
-            "(accepted, duplicate, ignored, rejected, too_large, failed, unavailable).",
+            "(accepted, duplicate, ignored, rejected, too_large, disconnected, "
+            "unavailable, failed, unknown_provider).",
             ("provider", "outcome"),
             registry=registry,
         )

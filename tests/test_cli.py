@@ -98,6 +98,28 @@ async def test_check_names_an_unreachable_store(
     assert "store: PROBLEM (HITL_STORE_URL)" in out
 
 
+async def test_check_refuses_the_event_loop_serve_refuses(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**service_env, "HITL_EVENT_LOOP": "uvlopp"}
+    for command in ("serve", "check"):
+        code, out, err = await run([command], env, tmp_path)
+        assert code == 2, out + err
+        assert "HITL_EVENT_LOOP" in err
+        assert "all checks passed" not in out
+
+
+async def test_check_creates_no_database(service_env: dict[str, str], tmp_path: Path) -> None:
+    """A mistyped path must not become a fresh, empty database that check
+    calls fine and serve then starts on."""
+    typo = tmp_path / "vra" / "hitl.db"
+    env = {**service_env, "HITL_STORE_URL": f"sqlite:///{typo}"}
+    code, out, _ = await run(["check"], env, tmp_path)
+    assert code == 0, out  # a first install: nothing to find yet
+    assert "does not exist yet" in out
+    assert not typo.parent.exists()
+
+
 async def test_provider_subcommands(service_env: dict[str, str], tmp_path: Path) -> None:
     code, _, _ = await run(["local", "list"], service_env, tmp_path)
     assert code == 0

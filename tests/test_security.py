@@ -7,6 +7,7 @@ import json
 import pickle
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,34 +158,27 @@ class TestApiTokens:
             await app.stop(grace=1)
 
 
-@pytest.mark.skipif(
+needs_openssl = pytest.mark.skipif(
     shutil.which("openssl") is None, reason="openssl is needed to make a test certificate"
 )
-async def test_tls(service_env: dict[str, str], tmp_path: Path) -> None:
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    await asyncio.to_thread(
-        subprocess.run,
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
+
+
+def make_certificate(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost: (key, cert)."""
+    key, cert = folder / f"{name}.key", folder / f"{name}.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
         check=True,
         capture_output=True,
-    )
+    )  # fmt: skip
+    return key, cert
+
+
+@needs_openssl
+async def test_tls(service_env: dict[str, str], tmp_path: Path) -> None:
+    key, cert = await asyncio.to_thread(make_certificate, tmp_path, "service")
     service_env["HITL_GRPC_TLS_CERT"] = str(cert)
     service_env["HITL_GRPC_TLS_KEY"] = str(key)
     app = await start_app(service_env)
@@ -216,7 +210,43 @@ def test_tls_settings_must_come_in_pairs(tmp_path: Path) -> None:
     assert missing.value.variable == "HITL_GRPC_TLS_CERT"
 
 
-def test_logged_tracebacks_carry_no_frame_locals(capsys: pytest.CaptureFixture[str]) -> None:
+@needs_openssl
+def test_tls_files_grpc_cannot_use_are_named_at_start(tmp_path: Path) -> None:
+    """gRPC itself only says it cannot bind HITL_GRPC_ADDR."""
+    (key, cert), (other_key, _) = (make_certificate(tmp_path, n) for n in "ab")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    good = Settings.from_env({"HITL_GRPC_TLS_CERT": str(cert), "HITL_GRPC_TLS_KEY": str(key)})
+    assert good.tls_cert == cert
+    for bad, variable in [
+        ({"HITL_GRPC_TLS_CERT": str(junk), "HITL_GRPC_TLS_KEY": str(junk)}, "HITL_GRPC_TLS_CERT"),
+        (
+            {"HITL_GRPC_TLS_CERT": str(cert), "HITL_GRPC_TLS_KEY": str(other_key)},
+            "HITL_GRPC_TLS_CERT",
+        ),
+        (
+            {
+                "HITL_GRPC_TLS_CERT": str(cert),
+                "HITL_GRPC_TLS_KEY": str(key),
+                "HITL_GRPC_TLS_CLIENT_CA": str(junk),
+            },
+            "HITL_GRPC_TLS_CLIENT_CA",
+        ),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            Settings.from_env(bad)
+        assert error.value.variable == variable
+        assert "PRIVATE KEY" not in str(error.value)
+
+
+def logged(
+    capsys: pytest.CaptureFixture[str],
+    emit: Callable[[], None],
+    *,
+    log_format: str = "json",
+    secrets: tuple[str, ...] = (),
+) -> str:
+    """What ``emit`` writes to stderr with the service's logging set up."""
     import logging
 
     from hitl_service.logs import configure_logging
@@ -224,22 +254,61 @@ def test_logged_tracebacks_carry_no_frame_locals(capsys: pytest.CaptureFixture[s
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
     try:
-        configure_logging(log_format="json", level="info", redactor=SecretRedactor(), cache=False)
-
-        def fail(user_text: str) -> None:
-            raise ValueError("boom")
-
-        try:
-            fail("the user said: my card is 4111-1111")
-        except ValueError:
-            structlog.get_logger("test").exception("failed")
-        err = capsys.readouterr().err
+        redactor = SecretRedactor([Secret(s) for s in secrets])
+        configure_logging(log_format=log_format, level="info", redactor=redactor, cache=False)
+        emit()
+        return capsys.readouterr().err
     finally:
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
         # Its stderr is capsys's, closed after this test: a service started
         # by a module-scoped fixture before the next test's reset would write there.
         structlog.reset_defaults()
+
+
+SECRET = "tok-supersecret-0123"
+
+
+def _fail_with_the_secret() -> None:
+    import logging
+
+    try:
+        raise RuntimeError(f"the upstream refused {SECRET}")
+    except RuntimeError:
+        structlog.get_logger("t").exception("outbox.error")
+        logging.getLogger("asyncpg.pool").warning("pool trouble", exc_info=True)
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_a_secret_in_an_exception_message_is_masked(
+    log_format: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = logged(capsys, _fail_with_the_secret, log_format=log_format, secrets=(SECRET,))
+    assert "outbox.error" in err
+    assert "the upstream refused" in err
+    assert SECRET not in err
+
+
+def test_standard_library_tracebacks_are_structured(capsys: pytest.CaptureFixture[str]) -> None:
+    err = logged(capsys, _fail_with_the_secret, secrets=(SECRET,))
+    lines = [json.loads(line) for line in err.splitlines()]
+    foreign = next(line for line in lines if line.get("logger") == "asyncpg.pool")
+    assert "exc_info" not in foreign  # not a list of reprs with "<traceback object at ...>"
+    assert foreign["exception"][0]["exc_type"] == "RuntimeError"
+    assert foreign["exception"][0]["frames"]
+
+
+def test_logged_tracebacks_carry_no_frame_locals(capsys: pytest.CaptureFixture[str]) -> None:
+    def fail(user_text: str) -> None:
+        raise ValueError("boom")
+
+    def emit() -> None:
+        try:
+            fail("the user said: my card is 4111-1111")
+        except ValueError:
+            structlog.get_logger("test").exception("failed")
+
+    err = logged(capsys, emit)
     line = json.loads(err.strip().splitlines()[-1])
     assert line["event"] == "failed"
     assert "boom" in json.dumps(line["exception"])

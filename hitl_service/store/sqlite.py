@@ -591,6 +591,21 @@ def _checkpoint(conn: sqlite3.Connection, mode: str) -> tuple[int, int, int]:
     return int(busy), int(frames), int(copied)
 
 
+def _check_writable(conn: sqlite3.Connection) -> None:
+    """Fails unless a write goes through. SQLite opens a file it may not
+    write (its owner or mode, a read-only mount) read-only without a word:
+    reads work, every write fails. A write rolled back finds out at start.
+
+    Raises:
+        sqlite3.OperationalError: "attempt to write a readonly database".
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(_WRITE_PROBE)
+    finally:
+        conn.execute("ROLLBACK")
+
+
 def _close_all(conns: Sequence[sqlite3.Connection]) -> None:
     for conn in conns:
         conn.close()
@@ -681,6 +696,7 @@ class SqliteStore:
             self._path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = self._connect(self._busy_timeout)
         self._migrate(self._writer)
+        _check_writable(self._writer)
         self._writer.execute("PRAGMA busy_timeout = 0")  # waits are async (_retry_busy)
         self._writer.execute("PRAGMA wal_autocheckpoint = 0")  # done off the loop
         self._writer.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")

@@ -4,8 +4,10 @@ member's failure undoes that member alone."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections import Counter
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -19,7 +21,6 @@ from tests.support import wait_for
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
-    from pathlib import Path
 
     from hitl_service.domain import User
 
@@ -197,3 +198,28 @@ async def test_ping_fails_while_writes_fail_and_recovers_with_them(
     user = make_user()
     await add(sqlite_store, user)
     assert await sqlite_store.get_user(user.id) == user
+
+
+async def test_a_file_sqlite_may_only_read_is_refused_at_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite opens a file it may not write (another owner, a read-only
+    mount) read-only without a word: reads work, every write fails. The
+    start must stop instead of serving a replica that refuses every write.
+    (Permissions cannot show it to root, so the connection is opened
+    read-only the way SQLite falls back to.)"""
+    path = tmp_path / "hitl.db"
+    first = SqliteStore(path)
+    await first.open()
+    await first.close()
+    connect = sqlite3.connect
+
+    def read_only(database: Path, **options: Any) -> sqlite3.Connection:
+        conn: sqlite3.Connection = connect(f"file:{database}?mode=ro", uri=True, **options)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", read_only)
+    store = SqliteStore(path)
+    with pytest.raises(StoreUnavailable, match="readonly"):
+        await store.open()
+    await store.close()
