@@ -246,7 +246,12 @@ async def _check(settings: Settings, out: TextIO) -> int:
         f"HTTP {settings.http_addr})\n"
     )
     path = settings.store_url.path
-    if settings.store_url.scheme == "sqlite" and path is not None and not path.exists():
+    if (
+        settings.store_url.scheme == "sqlite"
+        and path is not None
+        and str(path) != ":memory:"
+        and not path.exists()
+    ):
         # Opening would create (and migrate) it: a mistyped path would get a
         # fresh, empty database that looks fine. Look, do not touch.
         where = settings.store_url.redacted()

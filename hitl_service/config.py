@@ -278,6 +278,9 @@ def _check_tls(cert: Path, key: Path, client_ca: Path | None) -> None:
     """Loads the PEM files as gRPC will, so a bad one is named here (gRPC
     itself only says that it cannot bind the address)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # gRPC's TLS (BoringSSL) has no security levels: keys and signatures
+    # OpenSSL's default level calls weak (RSA-1024, SHA-1) still serve.
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
     try:
         # An encrypted key gets no password (gRPC cannot use one): no prompt.
         context.load_cert_chain(cert, key, password=lambda: b"")
@@ -285,7 +288,7 @@ def _check_tls(cert: Path, key: Path, client_ca: Path | None) -> None:
         raise ConfigError(
             "HITL_GRPC_TLS_CERT",
             f"{cert} and HITL_GRPC_TLS_KEY {key} are not a PEM certificate chain and "
-            f"its unencrypted private key ({getattr(exc, 'reason', None) or exc.strerror})",
+            f"its unencrypted private key ({_ssl_reason(exc)})",
         ) from None
     if client_ca is not None:
         try:
@@ -293,9 +296,12 @@ def _check_tls(cert: Path, key: Path, client_ca: Path | None) -> None:
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(
                 "HITL_GRPC_TLS_CLIENT_CA",
-                f"{client_ca} holds no PEM CA certificate "
-                f"({getattr(exc, 'reason', None) or exc.strerror})",
+                f"{client_ca} holds no PEM CA certificate ({_ssl_reason(exc)})",
             ) from None
+
+
+def _ssl_reason(exc: ssl.SSLError | OSError) -> str:
+    return str(getattr(exc, "reason", None) or exc.strerror or type(exc).__name__)
 
 
 def _optional_path(env: Mapping[str, str], variable: str) -> Path | None:

@@ -40,6 +40,8 @@ async def probe_provider(provider: Provider, timeout: float) -> list[str]:
         return [f"the provider did not answer within {timeout:g} s"]
     except ProviderError as exc:
         return [f"cannot reach the provider: {exc}"]
+    except Exception as exc:  # a third-party bug: one line, as for open and close
+        return [f"the probe failed: {type(exc).__name__}: {exc}"]
 
 
 async def close_provider(provider: Provider, timeout: float) -> list[str]:

@@ -441,22 +441,29 @@ class TestCatchUp:
             assert got.session.state == pb.SESSION_STATE_ENDED
             assert got.session.ended_by == pb.ENDED_BY_AGENT
 
-    async def test_a_token_renewed_before_a_failed_catch_up_is_kept(
-        self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    @pytest.mark.parametrize("fails", [False, True])
+    async def test_state_the_provider_changed_in_catch_up_is_kept(
+        self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, fails: bool
     ) -> None:
         async with with_session(service_env) as (app, _stub, provider, session):
 
-            async def renew_then_fail(
+            async def renew(
                 chat: ProviderChat, user: ProviderUser, checkpoint: str, *, timeout: float
             ) -> CatchUp:
                 user.state["token"] = "renewed"  # the old one may be spent now
-                raise ProviderUnavailable("503 after the renewal")
+                chat.state["cursor"] = "c2"
+                if fails:
+                    raise ProviderUnavailable("503 after the renewal")
+                return CatchUp((), checkpoint="cp1")
 
-            monkeypatch.setattr(provider, "catch_up", renew_then_fail)
+            monkeypatch.setattr(provider, "catch_up", renew)
             await app.core.maintenance.sweep(force_catch_up=True)
-            stored = await app.store.get_provider_user(session.user_id, "scripted")
+            user = await app.store.get_provider_user(session.user_id, "scripted")
+            stored = await app.store.get_session(session.id)
+            assert user is not None
             assert stored is not None
-            assert stored.state["token"] == "renewed"
+            assert (user.state["token"], stored.chat_state.get("cursor")) == ("renewed", "c2")
+            assert stored.catch_up_checkpoint == ("" if fails else "cp1")
 
     async def test_replicas_catch_up_and_prune_in_turns(
         self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch

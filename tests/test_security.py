@@ -163,11 +163,11 @@ needs_openssl = pytest.mark.skipif(
 )
 
 
-def make_certificate(folder: Path, name: str) -> tuple[Path, Path]:
+def make_certificate(folder: Path, name: str, bits: int = 2048) -> tuple[Path, Path]:
     """A self-signed certificate for localhost: (key, cert)."""
     key, cert = folder / f"{name}.key", folder / f"{name}.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ["openssl", "req", "-x509", "-newkey", f"rsa:{bits}", "-nodes", "-days", "1",
          "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
          "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
         check=True,
@@ -218,6 +218,14 @@ def test_tls_files_grpc_cannot_use_are_named_at_start(tmp_path: Path) -> None:
     junk.write_text("not a certificate\n")
     good = Settings.from_env({"HITL_GRPC_TLS_CERT": str(cert), "HITL_GRPC_TLS_KEY": str(key)})
     assert good.tls_cert == cert
+    # gRPC serves keys OpenSSL's default security level calls too small.
+    weak_key, weak = make_certificate(tmp_path, "weak", bits=1024)
+    assert (
+        Settings.from_env(
+            {"HITL_GRPC_TLS_CERT": str(weak), "HITL_GRPC_TLS_KEY": str(weak_key)}
+        ).tls_key
+        == weak_key
+    )
     for bad, variable in [
         ({"HITL_GRPC_TLS_CERT": str(junk), "HITL_GRPC_TLS_KEY": str(junk)}, "HITL_GRPC_TLS_CERT"),
         (

@@ -129,17 +129,22 @@ class TestContract:
 
 
 class TestLifecycle:
-    async def test_readyz_answers_while_the_probe_hangs(self, env: dict[str, str]) -> None:
+    @pytest.mark.parametrize(("fault", "said"), [("hang", "did not answer"), ("bug", "KeyError")])
+    async def test_readyz_answers_whatever_the_probe_does(
+        self, env: dict[str, str], fault: str, said: str
+    ) -> None:
         async with zendesk(env) as (_app, provider, _stub, http):
 
-            async def hang(timeout: float) -> list[str]:
+            async def probe(timeout: float) -> list[str]:
+                if fault == "bug":
+                    raise KeyError("region")
                 await asyncio.Event().wait()
                 return []
 
-            provider.probe_hook = hang
+            provider.probe_hook = probe
             response = await http.get("/readyz")
             assert response.status_code == 503
-            assert "did not answer" in response.json()["problems"]["provider"]
+            assert said in response.json()["problems"]["provider"]
 
     @pytest.mark.parametrize("mode", ["raise", "hang"])
     async def test_stop_closes_the_store_whatever_close_does(

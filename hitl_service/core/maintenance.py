@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from hitl_service.core.ingest import apply_inbound
+from hitl_service.core.provider_state import StateWatch
 from hitl_service.core.sessions import request_stop
 from hitl_service.core.state import finish, passes_over
 from hitl_service.domain import SessionState
@@ -260,7 +261,7 @@ class Maintenance:
         if user is None:
             return 0
         chat = ProviderChat(session.external_chat_id, dict(session.chat_state))
-        user_before = dict(user.state)
+        watch = StateWatch(user, chat)
         try:
             listing = await ctx.calls.once(
                 "catch_up",
@@ -268,16 +269,13 @@ class Maintenance:
             )
         except ProviderError as exc:
             log.info("catch_up.failed", session_id=session.id, error=str(exc))
-            if user.state != user_before:  # renewed before the failure: keep it
-                async with ctx.store.transaction() as tx:
-                    await tx.put_provider_user(session.user_id, ctx.provider_name, user)
+            await watch.save_after_failure(ctx, session.id, session.user_id)
             return 0
         now = ctx.clock.now()
         added: list[str] = []
         failed_items: list[str] = []
         async with ctx.store.transaction() as tx:
-            if user.state != user_before:  # e.g. a customer token renewed on the way
-                await tx.put_provider_user(session.user_id, ctx.provider_name, user)
+            await watch.save(tx, ctx, session.id, session.user_id)  # e.g. a token renewed
             current = await tx.get_session(session.id)
             if current is None:
                 return 0

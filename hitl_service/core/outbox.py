@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 import structlog
 
 from hitl_service.codec import message_from_json
+from hitl_service.core.provider_state import StateWatch
 from hitl_service.core.state import finish
 from hitl_service.domain import OutboxItem, OutboxKind, OutboxStatus, SessionState
 from hitl_service.errors import StoreUnavailable
 from providers.errors import (
     ChatInactive,
     ProviderAuthError,
-    ProviderError,
     ProviderRejected,
     ProviderUnavailable,
 )
@@ -166,9 +166,9 @@ class Outbox:
             if item.kind is OutboxKind.STOP and not session.state.is_open:
                 return await self._settle_done(item, session, None, {})
             chat = ProviderChat(session.external_chat_id, dict(session.chat_state))
-            chat_before, user_before = dict(chat.state), dict(user.state)
+            watch = StateWatch(user, chat)
             try:
-                result = await self._call_keeping_state(item, session, chat, user)
+                result = await self._call_keeping_state(item, session, watch)
             except ChatInactive as exc:
                 if item.kind is OutboxKind.STOP:
                     result = {}  # already closed: the stop is done
@@ -180,8 +180,8 @@ class Outbox:
                 return await self._settle_failed(item, exc.code, str(exc))
             except ProviderUnavailable as exc:
                 return await self._settle_retry(item, str(exc), exc.retry_after, exc.uncertain)
-            changed_user = user if user.state != user_before else None
-            chat_changed = chat.state != chat_before
+            changed_user = user if watch.user_changed else None
+            chat_changed = watch.chat_changed
             if chat_changed:
                 session.chat_state = chat.state
             if item.kind is OutboxKind.SEND:
@@ -209,23 +209,14 @@ class Outbox:
                 self.kick()
 
     async def _call_keeping_state(
-        self, item: OutboxItem, session: Session, chat: ProviderChat, user: ProviderUser
+        self, item: OutboxItem, session: Session, watch: StateWatch
     ) -> dict[str, str]:
-        """``_call``; state the provider updated before failing is kept too
-        (a token refreshed, and its refresh token spent, before a 503)."""
-        chat_before, user_before = dict(chat.state), dict(user.state)
+        """``_call``; what the provider changed in its state before failing
+        is kept too (a token renewed, its refresh token spent, before a 503)."""
         try:
-            return await self._call(item, chat, user)
-        except ProviderError:
-            if user.state != user_before or chat.state != chat_before:
-                ctx = self._ctx
-                async with ctx.store.transaction() as tx:
-                    if user.state != user_before:
-                        await tx.put_provider_user(session.user_id, ctx.provider_name, user)
-                    current = await tx.get_session(session.id)
-                    if current is not None and chat.state != chat_before:
-                        current.chat_state = dict(chat.state)
-                        await tx.update_session(current)
+            return await self._call(item, watch.chat, watch.user)
+        except Exception:
+            await watch.save_after_failure(self._ctx, session.id, session.user_id)
             raise
 
     async def _call(

@@ -196,15 +196,15 @@ async def _register(provider: LiveChatProvider, url: str, out: IO[str]) -> int:
                 stale.append((hook, "differs in " + ", ".join(why) if why else "is a duplicate"))
         # The replacement is registered before the old one goes, so that no
         # event falls between them (one delivered by both is deduplicated).
-        # LiveChat takes 3 per action (webhooks made by hand count too):
-        # when that is reached, an old one goes first.
+        # LiveChat takes 3 per action (webhooks made by hand count too), and
+        # may refuse a second one for the same URL: then an old one goes first.
         while not kept:
             try:
                 answer = await provider.client.configuration(
                     "register_webhook", wanted, timeout=COMMAND_TIMEOUT
                 )
             except ApiError as err:
-                if err.type != "limit_reached" or not stale:
+                if err.type not in ("limit_reached", "already_exists") or not stale:
                     raise
                 await _remove(provider, action, *stale.pop(), out)
                 changed += 1

@@ -479,8 +479,8 @@ class LiveChatProvider:
             if overflow := mapping.overflow_buttons_text(body):
                 text_parts(overflow)
         return [
-            _Part(request_id if i == 0 else f"{request_id}#{i + 1}", build, fallback)
-            for i, (build, fallback) in enumerate(specs)
+            _Part(request_id if i == 0 else f"{request_id}#{i + 1}", build, as_text)
+            for i, (build, as_text) in enumerate(specs)
         ]
 
     async def _send_part(

@@ -112,6 +112,20 @@ async def test_a_rotated_secret_replaces_every_webhook_without_a_gap(
     assert "a-new-secret" not in text
 
 
+async def test_a_replacement_livechat_refuses_as_a_duplicate_removes_the_old_one_first(
+    provider: LiveChatProvider, make_provider: MakeProvider, fake: FakeLiveChat
+) -> None:
+    """Whether LiveChat refuses a second webhook for the same URL and action
+    is unknown; if it does, the rotation still goes through."""
+    await run(provider, "register-webhooks", "--url", URL)
+    fake.add_fault("register_webhook", error_type="already_exists")
+    rotated = await make_provider(HITL_LIVECHAT_WEBHOOK_SECRET="a-new-secret")
+    status, text = await run(rotated, "register-webhooks", "--url", URL)
+    assert status == 0, text
+    assert {h.secret_key for h in fake.state.webhooks.values()} == {"a-new-secret"}
+    assert len(fake.state.webhooks) == 6
+
+
 async def test_a_replacement_at_the_limit_removes_the_old_one_first(
     provider: LiveChatProvider, make_provider: MakeProvider, fake: FakeLiveChat
 ) -> None:
