@@ -4,6 +4,9 @@ hosts, cross-site origins and non-JSON actions are refused."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -178,6 +181,64 @@ async def test_a_second_agent_cannot_take_a_taken_conversation(
     assert events.kinds() == ["started", "queued", "agent_assigned", "agent_message"]
     (conv,) = (await http.get("/console/api/state")).json()["conversations"]
     assert conv["agent"]["name"] == "Alice"
+
+
+async def test_only_the_holder_replies_to_transfers_or_ends_a_taken_conversation(
+    http: httpx.AsyncClient, stub: Stub
+) -> None:
+    session = await start_session(stub, (await make_user(stub)).id)
+    chat = session.external_chat_id
+    assert (await act(http, chat, "take", agent="Alice")).status_code == 200
+    refused = {
+        "reply": await act(http, chat, "reply", agent="Bob", text="Bob here"),
+        "transfer": await act(http, chat, "transfer", agent="Bob", group_id="billing"),
+        "end": await act(http, chat, "end", agent="Bob"),
+    }
+    assert {action: r.status_code for action, r in refused.items()} == dict.fromkeys(refused, 409)
+    assert all("Alice" in r.json()["error"] for r in refused.values())
+    (conv,) = (await http.get("/console/api/state")).json()["conversations"]
+    assert (conv["status"], conv["agent"]["name"]) == ("active", "Alice")
+    assert conv["messages"] == []
+    # Given back to the queue, it is anyone's again.
+    assert (await act(http, chat, "transfer", agent="Alice", group_id="billing")).is_success
+    assert (await act(http, chat, "reply", agent="Bob", text="Bob here")).is_success
+
+
+def _directives(policy: str) -> dict[str, list[str]]:
+    return {words[0]: words[1:] for part in policy.split(";") if (words := part.split())}
+
+
+async def test_every_console_answer_forbids_framing_sniffing_and_referrers(
+    http: httpx.AsyncClient, stub: Stub
+) -> None:
+    """Against clickjacking (a foreign page framing the console over a decoy),
+    and image hosts end users choose learning where the console lives."""
+    session = await start_session(stub, (await make_user(stub)).id)
+    answers = {
+        "page": await http.get("/console"),
+        "state": await http.get("/console/api/state"),
+        "action": await act(http, session.external_chat_id, "take", agent="Alice"),
+        "not json": await http.post(
+            f"/console/api/conversations/{session.external_chat_id}/take", content=b"x"
+        ),
+        "foreign host": await http.get("/console/api/state", headers={"Host": "evil.example"}),
+    }
+    for name, response in answers.items():
+        assert response.headers.get("x-frame-options") == "DENY", name
+        assert response.headers.get("x-content-type-options") == "nosniff", name
+        assert response.headers.get("referrer-policy") == "no-referrer", name
+        policy = _directives(response.headers.get("content-security-policy", ""))
+        assert policy.get("frame-ancestors") == ["'none'"], name
+
+
+async def test_the_page_runs_only_its_own_script(http: httpx.AsyncClient) -> None:
+    page = await http.get("/console")
+    policy = _directives(page.headers["content-security-policy"])
+    assert policy["default-src"] == ["'none'"]
+    assert policy["connect-src"] == ["'self'"]
+    (script,) = re.findall(r"<script>(.*?)</script>", page.text, flags=re.S)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert policy["script-src"] == [f"'sha256-{digest}'"]
 
 
 async def test_a_store_outage_during_an_action_is_a_503(

@@ -11,8 +11,11 @@ without a preflight that gets no CORS approval.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import ipaddress
 import json
+import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
@@ -114,11 +117,41 @@ def host_allowed(host: str, bound: str) -> bool:
     return host == bound
 
 
-def _guard(handler: Handler, bound: str) -> Handler:
+def security_headers(page: str) -> dict[str, str]:
+    """Headers for every console response: no framing (clickjacking), no
+    script but the page's own inline one (by hash), fetches only to this
+    origin, no MIME sniffing, and no Referer to the image and link hosts
+    end users choose."""
+    scripts = re.findall(r"<script>(.*?)</script>", page, flags=re.S)
+    hashes = " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(s.encode()).digest()).decode() + "'"
+        for s in scripts
+    )
+    csp = (
+        f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; "
+        "img-src 'self' http: https:; connect-src 'self'; base-uri 'none'; "
+        "form-action 'none'; frame-ancestors 'none'"
+    )
+    return {
+        "Content-Security-Policy": csp,
+        "X-Frame-Options": "DENY",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cross-Origin-Resource-Policy": "same-origin",
+    }
+
+
+def _guard(handler: Handler, bound: str, headers: dict[str, str]) -> Handler:
     """Refuses requests for another host, from another origin, and action
-    bodies that are not JSON; then runs ``handler``."""
+    bodies that are not JSON; then runs ``handler``. Every answer carries
+    ``headers``."""
 
     async def guarded(request: Request) -> Response:
+        response = await _checked(request)
+        response.headers.update(headers)
+        return response
+
+    async def _checked(request: Request) -> Response:
         scheme = request.url.scheme
         target = _host_port(request.headers.get("host", ""), scheme)
         if target is None or not host_allowed(target[0], bound):
@@ -201,12 +234,14 @@ def console_routes(provider: LocalProvider) -> list[BaseRoute]:
             return response
         return JSONResponse({"ok": True})
 
-    bound = provider.http_host
+    bound, headers = provider.http_host, security_headers(page)
     return [
-        Route("/console", _guard(index, bound), methods=["GET"]),
-        Route("/console/api/state", _guard(state, bound), methods=["GET"]),
-        Route("/console/api/stream", _guard(stream, bound), methods=["GET"]),
+        Route("/console", _guard(index, bound, headers), methods=["GET"]),
+        Route("/console/api/state", _guard(state, bound, headers), methods=["GET"]),
+        Route("/console/api/stream", _guard(stream, bound, headers), methods=["GET"]),
         Route(
-            "/console/api/conversations/{chat_id}/{action}", _guard(act, bound), methods=["POST"]
+            "/console/api/conversations/{chat_id}/{action}",
+            _guard(act, bound, headers),
+            methods=["POST"],
         ),
     ]

@@ -430,10 +430,8 @@ class LocalProvider:
         def event(conv: Conversation) -> EventKind | None:
             if conv.status == WAITING:
                 return AgentAssigned(agent)
-            if conv.agent is not None and conv.agent.get("id") == agent.id:
-                return None
-            holder = (conv.agent or {}).get("name") or "another agent"
-            raise ProviderRejected("CHAT_TAKEN", f"this conversation is already taken by {holder}")
+            _refuse_if_held_by_another(conv, agent)
+            return None
 
         await self._act(chat_id, agent, event, status=ACTIVE)
 
@@ -441,6 +439,7 @@ class LocalProvider:
         """An agent writes to the user."""
 
         def event(conv: Conversation) -> EventKind:
+            _refuse_if_held_by_another(conv, agent)
             conv.messages.append(
                 {
                     "id": f"{conv.id}_{len(conv.messages) + 1}",
@@ -458,6 +457,7 @@ class LocalProvider:
         """An agent hands the conversation back to the queue of a group."""
 
         def event(conv: Conversation) -> EventKind:
+            _refuse_if_held_by_another(conv, agent)
             conv.group_id = group_id or conv.group_id
             return Transferred(from_agent=agent, to_group_id=conv.group_id, reason=reason)
 
@@ -467,6 +467,7 @@ class LocalProvider:
         """An agent closes the conversation."""
 
         def event(conv: Conversation) -> EventKind:
+            _refuse_if_held_by_another(conv, agent)
             conv.end_reason = reason or "the agent closed the chat"
             return Ended(reason=conv.end_reason, by=EndedBy.AGENT)
 
@@ -515,6 +516,14 @@ class LocalProvider:
         if conv is None:
             raise ProviderRejected("CHAT_NOT_FOUND", f"no conversation {chat_id}")
         return conv
+
+
+def _refuse_if_held_by_another(conv: Conversation, agent: Agent) -> None:
+    """Only the agent holding a conversation acts on it (a waiting one has
+    no holder: whoever replies first takes it)."""
+    if conv.agent is not None and conv.agent.get("id") != agent.id:
+        holder = conv.agent.get("name") or "another agent"
+        raise ProviderRejected("CHAT_TAKEN", f"this conversation is held by {holder}")
 
 
 def agent_from_name(name: str) -> Agent:
