@@ -266,6 +266,30 @@ class TestSendMessage:
         (conversation,) = [c for c in conversations if c["session_id"] == session.id]
         assert [m["text"] for m in conversation["messages"]] == ["once"]
 
+    async def test_a_retry_restamped_by_its_client_is_the_same_request(self, stub: Stub) -> None:
+        """``created_at`` and the author are the service's own (the message is
+        stored as the user's, at its arrival): a client that rebuilds its
+        request on retry must not be told the id was reused for another one
+        (and then send the message twice under a new id)."""
+        session = await start_session(stub, (await make_user(stub)).id)
+        request_id = rid()
+
+        def send(**message: Any) -> pb.SendMessageRequest:
+            return pb.SendMessageRequest(
+                session_id=session.id,
+                request_id=request_id,
+                message=pb.Message(text="hi", **message),
+            )
+
+        first = await stub.SendMessage(send(created_at=Timestamp(seconds=1_800_000_000)), timeout=5)
+        for retry in (
+            send(created_at=Timestamp(seconds=1_800_000_001)),
+            send(),
+            send(author=pb.AUTHOR_BOT),
+        ):
+            again = await stub.SendMessage(retry, timeout=TIMEOUT)
+            assert again.message_id == first.message_id
+
     async def test_request_id_reused_with_other_text(self, stub: Stub) -> None:
         user = await make_user(stub)
         session = await start_session(stub, user.id)
@@ -427,6 +451,38 @@ class TestGetAndList:
             pb.ListSessionsRequest(state=pb.SESSION_STATE_QUEUED), timeout=TIMEOUT
         )
         assert [s.user_id for s in queued.sessions] == [other.id]
+
+    async def test_pages_of_large_sessions_fit_in_one_grpc_message(self, stub: Stub) -> None:
+        """32 metadata entries at their limits make a session ~19 KB: 100 of
+        them are over gRPC's 1 MiB. The page is cut short, and its token goes on."""
+        metadata = {f"k{i:02d}".ljust(64, "x"): "v" * 512 for i in range(32)}
+        started = []
+        for _ in range(80):
+            user = await make_user(stub)
+            started.append((await start_session(stub, user.id, metadata=metadata)).id)
+        seen: list[str] = []
+        sizes: list[int] = []
+        token = ""
+        while True:
+            page = await stub.ListSessions(
+                pb.ListSessionsRequest(page_size=100, page_token=token), timeout=TIMEOUT
+            )
+            sizes.append(len(page.sessions))
+            seen += [s.id for s in page.sessions]
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == started[::-1]
+        assert len(sizes) == 2
+        assert 0 < sizes[0] < 80
+
+    async def test_sessions_of_an_unknown_user_are_user_not_found(self, stub: Stub) -> None:
+        """Not an empty page: a mistyped id must not look like a user without sessions."""
+        error = await expect_error(
+            stub.ListSessions(pb.ListSessionsRequest(user_id="usr_nobody"), timeout=TIMEOUT),
+            NOT_FOUND,
+        )
+        assert (error.reason, error.metadata) == ("USER_NOT_FOUND", {"user_id": "usr_nobody"})
 
     async def test_page_token_only_works_with_its_filters(self, stub: Stub) -> None:
         user = await make_user(stub)

@@ -204,6 +204,20 @@ async def test_only_the_holder_replies_to_transfers_or_ends_a_taken_conversation
     assert (await act(http, chat, "reply", agent="Bob", text="Bob here")).is_success
 
 
+async def test_a_transfer_moves_the_session_to_its_group(
+    http: httpx.AsyncClient, stub: Stub
+) -> None:
+    session = await start_session(stub, (await make_user(stub)).id)
+    chat = session.external_chat_id
+    async with EventCollector(stub, session_id=session.id) as events:
+        assert (await act(http, chat, "take", agent="Alex")).is_success
+        assert (await act(http, chat, "transfer", agent="Alex", group_id="billing")).is_success
+        moved = await events.wait_for_kind("transferred")
+    assert moved.transferred.to_group_id == "billing"
+    got = await stub.GetSession(pb.GetSessionRequest(session_id=session.id), timeout=TIMEOUT)
+    assert (got.session.state, got.session.group_id) == (pb.SESSION_STATE_QUEUED, "billing")
+
+
 def _directives(policy: str) -> dict[str, list[str]]:
     return {words[0]: words[1:] for part in policy.split(";") if (words := part.split())}
 

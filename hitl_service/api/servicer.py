@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 _MARGIN = 0.25  # seconds kept back from the caller's deadline to answer in time
 MAX_MESSAGE_BYTES = 1024 * 1024  # media travels as URLs, so 1 MiB is plenty
 _MAX_EVENT_BYTES = MAX_MESSAGE_BYTES - 1024  # room for gRPC's framing
+_MAX_PAGE_BYTES = MAX_MESSAGE_BYTES - 4096  # room for the page token and framing
 
 
 class EncodedEvents:
@@ -125,10 +126,21 @@ class HitlServicer(pb_grpc.HitlServiceServicer):
         page = await self._core.list_sessions(
             user_id=request.user_id, state=state, before=before, limit=size
         )
-        token = validation.encode_page_token(request, page.next_before) if page.next_before else ""
-        return pb.ListSessionsResponse(
-            sessions=[session_to_pb(s) for s in page.sessions], next_page_token=token
-        )
+        sessions: list[pb.Session] = []
+        next_before = page.next_before
+        total = 0
+        for session in page.sessions:
+            encoded = session_to_pb(session)
+            total += encoded.ByteSize() + 8  # the field's tag and length
+            if sessions and total > _MAX_PAGE_BYTES:
+                # The rest of the page would not fit in one gRPC message:
+                # they start the next page.
+                last = page.sessions[len(sessions) - 1]
+                next_before = (last.created_at, last.id)
+                break
+            sessions.append(encoded)
+        token = validation.encode_page_token(request, next_before) if next_before else ""
+        return pb.ListSessionsResponse(sessions=sessions, next_page_token=token)
 
     async def StreamEvents(  # type: ignore[override]  # yields pb.Event already serialized
         self, request: pb.StreamEventsRequest, context: Context

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hitl_service.codec import message_to_json
 from hitl_service.store.rows import stable_dumps
-from providers.types import Message
+from providers.types import Author, Message
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +56,10 @@ class SendUserMessage:
     request_id: str
 
     def request_hash(self) -> str:
-        """Fingerprint of everything but the request id."""
-        return _hash({"session_id": self.session_id, "message": message_to_json(self.message)})
+        """Fingerprint of everything but the request id, and of the message
+        as it is stored: its id, author and time are the service's own."""
+        stored = replace(self.message, id="", author=Author.USER, created_at=None)
+        return _hash({"session_id": self.session_id, "message": message_to_json(stored)})
 
 
 @dataclass(frozen=True, slots=True)

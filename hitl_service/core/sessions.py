@@ -76,7 +76,13 @@ async def list_sessions(
     before: tuple[datetime, str] | None,
     limit: int,
 ) -> SessionPage:
-    """Newest first; ``next_before`` is None on the last page."""
+    """Newest first; ``next_before`` is None on the last page.
+
+    Raises:
+        NotFound: ``user_id`` names no user.
+    """
+    if user_id and await ctx.store.get_user(user_id) is None:
+        raise NotFound("user", user_id)
     rows = await ctx.store.list_sessions(
         user_id=user_id, state=state, before=before, limit=limit + 1
     )

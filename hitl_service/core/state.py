@@ -101,6 +101,8 @@ def apply_event(session: Session, kind: EventKind, now: datetime) -> list[EventK
             # start-up routing (ours), not a transfer for the caller. Its
             # queue position, if any, comes as a Queued event of its own.
             raise Ignored("routed within its group before any agent: not a transfer")
+        if kind.to_group_id:
+            session.group_id = kind.to_group_id
         if kind.to_agent is not None:
             _set(session, SessionState.ASSIGNED, kind.to_agent, now)
         else:

@@ -407,15 +407,17 @@ class Media(_message.Message):
     kind: Global___MediaKind.ValueType
     """What the file is."""
     url: _builtins.str
-    """Where the file can be downloaded (http or https). Required."""
+    """Where the file can be downloaded (http or https, up to 2048
+    characters). Required.
+    """
     name: _builtins.str
-    """File name shown to the reader."""
+    """File name shown to the reader; a single line, up to 255 characters."""
     mime_type: _builtins.str
     """MIME type, for example "image/png"; may be empty."""
     size_bytes: _builtins.int
     """Size in bytes; 0 if unknown."""
     caption: _builtins.str
-    """Caption shown with the file; may be empty."""
+    """Caption shown with the file; may be empty, up to 4000 characters."""
     def __init__(
         self,
         *,
@@ -449,9 +451,9 @@ class Location(_message.Message):
     longitude: _builtins.float
     """Longitude in degrees, -180 to 180."""
     name: _builtins.str
-    """Name of the place; may be empty."""
+    """Name of the place; may be empty, a single line up to 200 characters."""
     address: _builtins.str
-    """Street address; may be empty."""
+    """Street address; may be empty, a single line up to 500 characters."""
     def __init__(
         self,
         *,
@@ -478,11 +480,14 @@ class CardButton(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     text: _builtins.str
-    """The label."""
+    """The label; required, a single line up to 128 characters."""
     kind: Global___ButtonKind.ValueType
     """What pressing it does."""
     value: _builtins.str
-    """The message text, URL or phone number, depending on kind."""
+    """Depending on kind: the message text (up to 1000 characters), an http
+    or https URL (up to 2048 characters), or a phone number (3 to 32 of
+    digits, spaces, "(", ")", "-", with an optional leading "+").
+    """
     def __init__(
         self,
         *,
@@ -509,11 +514,13 @@ class Card(_message.Message):
     IMAGE_URL_FIELD_NUMBER: _builtins.int
     BUTTONS_FIELD_NUMBER: _builtins.int
     title: _builtins.str
-    """Title; required unless subtitle is set."""
+    """Title; required unless subtitle is set; a single line up to 200
+    characters.
+    """
     subtitle: _builtins.str
-    """Text under the title."""
+    """Text under the title; up to 2000 characters."""
     image_url: _builtins.str
-    """URL of a picture; may be empty."""
+    """URL of a picture (http or https, up to 2048 characters); may be empty."""
     @_builtins.property
     def buttons(self) -> _containers.RepeatedCompositeFieldContainer[Global___CardButton]:
         """Up to 13 buttons."""
@@ -893,13 +900,14 @@ class CreateUserRequest(_message.Message):
     PICTURE_URL_FIELD_NUMBER: _builtins.int
     EXTERNAL_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Display name; required, up to 200 characters."""
+    """Display name; required, a single line up to 200 characters."""
     email: _builtins.str
     """E-mail; optional, validated when set."""
     picture_url: _builtins.str
     """Avatar URL (http or https); optional."""
     external_id: _builtins.str
-    """The caller's id for this user; optional, up to 200 characters. When
+    """The caller's id for this user; optional, a single line up to 200
+    characters. When
     set, a second call with the same value updates and returns that user.
     """
     def __init__(
@@ -978,25 +986,33 @@ class StartHitlRequest(_message.Message):
     user_id: _builtins.str
     """The user to hand over; required."""
     title: _builtins.str
-    """Short title shown to the agent; optional, up to 200 characters."""
+    """Short title shown to the agent; optional, a single line up to 200
+    characters.
+    """
     description: _builtins.str
     """Longer description for the agent; optional, up to 4000 characters."""
     group_id: _builtins.str
-    """The group to route to; empty means the provider's configured default."""
+    """The group to route to (1 to 64 letters, digits, "_", ".", "-"); empty
+    means the provider's configured default.
+    """
     request_id: _builtins.str
-    """Idempotency key, 1 to 128 characters; required. The same request_id
+    """Idempotency key, 1 to 128 visible ASCII characters (no spaces);
+    required. The same request_id
     with the same request returns the same session; with a different
     request it fails with FAILED_PRECONDITION (reason REQUEST_ID_REUSED).
     """
     @_builtins.property
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
         """The bot transcript so far, oldest first, shown to the agent; up to 200
-        messages. Set author on each entry (AUTHOR_USER or AUTHOR_BOT).
+        messages. Set author on each entry (AUTHOR_USER or AUTHOR_BOT). The
+        whole request must encode to at most 1 MiB.
         """
 
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form key/values kept with the session; up to 32 entries."""
+        """Key/values kept with the session: up to 32 entries; keys 1 to 64
+        letters, digits, "_", ".", ":", "-"; values up to 512 characters.
+        """
 
     def __init__(
         self,
@@ -1053,8 +1069,11 @@ class SendMessageRequest(_message.Message):
     session_id: _builtins.str
     """The open session; required."""
     request_id: _builtins.str
-    """Idempotency key, 1 to 128 characters; required. Becomes the provider's
-    own idempotency key (LiveChat custom_id).
+    """Idempotency key, 1 to 128 visible ASCII characters (no spaces);
+    required. Becomes the provider's own idempotency key (LiveChat
+    custom_id). A retry is the same request even if it sets another
+    created_at or author: the service stores the message as the user's, at
+    its arrival.
     """
     @_builtins.property
     def message(self) -> Global___Message:
@@ -1277,7 +1296,9 @@ class StreamEventsRequest(_message.Message):
     """Only this session's events; empty means every session."""
     after_cursor: _builtins.str
     """Start after this cursor: empty means from now (live events only), "0"
-    from the beginning of the log, otherwise a cursor received before.
+    from the beginning of the log, otherwise a cursor received before. A
+    cursor that is not a decimal number, or that is ahead of the log (e.g.
+    from another database), is INVALID_ARGUMENT on field after_cursor.
     """
     def __init__(
         self,
