@@ -160,7 +160,12 @@ class App:
         host, _, port = self.settings.http_addr.rpartition(":")
         sock = _listen(host.strip("[]"), int(port), "HITL_HTTP_ADDR")
         self.http_port = sock.getsockname()[1]
-        self._http = build_http_server(self.sidecar, host.strip("[]"), self.http_port)
+        self._http = build_http_server(
+            self.sidecar,
+            host.strip("[]"),
+            self.http_port,
+            request_timeout=self.settings.http_request_timeout,
+        )
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]), name="sidecar")
         self._started.append("http")
         await self.health.set(SERVICE_NAME, SERVING)

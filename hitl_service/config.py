@@ -96,9 +96,11 @@ class Settings:
     log_format: LogFormat = "json"
     log_level: str = "info"
     http_max_body: int = 1024 * 1024
+    http_request_timeout: float = 30.0
     provider_timeout: float = 10.0
     request_budget: float = 25.0
     stream_max_seconds: float = 3600.0
+    stream_max_open: int = 10_000
     # Each buffered event is a few objects every full garbage collection
     # scans: 4096 (up to twice that held) cost 7-10 ms pauses under webhook
     # load, 1024 cost 3-5 ms (bench/README.md).
@@ -162,9 +164,13 @@ class Settings:
             log_format=log_format,
             log_level=log_level,
             http_max_body=_int(env, "HITL_HTTP_MAX_BODY", cls.http_max_body, minimum=1024),
+            http_request_timeout=_duration(
+                env, "HITL_HTTP_REQUEST_TIMEOUT", cls.http_request_timeout, 0.1
+            ),
             provider_timeout=_duration(env, "HITL_PROVIDER_TIMEOUT", cls.provider_timeout, 0.1),
             request_budget=_duration(env, "HITL_REQUEST_BUDGET", cls.request_budget, 0.1),
             stream_max_seconds=_duration(env, "HITL_STREAM_MAX_SECONDS", 3600.0, 1.0),
+            stream_max_open=_int(env, "HITL_STREAM_MAX_OPEN", cls.stream_max_open, minimum=1),
             stream_buffer=_int(env, "HITL_STREAM_BUFFER", cls.stream_buffer, minimum=16),
             queue_timeout=_duration(env, "HITL_QUEUE_TIMEOUT", 0.0, 0.0),
             idle_timeout=_duration(env, "HITL_IDLE_TIMEOUT", 0.0, 0.0),

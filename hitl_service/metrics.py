@@ -65,7 +65,7 @@ class Metrics:
         self.webhooks = Counter(
             "hitl_webhook_requests_total",
             "Inbound webhook deliveries by outcome "
-            "(accepted, duplicate, ignored, rejected, too_large, disconnected, "
+            "(accepted, duplicate, ignored, rejected, too_large, timeout, disconnected, "
             "unavailable, failed, unknown_provider).",
             ("provider", "outcome"),
             registry=registry,

@@ -43,12 +43,28 @@ def build_grpc_server(
         options=GRPC_OPTIONS,
     )
     add_hitl_service(HitlServicer(core), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = KnownServicesHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     return server, health_servicer
+
+
+class KnownServicesHealth(health.aio.HealthServicer):
+    """grpc's health service, except that ``Watch`` of a service this server
+    does not have is NOT_FOUND (as ``Check`` is) instead of a SERVICE_UNKNOWN
+    stream: health needs no API token, and the reference ``Watch`` keeps the
+    requested name (up to a whole 1 MiB message) for as long as the client
+    holds the stream open."""
+
+    KNOWN = frozenset({"", SERVICE_NAME})
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        """See base class."""
+        if request.service not in self.KNOWN:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        await super().Watch(request, context)
 
 
 def event_serializer(event: pb.Event | bytes) -> bytes:

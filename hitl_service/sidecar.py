@@ -7,11 +7,12 @@ input gets a 4xx with a JSON reason, never a stack trace.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import uvicorn
@@ -21,6 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from structlog.contextvars import bind_contextvars, clear_contextvars
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from hitl_service.activity import Activity
 from hitl_service.codec import kind_to_json
@@ -144,7 +146,15 @@ def build_sidecar(
             outcome[0] = "unknown_provider"
             return error(404, f"no provider named {name!r} is configured here")
         try:
-            body = await read_body(request, settings.http_max_body)
+            async with asyncio.timeout(settings.http_request_timeout):
+                body = await read_body(request, settings.http_max_body)
+        except TimeoutError:
+            # A sender that stalls mid-body holds a connection and up to
+            # HITL_HTTP_MAX_BODY of buffer: not for longer than this.
+            outcome[0] = "timeout"
+            response = error(408, "the body did not arrive in time")
+            response.headers["Connection"] = "close"
+            return response
         except BodyTooLarge:
             outcome[0] = "too_large"
             return error(413, f"body larger than {settings.http_max_body} bytes")
@@ -259,12 +269,52 @@ class EmbeddedServer(uvicorn.Server):
         return int(sockets[0].getsockname()[1]) if sockets else 0
 
 
-def build_http_server(app: Starlette, host: str, port: int) -> EmbeddedServer:
+def _timed_protocol(timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, closing a connection on which no request is
+    being handled ``timeout`` seconds after it opened or after its last
+    response: uvicorn has no timeout for a request's headers, so a client
+    sending them byte by byte (or not at all) would hold a connection (a
+    file descriptor shared with gRPC and the store) for good."""
+    base: Any = AutoHTTPProtocol
+
+    class TimedProtocol(base):  # type: ignore[misc]
+        _request_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self._arm_request_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_request_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._request_timer is not None:
+                self._request_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_request_timer(self) -> None:
+            if self._request_timer is not None:
+                self._request_timer.cancel()
+            self._request_timer = self.loop.call_later(timeout, self._request_timed_out)
+
+        def _request_timed_out(self) -> None:
+            idle = self.cycle is None or self.cycle.response_complete
+            if idle and not self.transport.is_closing():
+                self.transport.close()
+
+    return TimedProtocol
+
+
+def build_http_server(
+    app: Starlette, host: str, port: int, *, request_timeout: float = 30.0
+) -> EmbeddedServer:
     """A uvicorn server for the sidecar, with our logging and no lifespan."""
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
+        http=_timed_protocol(request_timeout),
         log_config=None,
         access_log=False,
         lifespan="off",

@@ -6,6 +6,7 @@ statuses with details.
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,12 @@ _MARGIN = 0.25  # seconds kept back from the caller's deadline to answer in time
 MAX_MESSAGE_BYTES = 1024 * 1024  # media travels as URLs, so 1 MiB is plenty
 _MAX_EVENT_BYTES = MAX_MESSAGE_BYTES - 1024  # room for gRPC's framing
 _MAX_PAGE_BYTES = MAX_MESSAGE_BYTES - 4096  # room for the page token and framing
+_STALL_GRACE = 30.0  # seconds past its lifetime a stream blocked in a write may stay
+
+
+def _cancel(task: asyncio.Task[Any] | None) -> None:
+    if task is not None:
+        task.cancel()
 
 
 class EncodedEvents:
@@ -68,6 +75,7 @@ class HitlServicer(pb_grpc.HitlServiceServicer):
         self._core = core
         self._settings = core.ctx.settings
         self._encoded = EncodedEvents(2 * self._settings.stream_buffer)
+        self._open_streams = 0
 
     def _budget(self, context: Context) -> float:
         """Seconds this RPC may spend: the caller's deadline, capped."""
@@ -168,14 +176,33 @@ class HitlServicer(pb_grpc.HitlServiceServicer):
         # "From now" means after the log's head as of this call, even if this
         # replica's fan-out has not read up to it yet.
         start = head if after is None else after
+        if self._open_streams >= self._settings.stream_max_open:
+            # Each open stream costs memory and a wake-up per event: one
+            # client must not be able to open them without end.
+            raise HitlError(
+                Code.UNAVAILABLE,
+                "TOO_MANY_STREAMS",
+                "this server has as many streams open as HITL_STREAM_MAX_OPEN allows; "
+                "close unused streams, or retry later (or on another replica)",
+            )
         events = self._core.subscribe(start, request.session_id, until=until)
         metrics = self._core.ctx.metrics
         metrics.stream_subscribers.inc()
+        self._open_streams += 1
+        stalled: asyncio.TimerHandle | None = None
         try:
             # The subscription's cursor is fixed: from here the client can
             # miss nothing, so tell it.
             await context.send_initial_metadata((("x-stream-head", str(head)),))
             encode = self._encoded.get
+            # The lifetime is checked after each write; a client that stops
+            # reading leaves the stream blocked in one once gRPC's
+            # flow-control window is full. A while after its lifetime, such
+            # a stream is cancelled (one timer per stream, no wake-ups).
+            lifetime = self._settings.stream_max_seconds
+            stalled = asyncio.get_running_loop().call_later(
+                lifetime + min(_STALL_GRACE, lifetime), _cancel, asyncio.current_task()
+            )
             async with aclosing(events):
                 async for event in events:
                     yield encode(event)
@@ -186,4 +213,7 @@ class HitlServicer(pb_grpc.HitlServiceServicer):
                 "the server is shutting down; reconnect with the last cursor received",
             ) from None
         finally:
+            if stalled is not None:
+                stalled.cancel()
+            self._open_streams -= 1
             metrics.stream_subscribers.dec()

@@ -144,7 +144,8 @@ class HitlServiceServicer:
         after_cursor, then live ones as they are committed. The initial metadata
         is sent once the subscription is registered: a client that received it
         can miss no later event. The server ends a stream after a bounded time
-        (status OK) and on shutdown (status UNAVAILABLE); reconnect with the last
+        (status OK), on shutdown and when the server already has its most open
+        streams (status UNAVAILABLE); reconnect with the last
         cursor received to miss nothing and see nothing twice. No deadline needed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -94,7 +94,8 @@ class HitlServiceStub:
     after_cursor, then live ones as they are committed. The initial metadata
     is sent once the subscription is registered: a client that received it
     can miss no later event. The server ends a stream after a bounded time
-    (status OK) and on shutdown (status UNAVAILABLE); reconnect with the last
+    (status OK), on shutdown and when the server already has its most open
+    streams (status UNAVAILABLE); reconnect with the last
     cursor received to miss nothing and see nothing twice. No deadline needed.
     """
 
@@ -146,7 +147,8 @@ class HitlServiceAsyncStub(HitlServiceStub):
     after_cursor, then live ones as they are committed. The initial metadata
     is sent once the subscription is registered: a client that received it
     can miss no later event. The server ends a stream after a bounded time
-    (status OK) and on shutdown (status UNAVAILABLE); reconnect with the last
+    (status OK), on shutdown and when the server already has its most open
+    streams (status UNAVAILABLE); reconnect with the last
     cursor received to miss nothing and see nothing twice. No deadline needed.
     """
 
@@ -237,7 +239,8 @@ class HitlServiceServicer(metaclass=_abc_1.ABCMeta):
         after_cursor, then live ones as they are committed. The initial metadata
         is sent once the subscription is registered: a client that received it
         can miss no later event. The server ends a stream after a bounded time
-        (status OK) and on shutdown (status UNAVAILABLE); reconnect with the last
+        (status OK), on shutdown and when the server already has its most open
+        streams (status UNAVAILABLE); reconnect with the last
         cursor received to miss nothing and see nothing twice. No deadline needed.
         """
 

@@ -1,0 +1,139 @@
+"""A hostile or broken network client against the gRPC port and the sidecar."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
+from tests.conftest import start_app
+from tests.scripted import ScriptedProvider, create
+from tests.support import make_user, start_session, wait_for
+from tests.test_streams import say
+
+WAIT = 20.0  # a generous bound on waiting for a state, never asserted on
+
+
+async def test_unauthenticated_health_watch_cannot_park_large_requests(
+    service_env: dict[str, str],
+) -> None:
+    """Health needs no token, so its Watch must not let anyone park a 1 MiB
+    service name on the server for as long as they like (about 4 MB of
+    server memory per stream, measured): unknown services are refused."""
+    service_env["HITL_API_TOKENS"] = "first-token-1234"
+    app = await start_app(service_env)
+    try:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{app.grpc_port}", options=[("grpc.max_send_message_length", 2 << 20)]
+        ) as channel:
+            health: Any = health_pb2_grpc.HealthStub(channel)
+            known = health.Watch(health_pb2.HealthCheckRequest(service="hitl.v1.HitlService"))
+            first = await asyncio.wait_for(known.read(), WAIT)
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            known.cancel()
+
+            parked = health.Watch(health_pb2.HealthCheckRequest(service="x" * 1_000_000))
+            try:
+                answer = await asyncio.wait_for(parked.read(), WAIT)
+            except grpc.aio.AioRpcError as exc:
+                answer = exc.code()
+            finally:
+                parked.cancel()
+            assert answer == grpc.StatusCode.NOT_FOUND, f"the Watch stayed open: {answer!r}"
+    finally:
+        await app.stop(grace=1)
+
+
+@pytest.mark.parametrize(
+    ("partial", "expected"),
+    [
+        pytest.param(b"POST /webhooks/local HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"", id="headers"),
+        pytest.param(
+            b"POST /webhooks/local HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n" + b" " * 50_000,
+            b"HTTP/1.1 408 ",
+            id="body",
+        ),
+    ],
+)
+async def test_a_request_that_never_completes_is_dropped(
+    service_env: dict[str, str], partial: bytes, expected: bytes
+) -> None:
+    """An unauthenticated client that sends part of a webhook and stalls
+    holds a connection, a task and up to HITL_HTTP_MAX_BODY of buffered
+    body for as long as it likes (200 stalled bodies: +193 MB RSS, kept):
+    the sidecar must give up on it after HITL_HTTP_REQUEST_TIMEOUT."""
+    service_env["HITL_HTTP_REQUEST_TIMEOUT"] = "1s"
+    app = await start_app(service_env)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
+        writer.write(partial)
+        await writer.drain()
+        try:
+            answer = await asyncio.wait_for(reader.read(), WAIT)  # until the server closes
+        except TimeoutError:
+            answer = None
+        finally:
+            writer.close()
+        assert answer is not None, "the sidecar still holds the stalled request"
+        assert answer.startswith(expected), answer[:80]
+    finally:
+        await app.stop(grace=1)
+
+
+async def test_one_client_cannot_open_streams_without_end(service_env: dict[str, str]) -> None:
+    """Every StreamEvents stream costs memory (2000 idle streams: +32 MB)
+    and a wake-up per event: a process keeps at most HITL_STREAM_MAX_OPEN."""
+    service_env["HITL_STREAM_MAX_OPEN"] = "5"
+    app = await start_app(service_env)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            stub: Any = pb_grpc.HitlServiceStub(channel)
+            streams = [stub.StreamEvents(pb.StreamEventsRequest()) for _ in range(8)]
+            opened = 0
+            for stream in streams:
+                metadata = await asyncio.wait_for(stream.initial_metadata(), WAIT)
+                opened += any(key == "x-stream-head" for key, _ in metadata)
+            refused = [s for s in streams if s.done()]
+            codes = [await s.code() for s in refused]
+            for stream in streams:
+                stream.cancel()
+        assert opened == 5, f"{opened} streams open"
+        assert codes == [grpc.StatusCode.UNAVAILABLE] * 3
+    finally:
+        await app.stop(grace=1)
+
+
+async def test_a_stream_whose_reader_stopped_reading_still_ends(
+    service_env: dict[str, str],
+) -> None:
+    """A client that stops reading leaves the stream blocked in a write once
+    gRPC's flow-control window is full; the lifetime check runs only after a
+    write, so without a bound the stream (and its buffered data) stays for
+    good, past HITL_STREAM_MAX_SECONDS."""
+    service_env["HITL_STREAM_MAX_SECONDS"] = "1s"
+    service_env["HITL_PROVIDER"] = "scripted"
+    app = await start_app(service_env, provider_factory=create)
+    try:
+        provider = app.provider
+        assert isinstance(provider, ScriptedProvider)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            stub: Any = pb_grpc.HitlServiceStub(channel)
+            session = await start_session(stub, (await make_user(stub)).id)
+            for i in range(100):  # 10 MB: far more than gRPC sends ahead of the reader
+                await provider.push(session.external_chat_id, say(f"{i}" + "x" * 100_000), f"{i}")
+            call = stub.StreamEvents(pb.StreamEventsRequest(after_cursor="0"))
+            assert isinstance(await call.read(), pb.Event)
+            # ...and the client reads no more.
+            hub = app.core.hub
+            try:
+                await wait_for(lambda: hub.subscribers == 0, timeout=WAIT, what="the stream's end")
+            finally:
+                call.cancel()
+    finally:
+        await app.stop(grace=1)
