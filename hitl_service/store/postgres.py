@@ -26,7 +26,7 @@ import structlog
 
 from hitl_service.domain import DeadLetter, LogEvent, OutboxItem, Session, SessionState, User
 from hitl_service.errors import StoreUnavailable
-from hitl_service.store.migrations import migrations
+from hitl_service.store.migrations import migrations, warn_if_newer
 from hitl_service.store.postgres_db import Db, Redactor, is_unavailable
 from hitl_service.store.postgres_tx import CHANNEL, HEAD_SQL, PostgresTx, Queries, ts
 from hitl_service.store.postgres_wakeup import EventWakeup
@@ -45,6 +45,9 @@ log = structlog.get_logger(__name__)
 _MIGRATION_LOCK = 0x6869_746C_6D69_6772  # "hitlmigr"
 _APP_NAME = "hitl-service"
 _NO_LIMIT = 24 * 3600.0  # seconds: "no statement timeout" for asyncpg calls
+# How long a migration waits for a table lock before it lets the queries
+# queued behind it through and asks again (store.migrate_waiting).
+_MIGRATION_LOCK_TIMEOUT_MS = 2000
 PRUNE_BATCH = 5000  # rows deleted per transaction when pruning
 _EVENT_COLUMNS = "seq, session_id, user_id, occurred_at, kind, data"
 
@@ -177,18 +180,42 @@ class PostgresStore:
 
     async def _migrate(self, pool: asyncpg.Pool[asyncpg.Record]) -> None:
         # No statement timeout here: another replica may be migrating (the
-        # lock), and a migration may rewrite a large table.
+        # lock), and a migration may rewrite a large table. But a migration's
+        # table lock is asked with a short lock_timeout, and asked again: while
+        # it waits (behind a backup, a report, a frozen replica), PostgreSQL
+        # queues every other query of that table behind it, and the replicas
+        # still running (a rolling upgrade) would stall for as long.
+        delay = 0.1
+        while True:
+            try:
+                await self._migrate_once(pool)
+                return
+            except asyncpg.LockNotAvailableError as exc:
+                log.warning(
+                    "store.migrate_waiting",
+                    backend=self.backend,
+                    error=str(exc),
+                    hint="a table to migrate is in use (a long transaction); retrying",
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _migrate_once(self, pool: asyncpg.Pool[asyncpg.Record]) -> None:
         async with pool.acquire(timeout=self._connect_timeout) as conn, conn.transaction():
             await conn.execute("SET LOCAL statement_timeout = 0")
             await conn.execute(
                 "SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK, timeout=_NO_LIMIT
             )
+            # After the advisory lock: waiting for another replica's migration is fine.
+            await conn.execute(f"SET LOCAL lock_timeout = '{_MIGRATION_LOCK_TIMEOUT_MS}ms'")
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_version "
                 "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL)"
             )
             current = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
-            for version, sql in migrations("postgres"):
+            known = migrations("postgres")
+            warn_if_newer(self.backend, current, known)
+            for version, sql in known:
                 if version <= current:
                     continue
                 log.info("store.migrate", backend=self.backend, version=version)

@@ -63,7 +63,7 @@ from hitl_service.domain import (
 )
 from hitl_service.errors import StoreUnavailable
 from hitl_service.store.base import DuplicateKey, OpenSessionExists
-from hitl_service.store.migrations import migrations, statements
+from hitl_service.store.migrations import migrations, statements, warn_if_newer
 from hitl_service.store.rows import (
     OUTBOX_COLUMNS,
     OUTBOX_MUTABLE,
@@ -735,7 +735,9 @@ class SqliteStore:
             "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
         )
         current = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
-        for version, sql in migrations("sqlite"):
+        known = migrations("sqlite")
+        warn_if_newer("sqlite", current, known)
+        for version, sql in known:
             if version <= current:
                 continue
             log.info("store.migrate", backend="sqlite", version=version)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from importlib import resources
 
+import structlog
+
+log = structlog.get_logger(__name__)
+
 
 def migrations(dialect: str) -> list[tuple[int, str]]:
     """(version, SQL) of every migration file of ``dialect``, in order."""
@@ -28,3 +32,13 @@ def statements(sql: str) -> list[str]:
     """
     lines = [line.split("--", 1)[0] for line in sql.splitlines()]
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def warn_if_newer(backend: str, current: int, known: list[tuple[int, str]]) -> None:
+    """Logs ``store.schema_newer`` when a newer release migrated the database
+    (a rollback, or an old replica left running): this code neither knows
+    nor maintains what the newer migrations added. See docs/operations.md,
+    "Upgrades and rollbacks"."""
+    newest = max((version for version, _ in known), default=0)
+    if current > newest:
+        log.warning("store.schema_newer", backend=backend, version=current, known=newest)
