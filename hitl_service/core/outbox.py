@@ -161,8 +161,12 @@ class Outbox:
                 return await self._settle_failed(
                     item, "SESSION_NOT_READY", "the session has no chat"
                 )
-            if item.kind is OutboxKind.SEND and not session.state.is_open:
+            ended = item.kind is OutboxKind.SEND and not session.state.is_open
+            if ended and not item.earlier_attempt_uncertain:
                 return await self._settle_failed(item, "SESSION_ENDED", "the session has ended")
+            # Ended, but an earlier attempt may have reached the provider (a
+            # crash before its settle): ask it, uncertain, whether it has the
+            # message; a closed chat takes nothing new (ChatInactive).
             if item.kind is OutboxKind.STOP and not session.state.is_open:
                 return await self._settle_done(item, session, None, {})
             chat = ProviderChat(session.external_chat_id, dict(session.chat_state))
@@ -172,6 +176,10 @@ class Outbox:
             except ChatInactive as exc:
                 if item.kind is OutboxKind.STOP:
                     result = {}  # already closed: the stop is done
+                elif ended:
+                    return await self._settle_failed(
+                        item, "SESSION_ENDED", "the session ended before delivery"
+                    )
                 else:
                     return await self._settle_failed(item, exc.code, str(exc))
             except ProviderAuthError as exc:

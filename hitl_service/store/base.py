@@ -187,7 +187,9 @@ class Tx(Protocol):
     async def fail_pending_outbox(
         self, session_id: str, now: datetime, code: str, message: str
     ) -> list[str]:
-        """Marks every pending item of the session FAILED; returns their ids."""
+        """Marks the session's pending sends FAILED, except those an attempt may
+        have taken to the provider (``attempts > attempts_settled``: in flight,
+        or cut off by a crash), which their attempt settles; returns their ids."""
         ...
 
     # --- inspection ---------------------------------------------------------

@@ -446,7 +446,10 @@ class PostgresTx(Queries):
         rows = await self._db.fetch(
             "UPDATE outbox SET status = 'failed', error_code = $2, last_error = $3, "
             "done_at = $4, lease_owner = '', lease_until = NULL "
-            "WHERE session_id = $1 AND status = 'pending' AND kind = 'send' RETURNING pos, id",
+            "WHERE session_id = $1 AND status = 'pending' AND kind = 'send' "
+            # Not the sends an attempt may have reached the provider with (in
+            # flight, or cut off by a crash): their attempt settles them.
+            "AND attempts <= attempts_settled RETURNING pos, id",
             session_id,
             code,
             message,

@@ -551,8 +551,11 @@ class SqliteTx(_Queries):
     async def fail_pending_outbox(
         self, session_id: str, now: datetime, code: str, message: str
     ) -> list[str]:
+        # Not the sends an attempt may have reached the provider with (in
+        # flight, or cut off by a crash): their attempt settles them.
         rows = await self._all(
-            "SELECT id FROM outbox WHERE session_id = ? AND status = 'pending' AND kind = 'send'",
+            "SELECT id FROM outbox WHERE session_id = ? AND status = 'pending' AND kind = 'send' "
+            "AND attempts <= attempts_settled",
             (session_id,),
         )
         ids = [r["id"] for r in rows]
@@ -560,7 +563,8 @@ class SqliteTx(_Queries):
             await self._exec(
                 "UPDATE outbox SET status = 'failed', error_code = ?, last_error = ?, "
                 "done_at = ?, lease_owner = '', lease_until = NULL "
-                "WHERE session_id = ? AND status = 'pending' AND kind = 'send'",
+                "WHERE session_id = ? AND status = 'pending' AND kind = 'send' "
+                "AND attempts <= attempts_settled",
                 (code, message, _ts(now), session_id),
             )
         return ids
