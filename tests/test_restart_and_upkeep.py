@@ -228,6 +228,33 @@ class TestRestart:
             # The user is free to start again.
             assert (await start_session(stub, user.id)).id != "ses_stuck"
 
+    async def test_a_start_the_upkeep_gave_up_on_is_not_revived_by_its_late_answer(
+        self, service_env: dict[str, str]
+    ) -> None:
+        """Another replica's upkeep (its clock ahead) fails a start as
+        interrupted while the provider is still answering it: the late answer
+        must not bring the FAILED session back; the caller is told to retry,
+        and the retry starts afresh."""
+        clock = ShiftedClock(SystemClock())
+        async with scripted_on_clock(service_env, clock) as (app, stub, provider):
+            user = await make_user(stub)
+            gate = provider.hold("start")
+            request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="late")
+            call = asyncio.ensure_future(stub.StartHitl(request, timeout=TIMEOUT))
+            await wait_for(lambda: provider.waiting.get("start") == 1, what="the held start")
+            clock.offset = 3600
+            await app.core.maintenance.sweep()  # gives the start up: START_INTERRUPTED
+            gate.set()
+            error = await expect_error(call, grpc.StatusCode.UNAVAILABLE)
+            assert error.reason == "START_INTERRUPTED"
+            (failed,) = (
+                await stub.ListSessions(pb.ListSessionsRequest(user_id=user.id), timeout=TIMEOUT)
+            ).sessions
+            assert failed.state == pb.SESSION_STATE_FAILED
+            retried = await stub.StartHitl(request, timeout=TIMEOUT)
+            assert retried.session.id != failed.id
+            assert retried.session.state != pb.SESSION_STATE_FAILED
+
 
 class TestTimeouts:
     async def test_no_agent_in_time_ends_the_handoff_with_a_reason(

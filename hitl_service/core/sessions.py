@@ -251,6 +251,16 @@ async def _commit_start(
     async with ctx.store.transaction() as tx:
         current = await tx.get_session(session.id)
         assert current is not None  # we inserted it; sessions are never deleted
+        if current.state is not SessionState.STARTING:
+            # An upkeep (on a replica whose clock runs ahead) gave the start
+            # up as interrupted and forgot its request id: a late answer
+            # must not revive the FAILED session; the retry starts afresh
+            # and the provider reuses the chat it just opened.
+            raise Unavailable(
+                "START_INTERRUPTED",
+                "the start took longer than allowed and was given up; retry with the same "
+                "request_id",
+            )
         current.state = SessionState.REQUESTED
         current.external_chat_id = result.chat.external_chat_id
         current.chat_state = dict(result.chat.state)
