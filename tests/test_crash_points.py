@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from hitl_service.core.retry import Backoff
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from providers.types import Ended, EndedBy, Message
-from tests.scripted import ScriptedProvider
+from tests.scripted import Fault, ScriptedProvider
 from tests.support import TIMEOUT, make_user, rid, start_session, wait_for
 from tests.test_restart_and_upkeep import running
 
@@ -120,3 +121,35 @@ async def test_a_stop_the_provider_made_but_whose_settle_died_ends_once(
         await provider.push(session.external_chat_id, Ended(by=EndedBy.AGENT), "prov-end")
     async with running(service_env) as (app, stub):
         await _stopped_once(app, stub, session)
+
+
+async def test_an_undelivered_send_of_an_ended_session_does_not_land_in_the_next_handoff(
+    service_env: dict[str, str],
+) -> None:
+    """A send whose attempt may have reached the provider is asked about
+    after its session ended; once the user's next handoff reopened the same
+    chat, the provider would send what it does not find into that handoff."""
+    async with running(service_env) as (app, stub):
+        provider = app.provider
+        assert isinstance(provider, ScriptedProvider)
+        app.core.ctx.calls.backoff = Backoff(initial=3.0, cap=3.0)  # retry after 1.5-3 s
+        user = await make_user(stub)
+        first = await start_session(stub, user.id)
+        chat = first.external_chat_id
+        provider.fail("send", Fault("uncertain"))  # lost on the way: never delivered
+        request = pb.SendMessageRequest(
+            session_id=first.id, message=pb.Message(text="for the first handoff"), request_id=rid()
+        )
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await stub.SendMessage(request, timeout=0.5)
+        await provider.push(chat, Ended(by=EndedBy.AGENT), "end-1")
+        provider.closed_chats.add(chat)
+        second = await start_session(stub, user.id)
+        assert second.external_chat_id == chat
+
+        async def settled() -> bool:
+            pending, _ = await app.store.outbox_stats()
+            return pending == 0
+
+        await wait_for(settled, timeout=TIMEOUT, what="the old send settled")
+        assert request.request_id not in provider.calls.delivered

@@ -314,3 +314,17 @@ def test_the_console_learns_the_sidecar_host(tmp_path: Path) -> None:
     assert build({"HITL_HTTP_ADDR": "console.internal:8080"}).http_host == "console.internal"
     assert build({"HITL_HTTP_ADDR": "[::]:8080"}).http_host == "::"
     assert build({}).http_host == ""
+
+
+async def test_an_uncertain_retry_of_a_delivered_send_finds_it_after_the_agent_ended() -> None:
+    """The outbox asks, uncertain, about a send whose settle a crash cut off,
+    even once the session ended: the answer is the message it has."""
+    local = provider(None)
+    await local.open()
+    chat = (await local.start(request("ses_1"), USER, timeout=1)).chat
+    message = Message(body="hi", author=Author.USER)
+    sent = await local.send(chat, USER, message, request_id="r1", uncertain=False, timeout=1)
+    await local.end(chat.external_chat_id, agent_from_name("Alex"), "done")
+    again = await local.send(chat, USER, message, request_id="r1", uncertain=True, timeout=1)
+    assert again.external_message_id == sent.external_message_id
+    await local.close()

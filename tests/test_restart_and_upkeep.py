@@ -220,11 +220,15 @@ class TestRestart:
                         updated_at=now - timedelta(minutes=5),
                     )
                 )
+            failed = {"kind": "failed"}
+            counted = app.metrics.registry.get_sample_value("hitl_events_appended_total", failed)
             await app.core.maintenance.sweep()
             got = await stub.GetSession(
                 pb.GetSessionRequest(session_id="ses_stuck"), timeout=TIMEOUT
             )
             assert got.session.state == pb.SESSION_STATE_FAILED
+            after = app.metrics.registry.get_sample_value("hitl_events_appended_total", failed)
+            assert (after or 0) - (counted or 0) == 1  # the log's failed event, counted
             # The user is free to start again.
             assert (await start_session(stub, user.id)).id != "ses_stuck"
 
@@ -254,6 +258,34 @@ class TestRestart:
             retried = await stub.StartHitl(request, timeout=TIMEOUT)
             assert retried.session.id != failed.id
             assert retried.session.state != pb.SESSION_STATE_FAILED
+
+    async def test_a_late_failure_of_a_given_up_start_keeps_the_retrys_request_id(
+        self, service_env: dict[str, str]
+    ) -> None:
+        clock = ShiftedClock(SystemClock())
+        async with scripted_on_clock(service_env, clock) as (app, stub, provider):
+            user = await make_user(stub)
+            gate = provider.hold("start")
+            request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="late")
+            first = asyncio.ensure_future(stub.StartHitl(request, timeout=TIMEOUT))
+            await wait_for(lambda: provider.waiting.get("start") == 1, what="the held start")
+            clock.offset = 3600
+            await app.core.maintenance.sweep()  # given up, its request id forgotten
+            del provider.gates["start"]  # the first call stays held; new ones go through
+            retried = (await stub.StartHitl(request, timeout=TIMEOUT)).session
+            provider.fail("start", *[Fault("unavailable")] * 5)
+            gate.set()  # the first call's provider answer now fails
+            error = await expect_error(first, grpc.StatusCode.UNAVAILABLE)
+            assert error.reason in ("PROVIDER_UNAVAILABLE", "START_INTERRUPTED")
+            provider.faults.clear()
+            again = (await stub.StartHitl(request, timeout=TIMEOUT)).session
+            assert again.id == retried.id
+            listed = await stub.ListSessions(
+                pb.ListSessionsRequest(user_id=user.id), timeout=TIMEOUT
+            )
+            (given_up,) = [s.id for s in listed.sessions if s.id != retried.id]
+            events = await app.store.read_events(after=0, limit=100, session_id=given_up)
+            assert [type(e.kind).__name__ for e in events].count("Failed") == 1
 
 
 class TestTimeouts:

@@ -253,6 +253,7 @@ class Maintenance:
             # and the provider reuses the chat (else it stays open, unheard).
             if current.request_id:
                 await tx.delete_idempotency(START_SCOPE, current.request_id)
+        ctx.metrics.appended("failed")
         log.warning("session.start_interrupted", session_id=session.id)
 
     async def catch_up(self, session: Session) -> int:

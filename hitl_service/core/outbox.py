@@ -162,7 +162,9 @@ class Outbox:
                     item, "SESSION_NOT_READY", "the session has no chat"
                 )
             ended = item.kind is OutboxKind.SEND and not session.state.is_open
-            if ended and not item.earlier_attempt_uncertain:
+            if ended and (not item.earlier_attempt_uncertain or await self._chat_reused(session)):
+                # (A later handoff that reopened the chat would get this
+                # message: the provider sends what it does not find.)
                 return await self._settle_failed(item, "SESSION_ENDED", "the session has ended")
             # Ended, but an earlier attempt may have reached the provider (a
             # crash before its settle): ask it, uncertain, whether it has the
@@ -215,6 +217,14 @@ class Outbox:
             # frees the items queued behind it (if the loop saw any).
             if self._backlog or item.status is OutboxStatus.PENDING:
                 self.kick()
+
+    async def _chat_reused(self, session: Session) -> bool:
+        """Whether a later session took over the session's provider chat."""
+        async with self._ctx.store.transaction() as tx:
+            newest = await tx.find_session_by_chat(
+                self._ctx.provider_name, session.external_chat_id
+            )
+        return newest is not None and newest.id != session.id
 
     async def _call_keeping_state(
         self, item: OutboxItem, session: Session, watch: StateWatch
@@ -438,6 +448,7 @@ class Outbox:
         while not self._stopping:
             self._wake.clear()
             claimed = 0
+            pending: int | None = None  # unknown while the store cannot be read
             try:
                 pending, next_due = await ctx.store.outbox_stats()
                 now = ctx.clock.now()
@@ -445,13 +456,16 @@ class Outbox:
                     claimed = await self._claim_and_start()
             except StoreUnavailable as exc:
                 log.warning("outbox.store_unavailable", error=str(exc))
-                pending, next_due, now = 0, None, ctx.clock.now()
+                next_due, now = None, ctx.clock.now()
             except Exception:
                 # Anything else (a disk error the store did not translate):
                 # the loop must outlive it, or retries would stop for good.
                 log.exception("outbox.error")
-                pending, next_due, now = 0, None, ctx.clock.now()
-            ctx.metrics.outbox_depth.set(pending)
+                next_due, now = None, ctx.clock.now()
+            if pending is not None:
+                # Unread, the gauge keeps its last value: a 0 would say
+                # "all delivered" while the store is down.
+                ctx.metrics.outbox_depth.set(pending)
             if claimed:
                 continue  # more may be due
             self._backlog = next_due is not None and next_due <= now

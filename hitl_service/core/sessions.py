@@ -294,6 +294,10 @@ async def _fail_start(
     async with ctx.store.transaction() as tx:
         current = await tx.get_session(session.id)
         assert current is not None
+        if current.state is not SessionState.STARTING:
+            # The upkeep gave this start up already (START_INTERRUPTED) and
+            # forgot its request id, which a retry may have taken since.
+            return
         finish(current, SessionState.FAILED, detail, EndedBy.UNSPECIFIED, now)
         await tx.update_session(current)
         await tx.append_event(current.id, current.user_id, now, Failed(code=code, detail=detail))

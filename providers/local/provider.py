@@ -351,11 +351,13 @@ class LocalProvider:
         """See base class: appends to the conversation, once per request id."""
         async with self._lock:
             conv = self._get(chat.external_chat_id)
-            if conv.status == ENDED:
-                raise ChatInactive()
+            # A retry of a send the conversation has gets its answer, even
+            # once ended (the outbox asks about it, uncertain, after a crash).
             known = self._sent.get((conv.id, request_id))
             if known is not None:
                 return SendResult(known)
+            if conv.status == ENDED:
+                raise ChatInactive()
             entry = {
                 "id": f"{conv.id}_{len(conv.messages) + 1}",
                 "author": Author.USER.value,

@@ -344,7 +344,9 @@ class Session(_message.Message):
     end_reason: _builtins.str
     """Why it ended or failed; empty while open."""
     group_id: _builtins.str
-    """The group the handoff was routed to (decimal string for LiveChat)."""
+    """The group the handoff is routed to (decimal string for LiveChat); it
+    follows transfers to another group.
+    """
     ended_by: Global___EndedBy.ValueType
     """Who ended the session; ENDED_BY_UNSPECIFIED while open."""
     @_builtins.property

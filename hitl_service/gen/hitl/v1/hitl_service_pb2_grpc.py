@@ -145,8 +145,9 @@ class HitlServiceServicer:
         is sent once the subscription is registered: a client that received it
         can miss no later event. The server ends a stream after a bounded time
         (status OK), on shutdown and when the server already has its most open
-        streams (status UNAVAILABLE); reconnect with the last
-        cursor received to miss nothing and see nothing twice. No deadline needed.
+        streams (status UNAVAILABLE), and cancels one whose client stopped
+        reading (status CANCELLED); reconnect with the last cursor received to
+        miss nothing and see nothing twice. No deadline needed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

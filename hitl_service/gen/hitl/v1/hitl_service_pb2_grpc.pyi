@@ -95,8 +95,9 @@ class HitlServiceStub:
     is sent once the subscription is registered: a client that received it
     can miss no later event. The server ends a stream after a bounded time
     (status OK), on shutdown and when the server already has its most open
-    streams (status UNAVAILABLE); reconnect with the last
-    cursor received to miss nothing and see nothing twice. No deadline needed.
+    streams (status UNAVAILABLE), and cancels one whose client stopped
+    reading (status CANCELLED); reconnect with the last cursor received to
+    miss nothing and see nothing twice. No deadline needed.
     """
 
 @_typing.type_check_only
@@ -148,8 +149,9 @@ class HitlServiceAsyncStub(HitlServiceStub):
     is sent once the subscription is registered: a client that received it
     can miss no later event. The server ends a stream after a bounded time
     (status OK), on shutdown and when the server already has its most open
-    streams (status UNAVAILABLE); reconnect with the last
-    cursor received to miss nothing and see nothing twice. No deadline needed.
+    streams (status UNAVAILABLE), and cancels one whose client stopped
+    reading (status CANCELLED); reconnect with the last cursor received to
+    miss nothing and see nothing twice. No deadline needed.
     """
 
 class HitlServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -240,8 +242,9 @@ class HitlServiceServicer(metaclass=_abc_1.ABCMeta):
         is sent once the subscription is registered: a client that received it
         can miss no later event. The server ends a stream after a bounded time
         (status OK), on shutdown and when the server already has its most open
-        streams (status UNAVAILABLE); reconnect with the last
-        cursor received to miss nothing and see nothing twice. No deadline needed.
+        streams (status UNAVAILABLE), and cancels one whose client stopped
+        reading (status CANCELLED); reconnect with the last cursor received to
+        miss nothing and see nothing twice. No deadline needed.
         """
 
 def add_HitlServiceServicer_to_server(servicer: HitlServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
