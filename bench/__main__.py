@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="hitl-service against the floor of its own stack (see bench/README.md).",
     )
     parser.add_argument("command", nargs="?", default="run", choices=("run", "soak", "report"))
-    parser.add_argument("--quick", action="store_true", help="1 round, short runs (~3 min)")
+    parser.add_argument("--quick", action="store_true", help="1 round, short runs (~2 min)")
     parser.add_argument("--rounds", type=int, help="rounds (default 3)")
     parser.add_argument("--duration", type=float, help="seconds measured per run (default 2.5)")
     parser.add_argument("--warmup", type=float, help="seconds of warm-up per closed-loop run")

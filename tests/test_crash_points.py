@@ -14,7 +14,7 @@ from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from providers.types import Ended, EndedBy, Message
 from tests.scripted import Fault, ScriptedProvider
 from tests.support import TIMEOUT, make_user, rid, start_session, wait_for
-from tests.test_restart_and_upkeep import running
+from tests.test_restart_and_upkeep import running, with_session
 
 if TYPE_CHECKING:
     from hitl_service.app import App
@@ -29,10 +29,7 @@ async def test_a_delivered_send_whose_settle_died_is_not_failed_by_the_agents_en
     The retry with the same request id must still get the first outcome (the
     provider has the message), not SESSION_ENDED ("ended before delivery")."""
     service_env["HITL_PROVIDER_TIMEOUT"] = "0.5s"  # a short lease to wait out
-    async with running(service_env) as (app, stub):
-        provider = app.provider
-        assert isinstance(provider, ScriptedProvider)
-        session = await start_session(stub, (await make_user(stub)).id)
+    async with with_session(service_env) as (app, stub, provider, session):
         outbox = app.core.outbox
         never = asyncio.Event()
 
@@ -48,11 +45,11 @@ async def test_a_delivered_send_whose_settle_died_is_not_failed_by_the_agents_en
         # The agent read it and closed the chat (its webhook commits).
         await provider.push(session.external_chat_id, Ended(by=EndedBy.AGENT), "end-1")
     async with running(service_env) as (app, stub):
-        provider = app.provider
-        assert isinstance(provider, ScriptedProvider)
+        restarted = app.provider
+        assert isinstance(restarted, ScriptedProvider)
         # The provider still has the message (a fresh scripted instance
         # forgets it: tell it what the chat holds).
-        provider.calls.delivered[request.request_id] = Message("answered")
+        restarted.calls.delivered[request.request_id] = Message("answered")
         try:
             again = await stub.SendMessage(request, timeout=TIMEOUT)
         except grpc.aio.AioRpcError as exc:
@@ -85,29 +82,23 @@ async def test_a_stop_recorded_before_the_provider_was_called_is_made_after_rest
     service_env: dict[str, str],
 ) -> None:
     service_env["HITL_PROVIDER_TIMEOUT"] = "0.5s"
-    async with running(service_env) as (app, stub):
-        provider = app.provider
-        assert isinstance(provider, ScriptedProvider)
-        session = await start_session(stub, (await make_user(stub)).id)
+    async with with_session(service_env) as (app, stub, provider, session):
         provider.hold("stop")  # dies before the provider hears of the stop
         with contextlib.suppress(grpc.aio.AioRpcError):
             await stub.StopHitl(pb.StopHitlRequest(session_id=session.id), timeout=0.5)
         assert provider.calls.stops == []
     async with running(service_env) as (app, stub):
-        provider = app.provider
-        assert isinstance(provider, ScriptedProvider)
+        restarted = app.provider
+        assert isinstance(restarted, ScriptedProvider)
         await _stopped_once(app, stub, session)
-        assert provider.calls.stops == [session.external_chat_id]
+        assert restarted.calls.stops == [session.external_chat_id]
 
 
 async def test_a_stop_the_provider_made_but_whose_settle_died_ends_once(
     service_env: dict[str, str],
 ) -> None:
     service_env["HITL_PROVIDER_TIMEOUT"] = "0.5s"
-    async with running(service_env) as (app, stub):
-        provider = app.provider
-        assert isinstance(provider, ScriptedProvider)
-        session = await start_session(stub, (await make_user(stub)).id)
+    async with with_session(service_env) as (app, stub, provider, session):
         never = asyncio.Event()
 
         async def settle_dies(*args: Any, **kwargs: Any) -> Any:

@@ -82,6 +82,24 @@ def upkeep_on(app: App, clock: Clock) -> Maintenance:
     return Maintenance(replace(app.core.ctx, clock=clock), app.core.outbox)
 
 
+async def given_up_start(
+    app: App,
+    stub: pb_grpc.HitlServiceAsyncStub,
+    provider: ScriptedProvider,
+    clock: ShiftedClock,
+    user_id: str,
+) -> tuple[pb.StartHitlRequest, asyncio.Future[pb.StartHitlResponse], asyncio.Event]:
+    """A StartHitl held at the provider while the upkeep (its clock an hour
+    on) gives it up as interrupted: (request, the pending call, the gate)."""
+    gate = provider.hold("start")
+    request = pb.StartHitlRequest(user_id=user_id, request_id=rid(), title="late")
+    call = asyncio.ensure_future(stub.StartHitl(request, timeout=TIMEOUT))
+    await wait_for(lambda: provider.waiting.get("start") == 1, what="the held start")
+    clock.offset = 3600
+    await app.core.maintenance.sweep()  # START_INTERRUPTED, its request id forgotten
+    return request, call, gate
+
+
 async def all_events(stub: pb_grpc.HitlServiceAsyncStub, count: int) -> list[pb.Event]:
     async with EventCollector(stub, after="0") as events:
         await wait_for(lambda: len(events.events) >= count, what=f"{count} events")
@@ -242,12 +260,7 @@ class TestRestart:
         clock = ShiftedClock(SystemClock())
         async with scripted_on_clock(service_env, clock) as (app, stub, provider):
             user = await make_user(stub)
-            gate = provider.hold("start")
-            request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="late")
-            call = asyncio.ensure_future(stub.StartHitl(request, timeout=TIMEOUT))
-            await wait_for(lambda: provider.waiting.get("start") == 1, what="the held start")
-            clock.offset = 3600
-            await app.core.maintenance.sweep()  # gives the start up: START_INTERRUPTED
+            request, call, gate = await given_up_start(app, stub, provider, clock, user.id)
             gate.set()
             error = await expect_error(call, grpc.StatusCode.UNAVAILABLE)
             assert error.reason == "START_INTERRUPTED"
@@ -265,12 +278,7 @@ class TestRestart:
         clock = ShiftedClock(SystemClock())
         async with scripted_on_clock(service_env, clock) as (app, stub, provider):
             user = await make_user(stub)
-            gate = provider.hold("start")
-            request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="late")
-            first = asyncio.ensure_future(stub.StartHitl(request, timeout=TIMEOUT))
-            await wait_for(lambda: provider.waiting.get("start") == 1, what="the held start")
-            clock.offset = 3600
-            await app.core.maintenance.sweep()  # given up, its request id forgotten
+            request, first, gate = await given_up_start(app, stub, provider, clock, user.id)
             del provider.gates["start"]  # the first call stays held; new ones go through
             retried = (await stub.StartHitl(request, timeout=TIMEOUT)).session
             provider.fail("start", *[Fault("unavailable")] * 5)

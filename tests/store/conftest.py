@@ -7,11 +7,13 @@ opens more, closing them all after the test.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from hitl_service.secret import Secret
@@ -41,6 +43,24 @@ class Backend:
             return SqliteStore(Path(self.target))
         options = {"pool_min": 1, "pool_max": 4, **options}
         return PostgresStore(Secret(self.target), **options)
+
+    async def execute(self, *statements: str) -> None:
+        """Runs raw SQL on the database, outside any store (as another release would)."""
+        if self.name == "sqlite":
+            conn = sqlite3.connect(self.target)
+            try:
+                for statement in statements:
+                    conn.execute(statement)
+                conn.commit()
+            finally:
+                conn.close()
+            return
+        pg = await asyncpg.connect(self.target)
+        try:
+            for statement in statements:
+                await pg.execute(statement)
+        finally:
+            await pg.close()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -77,3 +97,13 @@ async def open_store(backend: Backend) -> AsyncIterator[OpenStore]:
 async def store(open_store: OpenStore) -> Store:
     """An opened store on a fresh database."""
     return await open_store()
+
+
+@pytest.fixture
+async def monitor(postgres_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to the test database, for looking at locks and backends."""
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()

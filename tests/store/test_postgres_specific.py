@@ -60,16 +60,6 @@ async def opened(make: Make, **options: Any) -> PostgresStore:
     return store
 
 
-@pytest.fixture
-async def monitor(postgres_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    """A plain connection to the test database, for looking at locks and backends."""
-    conn = await asyncpg.connect(postgres_dsn)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
 async def _session(store: PostgresStore, **fields: Any) -> Session:
     user = make_user()
     session = make_session(user.id, **fields)

@@ -4,7 +4,6 @@ previous release) keep using."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -19,15 +18,6 @@ from tests.store.helpers import until_blocked
 pytestmark = pytest.mark.postgres
 
 NEWEST = max(version for version, _ in migrations("postgres"))
-
-
-@pytest.fixture
-async def monitor(postgres_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(postgres_dsn)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def previous_version(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:

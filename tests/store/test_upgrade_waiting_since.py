@@ -4,10 +4,6 @@ has waited since then, not since it was created."""
 
 from __future__ import annotations
 
-import sqlite3
-
-import asyncpg
-
 from hitl_service.domain import SessionState
 from hitl_service.store.base import Store
 from providers.types import Agent, AgentAssigned, Queued, Started, Transferred
@@ -19,22 +15,10 @@ JANE = Agent(id="jane@acme.example", name="Jane")
 
 async def back_to_version_3(backend: Backend) -> None:
     """The schema as the previous release left it (its rows kept)."""
-    drop = "ALTER TABLE sessions DROP COLUMN waiting_since"
-    forget = "DELETE FROM schema_version WHERE version >= 4"
-    if backend.name == "sqlite":
-        conn = sqlite3.connect(backend.target)
-        try:
-            conn.execute(drop)
-            conn.execute(forget)
-            conn.commit()
-        finally:
-            conn.close()
-    else:
-        pg = await asyncpg.connect(backend.target)
-        try:
-            await pg.execute(f"{drop}; {forget}")
-        finally:
-            await pg.close()
+    await backend.execute(
+        "ALTER TABLE sessions DROP COLUMN waiting_since",
+        "DELETE FROM schema_version WHERE version >= 4",
+    )
 
 
 async def add(store: Store, state: SessionState, kinds: list[tuple[float, object]]) -> str:

@@ -12,7 +12,9 @@ Errors use gRPC status codes with google.rpc details: INVALID_ARGUMENT with
 google.rpc.BadRequest field violations for bad input, NOT_FOUND for unknown
 ids, FAILED_PRECONDITION for a wrong state or refused provider credentials,
 UNAVAILABLE when the provider stays unreachable after retries. Every error
-carries a google.rpc.ErrorInfo (domain "hitl.v1") whose UPPER_SNAKE reason
+the service itself returns (not gRPC's own RESOURCE_EXHAUSTED,
+DEADLINE_EXCEEDED or CANCELLED) carries a google.rpc.ErrorInfo (domain
+"hitl.v1") whose UPPER_SNAKE reason
 is stable: branch on the reason, not on the message text. docs/errors.md
 lists every reason, its metadata and whether to retry.
 

@@ -12,7 +12,9 @@ Errors use gRPC status codes with google.rpc details: INVALID_ARGUMENT with
 google.rpc.BadRequest field violations for bad input, NOT_FOUND for unknown
 ids, FAILED_PRECONDITION for a wrong state or refused provider credentials,
 UNAVAILABLE when the provider stays unreachable after retries. Every error
-carries a google.rpc.ErrorInfo (domain "hitl.v1") whose UPPER_SNAKE reason
+the service itself returns (not gRPC's own RESOURCE_EXHAUSTED,
+DEADLINE_EXCEEDED or CANCELLED) carries a google.rpc.ErrorInfo (domain
+"hitl.v1") whose UPPER_SNAKE reason
 is stable: branch on the reason, not on the message text. docs/errors.md
 lists every reason, its metadata and whether to retry.
 
@@ -94,10 +96,11 @@ class HitlServiceStub:
     after_cursor, then live ones as they are committed. The initial metadata
     is sent once the subscription is registered: a client that received it
     can miss no later event. The server ends a stream after a bounded time
-    (status OK), on shutdown and when the server already has its most open
-    streams (status UNAVAILABLE), and cancels one whose client stopped
-    reading (status CANCELLED); reconnect with the last cursor received to
-    miss nothing and see nothing twice. No deadline needed.
+    (status OK) and on shutdown (status UNAVAILABLE), and cancels one whose
+    client stopped reading (status CANCELLED); a new stream is refused with
+    UNAVAILABLE (TOO_MANY_STREAMS) while the server has HITL_STREAM_MAX_OPEN
+    open. Reconnect with the last cursor received to miss nothing and see
+    nothing twice. No deadline needed.
     """
 
 @_typing.type_check_only
@@ -148,10 +151,11 @@ class HitlServiceAsyncStub(HitlServiceStub):
     after_cursor, then live ones as they are committed. The initial metadata
     is sent once the subscription is registered: a client that received it
     can miss no later event. The server ends a stream after a bounded time
-    (status OK), on shutdown and when the server already has its most open
-    streams (status UNAVAILABLE), and cancels one whose client stopped
-    reading (status CANCELLED); reconnect with the last cursor received to
-    miss nothing and see nothing twice. No deadline needed.
+    (status OK) and on shutdown (status UNAVAILABLE), and cancels one whose
+    client stopped reading (status CANCELLED); a new stream is refused with
+    UNAVAILABLE (TOO_MANY_STREAMS) while the server has HITL_STREAM_MAX_OPEN
+    open. Reconnect with the last cursor received to miss nothing and see
+    nothing twice. No deadline needed.
     """
 
 class HitlServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -241,10 +245,11 @@ class HitlServiceServicer(metaclass=_abc_1.ABCMeta):
         after_cursor, then live ones as they are committed. The initial metadata
         is sent once the subscription is registered: a client that received it
         can miss no later event. The server ends a stream after a bounded time
-        (status OK), on shutdown and when the server already has its most open
-        streams (status UNAVAILABLE), and cancels one whose client stopped
-        reading (status CANCELLED); reconnect with the last cursor received to
-        miss nothing and see nothing twice. No deadline needed.
+        (status OK) and on shutdown (status UNAVAILABLE), and cancels one whose
+        client stopped reading (status CANCELLED); a new stream is refused with
+        UNAVAILABLE (TOO_MANY_STREAMS) while the server has HITL_STREAM_MAX_OPEN
+        open. Reconnect with the last cursor received to miss nothing and see
+        nothing twice. No deadline needed.
         """
 
 def add_HitlServiceServicer_to_server(servicer: HitlServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
