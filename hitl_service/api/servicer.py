@@ -6,7 +6,6 @@ statuses with details.
 
 from __future__ import annotations
 
-import asyncio
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
@@ -32,12 +31,6 @@ _MARGIN = 0.25  # seconds kept back from the caller's deadline to answer in time
 MAX_MESSAGE_BYTES = 1024 * 1024  # media travels as URLs, so 1 MiB is plenty
 _MAX_EVENT_BYTES = MAX_MESSAGE_BYTES - 1024  # room for gRPC's framing
 _MAX_PAGE_BYTES = MAX_MESSAGE_BYTES - 4096  # room for the page token and framing
-_STALL_GRACE = 30.0  # seconds past its lifetime a stream blocked in a write may stay
-
-
-def _cancel(task: asyncio.Task[Any] | None) -> None:
-    if task is not None:
-        task.cancel()
 
 
 class EncodedEvents:
@@ -189,20 +182,11 @@ class HitlServicer(pb_grpc.HitlServiceServicer):
         metrics = self._core.ctx.metrics
         metrics.stream_subscribers.inc()
         self._open_streams += 1
-        stalled: asyncio.TimerHandle | None = None
         try:
             # The subscription's cursor is fixed: from here the client can
             # miss nothing, so tell it.
             await context.send_initial_metadata((("x-stream-head", str(head)),))
             encode = self._encoded.get
-            # The lifetime is checked after each write; a client that stops
-            # reading leaves the stream blocked in one once gRPC's
-            # flow-control window is full. A while after its lifetime, such
-            # a stream is cancelled (one timer per stream, no wake-ups).
-            lifetime = self._settings.stream_max_seconds
-            stalled = asyncio.get_running_loop().call_later(
-                lifetime + min(_STALL_GRACE, lifetime), _cancel, asyncio.current_task()
-            )
             async with aclosing(events):
                 async for event in events:
                     yield encode(event)
@@ -213,7 +197,5 @@ class HitlServicer(pb_grpc.HitlServiceServicer):
                 "the server is shutting down; reconnect with the last cursor received",
             ) from None
         finally:
-            if stalled is not None:
-                stalled.cancel()
             self._open_streams -= 1
             metrics.stream_subscribers.dec()

@@ -144,11 +144,10 @@ class HitlServiceServicer:
         after_cursor, then live ones as they are committed. The initial metadata
         is sent once the subscription is registered: a client that received it
         can miss no later event. The server ends a stream after a bounded time
-        (status OK) and on shutdown (status UNAVAILABLE), and cancels one whose
-        client stopped reading (status CANCELLED); a new stream is refused with
-        UNAVAILABLE (TOO_MANY_STREAMS) while the server has HITL_STREAM_MAX_OPEN
-        open. Reconnect with the last cursor received to miss nothing and see
-        nothing twice. No deadline needed.
+        (status OK) and on shutdown (status UNAVAILABLE); a new stream is
+        refused with UNAVAILABLE (TOO_MANY_STREAMS) while the server has
+        HITL_STREAM_MAX_OPEN open. Reconnect with the last cursor received to
+        miss nothing and see nothing twice. No deadline needed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -96,11 +96,10 @@ class HitlServiceStub:
     after_cursor, then live ones as they are committed. The initial metadata
     is sent once the subscription is registered: a client that received it
     can miss no later event. The server ends a stream after a bounded time
-    (status OK) and on shutdown (status UNAVAILABLE), and cancels one whose
-    client stopped reading (status CANCELLED); a new stream is refused with
-    UNAVAILABLE (TOO_MANY_STREAMS) while the server has HITL_STREAM_MAX_OPEN
-    open. Reconnect with the last cursor received to miss nothing and see
-    nothing twice. No deadline needed.
+    (status OK) and on shutdown (status UNAVAILABLE); a new stream is
+    refused with UNAVAILABLE (TOO_MANY_STREAMS) while the server has
+    HITL_STREAM_MAX_OPEN open. Reconnect with the last cursor received to
+    miss nothing and see nothing twice. No deadline needed.
     """
 
 @_typing.type_check_only
@@ -151,11 +150,10 @@ class HitlServiceAsyncStub(HitlServiceStub):
     after_cursor, then live ones as they are committed. The initial metadata
     is sent once the subscription is registered: a client that received it
     can miss no later event. The server ends a stream after a bounded time
-    (status OK) and on shutdown (status UNAVAILABLE), and cancels one whose
-    client stopped reading (status CANCELLED); a new stream is refused with
-    UNAVAILABLE (TOO_MANY_STREAMS) while the server has HITL_STREAM_MAX_OPEN
-    open. Reconnect with the last cursor received to miss nothing and see
-    nothing twice. No deadline needed.
+    (status OK) and on shutdown (status UNAVAILABLE); a new stream is
+    refused with UNAVAILABLE (TOO_MANY_STREAMS) while the server has
+    HITL_STREAM_MAX_OPEN open. Reconnect with the last cursor received to
+    miss nothing and see nothing twice. No deadline needed.
     """
 
 class HitlServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -245,11 +243,10 @@ class HitlServiceServicer(metaclass=_abc_1.ABCMeta):
         after_cursor, then live ones as they are committed. The initial metadata
         is sent once the subscription is registered: a client that received it
         can miss no later event. The server ends a stream after a bounded time
-        (status OK) and on shutdown (status UNAVAILABLE), and cancels one whose
-        client stopped reading (status CANCELLED); a new stream is refused with
-        UNAVAILABLE (TOO_MANY_STREAMS) while the server has HITL_STREAM_MAX_OPEN
-        open. Reconnect with the last cursor received to miss nothing and see
-        nothing twice. No deadline needed.
+        (status OK) and on shutdown (status UNAVAILABLE); a new stream is
+        refused with UNAVAILABLE (TOO_MANY_STREAMS) while the server has
+        HITL_STREAM_MAX_OPEN open. Reconnect with the last cursor received to
+        miss nothing and see nothing twice. No deadline needed.
         """
 
 def add_HitlServiceServicer_to_server(servicer: HitlServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
