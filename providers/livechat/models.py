@@ -145,6 +145,11 @@ class LcEvent:
         """The text of a message event (or a system message)."""
         return as_str(self.raw.get("text"))
 
+    @property
+    def deleted(self) -> bool:
+        """Its author deleted it (it stays listed, marked)."""
+        return self.raw.get("deleted") is True
+
 
 @dataclass(frozen=True, slots=True)
 class LcUser:

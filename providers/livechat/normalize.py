@@ -285,6 +285,8 @@ def thread_events(
         if seen.type == "system_message":
             closed_by = _CLOSED_BY.get(as_str(seen.raw.get("system_message_type")), closed_by)
     for event in events:
+        if event.deleted:
+            continue  # retracted by its author: not for the user
         message, _ = message_event(memory, chat_id, event, thread.id)
         if message is not None:
             out.append(message)

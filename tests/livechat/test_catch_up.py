@@ -40,6 +40,30 @@ async def test_recovers_missed_agent_messages_with_webhook_keys(
     assert all(kind_of(e, AgentMessage).agent.id == "jane@acme.example" for e in messages)
 
 
+async def test_a_message_the_agent_deleted_is_not_recovered(
+    provider: LiveChatProvider, fake: FakeLiveChat, receiver: Receiver
+) -> None:
+    """Events carry ``deleted`` once their author deleted them (events and
+    data structures): one whose webhook was lost must not reach the user
+    through catch-up."""
+    session = await start_session(provider)
+    fake.agent_join(session.chat_id)
+    await fake.delivery.idle()
+    fake.delivery.drop_next = 2
+    retracted = fake.agent_message(session.chat_id, text="wrong customer, sorry")
+    fake.agent_message(session.chat_id, text="kept")
+    await fake.delivery.idle()
+    (stored,) = [e for e in fake.chat(session.chat_id).thread.events if e["id"] == retracted["id"]]
+    stored["deleted"] = True  # the agent deleted it at LiveChat
+    caught = await provider.catch_up(session.chat, session.user, "", timeout=5)
+    texts = [
+        kind_of(e, AgentMessage).message.body
+        for e in caught.events
+        if isinstance(e.kind, AgentMessage)
+    ]
+    assert texts == ["kept"]
+
+
 async def test_checkpoint_returns_only_newer_events(
     provider: LiveChatProvider, fake: FakeLiveChat
 ) -> None:
