@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,20 @@ async def run(provider: LiveChatProvider, *argv: str) -> tuple[int, str]:
     out = io.StringIO()
     status = await provider.run_command(list(argv), out)
     return status, out.getvalue()
+
+
+def made_by_hand(fake: FakeLiveChat, action: str, url: str, **fields: str) -> dict[str, Any]:
+    """A webhook of this app registered outside the command (in LiveChat's console)."""
+    return fake.state.register_webhook(
+        {
+            "action": action,
+            "url": url,
+            "secret_key": "other",
+            "owner_client_id": fake.state.seed.client_id,
+            "type": "license",
+            **fields,
+        }
+    )
 
 
 async def test_provider_supports_commands(provider: LiveChatProvider) -> None:
@@ -131,15 +146,7 @@ async def test_a_replacement_at_the_limit_removes_the_old_one_first(
 ) -> None:
     await run(provider, "register-webhooks", "--url", URL)
     for n in range(2):  # two made by hand: with ours, the action is full
-        fake.state.register_webhook(
-            {
-                "action": "chat_deactivated",
-                "url": f"https://other.example/{n}",
-                "secret_key": "s",
-                "owner_client_id": fake.state.seed.client_id,
-                "type": "license",
-            }
-        )
+        made_by_hand(fake, "chat_deactivated", f"https://other.example/{n}")
     status, text = await run(provider, "register-webhooks", "--url", URL + "/v2")
     assert status == 0, text
     ours = [h for h in fake.state.webhooks.values() if h.action == "chat_deactivated"]
@@ -151,15 +158,8 @@ async def test_a_replacement_at_the_limit_removes_the_old_one_first(
 async def test_register_keeps_webhooks_made_by_hand(
     provider: LiveChatProvider, fake: FakeLiveChat
 ) -> None:
-    manual = fake.state.register_webhook(
-        {
-            "action": "incoming_event",
-            "url": "https://other.example/hook",
-            "secret_key": "other",
-            "owner_client_id": fake.state.seed.client_id,
-            "type": "license",
-            "description": "made in the console",
-        }
+    manual = made_by_hand(
+        fake, "incoming_event", "https://other.example/hook", description="made in the console"
     )
     await run(provider, "register-webhooks", "--url", URL)
     assert manual["id"] in fake.state.webhooks
@@ -180,15 +180,7 @@ async def test_unregister_by_url(provider: LiveChatProvider, fake: FakeLiveChat)
 
 async def test_limit_reached_is_reported(provider: LiveChatProvider, fake: FakeLiveChat) -> None:
     for n in range(3):
-        fake.state.register_webhook(
-            {
-                "action": "chat_deactivated",
-                "url": f"https://other.example/{n}",
-                "secret_key": "s",
-                "owner_client_id": fake.state.seed.client_id,
-                "type": "license",
-            }
-        )
+        made_by_hand(fake, "chat_deactivated", f"https://other.example/{n}")
     status, text = await run(provider, "register-webhooks", "--url", URL)
     assert status == 1
     assert "failed:" in text
