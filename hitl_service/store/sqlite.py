@@ -853,10 +853,11 @@ class SqliteStore:
             if batch is None:
                 try:
                     await _retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"), self._busy_timeout)
-                except (sqlite3.Error, StoreUnavailable) as exc:
+                except StoreUnavailable:
                     self._write_failed = True
-                    if isinstance(exc, StoreUnavailable):
-                        raise
+                    raise
+                except sqlite3.Error as exc:
+                    self._write_failed = True
                     raise StoreUnavailable(f"SQLite refused a write: {exc}") from exc
                 batch = self._batch = _Batch(asyncio.get_running_loop().create_future())
             # The first member needs no savepoint: undoing it is a ROLLBACK.
