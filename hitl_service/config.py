@@ -21,6 +21,7 @@ from dotenv import dotenv_values
 from hitl_service.secret import Secret
 
 LogFormat = Literal["json", "console"]
+SqliteSync = Literal["normal", "full"]
 _LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -117,6 +118,9 @@ class Settings:
     store_pool_max: int = 10
     store_poll_only: bool = False
     store_statement_cache: int = 100
+    # normal: a commit survives a crash of the process; full: also a power
+    # loss, for an fsync of the WAL per COMMIT (shared by a group commit).
+    sqlite_synchronous: SqliteSync = "normal"
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -152,6 +156,12 @@ class Settings:
             raise ConfigError("HITL_GRPC_TLS_CLIENT_CA", "needs HITL_GRPC_TLS_CERT and _KEY too")
         if tls["cert"] is not None and tls["key"] is not None:
             _check_tls(tls["cert"], tls["key"], tls["client_ca"])
+        raw_sync = get("HITL_SQLITE_SYNCHRONOUS", "normal").strip().lower()
+        if raw_sync not in ("normal", "full"):
+            raise ConfigError(
+                "HITL_SQLITE_SYNCHRONOUS", f"must be normal or full, not {raw_sync!r}"
+            )
+        sqlite_synchronous: SqliteSync = "full" if raw_sync == "full" else "normal"
         tokens = tuple(
             Secret(t.strip()) for t in get("HITL_API_TOKENS", "").split(",") if t.strip()
         )
@@ -190,6 +200,7 @@ class Settings:
             store_statement_cache=_int(
                 env, "HITL_STORE_STATEMENT_CACHE", cls.store_statement_cache, minimum=0
             ),
+            sqlite_synchronous=sqlite_synchronous,
             env=dict(env),
         )
 

@@ -54,6 +54,7 @@ async def run(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str
         ("HITL_GRPC_ADDR", "no-port"),
         ("HITL_PROVIDER_TIMEOUT", "soon"),
         ("HITL_LOG_FORMAT", "xml"),
+        ("HITL_SQLITE_SYNCHRONOUS", "off"),
     ],
 )
 async def test_bad_settings_exit_with_one_line_naming_the_variable(

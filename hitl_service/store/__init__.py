@@ -22,7 +22,7 @@ def open_store(settings: Settings, activity: Activity | None = None) -> Store:
         from hitl_service.store.sqlite import SqliteStore
 
         assert url.path is not None  # parse_store_url sets it for sqlite
-        return SqliteStore(url.path, activity=activity)
+        return SqliteStore(url.path, activity=activity, synchronous=settings.sqlite_synchronous)
     from hitl_service.store.postgres import PostgresStore  # needs the postgres extra
 
     return PostgresStore(

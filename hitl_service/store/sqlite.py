@@ -30,10 +30,11 @@ the store in a loop (``Outbox.wait`` re-reads its item until a task settles
 it) must still let that task, and everything else, run. Statements inside a
 transaction do not yield, so a transaction body runs in one go.
 
-Transactions commit with ``synchronous = NORMAL``: a commit survives a crash
-of the process (it is in the WAL before the webhook's 200); an operating
-system crash or power loss may lose the last commits, as with any
-``synchronous = NORMAL`` WAL database.
+Transactions commit with ``synchronous = NORMAL`` by default: a commit
+survives a crash of the process (it is in the WAL before the webhook's 200);
+an operating system crash or power loss may lose the last commits, as with
+any ``synchronous = NORMAL`` WAL database. ``HITL_SQLITE_SYNCHRONOUS=full``
+fsyncs the WAL at every COMMIT (one per group) so that they survive those too.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import structlog
 
@@ -656,9 +657,15 @@ class SqliteStore:
     backend = "sqlite"
 
     def __init__(
-        self, path: Path, *, busy_timeout_ms: int = 5000, activity: Activity | None = None
+        self,
+        path: Path,
+        *,
+        busy_timeout_ms: int = 5000,
+        activity: Activity | None = None,
+        synchronous: Literal["normal", "full"] = "normal",
     ) -> None:
         self._path = path
+        self._synchronous = synchronous
         self._activity = activity or Activity()
         self._busy_timeout = busy_timeout_ms / 1000
         self._writer: sqlite3.Connection | None = None
@@ -714,7 +721,7 @@ class SqliteStore:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         for pragma in (
             "journal_mode = WAL",
-            "synchronous = NORMAL",
+            f"synchronous = {self._synchronous.upper()}",
             "foreign_keys = ON",
             f"busy_timeout = {int(busy_timeout * 1000)}",
         ):
