@@ -83,6 +83,16 @@ class Metrics:
             ("kind",),
             registry=registry,
         )
+        # Only UNAVAILABLE: its reasons are literals in our code (a bounded
+        # set), while FAILED_PRECONDITION may carry the provider's own codes.
+        # The reason tells a provider outage from a store outage.
+        self.rpc_unavailable = Counter(
+            "hitl_rpc_unavailable_total",
+            "RPCs answered UNAVAILABLE, by method and ErrorInfo reason "
+            "(STORE_UNAVAILABLE, PROVIDER_UNAVAILABLE, DELIVERY_PENDING, STOP_PENDING, ...).",
+            ("grpc_method", "reason"),
+            registry=registry,
+        )
         self.provider_seconds = Histogram(
             "hitl_provider_request_duration_seconds",
             "Provider calls by operation and outcome (ok, unavailable, rejected, error).",

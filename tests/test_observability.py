@@ -6,12 +6,19 @@ from __future__ import annotations
 import ast
 import asyncio
 from pathlib import Path
+from typing import NoReturn
 
+import grpc
+import httpx
 import pytest
+from prometheus_client.metrics import MetricWrapperBase
 
+from hitl_service.app import App
 from hitl_service.errors import StoreUnavailable
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
-from tests.support import TIMEOUT, rid, wait_for
+from tests.alert_rules import alert_rules, scrape, selectors, total
+from tests.scripted import Fault
+from tests.support import TIMEOUT, expect_error, make_user, rid, wait_for
 from tests.test_restart_and_upkeep import with_session
 
 
@@ -93,3 +100,148 @@ def test_every_warning_and_error_event_is_documented() -> None:
             continue  # "the `*.store_unavailable` warnings (`rpc.`, ...)"
         missing.append(f"{name} ({where})")
     assert not missing, "undocumented warning/error events: " + ", ".join(missing)
+
+
+def _source_strings() -> set[str]:
+    """Every string literal in the service and provider packages."""
+    found: set[str] = set()
+    for package in ("hitl_service", "providers"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    found.add(node.value)
+    return found
+
+
+async def test_every_alert_rule_uses_metrics_labels_and_values_the_service_exports(
+    app: App, http: httpx.AsyncClient
+) -> None:
+    """The sample alerts in docs/operations.md select series that exist: a
+    renamed metric, label or label value would leave a rule that never fires."""
+    answer = await http.get("/metrics")
+    assert answer.status_code == 200
+    exported: dict[str, str] = {}  # sample name -> family name
+    for line in answer.text.splitlines():
+        if line.startswith("# TYPE "):
+            name, kind = line.split()[2:4]
+            suffixes = ("_bucket", "_count", "_sum") if kind == "histogram" else ("",)
+            exported.update({name + suffix: name for suffix in suffixes})
+    labels_of = {
+        metric._name + ("_total" if metric._type == "counter" else ""): set(metric._labelnames)
+        for metric in vars(app.metrics).values()
+        if isinstance(metric, MetricWrapperBase)
+    }
+    values = _source_strings() | {code.name for code in grpc.StatusCode}
+    for service in pb.DESCRIPTOR.services_by_name.values():
+        values |= {service.full_name, *(m.name for m in service.methods)}
+    rules = alert_rules()
+    assert len(rules) >= 10, "the rules were not found in docs/operations.md"
+    problems = []
+    for alert, expr in rules.items():
+        used = selectors(expr)
+        assert used, f"{alert}: no metric found in {expr!r}"
+        for selector in used:
+            if selector.name == "up":  # Prometheus's own, per scrape target
+                continue
+            family = exported.get(selector.name)
+            if family is None:
+                problems.append(f"{alert}: {selector.name} is not exported")
+                continue
+            known = labels_of.get(family, set()) | {"instance", "job"}
+            if selector.name.endswith("_bucket"):
+                known.add("le")
+            for label, op, value in selector.matchers:
+                if label not in known:
+                    problems.append(f"{alert}: {selector.name} has no label {label}")
+                elif op in ("=", "=~") and label not in ("instance", "job"):
+                    unknown = [v for v in value.split("|") if v not in values]
+                    if unknown:
+                        problems.append(f"{alert}: {label} values {unknown} appear nowhere")
+    assert not problems, "\n".join(problems)
+
+
+async def test_the_pages_tell_a_store_outage_from_a_provider_outage(
+    service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HitlProviderUnavailable says "the provider is unreachable"; a store
+    outage answers UNAVAILABLE too, and must count for HitlStoreUnavailable
+    instead (each rule's first selector is the failures it counts)."""
+    rules = alert_rules()
+    provider_failures = selectors(rules["HitlProviderUnavailable"])[0]
+    store_failures = selectors(rules["HitlStoreUnavailable"])[0]
+    async with (
+        with_session(service_env) as (app, stub, provider, session),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as http,
+    ):
+
+        async def counted() -> tuple[float, float]:
+            samples = scrape((await http.get("/metrics")).text)
+            return total(samples, provider_failures), total(samples, store_failures)
+
+        async def any_counted() -> bool:  # metrics are written after the answer
+            return sum(await counted()) > seen
+
+        other = await make_user(stub)
+
+        def down(**options: bool) -> NoReturn:
+            raise StoreUnavailable("database is locked (test)")
+
+        monkeypatch.setattr(app.store, "transaction", down)
+        error = await expect_error(
+            stub.SendMessage(
+                pb.SendMessageRequest(
+                    session_id=session.id, request_id=rid(), message=pb.Message(text="hi")
+                ),
+                timeout=TIMEOUT,
+            ),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+        assert error.reason == "STORE_UNAVAILABLE"
+        monkeypatch.undo()
+        seen = 0
+        await wait_for(any_counted, what="the store failure counted")
+        assert await counted() == (0, 1)
+
+        provider.fail("start", Fault("unavailable", retry_after=1000))  # no time to retry
+        error = await expect_error(
+            stub.StartHitl(
+                pb.StartHitlRequest(user_id=other.id, request_id=rid()), timeout=TIMEOUT
+            ),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+        assert error.reason == "PROVIDER_UNAVAILABLE"
+        seen = 1
+        await wait_for(any_counted, what="the provider failure counted")
+        assert await counted() == (1, 1)
+
+
+def test_unavailable_reasons_are_a_fixed_documented_set() -> None:
+    """``hitl_rpc_unavailable_total`` is labelled by reason: bounded only
+    while every UNAVAILABLE reason is a literal in the code; and each is
+    listed where the metric is documented."""
+    reasons: set[str] = set()
+    computed = []
+    for package in ("hitl_service", "providers"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if not isinstance(node, ast.Call):
+                    continue
+                callee = ast.unparse(node.func)
+                if callee == "Unavailable" and node.args:
+                    reason = node.args[0]
+                elif callee == "HitlError" and ast.unparse(node.args[0]) == "Code.UNAVAILABLE":
+                    reason = node.args[1]
+                else:
+                    continue
+                if isinstance(reason, ast.Constant) and isinstance(reason.value, str):
+                    reasons.add(reason.value)
+                else:
+                    computed.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not computed, "UNAVAILABLE reasons not written as literals: " + ", ".join(computed)
+    assert {"STORE_UNAVAILABLE", "PROVIDER_UNAVAILABLE"} <= reasons
+    row = next(
+        line
+        for line in (ROOT / "docs" / "operations.md").read_text().splitlines()
+        if line.startswith("| `hitl_rpc_unavailable_total`")
+    )
+    assert not [r for r in reasons if f"`{r}`" not in row], row

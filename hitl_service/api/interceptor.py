@@ -73,6 +73,11 @@ class _Method:
         metrics = self._metrics
         return metrics.child(metrics.grpc_handled, *self._labels, code.name)
 
+    def unavailable(self, reason: str) -> Counter:
+        """The ``hitl_rpc_unavailable_total`` child for ``reason``."""
+        metrics = self._metrics
+        return metrics.child(metrics.rpc_unavailable, self.name, reason)
+
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler of the server."""
@@ -282,6 +287,8 @@ class _Rpc:
 
 def _done(info: _Method, code: grpc.StatusCode, elapsed: float, reason: str) -> None:
     info.handled(code).inc()
+    if reason and code is grpc.StatusCode.UNAVAILABLE:
+        info.unavailable(reason).inc()
     info.seconds.observe(elapsed)
     duration_ms = round(elapsed * 1000, 3)
     if reason:
