@@ -1,0 +1,71 @@
+"""The LiveChat alert of docs/operations.md against the real flow:
+HitlWebhooksMissing must stay quiet for a healthy registration, including a
+handoff nobody answers, and fire once the webhooks are gone."""
+
+from __future__ import annotations
+
+from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from tests.alert_rules import Scrape, alert_rules, scrape, selectors, total
+from tests.integration.conftest import MakeService, Out
+from tests.support import TIMEOUT, wait_for
+
+
+async def test_webhooks_missing_fires_on_unanswered_starts_not_on_quiet_handoffs(
+    make_service: MakeService,
+) -> None:
+    """The rule is ``done > 0 unless on() webhooks > 0`` over one window:
+    LiveChat answers a chat we start or close with a webhook, so only a
+    broken registration leaves them unanswered. Sends are no such signal
+    (the end user's messages are not echoed), nor is an open handoff."""
+    expr = alert_rules()["HitlWebhooksMissing"]
+    assert " unless on() " in expr, expr
+    done, webhooks = selectors(expr)
+    lc = await make_service()
+
+    async def metrics() -> Scrape:
+        return scrape((await lc.http.get("/metrics")).text)
+
+    async def increases(before: Scrape) -> tuple[float, float]:
+        """(done, webhooks) over the window since ``before``."""
+        await lc.delivered()  # the webhooks LiveChat fired are answered
+        after = await metrics()
+        return (
+            total(after, done) - total(before, done),
+            total(after, webhooks) - total(before, webhooks),
+        )
+
+    async def fires(before: Scrape) -> bool:
+        """Whether the rule holds over the window since ``before``."""
+        more_done, more_webhooks = await increases(before)
+        return more_done > 0 and not more_webhooks > 0
+
+    window = await metrics()
+    session = await lc.start()
+    assert not await fires(window), "a start LiveChat answered"
+
+    # A handoff nobody answers: the end user writes, no agent replies.
+    window = await metrics()
+    for text in ("hello?", "anyone there?"):
+        await lc.send(session.id, text)
+    assert (
+        lc.app.metrics.registry.get_sample_value(
+            "hitl_outbox_attempts_total", {"kind": "send", "outcome": "done"}
+        )
+        == 2
+    )
+    # No webhook at all, with a handoff open: what the earlier rule
+    # ("open handoffs, no webhook for 30 minutes") paged on.
+    assert (await increases(window))[1] == 0
+    assert not await fires(window), "a quiet handoff"
+
+    window = await metrics()
+    await lc.stub.StopHitl(pb.StopHitlRequest(session_id=session.id), timeout=TIMEOUT)
+    assert not await fires(window), "a stop LiveChat answered"
+
+    # The registration is gone: the next start gets no webhook.
+    out = Out()
+    assert await lc.provider.run_command(["unregister-webhooks"], out) == 0, out.getvalue()
+    await wait_for(lambda: not lc.fake.state.webhooks, what="no webhook registered")
+    window = await metrics()
+    await lc.start()
+    assert await fires(window), "a start with no webhook registered"
