@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -20,7 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.contextvars import bind_contextvars, clear_contextvars
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
@@ -65,6 +66,75 @@ async def read_body(request: Request, limit: int) -> bytes:
 def error(status: int, reason: str, **extra: object) -> JSONResponse:
     """A 4xx/5xx answer with a JSON reason."""
     return JSONResponse({"error": reason, **extra}, status_code=status)
+
+
+class BodyRefused(Exception):
+    """The body was not read; ``response`` says why, ``outcome`` in one word."""
+
+    def __init__(self, outcome: str, response: Response) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+        self.response = response
+
+
+async def read_bounded_body(request: Request, settings: Settings) -> bytes:
+    """The body, within ``HITL_HTTP_MAX_BODY`` and ``HITL_HTTP_REQUEST_TIMEOUT``.
+
+    Raises:
+        BodyRefused: Too large (413), too slow (408) or cut short (400).
+    """
+    try:
+        async with asyncio.timeout(settings.http_request_timeout):
+            return await read_body(request, settings.http_max_body)
+    except TimeoutError:
+        # A sender that stalls mid-body holds a connection and up to
+        # HITL_HTTP_MAX_BODY of buffer: not for longer than this.
+        response = error(408, "the body did not arrive in time")
+        response.headers["Connection"] = "close"
+        raise BodyRefused("timeout", response) from None
+    except BodyTooLarge:
+        raise BodyRefused(
+            "too_large", error(413, f"body larger than {settings.http_max_body} bytes")
+        ) from None
+    except ClientDisconnect:
+        raise BodyRefused(
+            "disconnected", error(400, "the client disconnected before sending the whole body")
+        ) from None
+
+
+def _bounded_body(app: ASGIApp, settings: Settings) -> ASGIApp:
+    """``app`` (a provider's route), given its request's body only once it
+    arrived within the limits webhooks have: the uvicorn protocol times out
+    idle connections only, so a stalled body would hold one for good."""
+
+    async def bounded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        try:
+            body = await read_bounded_body(Request(scope, receive), settings)
+        except BodyRefused as refused:
+            await refused.response(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # e.g. the disconnect a stream waits for
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await app(scope, replay, send)
+
+    return bounded
+
+
+def _with_bounded_bodies(routes: Sequence[BaseRoute], settings: Settings) -> list[BaseRoute]:
+    for route in routes:
+        if isinstance(route, Route | Mount):
+            route.app = _bounded_body(route.app, settings)
+    return list(routes)
 
 
 class Readiness:
@@ -146,21 +216,10 @@ def build_sidecar(
             outcome[0] = "unknown_provider"
             return error(404, f"no provider named {name!r} is configured here")
         try:
-            async with asyncio.timeout(settings.http_request_timeout):
-                body = await read_body(request, settings.http_max_body)
-        except TimeoutError:
-            # A sender that stalls mid-body holds a connection and up to
-            # HITL_HTTP_MAX_BODY of buffer: not for longer than this.
-            outcome[0] = "timeout"
-            response = error(408, "the body did not arrive in time")
-            response.headers["Connection"] = "close"
-            return response
-        except BodyTooLarge:
-            outcome[0] = "too_large"
-            return error(413, f"body larger than {settings.http_max_body} bytes")
-        except ClientDisconnect:
-            outcome[0] = "disconnected"
-            return error(400, "the client disconnected before sending the whole body")
+            body = await read_bounded_body(request, settings)
+        except BodyRefused as refused:
+            outcome[0] = refused.outcome
+            return refused.response
         try:
             batch = provider.parse_webhook(request.headers, body)
         except WebhookRejected as exc:
@@ -197,7 +256,7 @@ def build_sidecar(
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/webhooks/{provider}", webhook, methods=["POST"]),
-        *provider.routes(),
+        *_with_bounded_bodies(provider.routes(), settings),
     ]
 
     async def not_found(request: Request, exc: Exception) -> Response:

@@ -4,16 +4,20 @@ hosts, cross-site origins and non-JSON actions are refused."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import json
 import re
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import httpx
 import pytest
 
 from hitl_service.errors import StoreUnavailable
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from providers.local.console import host_allowed
 from tests.support import TIMEOUT, EventCollector, make_user, rid, start_session
 
@@ -125,6 +129,40 @@ async def test_bad_console_requests(http: httpx.AsyncClient, stub: Stub) -> None
     await act(http, chat, "end", agent="A")
     late = await act(http, chat, "reply", agent="A", text="still there?")
     assert late.status_code == 409
+
+
+async def test_a_console_action_whose_body_stalls_is_answered_408(
+    service_env: dict[str, str],
+) -> None:
+    """Like a webhook's: a client that stalls mid-body would otherwise hold
+    its connection (and a graceful shutdown) for good."""
+    from tests.conftest import start_app
+
+    service_env["HITL_HTTP_REQUEST_TIMEOUT"] = "0.2s"
+    app = await start_app(service_env)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as http:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+                stub = pb_grpc.HitlServiceStub(channel)
+                session = await start_session(stub, (await make_user(stub)).id)
+            reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
+            writer.write(
+                f"POST /console/api/conversations/{session.external_chat_id}/take HTTP/1.1\r\n"
+                "Host: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                'Content-Length: 100\r\n\r\n{"agent": "Al'.encode()
+            )
+            await writer.drain()
+            try:
+                answer = await asyncio.wait_for(reader.read(), TIMEOUT)  # until closed
+            finally:
+                writer.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408 "), answer[:80]
+            assert json.loads(body)["error"]
+            (conv,) = (await http.get("/console/api/state")).json()["conversations"]
+            assert conv["status"] == "waiting"
+    finally:
+        await app.stop(grace=1)
 
 
 async def test_caller_stop_closes_the_console_conversation(
