@@ -20,7 +20,7 @@ from hitl_service.clock import SystemClock
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from providers.base import ProviderDeps
 from providers.errors import ProviderConfigError
-from providers.local.provider import LocalProvider, agent_from_name, create
+from providers.local.provider import _MAX_MESSAGES, LocalProvider, agent_from_name, create
 from providers.types import (
     Author,
     Message,
@@ -327,4 +327,29 @@ async def test_an_uncertain_retry_of_a_delivered_send_finds_it_after_the_agent_e
     await local.end(chat.external_chat_id, agent_from_name("Alex"), "done")
     again = await local.send(chat, USER, message, request_id="r1", uncertain=True, timeout=1)
     assert again.external_message_id == sent.external_message_id
+    await local.close()
+
+
+async def test_a_long_conversation_keeps_its_latest_messages() -> None:
+    """Every change re-sends every conversation to every console tab: a
+    conversation keeps the latest messages, and says how many it dropped."""
+    local = provider(None)
+    await local.open()
+    chat = (await local.start(request("ses_1"), USER, timeout=1)).chat
+    agent = agent_from_name("Alex")
+    await local.take(chat.external_chat_id, agent)
+    for i in range(_MAX_MESSAGES + 3):
+        await local.send(
+            chat, USER, Message(body=f"u{i}"), request_id=f"r{i}", uncertain=False, timeout=1
+        )
+    await local.reply(chat.external_chat_id, agent, "last word")
+    _, (conv,) = local.snapshot()
+    assert len(conv["messages"]) == _MAX_MESSAGES
+    assert conv["trimmed"] == 4
+    assert conv["messages"][0]["text"] == "u4"
+    assert conv["messages"][-1]["text"] == "last word"
+    ids = [m["id"] for m in conv["messages"]]
+    assert len(set(ids)) == len(ids)
+    assert ids[-1] == f"{chat.external_chat_id}_{_MAX_MESSAGES + 4}"  # numbering goes on
+    assert len(local._sent) == _MAX_MESSAGES - 1  # the dropped sends' request ids went too
     await local.close()

@@ -65,6 +65,11 @@ log = structlog.get_logger(__name__)
 
 WAITING, ACTIVE, ENDED = "waiting", "active", "ended"
 _MAX_ENDED = 200  # ended conversations kept for the console's history
+# Messages kept per conversation: every change re-sends every conversation to
+# every open console tab (and to the state file), so a long chat must not
+# grow that without end. Older ones leave the console only: the service's
+# event log keeps the whole conversation.
+_MAX_MESSAGES = 200
 STATE_SETTING = "HITL_LOCAL_STATE_FILE"
 
 
@@ -127,6 +132,22 @@ class Conversation:
     metadata: dict[str, str] = field(default_factory=dict)
     end_reason: str = ""
     seq: int = 0  # counts the events this conversation reported (not their dedupe keys)
+    trimmed: int = 0  # earlier messages dropped beyond _MAX_MESSAGES
+
+    def add_message(self, entry: dict[str, Any]) -> list[dict[str, Any]]:
+        """Appends ``entry``; returns the oldest messages it pushed out."""
+        self.messages.append(entry)
+        extra = len(self.messages) - _MAX_MESSAGES
+        if extra <= 0:
+            return []
+        dropped = self.messages[:extra]
+        del self.messages[:extra]
+        self.trimmed += extra
+        return dropped
+
+    def next_message_id(self) -> str:
+        """Unique within the conversation, also after trimming."""
+        return f"{self.id}_{self.trimmed + len(self.messages) + 1}"
 
     def snapshot(self) -> dict[str, Any]:
         """JSON for the console and the state file."""
@@ -280,8 +301,13 @@ class LocalProvider:
         ended = [c for c in self._chats.values() if c.status == ENDED]
         for old in ended[:-_MAX_ENDED]:
             del self._chats[old.id]
-            for m in old.messages:
-                self._sent.pop((old.id, m.get("request_id", "")), None)
+            self._forget_sent(old.id, old.messages)
+
+    def _forget_sent(self, chat_id: str, dropped: list[dict[str, Any]]) -> None:
+        """Forgets the request ids of messages the conversation no longer keeps
+        (as a restart would: ``_load_state`` finds only the kept ones)."""
+        for m in dropped:
+            self._sent.pop((chat_id, m.get("request_id", "")), None)
 
     def _touch(self) -> None:
         self._prune()  # here, not in the writer: memory-only mode needs it too
@@ -359,13 +385,13 @@ class LocalProvider:
             if conv.status == ENDED:
                 raise ChatInactive()
             entry = {
-                "id": f"{conv.id}_{len(conv.messages) + 1}",
+                "id": conv.next_message_id(),
                 "author": Author.USER.value,
                 "request_id": request_id,
                 "at": self._clock.now().isoformat(),
                 **render_body(message),
             }
-            conv.messages.append(entry)
+            self._forget_sent(conv.id, conv.add_message(entry))
             self._sent[(conv.id, request_id)] = entry["id"]
             self._touch()
         return SendResult(entry["id"])
@@ -442,9 +468,9 @@ class LocalProvider:
 
         def event(conv: Conversation) -> EventKind:
             _refuse_if_held_by_another(conv, agent)
-            conv.messages.append(
+            conv.add_message(
                 {
-                    "id": f"{conv.id}_{len(conv.messages) + 1}",
+                    "id": conv.next_message_id(),
                     "author": Author.AGENT.value,
                     "agent": agent.name,
                     "at": self._clock.now().isoformat(),
@@ -498,6 +524,7 @@ class LocalProvider:
             inbound = self._event(conv, kind)
             await self._sink.deliver(WebhookBatch(action="console", events=(inbound,)))
             self._chats[chat_id] = conv
+            self._forget_sent(chat_id, current.messages[: conv.trimmed - current.trimmed])
             self._touch()
 
     def _event(self, conv: Conversation, kind: EventKind) -> InboundEvent:
