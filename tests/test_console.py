@@ -9,17 +9,29 @@ import base64
 import hashlib
 import json
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import httpx
 import pytest
 
+from hitl_service.clock import SystemClock
 from hitl_service.errors import StoreUnavailable
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from providers.local.console import host_allowed
-from tests.support import TIMEOUT, EventCollector, make_user, rid, start_session
+from providers.types import StartResult
+from tests.support import (
+    TIMEOUT,
+    EventCollector,
+    ShiftedClock,
+    expect_error,
+    make_user,
+    rid,
+    start_session,
+)
 
 if TYPE_CHECKING:
     from hitl_service.app import App
@@ -175,6 +187,76 @@ async def test_caller_stop_closes_the_console_conversation(
     (conv,) = (await http.get("/console/api/state")).json()["conversations"]
     assert conv["status"] == "ended"
     assert conv["end_reason"] == "bot took over"
+
+
+@asynccontextmanager
+async def a_given_up_start(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[httpx.AsyncClient, Stub, pb.StartHitlRequest]]:
+    """A service whose upkeep gave a StartHitl up (START_INTERRUPTED, its
+    request id forgotten) after the console had opened its conversation:
+    (http, stub, the request)."""
+    from tests.conftest import start_app
+
+    clock = ShiftedClock(SystemClock())
+    app = await start_app(env, clock=clock)
+    try:
+        original, gate, held = app.provider.start, asyncio.Event(), asyncio.Event()
+
+        async def held_start(*args: Any, **kwargs: Any) -> StartResult:
+            held.set()
+            await gate.wait()
+            return await original(*args, **kwargs)
+
+        monkeypatch.setattr(app.provider, "start", held_start)
+        async with (
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as http,
+            grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel,
+        ):
+            stub = pb_grpc.HitlServiceStub(channel)
+            user = await make_user(stub)
+            request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="late")
+            call = asyncio.ensure_future(stub.StartHitl(request, timeout=TIMEOUT))
+            await asyncio.wait_for(held.wait(), TIMEOUT)
+            clock.offset = 3600
+            await app.core.maintenance.sweep()
+            gate.set()
+            error = await expect_error(call, grpc.StatusCode.UNAVAILABLE)
+            assert error.reason == "START_INTERRUPTED"
+            yield http, stub, request
+    finally:
+        await app.stop(grace=1)
+
+
+async def test_a_retried_start_the_service_gave_up_reuses_its_conversation(
+    service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry, a new session with the same request id, gets the
+    conversation, instead of leaving it waiting, for a FAILED session, next
+    to a new one."""
+    async with a_given_up_start(service_env, monkeypatch) as (http, stub, request):
+        retried = (await stub.StartHitl(request, timeout=TIMEOUT)).session
+        (conv,) = (await http.get("/console/api/state")).json()["conversations"]
+        assert (conv["id"], conv["session_id"]) == (retried.external_chat_id, retried.id)
+        assert conv["status"] == "waiting"
+        async with EventCollector(stub, session_id=retried.id) as events:
+            assert (await act(http, conv["id"], "take", agent="Alex")).is_success
+            await events.wait_for_kind("agent_assigned")
+
+
+async def test_a_new_handoff_closes_the_users_conversation_the_service_gave_up(
+    service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a retry, the given-up conversation is closed when its user
+    starts another handoff: the service keeps one open session per user, so
+    nobody hears the old one any more."""
+    async with a_given_up_start(service_env, monkeypatch) as (http, stub, request):
+        (given_up,) = (await http.get("/console/api/state")).json()["conversations"]
+        assert given_up["status"] == "waiting"  # the caller may still retry
+        fresh = await start_session(stub, request.user_id)
+        state = (await http.get("/console/api/state")).json()["conversations"]
+        status = {c["id"]: c["status"] for c in state}
+        assert status == {fresh.external_chat_id: "waiting", given_up["id"]: "ended"}
 
 
 async def test_conversations_survive_a_restart(service_env: dict[str, str]) -> None:

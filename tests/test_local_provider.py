@@ -56,10 +56,10 @@ def provider(state_file: Path | None, sink: Sink | None = None) -> LocalProvider
     )
 
 
-def request(session_id: str) -> StartRequest:
+def request(session_id: str, user_id: str = "usr_1") -> StartRequest:
     return StartRequest(
         session_id=session_id,
-        user=UserProfile(id="usr_1", name="Ada"),
+        user=UserProfile(id=user_id, name="Ada"),
         title="Refund",
         request_id=rid(),
     )
@@ -184,10 +184,11 @@ class TestStateWriter:
 async def test_memory_only_mode_prunes_ended_conversations() -> None:
     local = provider(None)
     await local.open()
-    waiting = await local.start(request("ses_waiting"), USER, timeout=1)
+    waiting = await local.start(request("ses_waiting", "usr_waiting"), USER, timeout=1)
     chats: list[ProviderChat] = []
     for i in range(205):
-        chat = (await local.start(request(f"ses_{i}"), USER, timeout=1)).chat
+        # One user each: the service keeps one open session per user.
+        chat = (await local.start(request(f"ses_{i}", f"usr_{i}"), USER, timeout=1)).chat
         await local.send(
             chat,
             USER,

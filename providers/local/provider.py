@@ -132,6 +132,7 @@ class Conversation:
     metadata: dict[str, str] = field(default_factory=dict)
     end_reason: str = ""
     seq: int = 0  # counts the events this conversation reported (not their dedupe keys)
+    request_id: str = ""  # the start's, which a retry as a new session carries too
     trimmed: int = 0  # earlier messages dropped beyond _MAX_MESSAGES
 
     def add_message(self, entry: dict[str, Any]) -> list[dict[str, Any]]:
@@ -330,14 +331,36 @@ class LocalProvider:
     async def start(
         self, request: StartRequest, user: ProviderUser, *, timeout: float
     ) -> StartResult:
-        """See base class: a new waiting conversation."""
+        """See base class: a new waiting conversation.
+
+        A retried start reuses its conversation, also one the service gave
+        up on (START_INTERRUPTED) and retried, with the same request id, as
+        a new session. The user's other open conversations are closed: the
+        service keeps one open session per user, so nobody hears them.
+        """
         async with self._lock:
-            for conv in self._chats.values():  # a retried start reuses its conversation
-                if conv.session_id == request.session_id and conv.status != ENDED:
-                    return StartResult(ProviderChat(conv.id), conv.group_id, ())
+            mine = [
+                c
+                for c in self._chats.values()
+                if c.status != ENDED and c.user.get("id") == request.user.id
+            ]
+            retried = [
+                c
+                for c in mine
+                if c.session_id == request.session_id
+                or (request.request_id and c.request_id == request.request_id)
+            ]
+            for conv in mine:
+                if conv not in retried:
+                    conv.status = ENDED
+                    conv.end_reason = "given up by the service: the user started a new handoff"
+                    self._touch()
+            if retried:
+                return self._resume(retried[0], request.session_id)
             conv = Conversation(
                 id=f"lc_{uuid.uuid4().hex[:12]}",
                 session_id=request.session_id,
+                request_id=request.request_id,
                 user={
                     "id": request.user.id,
                     "name": request.user.name,
@@ -363,6 +386,19 @@ class LocalProvider:
             queued = self._event(conv, Queued(position=position))
             self._touch()
         return StartResult(ProviderChat(conv.id), conv.group_id, (queued,))
+
+    def _resume(self, conv: Conversation, session_id: str) -> StartResult:
+        """``conv`` for a retried start, with an event for where it stands:
+        the events of the attempt given up on may never have been stored."""
+        conv.session_id = session_id
+        kind: EventKind
+        if conv.status == ACTIVE and conv.agent is not None:
+            kind = AgentAssigned(Agent(id=conv.agent["id"], name=conv.agent["name"]))
+        else:
+            kind = Queued(position=sum(1 for c in self._chats.values() if c.status == WAITING))
+        event = self._event(conv, kind)
+        self._touch()
+        return StartResult(ProviderChat(conv.id), conv.group_id, (event,))
 
     async def send(
         self,
