@@ -15,12 +15,14 @@ import grpc
 import httpx
 import pytest
 
+from hitl_service.clock import SystemClock
 from hitl_service.core import outbox as outbox_module
 from hitl_service.core.commands import SendUserMessage, StopHandoff
 from hitl_service.domain import OutboxItem, OutboxKind, OutboxStatus
 from hitl_service.errors import StoreUnavailable
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from providers.types import Agent, AgentMessage, Author, InboundEvent, Message
+from tests.conftest import scripted_on_clock
 from tests.scripted import Fault, ScriptedProvider
 from tests.support import (
     TIMEOUT,
@@ -725,3 +727,85 @@ class TestLease:
         assert ctx.lease.total_seconds() == timeout * 2 + 1
         scripted.capabilities = replace(scripted.capabilities, settle_seconds=30.0)
         assert ctx.lease.total_seconds() == 31.0
+
+
+class TestOverload:
+    async def test_a_hung_provider_holds_no_more_attempts_than_the_concurrency(
+        self, service_env: dict[str, str]
+    ) -> None:
+        """Sends to many sessions at once, the provider hung: each caller gets
+        DELIVERY_PENDING by its deadline, but only ``concurrency`` attempts
+        (tasks, provider connections) wait at the provider; the rest wait in
+        the store. Once it recovers, every message goes out, once."""
+        service_env["HITL_PROVIDER_TIMEOUT"] = "60s"  # held until the gate opens
+        async with scripted_on_clock(service_env, SystemClock()) as (app, stub, scripted):
+            outbox = app.core.outbox
+            outbox.concurrency = 2
+            sessions = [await open_session(stub) for _ in range(5)]
+            gate = scripted.hold("send")
+            requests = [send_request(session, f"m{i}") for i, session in enumerate(sessions)]
+            errors = await asyncio.gather(  # all at once, each with a 1 s deadline
+                *(
+                    expect_error(stub.SendMessage(r, timeout=1.0), grpc.StatusCode.UNAVAILABLE)
+                    for r in requests
+                )
+            )
+            assert {e.reason for e in errors} == {"DELIVERY_PENDING"}
+            assert scripted.waiting["send"] == 2
+            assert len(outbox._inflight) == 2
+            pending, _ = await app.store.outbox_stats()
+            assert pending == 5  # accepted: the other three are in the store
+
+            gate.set()
+            answers = await asyncio.gather(
+                *(stub.SendMessage(r, timeout=TIMEOUT) for r in requests)  # retries: the outcome
+            )
+            assert [a.external_message_id for a in answers] == [
+                f"ev-{r.request_id}" for r in requests
+            ]
+            assert sorted(scripted.calls.delivered) == sorted(r.request_id for r in requests)
+
+    async def test_a_send_or_stop_whose_commit_fails_gives_its_slot_back(
+        self,
+        scripted_app: App,
+        scripted_stub: Stub,
+        scripted: ScriptedProvider,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A writer reserves an attempt slot before its COMMIT; one that
+        fails must give it back, or each store hiccup would cost a slot for
+        good and, at the last, every send would wait for the background loop."""
+        outbox = scripted_app.core.outbox
+        outbox.concurrency = 1
+        store, transaction = scripted_app.store, scripted_app.store.transaction
+        session = await open_session(scripted_stub)
+
+        @asynccontextmanager
+        async def failing(**options: bool) -> AsyncIterator[Tx]:
+            monkeypatch.setattr(store, "transaction", transaction)  # only this one
+            async with transaction(**options) as tx:
+                yield tx
+                raise StoreUnavailable("SQLite could not commit: disk I/O error")
+
+        monkeypatch.setattr(store, "transaction", failing)
+        error = await expect_error(
+            scripted_stub.SendMessage(send_request(session, "lost"), timeout=TIMEOUT),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+        assert error.reason == "STORE_UNAVAILABLE"
+        monkeypatch.setattr(store, "transaction", failing)
+        stop = pb.StopHitlRequest(session_id=session.id)
+        error = await expect_error(
+            scripted_stub.StopHitl(stop, timeout=TIMEOUT), grpc.StatusCode.UNAVAILABLE
+        )
+        assert error.reason == "STORE_UNAVAILABLE"
+        scripted.hold("send")  # the slot is free: a send is attempted at once, inline
+        outbox.poll_interval = 3600.0  # (not by the loop)
+        outbox.kick()
+        call = asyncio.ensure_future(
+            scripted_stub.SendMessage(send_request(session, "kept"), timeout=TIMEOUT)
+        )
+        await wait_for(lambda: scripted.waiting.get("send"), what="the inline attempt")
+        assert len(outbox._inflight) == 1
+        scripted.gates["send"].set()
+        await call

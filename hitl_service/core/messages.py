@@ -101,7 +101,9 @@ async def send_message(
                     lease_owner=ctx.owner,
                     lease_until=now + ctx.lease,
                 )
-                claimed = await tx.insert_outbox(item)
+                # Attempted at once if it heads its session's queue and an
+                # attempt slot is free; else the background loop takes it.
+                claimed = await tx.insert_outbox(item) and outbox.reserve()
                 if claimed:
                     # Read here, in one go, for the attempt that starts below.
                     user = await tx.get_provider_user(session.user_id, ctx.provider_name)
@@ -118,6 +120,10 @@ async def send_message(
     except asyncio.CancelledError:
         if claimed and item is not None:  # the RPC went away while the COMMIT was under way
             outbox.start_when_committed(item.id)
+        raise
+    except BaseException:
+        if claimed:  # not stored: its slot is free again
+            outbox.unreserve()
         raise
     outbox.dispatch(item, claimed, session=session, user=user)
     item = await outbox.wait(item, budget)

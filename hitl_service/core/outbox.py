@@ -53,7 +53,10 @@ class Outbox:
         self, ctx: CoreContext, *, concurrency: int = 64, poll_interval: float = 1.0
     ) -> None:
         self._ctx = ctx
-        self._concurrency = concurrency
+        # Attempts in flight at once, the writers' own included: a slow or
+        # hung provider holds at most this many calls (and tasks) here; the
+        # items beyond it wait in the store until a slot frees.
+        self.concurrency = concurrency
         # Seconds between looks at the store when nothing wakes the loop
         # (items of other replicas); also how often waiting RPCs re-read.
         self.poll_interval = poll_interval
@@ -61,6 +64,7 @@ class Outbox:
         self._finished: dict[str, asyncio.Event] = {}
         self._inflight: dict[str, _Attempt] = {}
         self._chores: set[asyncio.Task[None]] = set()  # start_when_committed
+        self._reserved = 0  # slots writers took (``reserve``) for attempts not yet started
         self._stopping = False
         # Whether the loop last saw due items it could not claim (queued
         # behind their session's head, or beyond the concurrency): only then
@@ -76,6 +80,23 @@ class Outbox:
         metrics.child(metrics.outbox_outcomes, item.kind.value, outcome).inc()
 
     # --- attempts ------------------------------------------------------------
+    def reserve(self) -> bool:
+        """Takes a slot for the attempt of an item its writer is claiming
+        (started by ``dispatch``, or ``start_when_committed``, which give the
+        slot back; so does ``unreserve`` if the write fails).
+
+        False when every slot is taken: the writer then leaves its item to
+        the background loop, which claims it once an attempt ends.
+        """
+        if len(self._inflight) + self._reserved >= self.concurrency:
+            return False
+        self._reserved += 1
+        return True
+
+    def unreserve(self) -> None:
+        """Gives back a slot whose item was not stored (the write failed)."""
+        self._reserved -= 1
+
     def dispatch(
         self,
         item: OutboxItem,
@@ -86,12 +107,13 @@ class Outbox:
     ) -> None:
         """Gets a just-stored item going.
 
-        An item its writer claimed (it heads its session's queue) is attempted
-        at once, with the session and provider user the writer's transaction
-        read, if it passes them; any other pending one is left to the
-        background loop.
+        An item its writer claimed (it heads its session's queue, and the
+        writer reserved a slot) is attempted at once, with the session and
+        provider user the writer's transaction read, if it passes them; any
+        other pending one is left to the background loop.
         """
         if claimed:
+            self._reserved -= 1  # the attempt takes the writer's slot
             self.start_attempt(item, session, user)
         elif item.status is OutboxStatus.PENDING:
             self._backlog = True
@@ -119,6 +141,8 @@ class Outbox:
         except StoreUnavailable as exc:
             log.warning("outbox.store_unavailable", error=str(exc))
             return  # the lease runs out and the loop takes the item
+        finally:
+            self._reserved -= 1  # given to the attempt below, if it starts
         if (
             item is not None  # None: the writer's transaction rolled back
             and item.status is OutboxStatus.PENDING
@@ -485,7 +509,7 @@ class Outbox:
 
     async def _claim_and_start(self) -> int:
         """Claims due items and starts their attempts; returns how many."""
-        free = self._concurrency - len(self._inflight)
+        free = self.concurrency - len(self._inflight) - self._reserved
         if free <= 0:
             return 0
         ctx = self._ctx

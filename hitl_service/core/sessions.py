@@ -411,7 +411,7 @@ async def request_stop(
                 lease_owner=ctx.owner,
                 lease_until=now + ctx.lease,
             )
-            head = await tx.insert_outbox(item)
+            head = await tx.insert_outbox(item) and outbox.reserve()  # see send_message
             if not head:
                 item.attempts, item.lease_owner, item.lease_until = 0, "", None
                 await tx.update_outbox(item)
@@ -422,6 +422,10 @@ async def request_stop(
     except asyncio.CancelledError:
         if head:  # the caller went away while the COMMIT was under way
             outbox.start_when_committed(item.id)
+        raise
+    except BaseException:
+        if head:  # not stored: its slot is free again
+            outbox.unreserve()
         raise
     return item, head
 
