@@ -146,6 +146,10 @@ class Readiness:
         self._ttl = ttl
         self._checked_at = float("-inf")
         self._problems: list[str] = []
+        # The probe in flight: checks that come meanwhile (probes of several
+        # load balancers, kubelets) wait for it instead of each asking a
+        # provider that is already failing or slow.
+        self._probing: asyncio.Task[None] | None = None
 
     async def check(self, timeout: float) -> dict[str, str]:
         """Problems by component; empty when ready."""
@@ -159,11 +163,20 @@ class Readiness:
             problems["store"] = "unavailable"
         now = time.monotonic()
         if now - self._checked_at >= self._ttl or self._problems:
-            self._problems = await probe_provider(self._provider, timeout)
-            self._checked_at = now
+            if self._probing is None:
+                self._probing = asyncio.create_task(self._probe(timeout, now))
+            # Shielded: a check whose client hung up leaves the probe to the others.
+            await asyncio.shield(self._probing)
         if self._problems:
             problems["provider"] = "; ".join(self._problems)
         return problems
+
+    async def _probe(self, timeout: float, started: float) -> None:
+        try:
+            self._problems = await probe_provider(self._provider, timeout)
+            self._checked_at = started
+        finally:
+            self._probing = None
 
 
 def build_sidecar(

@@ -16,7 +16,7 @@ from tests.scripted import SECRET, Fault, ScriptedProvider
 from tests.support import EventCollector, make_user, start_session, wait_for
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Sequence
 
     from hitl_service.app import App
     from hitl_service.gen.hitl.v1.hitl_service_pb2_grpc import HitlServiceAsyncStub as Stub
@@ -57,6 +57,37 @@ class TestHealth:
         response = await hook.get("/readyz")
         assert response.status_code == 503
         assert response.json()["problems"]["provider"] == "HITL_SCRIPTED_TOKEN: refused"
+
+    async def test_concurrent_readiness_checks_share_one_probe(
+        self,
+        scripted_app: App,
+        hook: httpx.AsyncClient,
+        scripted: ScriptedProvider,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Load balancers and kubelets probing while the provider is slow
+        must not each add a call to it (and each wait for their own)."""
+        probes = 0
+        probe = scripted.probe
+
+        async def counted(*, timeout: float) -> Sequence[str]:
+            nonlocal probes
+            probes += 1
+            return await probe(timeout=timeout)
+
+        monkeypatch.setattr(scripted, "probe", counted)
+        gate = scripted.hold("probe")
+        checks = [asyncio.create_task(hook.get("/readyz")) for _ in range(5)]
+        server = scripted_app._http
+        assert server is not None
+        # All five are in the server (each runs on the loop alone up to the
+        # probe: nothing else it awaits leaves the process).
+        await wait_for(lambda: len(server.server_state.tasks) == 5, what="5 checks in progress")
+        await wait_for(lambda: scripted.waiting.get("probe", 0) >= 1, what="a probe held")
+        gate.set()
+        answers = await asyncio.gather(*checks)
+        assert [a.status_code for a in answers] == [200] * 5
+        assert probes == 1
 
     async def test_readyz_reports_a_closed_store(
         self, scripted_app: App, hook: httpx.AsyncClient
