@@ -166,13 +166,14 @@ class TestExpiry:
         fault: str,
         words: str,
     ) -> None:
-        monkeypatch.setattr(outbox_module, "SEND_TTL", timedelta(0))  # any retry is too late
         session = await open_session(scripted_stub)
         scripted.fail("send", Fault(fault))
-        error = await expect_error(
-            scripted_stub.SendMessage(send_request(session, "late"), timeout=TIMEOUT),
-            grpc.StatusCode.FAILED_PRECONDITION,
-        )
+        gate = scripted.hold("send")
+        call = scripted_stub.SendMessage(send_request(session, "late"), timeout=TIMEOUT)
+        await wait_for(lambda: scripted.waiting.get("send"), what="the attempt at the provider")
+        monkeypatch.setattr(outbox_module, "SEND_TTL", timedelta(0))  # any retry is too late
+        gate.set()
+        error = await expect_error(call, grpc.StatusCode.FAILED_PRECONDITION)
         assert error.reason == "DELIVERY_EXPIRED"
         assert error.message.startswith("gave up on the message: ")
         assert words in error.message
@@ -764,6 +765,35 @@ class TestOverload:
                 f"ev-{r.request_id}" for r in requests
             ]
             assert sorted(scripted.calls.delivered) == sorted(r.request_id for r in requests)
+
+    async def test_a_backlog_claimed_past_its_time_is_given_up_not_sent(
+        self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Messages that waited in the store beyond the attempts' concurrency
+        until after their 15 minutes are failed like a late retry, not
+        delivered to an agent long after the user gave up."""
+        service_env["HITL_PROVIDER_TIMEOUT"] = "60s"  # held until the gate opens
+        async with scripted_on_clock(service_env, SystemClock()) as (app, stub, scripted):
+            app.core.outbox.concurrency = 1
+            sessions = [await open_session(stub) for _ in range(3)]
+            gate = scripted.hold("send")
+            requests = [send_request(session, f"m{i}") for i, session in enumerate(sessions)]
+            for r in requests:
+                await expect_error(stub.SendMessage(r, timeout=0.5), grpc.StatusCode.UNAVAILABLE)
+            assert scripted.waiting["send"] == 1  # the other two wait in the store
+            monkeypatch.setattr(outbox_module, "SEND_TTL", timedelta(0))  # now all are late
+            gate.set()
+            first = await stub.SendMessage(requests[0], timeout=TIMEOUT)
+            assert first.external_message_id == f"ev-{requests[0].request_id}"
+            for r in requests[1:]:
+                error = await expect_error(
+                    stub.SendMessage(r, timeout=TIMEOUT), grpc.StatusCode.FAILED_PRECONDITION
+                )
+                assert error.reason == "DELIVERY_EXPIRED"
+                assert "not delivered within 0 min; last error: not attempted in time" in (
+                    error.message
+                )
+            assert list(scripted.calls.delivered) == [requests[0].request_id]
 
     async def test_a_send_or_stop_whose_commit_fails_gives_its_slot_back(
         self,

@@ -177,6 +177,12 @@ class Outbox:
     ) -> OutboxItem:
         ctx = self._ctx
         try:
+            ttl = _ttl(item)
+            if ctx.clock.now() > item.created_at + ttl:
+                # Claimed after its time (a backlog beyond the attempts'
+                # concurrency through an outage): as late as a retry would be.
+                detail = _expired(item, ttl, item.last_error or "not attempted in time")
+                return await self._settle_failed(item, "DELIVERY_EXPIRED", detail)
             if session is None:
                 session = await ctx.store.get_session(item.session_id)
             if user is None and session is not None:
@@ -367,17 +373,10 @@ class Outbox:
     ) -> OutboxItem:
         ctx = self._ctx
         now = ctx.clock.now()
-        ttl = SEND_TTL if item.kind is OutboxKind.SEND else STOP_TTL
+        ttl = _ttl(item)
         delay = ctx.calls.backoff.delay(item.attempts, retry_after)
         if now + timedelta(seconds=delay) > item.created_at + ttl:
-            within = f"{ttl.total_seconds() / 60:g} min"
-            if uncertain or item.earlier_attempt_uncertain:
-                detail = (
-                    f"not confirmed within {within}: an attempt's outcome is unknown, so the "
-                    f"agent may have it; last error: {error}"
-                )
-            else:
-                detail = f"not delivered within {within}; last error: {error}"
+            detail = _expired(item, ttl, error, uncertain=uncertain)
             return await self._settle_failed(item, "DELIVERY_EXPIRED", detail)
         async with ctx.store.transaction() as tx:
             if not uncertain:
@@ -585,6 +584,21 @@ class _Attempt:
                 if self.item is None:
                     self._waiters.remove(waiter)
         return self.item
+
+
+def _ttl(item: OutboxItem) -> timedelta:
+    return SEND_TTL if item.kind is OutboxKind.SEND else STOP_TTL
+
+
+def _expired(item: OutboxItem, ttl: timedelta, error: str, *, uncertain: bool = False) -> str:
+    """Why ``item`` is given up (DELIVERY_EXPIRED), saying what is known."""
+    within = f"{ttl.total_seconds() / 60:g} min"
+    if uncertain or item.earlier_attempt_uncertain:
+        return (
+            f"not confirmed within {within}: an attempt's outcome is unknown, so the "
+            f"agent may have it; last error: {error}"
+        )
+    return f"not delivered within {within}; last error: {error}"
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
