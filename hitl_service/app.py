@@ -247,6 +247,7 @@ def build_app(
     activity = Activity()
     store = store or open_store(settings, activity)
     metrics = Metrics(registry)
+    metrics.start_at_zero(provider.name)
     ctx = CoreContext(
         store=store,
         provider=provider,

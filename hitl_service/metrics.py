@@ -33,6 +33,13 @@ _LATENCY_BUCKETS = (
 )
 
 
+WEBHOOK_OUTCOMES = (
+    *("accepted", "duplicate", "ignored", "rejected", "too_large"),
+    *("timeout", "disconnected", "unavailable", "failed"),
+)
+PROVIDER_OPERATIONS = ("upsert_user", "start", "send", "stop", "catch_up")
+
+
 class Metrics:
     """Every collector the service exports."""
 
@@ -133,6 +140,16 @@ class Metrics:
             ("kind",),
             registry=registry,
         )
+
+    def start_at_zero(self, provider: str) -> None:
+        """Exports the series alerts compare at 0 from the start: Prometheus's
+        ``increase()`` cannot see the first count of a series that appears
+        with it (after every restart), so a rule like "starts done, yet no
+        webhook" would misjudge its first window."""
+        for outcome in WEBHOOK_OUTCOMES:
+            self.child(self.webhooks, provider, outcome)
+        for operation in PROVIDER_OPERATIONS:
+            self.child(self.provider_seconds, provider, operation, "ok")
 
     def child(self, metric: _M, *labels: str) -> _M:
         """``metric.labels(*labels)``, looked up once: ``labels()`` takes a

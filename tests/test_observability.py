@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import re
 from pathlib import Path
 from typing import NoReturn
 
@@ -16,7 +17,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from hitl_service.app import App
 from hitl_service.errors import StoreUnavailable
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
-from tests.alert_rules import alert_rules, scrape, selectors, total
+from tests.alert_rules import OPERATIONS, alert_rules, scrape, selectors, total
 from tests.scripted import Fault
 from tests.support import TIMEOUT, expect_error, make_user, rid, wait_for
 from tests.test_restart_and_upkeep import with_session
@@ -158,6 +159,35 @@ async def test_every_alert_rule_uses_metrics_labels_and_values_the_service_expor
                     if unknown:
                         problems.append(f"{alert}: {label} values {unknown} appear nowhere")
     assert not problems, "\n".join(problems)
+
+
+async def test_alerted_series_are_exported_at_zero_from_the_start(
+    app: App, http: httpx.AsyncClient
+) -> None:
+    """``increase()`` misses the first count of a series that appears with
+    it: the series alerts compare must be there, at 0, before anything
+    happened (every documented webhook outcome; provider calls that went well)."""
+    samples = scrape((await http.get("/metrics")).text)
+    row = next(
+        line
+        for line in OPERATIONS.read_text().splitlines()
+        if line.startswith("| `hitl_webhook_requests_total`")
+    )
+    documented = set(re.findall(r"`(\w+)` \(", row.split("`outcome`:", 1)[1]))
+    assert {"accepted", "unavailable"} <= documented, row
+    provider = app.provider.name
+    webhooks = {
+        labels["outcome"]: value
+        for name, labels, value in samples
+        if name == "hitl_webhook_requests_total" and labels["provider"] == provider
+    }
+    assert webhooks == dict.fromkeys(documented - {"unknown_provider"}, 0.0)
+    calls = {
+        labels["operation"]: value
+        for name, labels, value in samples
+        if name == "hitl_provider_request_duration_seconds_count" and labels["outcome"] == "ok"
+    }
+    assert calls == dict.fromkeys(("upsert_user", "start", "send", "stop", "catch_up"), 0.0)
 
 
 async def test_the_pages_tell_a_store_outage_from_a_provider_outage(
