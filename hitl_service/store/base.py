@@ -298,13 +298,22 @@ class Store(Protocol):
         ...
 
     async def prune(
-        self, *, idempotency_before: datetime, dedupe_before: datetime, parked_before: datetime
+        self,
+        *,
+        idempotency_before: datetime,
+        dedupe_before: datetime,
+        parked_before: datetime,
+        sessions_before: datetime | None = None,
     ) -> int:
         """Deletes expired rows; returns how many went.
 
         Idempotency records and finished outbox items (a retried SendMessage
         reads its answer there) older than ``idempotency_before``, dedupe keys
         older than ``dedupe_before``, parked events older than
-        ``parked_before``.
+        ``parked_before``. With ``sessions_before`` (``HITL_RETENTION``), also
+        sessions that ended (ENDED or FAILED) before it, with their log
+        events; not one with a pending outbox item (an attempt may still log
+        its outcome), which goes at a later prune. Users, their provider
+        identities and open sessions stay; cursors are never reused.
         """
         ...

@@ -50,6 +50,14 @@ _NO_LIMIT = 24 * 3600.0  # seconds: "no statement timeout" for asyncpg calls
 _MIGRATION_LOCK_TIMEOUT_MS = 2000
 PRUNE_BATCH = 5000  # rows deleted per transaction when pruning
 _EVENT_COLUMNS = "seq, session_id, user_id, occurred_at, kind, data"
+# Sessions HITL_RETENTION deletes, oldest first (index sessions_ended; the
+# state condition is the index's own). One with a pending outbox item waits:
+# its attempt may still log an event for it.
+_SQL_ENDED_SESSIONS = (
+    "SELECT id FROM sessions WHERE state IN ('ended', 'failed') AND ended_at < $1 "
+    "AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.session_id = sessions.id "
+    "AND outbox.status = 'pending') ORDER BY ended_at, id LIMIT $2 FOR UPDATE SKIP LOCKED"
+)
 
 
 class PostgresStore:
@@ -429,10 +437,15 @@ class PostgresStore:
         return [DeadLetter(**r) for r in rows]
 
     async def prune(
-        self, *, idempotency_before: datetime, dedupe_before: datetime, parked_before: datetime
+        self,
+        *,
+        idempotency_before: datetime,
+        dedupe_before: datetime,
+        parked_before: datetime,
+        sessions_before: datetime | None = None,
     ) -> int:
         """See base class."""
-        removed = 0
+        removed = 0 if sessions_before is None else await self._prune_sessions(sessions_before)
         # In batches, a transaction each: one statement over a large backlog
         # would outlast the statement timeout (and hold its locks as long).
         for table, condition, cutoff in (
@@ -452,3 +465,30 @@ class PostgresStore:
                 if count < PRUNE_BATCH:
                     break
         return removed
+
+    async def _prune_sessions(self, before: datetime) -> int:
+        """Deletes sessions that ended before ``before``, and their events.
+
+        As on SQLite: a transaction takes the oldest ``PRUNE_BATCH`` such
+        sessions (index ``sessions_ended``), locked so that no writer logs
+        an event for one in between, deletes up to ``PRUNE_BATCH`` of their
+        events, then those of them left without events.
+        """
+        removed = 0
+        while True:
+            async with self.transaction() as tx:
+                rows = await tx._db.fetch(_SQL_ENDED_SESSIONS, ts(before), PRUNE_BATCH)
+                if not rows:
+                    return removed
+                ids = [row["id"] for row in rows]
+                removed += await tx._db.execute(
+                    "DELETE FROM events WHERE seq = ANY(ARRAY(SELECT seq FROM events "
+                    "WHERE session_id = ANY($1::text[]) LIMIT $2))",
+                    ids,
+                    PRUNE_BATCH,
+                )
+                removed += await tx._db.execute(
+                    "DELETE FROM sessions AS s WHERE s.id = ANY($1::text[]) "
+                    "AND NOT EXISTS (SELECT 1 FROM events AS e WHERE e.session_id = s.id)",
+                    ids,
+                )

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -246,6 +247,14 @@ def _session_update_sql(columns: tuple[str, ...]) -> str:
 
 _SQL_GET_OUTBOX = f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id = ?"
 _SQL_GET_USER = f"SELECT {USER_COLUMNS} FROM users WHERE id = ?"
+# Sessions HITL_RETENTION deletes, oldest first (index sessions_ended; the
+# state condition is the index's own). One with a pending outbox item waits:
+# its attempt may still log an event for it.
+_SQL_ENDED_SESSIONS = (
+    "SELECT id FROM sessions WHERE state IN ('ended', 'failed') AND ended_at < ? "
+    "AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.session_id = sessions.id "
+    "AND outbox.status = 'pending') ORDER BY ended_at, id LIMIT ?"
+)
 
 
 class _Queries:
@@ -1089,7 +1098,14 @@ class SqliteStore:
         return [event_from_row(r) for r in rows]
 
     async def _read_head(self) -> int:
-        row = await self._queries()._one("SELECT COALESCE(MAX(seq), 0) AS head FROM events", ())
+        # sqlite_sequence keeps the newest cursor ever committed, even once
+        # HITL_RETENTION pruned its event: a client resuming from it after a
+        # restart must not be told its cursor is ahead of the log.
+        row = await self._queries()._one(
+            "SELECT MAX(COALESCE((SELECT MAX(seq) FROM events), 0), COALESCE((SELECT seq "
+            "FROM sqlite_sequence WHERE name = 'events'), 0)) AS head",
+            (),
+        )
         return int(row["head"]) if row else 0
 
     async def head(self) -> int:
@@ -1129,11 +1145,18 @@ class SqliteStore:
         return [DeadLetter(**r) for r in rows]
 
     async def prune(
-        self, *, idempotency_before: datetime, dedupe_before: datetime, parked_before: datetime
+        self,
+        *,
+        idempotency_before: datetime,
+        dedupe_before: datetime,
+        parked_before: datetime,
+        sessions_before: datetime | None = None,
     ) -> int:
         """See base class. Deletes in batches of ``PRUNE_BATCH`` rows, one
         transaction each, so the event loop never stalls on a big delete."""
         removed = await self._prune_outbox(idempotency_before)
+        if sessions_before is not None:
+            removed += await self._prune_sessions(sessions_before)
         for table, key, condition, cutoff in (
             # idempotency has no rowid (migration 0002): its key is the row's.
             ("idempotency", "scope, key", "created_at < ?", idempotency_before),
@@ -1152,6 +1175,33 @@ class SqliteStore:
                     break
                 await asyncio.sleep(0)  # let requests in between batches
         return removed
+
+    async def _prune_sessions(self, before: datetime) -> int:
+        """Deletes sessions that ended before ``before``, and their events.
+
+        A transaction takes the oldest ``PRUNE_BATCH`` such sessions (index
+        ``sessions_ended``), deletes up to ``PRUNE_BATCH`` of their events,
+        then those of them left without events: a batch of long sessions
+        takes several transactions, none more than two batches of rows.
+        """
+        removed = 0
+        while True:
+            async with self.transaction() as tx:
+                rows = await tx._all(_SQL_ENDED_SESSIONS, (_ts(before), PRUNE_BATCH))
+                if not rows:
+                    return removed
+                ids = json.dumps([row["id"] for row in rows])
+                removed += await tx._exec(
+                    "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE session_id "
+                    "IN (SELECT value FROM json_each(?)) LIMIT ?)",
+                    (ids, PRUNE_BATCH),
+                )
+                removed += await tx._exec(
+                    "DELETE FROM sessions WHERE id IN (SELECT value FROM json_each(?)) "
+                    "AND NOT EXISTS (SELECT 1 FROM events WHERE events.session_id = sessions.id)",
+                    (ids,),
+                )
+            await asyncio.sleep(0)  # let requests in between batches
 
     async def _prune_outbox(self, before: datetime) -> int:
         """Deletes outbox items finished before ``before``, walking the table

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import pytest
 
-from hitl_service.domain import DeadLetter, IdempotencyRecord, OutboxStatus, User
+from hitl_service.domain import (
+    DeadLetter,
+    IdempotencyRecord,
+    OutboxStatus,
+    Session,
+    SessionState,
+    User,
+)
 from hitl_service.errors import StoreUnavailable
+from hitl_service.store import postgres as postgres_module
 from hitl_service.store import sqlite as sqlite_module
 from hitl_service.store.base import Store, Tx
 from hitl_service.store.migrations import migrations
@@ -226,3 +236,150 @@ class TestPrune:
             await store.prune(idempotency_before=at(20), dedupe_before=at(5), parked_before=at(5))
             == 1
         )
+
+
+class TestRetention:
+    """``prune(sessions_before=...)``: HITL_RETENTION's deletions."""
+
+    async def given(self, store: Store, ended: dict[str, float], events: int) -> dict[str, Session]:
+        """Sessions (one user each) by name: those in ``ended`` ended at that
+        offset (``failed_*`` as FAILED), the rest open since ``at(0)``; each
+        with ``events`` log events."""
+        sessions: dict[str, Session] = {}
+        async with store.transaction() as tx:
+            for name in ("old", "failed_old", "recent", "open_ancient"):
+                user = make_user()
+                await tx.insert_user(user)
+                await tx.put_provider_user(user.id, "livechat", ProviderUser(f"c-{name}"))
+                if name in ended:
+                    state = SessionState.FAILED if name.startswith("failed") else SessionState.ENDED
+                    session = make_session(user.id, state=state, ended_at=at(ended[name]))
+                else:
+                    session = make_session(user.id)
+                await tx.insert_session(session)
+                for n in range(events):
+                    await tx.append_event(session.id, user.id, at(n), Queued(n))
+                sessions[name] = session
+        return sessions
+
+    async def test_deletes_sessions_ended_before_the_cutoff_with_their_events(
+        self, store: Store
+    ) -> None:
+        sessions = await self.given(store, {"old": 10, "failed_old": 20, "recent": 1000}, 3)
+        head = await store.head()
+        removed = await store.prune(
+            idempotency_before=at(0),
+            dedupe_before=at(0),
+            parked_before=at(0),
+            sessions_before=at(500),
+        )
+        assert removed == 2 * (3 + 1)  # two sessions, three events each
+        gone = {sessions["old"].id, sessions["failed_old"].id}
+        for name, session in sessions.items():
+            stored = await store.get_session(session.id)
+            assert (stored is None) == (session.id in gone), name
+            events = await store.read_events(after=0, limit=100, session_id=session.id)
+            assert len(events) == (0 if session.id in gone else 3), name
+            # Users and their provider identities stay: a user may come back.
+            assert await store.get_user(session.user_id) is not None
+            assert await store.get_provider_user(session.user_id, "livechat") is not None
+            listed = await store.list_sessions(
+                user_id=session.user_id, state=None, before=None, limit=10
+            )
+            assert [s.id for s in listed] == ([] if session.id in gone else [session.id])
+        assert {e.session_id for e in await store.read_events(after=0, limit=100)} == {
+            sessions["recent"].id,
+            sessions["open_ancient"].id,
+        }
+        # Cursors go on from where they were, never reused.
+        assert await store.head() == head
+        async with store.transaction() as tx:
+            assert await tx.append_event("s", "u", at(2000), Queued()) == head + 1
+        assert (
+            await store.prune(
+                idempotency_before=at(0),
+                dedupe_before=at(0),
+                parked_before=at(0),
+                sessions_before=at(500),
+            )
+            == 0
+        )
+
+    async def test_without_a_cutoff_sessions_stay(self, store: Store) -> None:
+        sessions = await self.given(store, {"old": 10, "failed_old": 20, "recent": 1000}, 2)
+        assert (
+            await store.prune(idempotency_before=at(0), dedupe_before=at(0), parked_before=at(0))
+            == 0
+        )
+        for session in sessions.values():
+            assert await store.get_session(session.id) is not None
+
+    async def test_many_events_go_batch_by_batch(
+        self, store: Store, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(sqlite_module, "PRUNE_BATCH", 2)
+        monkeypatch.setattr(postgres_module, "PRUNE_BATCH", 2)
+        sessions = await self.given(store, {"old": 10, "failed_old": 20, "recent": 1000}, 5)
+        transactions = 0
+        real = store.transaction
+
+        def counted(**options: Any) -> AbstractAsyncContextManager[Tx]:
+            nonlocal transactions
+            transactions += 1
+            return real(**options)
+
+        monkeypatch.setattr(store, "transaction", counted)
+        removed = await store.prune(
+            idempotency_before=at(0),
+            dedupe_before=at(0),
+            parked_before=at(0),
+            sessions_before=at(500),
+        )
+        assert removed == 2 * (5 + 1)
+        assert transactions >= 5  # ten events, two a transaction
+        assert await store.get_session(sessions["old"].id) is None
+        assert await store.get_session(sessions["failed_old"].id) is None
+        kept = {e.session_id for e in await store.read_events(after=0, limit=100)}
+        assert kept == {sessions["recent"].id, sessions["open_ancient"].id}
+        assert await store.get_session(sessions["open_ancient"].id) == sessions["open_ancient"]
+
+    async def test_a_session_with_a_pending_send_waits_for_it(self, store: Store) -> None:
+        sessions = await self.given(store, {"old": 10}, 1)
+        item = make_outbox(sessions["old"].id)
+        async with store.transaction() as tx:
+            await tx.insert_outbox(item)
+        cutoffs = {
+            "idempotency_before": at(0),
+            "dedupe_before": at(0),
+            "parked_before": at(0),
+            "sessions_before": at(500),
+        }
+        assert await store.prune(**cutoffs) == 0
+        assert await store.get_session(sessions["old"].id) is not None
+        item.status, item.done_at = OutboxStatus.FAILED, at(20)
+        async with store.transaction() as tx:
+            assert await tx.update_outbox(item)
+        assert await store.prune(**cutoffs) == 2
+        assert await store.get_session(sessions["old"].id) is None
+
+    async def test_a_reopened_store_keeps_its_head_when_the_newest_events_went(
+        self, open_store: OpenStore
+    ) -> None:
+        first = await open_store()
+        sessions = await self.given(first, {"old": 10}, 0)
+        async with first.transaction() as tx:
+            old = sessions["old"]
+            for n in range(3):
+                head = await tx.append_event(old.id, old.user_id, at(n), Queued(n))
+        await first.prune(
+            idempotency_before=at(0),
+            dedupe_before=at(0),
+            parked_before=at(0),
+            sessions_before=at(500),
+        )
+        await first.close()
+        second = await open_store()
+        # A client resuming from the last cursor it saw is not "ahead of the log".
+        assert await second.head() == head
+        async with second.transaction() as tx:
+            assert await tx.append_event("s", "u", at(600), Queued()) == head + 1

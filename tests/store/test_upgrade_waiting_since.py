@@ -16,6 +16,7 @@ JANE = Agent(id="jane@acme.example", name="Jane")
 async def back_to_version_3(backend: Backend) -> None:
     """The schema as the previous release left it (its rows kept)."""
     await backend.execute(
+        "DROP INDEX sessions_ended",  # version 6
         "ALTER TABLE sessions DROP COLUMN waiting_since",
         "DELETE FROM schema_version WHERE version >= 4",
     )
