@@ -23,6 +23,9 @@ from hitl_service.secret import Secret
 LogFormat = Literal["json", "console"]
 SqliteSync = Literal["normal", "full"]
 _LEVELS = ("debug", "info", "warning", "error")
+# HITL_RETENTION's floor: a StartHitl or SendMessage retried within the
+# 48 h idempotency window must still find the session its record names.
+MIN_RETENTION = 2 * 86400.0
 
 
 class ConfigError(ValueError):
@@ -110,6 +113,7 @@ class Settings:
     idle_timeout: float = 0.0
     reconcile_interval: float = 300.0
     grace_seconds: float = 10.0
+    retention: float = 0.0  # ended sessions are deleted this long after; 0 keeps them
     api_tokens: tuple[Secret, ...] = ()
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -188,6 +192,7 @@ class Settings:
                 env, "HITL_RECONCILE_INTERVAL", cls.reconcile_interval, 0.0
             ),
             grace_seconds=_duration(env, "HITL_GRACE_SECONDS", cls.grace_seconds, 0.0),
+            retention=_retention(env),
             api_tokens=tokens,
             tls_cert=tls["cert"],
             tls_key=tls["key"],
@@ -264,19 +269,30 @@ def _int(env: Mapping[str, str], variable: str, default: int, *, minimum: int) -
     return value
 
 
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "": 1.0}
 
 
 def _duration(env: Mapping[str, str], variable: str, default: float, minimum: float) -> float:
     raw = env.get(variable)
     if raw is None or raw.strip() == "":
         return default
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|)\s*", raw)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|)\s*", raw)
     if match is None:
         raise ConfigError(variable, f"expected a duration like 30s, 5m or 1h, got {raw!r}")
     value = float(match.group(1)) * _UNITS[match.group(2)]
     if value < minimum:
         raise ConfigError(variable, f"must be at least {minimum}s")
+    return value
+
+
+def _retention(env: Mapping[str, str]) -> float:
+    value = _duration(env, "HITL_RETENTION", 0.0, 0.0)
+    if 0 < value < MIN_RETENTION:
+        raise ConfigError(
+            "HITL_RETENTION",
+            "must be 0 (keep everything) or at least 2d: a request retried within "
+            "the 48 h idempotency window must still find its session",
+        )
     return value
 
 

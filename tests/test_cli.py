@@ -15,6 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from hitl_service.config import Settings
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from tests.support import TIMEOUT, make_user, start_session
@@ -55,6 +56,7 @@ async def run(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str
         ("HITL_PROVIDER_TIMEOUT", "soon"),
         ("HITL_LOG_FORMAT", "xml"),
         ("HITL_SQLITE_SYNCHRONOUS", "off"),
+        ("HITL_RETENTION", "47h"),  # under the 48 h a retried request may come back
     ],
 )
 async def test_bad_settings_exit_with_one_line_naming_the_variable(
@@ -66,6 +68,13 @@ async def test_bad_settings_exit_with_one_line_naming_the_variable(
     assert len(lines) == 1, err
     assert variable in lines[0]
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("", 0.0), ("0", 0.0), ("2d", 172800.0), ("720h", 2592000.0)]
+)
+def test_retention_is_off_or_at_least_two_days(value: str, seconds: float) -> None:
+    assert Settings.from_env({"HITL_RETENTION": value}).retention == seconds
 
 
 async def test_a_password_in_a_bad_store_url_is_not_repeated(

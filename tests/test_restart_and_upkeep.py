@@ -653,3 +653,59 @@ class TestEndedElsewhere:
                 await events.wait_for_kind("ended")
             assert events.kinds().count("ended") == 1
             assert events.events[-1].ended.by == pb.ENDED_BY_CALLER
+
+
+class TestRetention:
+    async def test_ended_sessions_older_than_the_retention_go_and_open_ones_stay(
+        self, service_env: dict[str, str]
+    ) -> None:
+        service_env["HITL_RETENTION"] = "2d"
+        clock = ShiftedClock(SystemClock())
+        async with scripted_on_clock(service_env, clock) as (app, stub, _provider):
+            ended_user = await make_user(stub)
+            ended = await start_session(stub, ended_user.id)
+            await stub.StopHitl(pb.StopHitlRequest(session_id=ended.id), timeout=TIMEOUT)
+            still_open = await start_session(stub, (await make_user(stub)).id)
+            async with EventCollector(stub) as before:
+                await before.wait_for_kind("ended", session_id=ended.id)
+                await before.wait_for_kind("started", session_id=still_open.id)
+            head = max(int(e.cursor) for e in before.events)
+
+            clock.offset = 2 * 86400 + 3600  # past the retention, and the hourly prune
+            with structlog.testing.capture_logs() as logs:
+                await app.core.maintenance.sweep()
+                # The app's own upkeep loop, on the same clock, may take the turn.
+                await wait_for(
+                    lambda: any(e["event"] == "maintenance.pruned" for e in logs),
+                    what="the prune",
+                )
+            pruned = next(e for e in logs if e["event"] == "maintenance.pruned")
+            # The session and its events, besides expired request records.
+            assert pruned["rows"] >= 1 + len(before.kinds(ended.id))
+
+            await expect_error(
+                stub.GetSession(pb.GetSessionRequest(session_id=ended.id), timeout=TIMEOUT),
+                grpc.StatusCode.NOT_FOUND,
+            )
+            listed = await stub.ListSessions(
+                pb.ListSessionsRequest(user_id=ended_user.id), timeout=TIMEOUT
+            )
+            assert list(listed.sessions) == []
+            kept = await stub.GetSession(
+                pb.GetSessionRequest(session_id=still_open.id), timeout=TIMEOUT
+            )
+            assert kept.session.state not in (pb.SESSION_STATE_ENDED, pb.SESSION_STATE_FAILED)
+
+            async with EventCollector(stub) as everything:
+                # Every event the open session has, read up to the old head.
+                await wait_for(
+                    lambda: everything.events and int(everything.events[-1].cursor) == head,
+                    what="the stream up to the head",
+                )
+                assert everything.kinds(ended.id) == []
+                assert everything.kinds(still_open.id) == before.kinds(still_open.id)
+            # Following the pruned session alone: as for an id never seen.
+            async with EventCollector(stub, session_id=ended.id) as only_pruned:
+                assert only_pruned.error is not None
+                assert only_pruned.error.code() == grpc.StatusCode.NOT_FOUND
+                assert only_pruned.events == []

@@ -39,7 +39,7 @@ class HitlCore:
         self.outbox = Outbox(ctx)
         self.ingestor = Ingestor(ctx, self.outbox)
         self.hub = EventHub(ctx.store, ctx.clock, buffer_size=ctx.settings.stream_buffer)
-        self.maintenance = Maintenance(ctx, self.outbox)
+        self.maintenance = Maintenance(ctx, self.outbox, self.hub)
         self._tasks: list[asyncio.Task[None]] = []
         self._starts: set[asyncio.Task[Session]] = set()  # see start_handoff
 

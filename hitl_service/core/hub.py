@@ -19,6 +19,7 @@ from hitl_service.errors import StoreUnavailable
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Sequence
+    from datetime import datetime
 
     from hitl_service.clock import Clock
     from hitl_service.domain import LogEvent
@@ -106,6 +107,21 @@ class EventHub:
             self._floor = self._buf[cut - 1].seq
             del self._buf[:cut]
         self._wake()
+
+    def forget_before(self, cutoff: datetime) -> None:
+        """Drops buffered events that occurred before ``cutoff``, and all
+        before them: HITL_RETENTION deletes such events from the store (on
+        whichever replica prunes), and a stream must not get them from here.
+
+        Subscribers behind the new floor read the store, as any slow one.
+        """
+        last = -1
+        for index, event in enumerate(self._buf):
+            if event.occurred_at < cutoff:
+                last = index
+        if last >= 0:
+            self._floor = self._buf[last].seq
+            del self._buf[: last + 1]
 
     def _wake(self) -> None:
         """Wakes every waiting subscriber (they re-read from their cursor)."""

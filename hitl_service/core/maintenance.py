@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from hitl_service.core.context import CoreContext
+    from hitl_service.core.hub import EventHub
     from hitl_service.core.outbox import Outbox
     from hitl_service.domain import Session
 
@@ -58,9 +59,10 @@ def _words(seconds: float) -> str:
 class Maintenance:
     """Periodic sweeps over open sessions."""
 
-    def __init__(self, ctx: CoreContext, outbox: Outbox) -> None:
+    def __init__(self, ctx: CoreContext, outbox: Outbox, hub: EventHub | None = None) -> None:
         self._ctx = ctx
         self._outbox = outbox
+        self._hub = hub
         self._last_prune = float("-inf")
         self._last_catch_up = float("-inf")
         self._start_pass_done = False  # the start-up catch-up pass has completed
@@ -103,6 +105,10 @@ class Maintenance:
         now = ctx.clock.now()
         open_sessions = await self._each_open(lambda session: self._check_timeouts(session, now))
         ctx.metrics.active_sessions.set(open_sessions)
+        if ctx.settings.retention > 0 and self._hub is not None:
+            # On every replica, whichever prunes: what the prune deletes must
+            # not stay on offer in this one's stream buffer.
+            self._hub.forget_before(self._retention_cutoff(now))
         mono = ctx.clock.monotonic()
         if mono - self._last_prune >= _PRUNE_EVERY:
             self._last_prune = mono
@@ -160,11 +166,17 @@ class Maintenance:
                 return count
             after = page[-1].id
 
+    def _retention_cutoff(self, now: datetime) -> datetime:
+        return now - timedelta(seconds=self._ctx.settings.retention)
+
     async def _prune(self, now: datetime) -> None:
         removed = await self._ctx.store.prune(
             idempotency_before=now - IDEMPOTENCY_RETENTION,
             dedupe_before=now - DEDUPE_RETENTION,
             parked_before=now - PARKED_RETENTION,
+            sessions_before=(
+                self._retention_cutoff(now) if self._ctx.settings.retention > 0 else None
+            ),
         )
         log.info("maintenance.pruned", rows=removed)
 
