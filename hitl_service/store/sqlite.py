@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -1184,22 +1183,23 @@ class SqliteStore:
         then those of them left without events: a batch of long sessions
         takes several transactions, none more than two batches of rows.
         """
-        removed = 0
+        removed, cutoff = 0, _ts(before)
         while True:
+            # The batch is the same query in each statement: nothing else
+            # runs inside a transaction's statements (no JSON1 or 2000 bound
+            # parameters needed, which older SQLite builds lack).
             async with self.transaction() as tx:
-                rows = await tx._all(_SQL_ENDED_SESSIONS, (_ts(before), PRUNE_BATCH))
-                if not rows:
+                if not await tx._one(_SQL_ENDED_SESSIONS, (cutoff, 1)):
                     return removed
-                ids = json.dumps([row["id"] for row in rows])
                 removed += await tx._exec(
                     "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE session_id "
-                    "IN (SELECT value FROM json_each(?)) LIMIT ?)",
-                    (ids, PRUNE_BATCH),
+                    f"IN ({_SQL_ENDED_SESSIONS}) LIMIT ?)",
+                    (cutoff, PRUNE_BATCH, PRUNE_BATCH),
                 )
                 removed += await tx._exec(
-                    "DELETE FROM sessions WHERE id IN (SELECT value FROM json_each(?)) "
+                    f"DELETE FROM sessions WHERE id IN ({_SQL_ENDED_SESSIONS}) "
                     "AND NOT EXISTS (SELECT 1 FROM events WHERE events.session_id = sessions.id)",
-                    (ids,),
+                    (cutoff, PRUNE_BATCH),
                 )
             await asyncio.sleep(0)  # let requests in between batches
 
