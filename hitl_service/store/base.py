@@ -312,8 +312,9 @@ class Store(Protocol):
         older than ``dedupe_before``, parked events older than
         ``parked_before``. With ``sessions_before`` (``HITL_RETENTION``), also
         sessions that ended (ENDED or FAILED) before it, with their log
-        events; not one with a pending outbox item (an attempt may still log
-        its outcome), which goes at a later prune. Users, their provider
-        identities and open sessions stay; cursors are never reused.
+        events (not one with a pending outbox item: an attempt may still log
+        its outcome; it goes at a later prune), and dead letters received
+        before it. Users, their provider identities and open sessions stay;
+        cursors are never reused.
         """
         ...

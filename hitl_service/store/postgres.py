@@ -453,6 +453,8 @@ class PostgresStore:
             ("outbox", "status <> 'pending' AND done_at < $1", idempotency_before),
             ("dedupe_keys", "created_at < $1", dedupe_before),
             ("parked_events", "created_at < $1", parked_before),
+            # Dead letters hold message text too: kept as long as sessions.
+            *([("dead_letters", "received_at < $1", sessions_before)] if sessions_before else []),
         ):
             sql = (
                 f"DELETE FROM {table} WHERE ctid = ANY(ARRAY("

@@ -1161,6 +1161,12 @@ class SqliteStore:
             ("idempotency", "scope, key", "created_at < ?", idempotency_before),
             ("dedupe_keys", "rowid", "created_at < ?", dedupe_before),
             ("parked_events", "rowid", "created_at < ?", parked_before),
+            # Dead letters hold message text too: kept as long as sessions.
+            *(
+                [("dead_letters", "rowid", "received_at < ?", sessions_before)]
+                if sessions_before
+                else []
+            ),
         ):
             sql = (
                 f"DELETE FROM {table} WHERE ({key}) IN "

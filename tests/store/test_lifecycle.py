@@ -163,6 +163,18 @@ class TestDeadLetters:
         assert await store.list_dead_letters(10) == letters[::-1]
         assert await store.list_dead_letters(2) == letters[:1:-1]
 
+    async def test_go_with_the_retention_only(self, store: Store) -> None:
+        """They hold message text: HITL_RETENTION removes them with the
+        sessions; without it they stay for inspection."""
+        letters = [DeadLetter(f"dl_{n}", "livechat", at(n), "ingest failed", b"{}") for n in (1, 9)]
+        async with store.transaction() as tx:
+            for letter in letters:
+                await tx.add_dead_letter(letter)
+        cutoffs = {"idempotency_before": at(0), "dedupe_before": at(0), "parked_before": at(0)}
+        assert await store.prune(**cutoffs) == 0
+        assert await store.prune(**cutoffs, sessions_before=at(5)) == 1
+        assert await store.list_dead_letters(10) == letters[1:]
+
 
 class TestPrune:
     async def test_deletes_only_expired_rows(self, store: Store) -> None:
