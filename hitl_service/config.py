@@ -105,6 +105,10 @@ class Settings:
     request_budget: float = 25.0
     stream_max_seconds: float = 3600.0
     stream_max_open: int = 10_000
+    # Unary HitlService calls handled at once: each holds a few tasks and
+    # ~60 KB until its deadline; with the provider hung and callers
+    # retrying, nothing else would bound them.
+    rpc_max_in_flight: int = 1000
     # Each buffered event is a few objects every full garbage collection
     # scans: 4096 (up to twice that held) cost 7-10 ms pauses under webhook
     # load, 1024 cost 3-5 ms (bench/README.md).
@@ -186,6 +190,7 @@ class Settings:
             stream_max_seconds=_duration(env, "HITL_STREAM_MAX_SECONDS", 3600.0, 1.0),
             stream_max_open=_int(env, "HITL_STREAM_MAX_OPEN", cls.stream_max_open, minimum=1),
             stream_buffer=_int(env, "HITL_STREAM_BUFFER", cls.stream_buffer, minimum=16),
+            rpc_max_in_flight=_int(env, "HITL_RPC_MAX_IN_FLIGHT", cls.rpc_max_in_flight, minimum=1),
             queue_timeout=_duration(env, "HITL_QUEUE_TIMEOUT", 0.0, 0.0),
             idle_timeout=_duration(env, "HITL_IDLE_TIMEOUT", 0.0, 0.0),
             reconcile_interval=_duration(

@@ -39,7 +39,14 @@ def build_grpc_server(
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """The server with every service registered (not yet bound or started)."""
     server = grpc.aio.server(
-        interceptors=[ServiceInterceptor(metrics, settings.api_tokens, activity)],
+        interceptors=[
+            ServiceInterceptor(
+                metrics,
+                settings.api_tokens,
+                activity,
+                max_in_flight=settings.rpc_max_in_flight,
+            )
+        ],
         options=GRPC_OPTIONS,
     )
     add_hitl_service(HitlServicer(core), server)

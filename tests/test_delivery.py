@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hitl_service.clock import SystemClock
 from hitl_service.core import outbox as outbox_module
@@ -765,6 +766,38 @@ class TestOverload:
                 f"ev-{r.request_id}" for r in requests
             ]
             assert sorted(scripted.calls.delivered) == sorted(r.request_id for r in requests)
+
+    async def test_calls_beyond_the_in_flight_limit_are_refused_before_anything_is_stored(
+        self, service_env: dict[str, str]
+    ) -> None:
+        """Callers of a hung provider each hold a call until their deadline:
+        beyond HITL_RPC_MAX_IN_FLIGHT, a call is refused at once (nothing
+        stored, so nothing acknowledged is lost) instead of adding to memory.
+        Health stays answerable."""
+        service_env["HITL_RPC_MAX_IN_FLIGHT"] = "2"
+        service_env["HITL_PROVIDER_TIMEOUT"] = "60s"  # held until the gate opens
+        async with scripted_on_clock(service_env, SystemClock()) as (app, stub, scripted):
+            first, second, third = [await open_session(stub) for _ in range(3)]
+            gate = scripted.hold("send")
+            held = [
+                stub.SendMessage(send_request(s, "held"), timeout=TIMEOUT) for s in (first, second)
+            ]
+            await wait_for(lambda: scripted.waiting.get("send") == 2, what="two held sends")
+            refused = send_request(third, "refused")
+            error = await expect_error(
+                stub.SendMessage(refused, timeout=TIMEOUT), grpc.StatusCode.UNAVAILABLE
+            )
+            assert error.reason == "TOO_MANY_REQUESTS"
+            assert "HITL_RPC_MAX_IN_FLIGHT" in error.message
+            assert (await app.store.outbox_stats())[0] == 2  # the refused one was not stored
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+                health: Any = health_pb2_grpc.HealthStub(channel)
+                answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            gate.set()
+            await asyncio.gather(*held)
+            again = await stub.SendMessage(refused, timeout=TIMEOUT)  # room again
+            assert again.external_message_id == f"ev-{refused.request_id}"
 
     async def test_a_backlog_claimed_past_its_time_is_given_up_not_sent(
         self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch

@@ -24,6 +24,7 @@ from structlog.contextvars import bind_contextvars, clear_contextvars
 from hitl_service.activity import Activity
 from hitl_service.api.status import internal_error, to_status
 from hitl_service.errors import Code, HitlError, StoreUnavailable
+from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.secret import matches_any
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 _OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})  # probes carry no token
+_HITL_SERVICE = pb.DESCRIPTOR.services_by_name["HitlService"].full_name
 STORE_DOWN = "the store is unavailable; retry later"
 _UNAUTHENTICATED = (
     "missing or wrong API token; send 'authorization: Bearer <token>' "
@@ -87,10 +89,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         metrics: Metrics,
         api_tokens: tuple[Secret, ...] = (),
         activity: Activity | None = None,
+        *,
+        max_in_flight: int = 1000,
     ) -> None:
         self._metrics = metrics
         self._tokens = api_tokens
         self._activity = activity or Activity()
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0  # unary HitlService calls being handled
         self._wrapped: dict[tuple[str, int], Handler] = {}
 
     async def intercept_service(
@@ -116,19 +122,24 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             info = _Method(self._metrics, "unary", method, needs_token)
 
             activity = self._activity
+            bounded = service == _HITL_SERVICE  # not health nor reflection
 
             async def unary(request: Any, context: Context) -> Any:
                 activity.current += 1  # streams are not counted: they only read
+                self._in_flight += bounded
                 try:
                     async with _Rpc(self, info, context):
                         info.received.inc()
                         if type(request) is _Undecodable:
                             raise request.error()
+                        if bounded and self._in_flight > self._max_in_flight:
+                            raise _too_many_requests()
                         response = await inner(request, context)
                         info.sent.inc()
                         return response
                 finally:
                     activity.current -= 1
+                    self._in_flight -= bounded
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, _decoding(handler.request_deserializer), handler.response_serializer
@@ -182,6 +193,17 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 handler.response_serializer,
             )
         return cast("Handler", handler)
+
+
+def _too_many_requests() -> HitlError:
+    # Refused before anything is stored: nothing to learn by retrying with
+    # the same request_id but the outcome of a later attempt.
+    return HitlError(
+        Code.UNAVAILABLE,
+        "TOO_MANY_REQUESTS",
+        "this server is handling as many calls as HITL_RPC_MAX_IN_FLIGHT allows (the "
+        "provider may be slow); nothing was done: retry with back-off, or on another replica",
+    )
 
 
 class _Undecodable:
