@@ -709,3 +709,42 @@ class TestRetention:
                 assert only_pruned.error is not None
                 assert only_pruned.error.code() == grpc.StatusCode.NOT_FOUND
                 assert only_pruned.events == []
+
+    async def test_a_start_retried_while_the_prune_removes_its_session_starts_afresh(
+        self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With the retention at its 2-day floor, a prune deletes a session
+        and then, in a later transaction, its request record, both just past
+        48 h (a replica whose clock is behind can also date an end before its
+        start). A StartHitl retried in between finds the record without its
+        session: it is answered as a new request, not INTERNAL."""
+        service_env["HITL_RETENTION"] = "2d"
+        clock = ShiftedClock(SystemClock())
+        async with scripted_on_clock(service_env, clock) as (app, stub, _provider):
+            user = await make_user(stub)
+            request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="old")
+            old = (await stub.StartHitl(request, timeout=TIMEOUT)).session
+            await stub.StopHitl(pb.StopHitlRequest(session_id=old.id), timeout=TIMEOUT)
+
+            store, prune_sessions = app.store, app.store._prune_sessions  # type: ignore[attr-defined]
+            sessions_gone, gate = asyncio.Event(), asyncio.Event()
+
+            async def held(before: datetime) -> int:
+                removed: int = await prune_sessions(before)
+                sessions_gone.set()
+                await gate.wait()  # before the records' turn
+                return removed
+
+            monkeypatch.setattr(store, "_prune_sessions", held)
+            clock.offset = 2 * 86400 + 3600  # past the retention, and the hourly prune
+            prune = asyncio.ensure_future(app.core.maintenance.sweep())
+            try:
+                await asyncio.wait_for(sessions_gone.wait(), TIMEOUT)
+                retried = (await stub.StartHitl(request, timeout=TIMEOUT)).session
+            finally:
+                gate.set()
+                await prune
+            assert retried.id != old.id
+            assert retried.state != pb.SESSION_STATE_FAILED
+            again = (await stub.StartHitl(request, timeout=TIMEOUT)).session
+            assert again.id == retried.id  # the new record answers from now on

@@ -107,8 +107,12 @@ async def start_handoff(ctx: CoreContext, cmd: StartHandoff, budget: float) -> S
         record = await earlier_request(tx, START_SCOPE, cmd.request_id, request_hash)
         if record is not None:
             existing = await tx.get_session(record.resource_id)
-            assert existing is not None  # idempotency records point at kept sessions
-            return _replay(existing)
+            if existing is not None:
+                return _replay(existing)
+            # HITL_RETENTION pruned its session, which ended over 48 h ago (a
+            # prune deletes sessions before records, and a replica's clock may
+            # date an end before its start): the record is past its window.
+            await tx.delete_idempotency(START_SCOPE, cmd.request_id)
         user, session = await _insert_session(tx, ctx, cmd, request_hash)
         provider_user = await tx.get_provider_user(cmd.user_id, ctx.provider_name)
         previous = await tx.last_session_with_chat(cmd.user_id, ctx.provider_name)
