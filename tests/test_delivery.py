@@ -872,3 +872,70 @@ class TestOverload:
         assert len(outbox._inflight) == 1
         scripted.gates["send"].set()
         await call
+
+    async def test_a_send_during_the_loops_claim_does_not_exceed_the_concurrency(
+        self,
+        scripted_app: App,
+        scripted_stub: Stub,
+        scripted: ScriptedProvider,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The loop counts its free slots, then claims that many items in a
+        transaction: a writer that reserves a slot while that COMMIT is under
+        way must not get one of them, or both attempts go to the provider."""
+        outbox = scripted_app.core.outbox
+        outbox.concurrency = 1
+        store, transaction = scripted_app.store, scripted_app.store.transaction
+        first, queued, late = [await open_session(scripted_stub) for _ in range(3)]
+        held = scripted.hold("send")
+        calls = [
+            asyncio.ensure_future(
+                scripted_stub.SendMessage(send_request(first, "inline"), timeout=TIMEOUT)
+            )
+        ]
+        await wait_for(lambda: scripted.waiting.get("send"), what="the inline attempt")
+        calls.append(
+            asyncio.ensure_future(
+                scripted_stub.SendMessage(send_request(queued, "queued"), timeout=TIMEOUT)
+            )
+        )
+
+        async def stored() -> bool:
+            return (await store.outbox_stats())[0] == 2
+
+        await wait_for(stored, what="the second message in the store")
+        paused, resume, resumed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        @asynccontextmanager
+        async def pausing(**options: bool) -> AsyncIterator[Tx]:
+            async with transaction(**options) as tx:
+                claim, claimed = tx.claim_outbox, False
+
+                async def noted(*args: Any, **kwargs: Any) -> list[OutboxItem]:
+                    nonlocal claimed
+                    claimed = True
+                    return await claim(*args, **kwargs)
+
+                tx.claim_outbox = noted  # type: ignore[method-assign]
+                yield tx
+            if claimed:  # the loop's claim has committed; its attempts start next
+                monkeypatch.setattr(store, "transaction", transaction)
+                paused.set()
+                await resume.wait()
+                resumed.set()  # seen once the loop has started the attempts it claimed
+
+        monkeypatch.setattr(store, "transaction", pausing)
+        later = scripted.hold("send")  # the attempts after the first wait here
+        held.set()  # the first attempt ends: the loop claims the queued message
+        await asyncio.wait_for(paused.wait(), TIMEOUT)
+        calls.append(
+            asyncio.ensure_future(
+                scripted_stub.SendMessage(send_request(late, "late"), timeout=TIMEOUT)
+            )
+        )
+        await wait_for(stored, what="the late message in the store")
+        resume.set()
+        await asyncio.wait_for(resumed.wait(), TIMEOUT)
+        assert len(outbox._inflight) == 1  # the queued message's; the late one waits its turn
+        later.set()
+        await asyncio.gather(*calls)

@@ -513,11 +513,20 @@ class Outbox:
             return 0
         ctx = self._ctx
         now = ctx.clock.now()
-        async with ctx.store.transaction() as tx:
-            items = await tx.claim_outbox(ctx.owner, now, now + ctx.lease, free)
-            for item in items:
-                item.attempts += 1  # recorded before the call: a crash leaves it uncertain
-                await tx.update_outbox(item)
+        # Held while the claim commits: a writer reserving meanwhile would
+        # take a slot that the items claimed here are about to fill.
+        self._reserved += free
+        held = free
+        try:
+            async with ctx.store.transaction() as tx:
+                items = await tx.claim_outbox(ctx.owner, now, now + ctx.lease, free)
+                self._reserved -= held - len(items)  # only those claimed stay held
+                held = len(items)
+                for item in items:
+                    item.attempts += 1  # recorded before the call: a crash leaves it uncertain
+                    await tx.update_outbox(item)
+        finally:
+            self._reserved -= held
         for item in items:
             # Ours still running (it outlived its lease, say on a slow
             # store): one attempt at a time; it settles what it learns.
