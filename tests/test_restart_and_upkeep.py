@@ -312,6 +312,37 @@ class TestTimeouts:
             )
             assert value == 1
 
+    async def test_a_long_prune_holds_no_timeout_back(
+        self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The first prune after HITL_RETENTION is turned on over a large
+        history can take minutes: handoffs must still time out meanwhile."""
+        service_env["HITL_QUEUE_TIMEOUT"] = "2s"
+        clock = ShiftedClock(SystemClock())
+        async with scripted_on_clock(service_env, clock) as (app, stub, provider):
+            pruning, gate = asyncio.Event(), asyncio.Event()
+            prune = app.store.prune
+
+            async def long_prune(**cutoffs: Any) -> int:
+                pruning.set()
+                await gate.wait()
+                return await prune(**cutoffs)
+
+            monkeypatch.setattr(app.store, "prune", long_prune)
+            session = await start_session(stub, (await make_user(stub)).id)
+            clock.offset = 3600 + 3  # the next hourly prune is due; the handoff's timeout too
+            try:
+                await asyncio.wait_for(pruning.wait(), TIMEOUT)
+
+                async def ended() -> bool:
+                    answer = await stub.GetSession(pb.GetSessionRequest(session_id=session.id))
+                    return answer.session.state == pb.SESSION_STATE_ENDED
+
+                await wait_for(ended, what="the timeout while the prune runs")
+                assert provider.calls.stops == [session.external_chat_id]
+            finally:
+                gate.set()
+
     async def test_two_sweeps_timing_out_one_session_count_it_once(
         self, service_env: dict[str, str]
     ) -> None:

@@ -79,10 +79,15 @@ class Maintenance:
         return max(0.5, min([5.0, *intervals]))
 
     async def run(self) -> None:
-        """Sweeps until cancelled: timeouts and pruning in one loop, catch-up
-        in another, so that a long catch-up pass (one provider call per open
-        chat) never holds a timeout back."""
-        await asyncio.gather(self._every(self.sweep_timeouts), self._every(self.sweep_catch_up))
+        """Sweeps until cancelled: timeouts, pruning and catch-up each in its
+        own loop, so that neither a long catch-up pass (one provider call per
+        open chat) nor a long prune (HITL_RETENTION turned on over a large
+        history) holds a timeout back."""
+        await asyncio.gather(
+            self._every(self.sweep_timeouts),
+            self._every(self.sweep_prune),
+            self._every(self.sweep_catch_up),
+        )
 
     async def _every(self, sweep: Callable[[], Awaitable[None]]) -> None:
         while True:
@@ -95,12 +100,13 @@ class Maintenance:
             await self._ctx.clock.sleep(self.sweep_interval)
 
     async def sweep(self, *, force_catch_up: bool = False) -> None:
-        """One pass of each: timeouts and pruning, then catch-up when due."""
+        """One pass of each: timeouts, pruning when due, catch-up when due."""
         await self.sweep_timeouts()
+        await self.sweep_prune()
         await self.sweep_catch_up(force=force_catch_up)
 
     async def sweep_timeouts(self) -> None:
-        """Times out the open sessions that are due; prunes when due."""
+        """Times out the open sessions that are due."""
         ctx = self._ctx
         now = ctx.clock.now()
         open_sessions = await self._each_open(lambda session: self._check_timeouts(session, now))
@@ -109,9 +115,13 @@ class Maintenance:
             # On every replica, whichever prunes: what the prune deletes must
             # not stay on offer in this one's stream buffer.
             self._hub.forget_before(self._retention_cutoff(now))
-        mono = ctx.clock.monotonic()
+
+    async def sweep_prune(self) -> None:
+        """Prunes expired rows, when due and this replica's turn."""
+        mono = self._ctx.clock.monotonic()
         if mono - self._last_prune >= _PRUNE_EVERY:
             self._last_prune = mono
+            now = self._ctx.clock.now()
             if await self._take_turn("prune", now, _PRUNE_EVERY):
                 await self._prune(now)
 
