@@ -15,6 +15,8 @@ JANE = Agent(id="jane@acme.example", name="Jane")
 
 async def back_to_version_3(backend: Backend) -> None:
     """The schema as the previous release left it (its rows kept)."""
+    if backend.name == "sqlite":  # PostgreSQL has had this one since version 1
+        await backend.execute("DROP INDEX dead_letters_by_received")  # version 6
     await backend.execute(
         "DROP INDEX sessions_ended",  # version 6
         "ALTER TABLE sessions DROP COLUMN waiting_since",
