@@ -17,6 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hitl_service.clock import SystemClock
+from hitl_service.codec import message_to_json
 from hitl_service.core import outbox as outbox_module
 from hitl_service.core.commands import SendUserMessage, StopHandoff
 from hitl_service.domain import OutboxItem, OutboxKind, OutboxStatus
@@ -815,6 +816,7 @@ class TestOverload:
                 await expect_error(stub.SendMessage(r, timeout=0.5), grpc.StatusCode.UNAVAILABLE)
             assert scripted.waiting["send"] == 1  # the other two wait in the store
             monkeypatch.setattr(outbox_module, "SEND_TTL", timedelta(0))  # now all are late
+            monkeypatch.setattr(outbox_module, "LATE_CLAIM", timedelta(0))  # and long due
             gate.set()
             first = await stub.SendMessage(requests[0], timeout=TIMEOUT)
             assert first.external_message_id == f"ev-{requests[0].request_id}"
@@ -827,6 +829,46 @@ class TestOverload:
                     error.message
                 )
             assert list(scripted.calls.delivered) == [requests[0].request_id]
+
+    @pytest.mark.parametrize("case", ["uncertain", "due just now"])
+    async def test_a_late_item_still_goes_out_when_it_may_be_delivered_or_just_came_due(
+        self, scripted_app: App, scripted_stub: Stub, scripted: ScriptedProvider, case: str
+    ) -> None:
+        """Past its time, but not given up unasked: an item whose last attempt's
+        outcome is unknown (the process died mid-send and stayed down) asks
+        the provider, which confirms the delivery, rather than end as "the
+        agent may have it"; a retry that came due just before the item's
+        time goes out, though its claim comes a moment after it."""
+        session = await open_session(scripted_stub)
+        now = datetime.now(UTC)
+        long_ago = now - outbox_module.SEND_TTL - timedelta(minutes=5)
+        uncertain = case == "uncertain"
+        item = OutboxItem(
+            id=f"msg_{rid()}",
+            session_id=session.id,
+            kind=OutboxKind.SEND,
+            request_id=rid(),
+            payload={"message": message_to_json(Message(body="late"))},
+            status=OutboxStatus.PENDING,
+            created_at=long_ago,
+            next_attempt_at=long_ago if uncertain else now,
+            attempts=1,
+            attempts_settled=0 if uncertain else 1,  # claimed, never settled: uncertain
+        )
+        if uncertain:
+            scripted.calls.delivered[item.request_id] = Message(body="late")
+        async with scripted_app.store.transaction() as tx:
+            await tx.insert_outbox(item)
+        scripted_app.core.outbox.kick()
+
+        async def settled() -> OutboxItem | None:
+            found = await scripted_app.store.get_outbox(item.id)
+            return found if found and found.status is not OutboxStatus.PENDING else None
+
+        done = await wait_for(settled, what="the item settled")
+        assert (done.status, done.error_code) == (OutboxStatus.DONE, ""), done.last_error
+        assert [s[3] for s in scripted.calls.sends if s[2] == item.request_id] == [uncertain]
+        assert list(scripted.calls.delivered) == [item.request_id]
 
     async def test_a_send_or_stop_whose_commit_fails_gives_its_slot_back(
         self,

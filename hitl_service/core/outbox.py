@@ -44,6 +44,8 @@ SEND_TTL = timedelta(minutes=15)
 """A message not delivered within this time fails with DELIVERY_EXPIRED."""
 STOP_TTL = timedelta(hours=24)
 """A stop keeps being retried this long."""
+LATE_CLAIM = timedelta(minutes=1)
+"""Claimed this long after it was due and past its TTL, an item is given up."""
 
 
 class Outbox:
@@ -177,12 +179,6 @@ class Outbox:
     ) -> OutboxItem:
         ctx = self._ctx
         try:
-            ttl = _ttl(item)
-            if ctx.clock.now() > item.created_at + ttl:
-                # Claimed after its time (a backlog beyond the attempts'
-                # concurrency through an outage): as late as a retry would be.
-                detail = _expired(item, ttl, item.last_error or "not attempted in time")
-                return await self._settle_failed(item, "DELIVERY_EXPIRED", detail)
             if session is None:
                 session = await ctx.store.get_session(item.session_id)
             if user is None and session is not None:
@@ -201,6 +197,11 @@ class Outbox:
             # message; a closed chat takes nothing new (ChatInactive).
             if item.kind is OutboxKind.STOP and not session.state.is_open:
                 return await self._settle_done(item, session, None, {})
+            if _claimed_late(item, ctx.clock.now()):
+                # A backlog beyond the attempts' concurrency through an
+                # outage: as late as a retry would be.
+                detail = _expired(item, _ttl(item), item.last_error or "not attempted in time")
+                return await self._settle_failed(item, "DELIVERY_EXPIRED", detail)
             chat = ProviderChat(session.external_chat_id, dict(session.chat_state))
             watch = StateWatch(user, chat)
             try:
@@ -597,6 +598,18 @@ class _Attempt:
 
 def _ttl(item: OutboxItem) -> timedelta:
     return SEND_TTL if item.kind is OutboxKind.SEND else STOP_TTL
+
+
+def _claimed_late(item: OutboxItem, now: datetime) -> bool:
+    """Whether ``item`` is past its time and was claimed long after it was
+    due: a retry due just before its time still goes out, and an item an
+    earlier attempt may have delivered still asks the provider (which then
+    confirms the delivery, or sends it late) rather than end unknown."""
+    return (
+        now > item.created_at + _ttl(item)
+        and now - item.next_attempt_at > LATE_CLAIM
+        and not item.earlier_attempt_uncertain
+    )
 
 
 def _expired(item: OutboxItem, ttl: timedelta, error: str, *, uncertain: bool = False) -> str:
