@@ -254,7 +254,7 @@ async def _commit_start(
     tags: list[str] = []
     async with ctx.store.transaction() as tx:
         current = await tx.get_session(session.id)
-        assert current is not None  # we inserted it; sessions are never deleted
+        assert current is not None  # ours; only sessions ended days ago are deleted
         if current.state is not SessionState.STARTING:
             # An upkeep (on a replica whose clock runs ahead) gave the start
             # up as interrupted and forgot its request id: a late answer
@@ -297,7 +297,7 @@ async def _fail_start(
     now = ctx.clock.now()
     async with ctx.store.transaction() as tx:
         current = await tx.get_session(session.id)
-        assert current is not None
+        assert current is not None  # as in _commit_start
         if current.state is not SessionState.STARTING:
             # The upkeep gave this start up already (START_INTERRUPTED) and
             # forgot its request id, which a retry may have taken since.
