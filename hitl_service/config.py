@@ -101,6 +101,10 @@ class Settings:
     log_level: str = "info"
     http_max_body: int = 1024 * 1024
     http_request_timeout: float = 30.0
+    # Webhook (and provider route) requests handled at once: each may hold
+    # up to http_max_body until it is answered, so 256 of them hold at most
+    # 256 MiB at the default body limit (LiveChat's webhooks are a few KB).
+    http_max_in_flight: int = 256
     provider_timeout: float = 10.0
     request_budget: float = 25.0
     stream_max_seconds: float = 3600.0
@@ -184,6 +188,9 @@ class Settings:
             http_max_body=_int(env, "HITL_HTTP_MAX_BODY", cls.http_max_body, minimum=1024),
             http_request_timeout=_duration(
                 env, "HITL_HTTP_REQUEST_TIMEOUT", cls.http_request_timeout, 0.1
+            ),
+            http_max_in_flight=_int(
+                env, "HITL_HTTP_MAX_IN_FLIGHT", cls.http_max_in_flight, minimum=1
             ),
             provider_timeout=_duration(env, "HITL_PROVIDER_TIMEOUT", cls.provider_timeout, 0.1),
             request_budget=_duration(env, "HITL_REQUEST_BUDGET", cls.request_budget, 0.1),

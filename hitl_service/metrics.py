@@ -35,7 +35,7 @@ _LATENCY_BUCKETS = (
 
 WEBHOOK_OUTCOMES = (
     *("accepted", "duplicate", "ignored", "rejected", "too_large"),
-    *("timeout", "disconnected", "unavailable", "failed"),
+    *("timeout", "disconnected", "unavailable", "overloaded", "failed"),
 )
 PROVIDER_OPERATIONS = ("upsert_user", "start", "send", "stop", "catch_up")
 
@@ -73,7 +73,7 @@ class Metrics:
             "hitl_webhook_requests_total",
             "Inbound webhook deliveries by outcome "
             "(accepted, duplicate, ignored, rejected, too_large, timeout, disconnected, "
-            "unavailable, failed, unknown_provider).",
+            "unavailable, overloaded, failed, unknown_provider).",
             ("provider", "outcome"),
             registry=registry,
         )

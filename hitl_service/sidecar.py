@@ -2,7 +2,8 @@
 
 Starlette on uvicorn in the same event loop as the gRPC server, on its own
 port. A webhook is answered 200 only after its events are committed; bad
-input gets a 4xx with a JSON reason, never a stack trace.
+input gets a 4xx with a JSON reason, never a stack trace; beyond
+``HITL_HTTP_MAX_IN_FLIGHT`` requests in progress, a 503 at once.
 """
 
 from __future__ import annotations
@@ -102,38 +103,110 @@ async def read_bounded_body(request: Request, settings: Settings) -> bytes:
         ) from None
 
 
-def _bounded_body(app: ASGIApp, settings: Settings) -> ASGIApp:
-    """``app`` (a provider's route), given its request's body only once it
-    arrived within the limits webhooks have: the uvicorn protocol times out
-    idle connections only, so a stalled body would hold one for good."""
+class Admission:
+    """At most ``HITL_HTTP_MAX_IN_FLIGHT`` provider-route requests (webhooks,
+    the provider's own routes) in progress at once, counted in
+    ``Activity.http``: each may hold up to ``HITL_HTTP_MAX_BODY`` of body
+    until it is answered. One beyond it is answered 503 at once, before its
+    body is read. ``/healthz``, ``/readyz`` and ``/metrics`` never come here:
+    probes and scrapes get through an overload.
+
+    (uvicorn's ``limit_concurrency`` would count connections, idle keep-alive
+    ones too, refuse the probes with them, and answer in plain text.)
+    """
+
+    def __init__(self, activity: Activity, limit: int, *, warn_every: float = 60.0) -> None:
+        self._activity = activity
+        self._limit = limit
+        self._warn_every = warn_every
+        self._warned_at = float("-inf")
+        self._refused = 0  # since the last warning
+
+    def admit(self) -> bool:
+        """Counts a request in, or says it is one too many (then ``release``
+        is not called for it)."""
+        if self._activity.http < self._limit:
+            self._activity.http += 1
+            return True
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._warned_at >= self._warn_every:
+            # One line a minute at most, however many are refused (each
+            # webhook's own webhook.done line says "overloaded"): ``refused``
+            # counts them since the previous line.
+            log.warning("http.overloaded", limit=self._limit, refused=self._refused)
+            self._warned_at = now
+            self._refused = 0
+        return False
+
+    def release(self) -> None:
+        """Counts an admitted request out."""
+        self._activity.http -= 1
+
+    @staticmethod
+    def refusal() -> Response:
+        """The answer to a request beyond the limit: nothing was read, so
+        nothing acknowledged is lost (LiveChat retries a non-200 webhook)."""
+        response = error(503, "too many requests in progress; nothing was read: retry later")
+        response.headers["Retry-After"] = "1"
+        return response
+
+
+def _bounded_body(app: ASGIApp, settings: Settings, admission: Admission) -> ASGIApp:
+    """``app`` (a provider's route), admitted by ``admission`` and given its
+    request's body only once it arrived within the limits webhooks have: the
+    uvicorn protocol times out idle connections only, so a stalled body would
+    hold one for good. The request counts until its answer starts (a
+    streamed answer, like the console's event stream, holds no body)."""
 
     async def bounded(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
-        try:
-            body = await read_bounded_body(Request(scope, receive), settings)
-        except BodyRefused as refused:
-            await refused.response(scope, receive, send)
+        if not admission.admit():
+            await admission.refusal()(scope, receive, send)
             return
-        replayed = False
+        admitted = True
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # e.g. the disconnect a stream waits for
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
+        def release() -> None:
+            nonlocal admitted
+            if admitted:
+                admitted = False
+                admission.release()
 
-        await app(scope, replay, send)
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                release()
+            await send(message)
+
+        try:
+            try:
+                body = await read_bounded_body(Request(scope, receive), settings)
+            except BodyRefused as refused:
+                await refused.response(scope, receive, sending)
+                return
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if replayed:
+                    return await receive()  # e.g. the disconnect a stream waits for
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            await app(scope, replay, sending)
+        finally:
+            release()
 
     return bounded
 
 
-def _with_bounded_bodies(routes: Sequence[BaseRoute], settings: Settings) -> list[BaseRoute]:
+def _with_bounded_bodies(
+    routes: Sequence[BaseRoute], settings: Settings, admission: Admission
+) -> list[BaseRoute]:
     for route in routes:
         if isinstance(route, Route | Mount):
-            route.app = _bounded_body(route.app, settings)
+            route.app = _bounded_body(route.app, settings, admission)
     return list(routes)
 
 
@@ -188,6 +261,7 @@ def build_sidecar(
 ) -> Starlette:
     """The sidecar app with the generic routes plus the provider's own."""
     activity = activity or Activity()
+    admission = Admission(activity, settings.http_max_in_flight)
     readiness = Readiness(core.ctx.store, provider)
 
     async def healthz(request: Request) -> Response:
@@ -212,12 +286,19 @@ def build_sidecar(
         bind_contextvars(request_id=request_id, route="webhook", provider=name)
         started = time.perf_counter()
         outcome = ["failed"]
+        admitted = admission.admit()
         try:
-            response = await _webhook(request, name, outcome)
+            if admitted:
+                response = await _webhook(request, name, outcome)
+            else:
+                outcome[0] = "overloaded"
+                response = admission.refusal()
             response.headers["X-Request-Id"] = request_id
             return response
         finally:
             activity.current -= 1
+            if admitted:
+                admission.release()
             elapsed = time.perf_counter() - started
             label = name if name == provider.name else "unknown"
             metrics.child(metrics.webhooks, label, outcome[0]).inc()
@@ -269,7 +350,7 @@ def build_sidecar(
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/webhooks/{provider}", webhook, methods=["POST"]),
-        *_with_bounded_bodies(provider.routes(), settings),
+        *_with_bounded_bodies(provider.routes(), settings, admission),
     ]
 
     async def not_found(request: Request, exc: Exception) -> Response:

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hitl_service.config import Settings
+from hitl_service.config import ConfigError, Settings
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from tests.support import TIMEOUT, make_user, start_session
@@ -75,6 +75,16 @@ async def test_bad_settings_exit_with_one_line_naming_the_variable(
 )
 def test_retention_is_off_or_at_least_two_days(value: str, seconds: float) -> None:
     assert Settings.from_env({"HITL_RETENTION": value}).retention == seconds
+
+
+def test_http_max_in_flight_is_a_whole_number_from_one() -> None:
+    assert Settings.from_env({}).http_max_in_flight == 256
+    assert Settings.from_env({"HITL_HTTP_MAX_IN_FLIGHT": ""}).http_max_in_flight == 256
+    assert Settings.from_env({"HITL_HTTP_MAX_IN_FLIGHT": " 1 "}).http_max_in_flight == 1
+    for bad in ("0", "-5", "many", "2.5"):
+        with pytest.raises(ConfigError) as refused:
+            Settings.from_env({"HITL_HTTP_MAX_IN_FLIGHT": bad})
+        assert "HITL_HTTP_MAX_IN_FLIGHT" in str(refused.value)
 
 
 async def test_a_password_in_a_bad_store_url_is_not_repeated(

@@ -4,7 +4,9 @@ route (verified, committed before 200, deduplicated, bad input → 4xx)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -13,7 +15,7 @@ import pytest
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from providers.types import Agent, AgentAssigned
 from tests.scripted import SECRET, Fault, ScriptedProvider
-from tests.support import EventCollector, make_user, start_session, wait_for
+from tests.support import TIMEOUT, EventCollector, make_user, start_session, wait_for
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -226,6 +228,119 @@ class TestWebhooks:
             return value or 0.0
 
         assert (count("accepted"), count("duplicate"), count("rejected")) == (1, 1, 1)
+
+
+@dataclass
+class Held:
+    """A request sent over a raw connection up to half its body, then held."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    rest: bytes
+
+    @classmethod
+    async def open(cls, port: int, path: str, body: bytes) -> Held:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        half = len(body) // 2
+        writer.write(head.encode() + body[:half])
+        await writer.drain()
+        return cls(reader, writer, body[half:])
+
+    async def finish(self) -> bytes:
+        """Sends the rest of the body; the status line of the answer."""
+        self.writer.write(self.rest)
+        await self.writer.drain()
+        return await asyncio.wait_for(self.reader.readline(), TIMEOUT)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
+def overloaded(app: App) -> float:
+    value = app.metrics.registry.get_sample_value(
+        "hitl_webhook_requests_total", {"provider": app.provider.name, "outcome": "overloaded"}
+    )
+    return value or 0.0
+
+
+class TestInFlightLimit:
+    """HITL_HTTP_MAX_IN_FLIGHT: slow or concurrent bodies beyond it are not
+    read (each may hold up to HITL_HTTP_MAX_BODY); probes still get through."""
+
+    @pytest.fixture
+    def service_env(self, service_env: dict[str, str]) -> dict[str, str]:
+        service_env["HITL_HTTP_MAX_IN_FLIGHT"] = "2"
+        return service_env
+
+    async def test_a_webhook_beyond_the_limit_gets_503_and_probes_still_answer(
+        self, scripted_app: App, hook: httpx.AsyncClient
+    ) -> None:
+        assert overloaded(scripted_app) == 0.0  # exported at zero from the start
+        port = scripted_app.http_port
+        body = json.dumps(envelope("SOMEONE_ELSE", "held")).encode()
+        held = [await Held.open(port, "/webhooks/scripted", body) for _ in range(2)]
+        try:
+            await wait_for(lambda: scripted_app.activity.http == 2, what="2 webhooks held")
+            refused = await post(hook, envelope("SOMEONE_ELSE", "third"))
+            assert refused.status_code == 503
+            assert refused.json()["error"].startswith("too many requests in progress")
+            assert refused.headers["retry-after"] == "1"
+            assert refused.headers["x-request-id"]
+            assert (await hook.get("/healthz")).status_code == 200
+            metrics = await hook.get("/metrics")
+            assert metrics.status_code == 200
+            assert (
+                'hitl_webhook_requests_total{outcome="overloaded",provider="scripted"} 1.0'
+                in metrics.text
+            )
+            assert (await hook.get("/readyz")).status_code == 200
+            assert scripted_app.activity.http == 2  # none of these counted
+
+            assert (await held[0].finish()).startswith(b"HTTP/1.1 200 ")
+            await wait_for(lambda: scripted_app.activity.http == 1, what="one webhook done")
+            accepted = await post(hook, envelope("SOMEONE_ELSE", "fourth"))
+            assert accepted.status_code == 200
+            assert overloaded(scripted_app) == 1.0
+        finally:
+            for request in held:
+                await request.close()
+        await wait_for(lambda: scripted_app.activity.http == 0, what="all requests done")
+
+    async def test_the_providers_own_routes_count_until_their_answer_starts(
+        self, app: App, http: httpx.AsyncClient
+    ) -> None:
+        """Console actions count and are refused like webhooks; the console's
+        event stream stops counting once it streams (it holds no body)."""
+        port = app.http_port
+        action = "/console/api/conversations/NOPE/take"
+        held = [await Held.open(port, action, b'{"agent": "Ann"}') for _ in range(2)]
+        try:
+            await wait_for(lambda: app.activity.http == 2, what="2 console actions held")
+            refused = await http.post(action, json={"agent": "Bob"})
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "1"
+            assert "too many requests" in refused.json()["error"]
+            webhook = await http.post("/webhooks/local", content=b"{}")
+            assert webhook.status_code == 503
+            assert (await http.get("/healthz")).status_code == 200
+            assert (await held[0].finish()).startswith(b"HTTP/1.1 404 ")  # no chat NOPE
+            await wait_for(lambda: app.activity.http == 1, what="one action done")
+            async with http.stream("GET", "/console/api/stream") as stream:
+                assert stream.status_code == 200
+                lines = stream.aiter_lines()
+                assert (await asyncio.wait_for(anext(lines), TIMEOUT)).startswith("data: ")
+                assert app.activity.http == 1  # the held action only
+                assert (await http.get("/console/api/state")).status_code == 200
+        finally:
+            for request in held:
+                await request.close()
+        await wait_for(lambda: app.activity.http == 0, what="all requests done")
 
 
 class TestStartRace:
