@@ -26,6 +26,7 @@ _LEVELS = ("debug", "info", "warning", "error")
 # HITL_RETENTION's floor: a StartHitl or SendMessage retried within the
 # 48 h idempotency window must still find the session its record names.
 MIN_RETENTION = 2 * 86400.0
+MAX_ABANDON_AFTER = 12 * 3600.0
 
 
 class ConfigError(ValueError):
@@ -122,6 +123,10 @@ class Settings:
     reconcile_interval: float = 300.0
     grace_seconds: float = 10.0
     retention: float = 0.0  # ended sessions are deleted this long after; 0 keeps them
+    # A start given up without the provider's answer may have opened a
+    # chat: this long after, unless the user has a handoff open again (a
+    # retry reuses the chat), the provider is asked to close it; 0: never.
+    abandon_after: float = 600.0
     api_tokens: tuple[Secret, ...] = ()
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -205,6 +210,7 @@ class Settings:
             ),
             grace_seconds=_duration(env, "HITL_GRACE_SECONDS", cls.grace_seconds, 0.0),
             retention=_retention(env),
+            abandon_after=_abandon_after(env),
             api_tokens=tokens,
             tls_cert=tls["cert"],
             tls_key=tls["key"],
@@ -304,6 +310,17 @@ def _retention(env: Mapping[str, str]) -> float:
             "HITL_RETENTION",
             "must be 0 (keep everything) or at least 2d: a request retried within "
             "the 48 h idempotency window must still find its session",
+        )
+    return value
+
+
+def _abandon_after(env: Mapping[str, str]) -> float:
+    value = _duration(env, "HITL_ABANDON_AFTER", Settings.abandon_after, 0.0)
+    if value > MAX_ABANDON_AFTER:
+        raise ConfigError(
+            "HITL_ABANDON_AFTER",
+            "must be at most 12h: the close is retried like a stop, for up to 24 h "
+            "after the start failed",
         )
     return value
 

@@ -108,6 +108,10 @@ class OutboxKind(enum.Enum):
     STOP = "stop"
 
 
+ABANDONED_START = "abandoned_start"
+"""Payload key of a STOP that abandons a given-up start: its request id."""
+
+
 class OutboxStatus(enum.Enum):
     """Where an outbox item is."""
 
@@ -146,6 +150,14 @@ class OutboxItem:
     error_code: str = ""
     result: dict[str, Any] = field(default_factory=dict)
     done_at: datetime | None = None
+
+    @property
+    def abandons_start(self) -> bool:
+        """A stop of the chat a given-up start may have opened (its session
+        FAILED without one): ``providers.base.SupportsAbandon``. A STOP, so
+        that a replica of a version before it fails it (no chat) instead of
+        refusing the row."""
+        return self.kind is OutboxKind.STOP and ABANDONED_START in self.payload
 
     @property
     def earlier_attempt_uncertain(self) -> bool:

@@ -3,7 +3,14 @@
 Everything a provider implementation needs is importable from here.
 """
 
-from providers.base import EventSink, Provider, ProviderDeps, ProviderFactory, SupportsCommands
+from providers.base import (
+    EventSink,
+    Provider,
+    ProviderDeps,
+    ProviderFactory,
+    SupportsAbandon,
+    SupportsCommands,
+)
 from providers.errors import (
     ChatInactive,
     ProviderAuthError,
@@ -87,6 +94,7 @@ __all__ = [
     "StartRequest",
     "StartResult",
     "Started",
+    "SupportsAbandon",
     "SupportsCommands",
     "Transferred",
     "UnknownProviderError",

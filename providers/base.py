@@ -153,7 +153,8 @@ class Provider(Protocol):
 
         Resume ``request.previous_chat`` when the backend keeps one chat per
         user. Must be safe to call again for the same ``request.request_id``
-        after an uncertain failure (reuse an already open chat).
+        after an uncertain failure (reuse an already open chat). Raising
+        ``ProviderRejected`` is an answer: close what the call opened first.
         """
         ...
 
@@ -214,6 +215,31 @@ class Provider(Protocol):
 
 
 @runtime_checkable
+class SupportsAbandon(Protocol):
+    """A provider that can close what a start given up on may have opened.
+
+    A ``StartHitl`` that ends without an answer from the backend (it was
+    unreachable, the service restarted mid-start, a bug) may still have
+    opened a chat, which would wait in the agents' queue with nobody
+    listening. The caller is told to retry with the same ``request_id``
+    (``start`` then reuses that chat); if no handoff of the user is open
+    ``HITL_ABANDON_AFTER`` later, the core calls ``abandon`` through its
+    outbox (retried like a stop while the backend is unreachable).
+    """
+
+    async def abandon(
+        self, user: ProviderUser, *, session_id: str, request_id: str, timeout: float
+    ) -> bool:
+        """Closes the chat the start with this request (and session) id
+        opened, if it is still open; leaves any other chat alone.
+
+        Returns:
+            True if it closed a chat.
+        """
+        ...
+
+
+@runtime_checkable
 class SupportsCommands(Protocol):
     """A provider with its own CLI subcommands (``hitl-service <name> ...``).
 
@@ -242,4 +268,11 @@ class ProviderFactory(Protocol):
         ...
 
 
-__all__ = ["EventSink", "Provider", "ProviderDeps", "ProviderFactory", "SupportsCommands"]
+__all__ = [
+    "EventSink",
+    "Provider",
+    "ProviderDeps",
+    "ProviderFactory",
+    "SupportsAbandon",
+    "SupportsCommands",
+]

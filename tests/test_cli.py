@@ -77,6 +77,15 @@ def test_retention_is_off_or_at_least_two_days(value: str, seconds: float) -> No
     assert Settings.from_env({"HITL_RETENTION": value}).retention == seconds
 
 
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("", 600.0), ("0", 0.0), ("30s", 30.0), ("12h", 43200.0)]
+)
+def test_abandon_after_is_off_or_at_most_twelve_hours(value: str, seconds: float) -> None:
+    assert Settings.from_env({"HITL_ABANDON_AFTER": value}).abandon_after == seconds
+    with pytest.raises(ConfigError, match="HITL_ABANDON_AFTER"):
+        Settings.from_env({"HITL_ABANDON_AFTER": "13h"})  # a close is retried up to 24 h
+
+
 def test_http_max_in_flight_is_a_whole_number_from_one() -> None:
     assert Settings.from_env({}).http_max_in_flight == 256
     assert Settings.from_env({"HITL_HTTP_MAX_IN_FLIGHT": ""}).http_max_in_flight == 256

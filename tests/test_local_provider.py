@@ -354,3 +354,26 @@ async def test_a_long_conversation_keeps_its_latest_messages() -> None:
     assert ids[-1] == f"{chat.external_chat_id}_{_MAX_MESSAGES + 4}"  # numbering goes on
     assert len(local._sent) == _MAX_MESSAGES - 1  # the dropped sends' request ids went too
     await local.close()
+
+
+async def test_abandon_closes_the_given_up_starts_conversation_unless_a_retry_took_it() -> None:
+    local = provider(None)
+    await local.open()
+    given_up = await local.start(request("ses_1", "usr_1"), USER, timeout=1)
+    first = request("ses_2", "usr_2")
+    await local.start(first, USER, timeout=1)
+    # The retry of ses_2's start, as the new session ses_3, takes its conversation.
+    retry = StartRequest(
+        session_id="ses_3", user=first.user, title="Refund", request_id=first.request_id
+    )
+    retried = await local.start(retry, USER, timeout=1)
+
+    assert await local.abandon(USER, session_id="ses_1", request_id="r", timeout=1)
+    assert not await local.abandon(USER, session_id="ses_1", request_id="r", timeout=1)
+    assert not await local.abandon(USER, session_id="ses_2", request_id="r", timeout=1)
+    _, conversations = local.snapshot()
+    status = {c["id"]: (c["status"], c["end_reason"]) for c in conversations}
+    assert status[given_up.chat.external_chat_id][0] == "ended"
+    assert "failed to start" in status[given_up.chat.external_chat_id][1]
+    assert status[retried.chat.external_chat_id] == ("waiting", "")
+    await local.close()

@@ -19,7 +19,7 @@ import structlog
 
 from hitl_service.core.ingest import apply_inbound
 from hitl_service.core.provider_state import StateWatch
-from hitl_service.core.sessions import START_SCOPE, request_stop
+from hitl_service.core.sessions import START_SCOPE, abandon_later, request_stop
 from hitl_service.core.state import finish, passes_over
 from hitl_service.domain import SessionState
 from hitl_service.errors import FailedPrecondition, StoreUnavailable
@@ -272,9 +272,10 @@ class Maintenance:
             )
             # The provider may have opened the chat before the process died:
             # as after an outage, the retry of the same request starts afresh
-            # and the provider reuses the chat (else it stays open, unheard).
+            # and the provider reuses the chat; without a retry, it is closed.
             if current.request_id:
                 await tx.delete_idempotency(START_SCOPE, current.request_id)
+            await abandon_later(tx, ctx, current, now)
         ctx.metrics.appended("failed")
         log.warning("session.start_interrupted", session_id=session.id)
 

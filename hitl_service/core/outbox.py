@@ -21,8 +21,15 @@ import structlog
 from hitl_service.codec import message_from_json
 from hitl_service.core.provider_state import StateWatch
 from hitl_service.core.state import finish
-from hitl_service.domain import OutboxItem, OutboxKind, OutboxStatus, SessionState
+from hitl_service.domain import (
+    ABANDONED_START,
+    OutboxItem,
+    OutboxKind,
+    OutboxStatus,
+    SessionState,
+)
 from hitl_service.errors import StoreUnavailable
+from providers.base import SupportsAbandon
 from providers.errors import (
     ChatInactive,
     ProviderAuthError,
@@ -179,6 +186,8 @@ class Outbox:
     ) -> OutboxItem:
         ctx = self._ctx
         try:
+            if item.abandons_start:
+                return await self._abandon(item)
             if session is None:
                 session = await ctx.store.get_session(item.session_id)
             if user is None and session is not None:
@@ -248,6 +257,59 @@ class Outbox:
             # frees the items queued behind it (if the loop saw any).
             if self._backlog or item.status is OutboxStatus.PENDING:
                 self.kick()
+
+    async def _abandon(self, item: OutboxItem) -> OutboxItem:
+        """Has the provider close the chat a given-up start may have opened,
+        unless the user has a handoff open again: a retry of the start that
+        reused the chat, or another one."""
+        ctx = self._ctx
+        provider = ctx.provider
+        async with ctx.store.transaction() as tx:
+            session = await tx.get_session(item.session_id)
+            user = open_now = None
+            if session is not None:  # None: pruned
+                user = await tx.get_provider_user(session.user_id, ctx.provider_name)
+                open_now = await tx.find_open_session(session.user_id, ctx.provider_name)
+        if open_now is not None:
+            return await self._settle_abandon(item, None, {"superseded_by": open_now.id})
+        if session is None or user is None or not isinstance(provider, SupportsAbandon):
+            return await self._settle_abandon(item, None, {"closed": "no"})
+        before = dict(user.state)
+        request_id = str(item.payload[ABANDONED_START])
+        try:
+            closed = await ctx.calls.once(
+                "abandon",
+                lambda t: provider.abandon(
+                    user, session_id=item.session_id, request_id=request_id, timeout=t
+                ),
+            )
+        except (ProviderUnavailable, ProviderRejected) as exc:
+            if user.state != before:  # e.g. a token renewed before an outage
+                async with ctx.store.transaction() as tx:
+                    await tx.put_provider_user(session.user_id, ctx.provider_name, user)
+            if isinstance(exc, ProviderUnavailable):
+                return await self._settle_retry(item, str(exc), exc.retry_after, exc.uncertain)
+            if isinstance(exc, ChatInactive):  # closed meanwhile
+                return await self._settle_abandon(item, None, {"closed": "no"})
+            setting = exc.setting if isinstance(exc, ProviderAuthError) else ""
+            return await self._settle_failed(item, exc.code, str(exc), setting=setting)
+        log.info("session.abandoned_start", session_id=item.session_id, closed=closed)
+        changed = user if user.state != before else None
+        return await self._settle_abandon(item, changed, {"closed": "yes" if closed else "no"})
+
+    async def _settle_abandon(
+        self, item: OutboxItem, user: ProviderUser | None, result: dict[str, str]
+    ) -> OutboxItem:
+        ctx = self._ctx
+        async with ctx.store.transaction() as tx:
+            if user is not None:
+                session = await tx.get_session(item.session_id)
+                if session is not None:
+                    await tx.put_provider_user(session.user_id, ctx.provider_name, user)
+            _mark_done(item, result, ctx.clock.now())
+            await tx.update_outbox(item)
+        self._count(item, "done")
+        return item
 
     async def _chat_reused(self, session: Session) -> bool:
         """Whether a later session took over the session's provider chat."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import structlog
@@ -13,6 +13,7 @@ from hitl_service.codec import kind_tag
 from hitl_service.core.ingest import apply_inbound
 from hitl_service.core.state import finish
 from hitl_service.domain import (
+    ABANDONED_START,
     IdempotencyRecord,
     OutboxItem,
     OutboxKind,
@@ -23,6 +24,7 @@ from hitl_service.domain import (
 )
 from hitl_service.errors import FailedPrecondition, NotFound, Unavailable
 from hitl_service.store.base import OpenSessionExists
+from providers.base import SupportsAbandon
 from providers.errors import ProviderAuthError, ProviderRejected, ProviderUnavailable
 from providers.fallback import fit_to
 from providers.types import (
@@ -38,7 +40,6 @@ from providers.types import (
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from datetime import timedelta
 
     from hitl_service.core.commands import StartHandoff, StopHandoff
     from hitl_service.core.context import CoreContext
@@ -116,26 +117,39 @@ async def start_handoff(ctx: CoreContext, cmd: StartHandoff, budget: float) -> S
         user, session = await _insert_session(tx, ctx, cmd, request_hash)
         provider_user = await tx.get_provider_user(cmd.user_id, ctx.provider_name)
         previous = await tx.last_session_with_chat(cmd.user_id, ctx.provider_name)
+    # Once the provider's start was called, a chat may be open: a start
+    # given up without an answer also schedules closing it (``abandon_later``).
+    called = False
     try:
-        identity, result = await _call_provider(
-            ctx, user, provider_user, previous, session, cmd, deadline
-        )
+        profile = _profile(user)
+        identity = await _upsert_user(ctx, user, profile, provider_user, deadline)
+        called = True
+        result = await _call_start(ctx, profile, identity, previous, session, cmd, deadline)
     except ProviderAuthError as exc:
         await _fail_start(ctx, session, exc.code, str(exc))
         raise FailedPrecondition(exc.code, str(exc), setting=exc.setting) from None
     except ProviderRejected as exc:
+        # A refusal is an answer: the provider closed what it opened (e.g.
+        # a chat no agent can take), and the request id keeps its answer.
         await _fail_start(ctx, session, exc.code, str(exc))
         raise FailedPrecondition(exc.code, str(exc), session_id=session.id) from None
     except ProviderUnavailable as exc:
         # Nothing was opened for sure: forget the request id, so retrying
         # the same request starts afresh (the provider reuses an open chat).
-        await _fail_start(ctx, session, "PROVIDER_UNAVAILABLE", str(exc), forget=cmd.request_id)
+        await _fail_start(
+            ctx, session, "PROVIDER_UNAVAILABLE", str(exc), forget=cmd.request_id, abandon=called
+        )
         raise Unavailable("PROVIDER_UNAVAILABLE", f"the provider is unreachable: {exc}") from None
     except Exception:
         # Our own bug: do not leave the session STARTING (and the user
         # blocked) until the sweeper notices; the interceptor reports it.
         await _fail_start(
-            ctx, session, "INTERNAL", "the start failed unexpectedly", forget=cmd.request_id
+            ctx,
+            session,
+            "INTERNAL",
+            "the start failed unexpectedly",
+            forget=cmd.request_id,
+            abandon=called,
         )
         raise
     return await _commit_start(ctx, session, identity, result)
@@ -194,23 +208,24 @@ def _replay(session: Session) -> Session:
     return session
 
 
-async def _call_provider(
-    ctx: CoreContext,
-    user: User,
-    provider_user: ProviderUser | None,
-    previous: Session | None,
-    session: Session,
-    cmd: StartHandoff,
-    deadline: float,
-) -> tuple[ProviderUser, StartResult]:
-    provider = ctx.provider
-    profile = UserProfile(
+def _profile(user: User) -> UserProfile:
+    return UserProfile(
         id=user.id,
         name=user.name,
         email=user.email,
         picture_url=user.picture_url,
         external_id=user.external_id,
     )
+
+
+async def _upsert_user(
+    ctx: CoreContext,
+    user: User,
+    profile: UserProfile,
+    provider_user: ProviderUser | None,
+    deadline: float,
+) -> ProviderUser:
+    provider = ctx.provider
     identity = await ctx.calls.with_retries(
         "upsert_user",
         lambda t: provider.upsert_user(profile, provider_user, timeout=t),
@@ -218,6 +233,19 @@ async def _call_provider(
     )
     async with ctx.store.transaction() as tx:  # keep the identity even if the start fails
         await tx.put_provider_user(user.id, ctx.provider_name, identity)
+    return identity
+
+
+async def _call_start(
+    ctx: CoreContext,
+    profile: UserProfile,
+    identity: ProviderUser,
+    previous: Session | None,
+    session: Session,
+    cmd: StartHandoff,
+    deadline: float,
+) -> StartResult:
+    provider = ctx.provider
     request = StartRequest(
         session_id=session.id,
         user=profile,
@@ -235,7 +263,7 @@ async def _call_provider(
     )
     state_before = dict(identity.state)
     try:
-        result = await ctx.calls.with_retries(
+        return await ctx.calls.with_retries(
             "start",
             lambda t: provider.start(request, identity, timeout=t),
             budget=max(0.1, deadline - ctx.clock.monotonic()),
@@ -243,8 +271,7 @@ async def _call_provider(
     finally:
         if identity.state != state_before:  # e.g. a refreshed token
             async with ctx.store.transaction() as tx:
-                await tx.put_provider_user(user.id, ctx.provider_name, identity)
-    return identity, result
+                await tx.put_provider_user(session.user_id, ctx.provider_name, identity)
 
 
 async def _commit_start(
@@ -292,7 +319,13 @@ async def _commit_start(
 
 
 async def _fail_start(
-    ctx: CoreContext, session: Session, code: str, detail: str, *, forget: str = ""
+    ctx: CoreContext,
+    session: Session,
+    code: str,
+    detail: str,
+    *,
+    forget: str = "",
+    abandon: bool = False,
 ) -> None:
     now = ctx.clock.now()
     async with ctx.store.transaction() as tx:
@@ -307,8 +340,35 @@ async def _fail_start(
         await tx.append_event(current.id, current.user_id, now, Failed(code=code, detail=detail))
         if forget:
             await tx.delete_idempotency(START_SCOPE, forget)
+        if abandon:
+            await abandon_later(tx, ctx, current, now)
     ctx.metrics.appended("failed")
     log.warning("session.start_failed", session_id=session.id, code=code)
+
+
+async def abandon_later(tx: Tx, ctx: CoreContext, session: Session, now: datetime) -> None:
+    """Schedules closing the chat the given-up start of ``session`` may have
+    opened (``providers.base.SupportsAbandon``), ``HITL_ABANDON_AFTER`` from
+    now: a retry of the start within that time reuses the chat instead.
+
+    Its attempt (``Outbox``) does nothing if the user has a handoff open by
+    then. Within ``tx``, which fails the session.
+    """
+    after = ctx.settings.abandon_after
+    if after <= 0 or not isinstance(ctx.provider, SupportsAbandon):
+        return
+    await tx.insert_outbox(
+        OutboxItem(
+            id=new_id("stp"),
+            session_id=session.id,
+            kind=OutboxKind.STOP,
+            request_id=f"abandon-{session.id}",
+            payload={ABANDONED_START: session.request_id},
+            status=OutboxStatus.PENDING,
+            created_at=now,
+            next_attempt_at=now + timedelta(seconds=after),
+        )
+    )
 
 
 async def stop_handoff(

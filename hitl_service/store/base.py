@@ -283,6 +283,9 @@ class Store(Protocol):
     async def outbox_stats(self) -> tuple[int, datetime | None]:
         """(pending items, the earliest time one of them may be claimed).
 
+        The count leaves out items scheduled for later and never attempted
+        (``SupportsAbandon`` closes): they are no backlog.
+
         That time is an item's ``next_attempt_at``, or the end of its lease
         when it is leased beyond it; items queued behind their session's
         head are not told apart (the head's settle wakes the loop).

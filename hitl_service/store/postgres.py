@@ -30,7 +30,12 @@ from hitl_service.store.migrations import migrations, warn_if_newer
 from hitl_service.store.postgres_db import Db, Redactor, is_unavailable
 from hitl_service.store.postgres_tx import CHANNEL, HEAD_SQL, PostgresTx, Queries, ts
 from hitl_service.store.postgres_wakeup import EventWakeup
-from hitl_service.store.rows import SESSION_COLUMNS, event_from_row, session_from_row
+from hitl_service.store.rows import (
+    PENDING_NOW,
+    SESSION_COLUMNS,
+    event_from_row,
+    session_from_row,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -419,7 +424,7 @@ class PostgresStore:
     async def outbox_stats(self) -> tuple[int, datetime | None]:
         """See base class."""
         row = await self._database().fetchrow(
-            "SELECT COUNT(*) AS n, "
+            f"SELECT {PENDING_NOW} AS n, "
             "MIN(GREATEST(next_attempt_at, COALESCE(lease_until, next_attempt_at))) "
             "AS next_attempt_at FROM outbox WHERE status = 'pending'"
         )

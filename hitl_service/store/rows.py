@@ -167,6 +167,14 @@ def event_from_row(row: Row) -> LogEvent:
     )
 
 
+# ``outbox_stats``'s count: pending items, less those scheduled for later and
+# never attempted (a given-up start's close, due HITL_ABANDON_AFTER after
+# it), which are no backlog.
+PENDING_NOW = (
+    "COALESCE(SUM(CASE WHEN attempts = 0 AND next_attempt_at > created_at THEN 0 ELSE 1 END), 0)"
+)
+
+
 def outbox_from_row(row: Row) -> OutboxItem:
     """An outbox row → OutboxItem."""
     return OutboxItem(

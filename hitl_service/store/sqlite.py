@@ -68,6 +68,7 @@ from hitl_service.store.migrations import migrations, statements, warn_if_newer
 from hitl_service.store.rows import (
     OUTBOX_COLUMNS,
     OUTBOX_MUTABLE,
+    PENDING_NOW,
     SESSION_COLUMNS,
     USER_COLUMNS,
     dumps,
@@ -1125,14 +1126,14 @@ class SqliteStore:
     async def outbox_stats(self) -> tuple[int, datetime | None]:
         """See base class."""
         row = await self._queries()._one(
-            "SELECT COUNT(*) AS n, "
+            f"SELECT {PENDING_NOW} AS n, "
             "MIN(MAX(next_attempt_at, COALESCE(lease_until, next_attempt_at))) AS next_attempt_at "
             "FROM outbox WHERE status = 'pending'",
             (),
         )
         if row is None:
             return 0, None
-        return int(row["n"]), row["next_attempt_at"]
+        return int(row["n"] or 0), row["next_attempt_at"]
 
     async def list_dead_letters(self, limit: int) -> list[DeadLetter]:
         """See base class."""

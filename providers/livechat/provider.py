@@ -44,6 +44,7 @@ from providers.livechat.models import (
 from providers.livechat.settings import LiveChatSettings
 from providers.livechat.webhooks import WebhookParser
 from providers.types import (
+    THREAD_STATE_KEY,
     Capabilities,
     CatchUp,
     InboundEvent,
@@ -608,6 +609,39 @@ class LiveChatProvider:
         except BaseException:
             facts.stopped_by_us = was_stopped
             raise
+
+    async def abandon(
+        self, user: ProviderUser, *, session_id: str, request_id: str, timeout: float
+    ) -> bool:
+        """See ``SupportsAbandon``: deactivates the customer's chat if its
+        current thread holds this start's transcript (the events ``start``
+        posts with custom ids made of the request id); an inactive chat, or
+        a thread another start opened, is left alone."""
+        async with bounded("abandon", timeout) as budget:
+            chat_id = as_str(user.state.get("chat_id")) or await self._existing_chat(
+                user.external_user_id, budget
+            )
+            if not chat_id:
+                return False
+            try:
+                chat = await self._get_chat(chat_id, "", budget)
+            except ApiError as err:
+                if err.type in ("not_found", "chat_not_found"):
+                    return False
+                raise
+            if chat is None or chat.thread is None or not chat.thread.active:
+                return False
+            mark = f"{OWN_CUSTOM_ID_PREFIX}{request_id or session_id}:"
+            if not any(event.custom_id.startswith(mark) for event in chat.thread.events):
+                return False
+            await self.stop(
+                ProviderChat(chat_id, {THREAD_STATE_KEY: chat.thread.id}),
+                user,
+                "the handoff failed to start",
+                timeout=budget.left(),
+            )
+        log.info("livechat.abandoned_chat_closed", chat_id=chat_id, thread_id=chat.thread.id)
+        return True
 
     async def _deactivate_as_customer(
         self, chat_id: str, user: ProviderUser, agent_err: ApiError, budget: Budget

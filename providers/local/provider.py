@@ -444,6 +444,28 @@ class LocalProvider:
             conv.end_reason = reason or "stopped by the caller"
             self._touch()
 
+    async def abandon(
+        self, user: ProviderUser, *, session_id: str, request_id: str, timeout: float
+    ) -> bool:
+        """See ``SupportsAbandon``: closes the conversation the session's
+        start opened, unless a retry took it over (``_resume`` moves it to
+        the retry's session)."""
+        async with self._lock:
+            conv = next(
+                (
+                    c
+                    for c in self._chats.values()
+                    if c.session_id == session_id and c.status != ENDED
+                ),
+                None,
+            )
+            if conv is None:
+                return False
+            conv.status = ENDED
+            conv.end_reason = "given up by the service: the handoff failed to start"
+            self._touch()
+        return True
+
     def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> WebhookBatch:
         """See base class: the console pushes through the sink instead."""
         raise WebhookRejected(404, "the local provider takes no webhooks; use /console")

@@ -185,12 +185,20 @@ class TestStats:
         assert await store.outbox_stats() == (0, None)
         await _insert(
             store,
-            make_outbox("A", next_attempt_at=at(30)),
-            make_outbox("A", next_attempt_at=at(10)),
-            make_outbox("B", next_attempt_at=at(20)),
+            # Retries, due later.
+            make_outbox("A", next_attempt_at=at(30), attempts=1),
+            make_outbox("A", next_attempt_at=at(10), attempts=2, attempts_settled=2),
+            make_outbox("B", next_attempt_at=at(20), attempts=1),
             make_outbox("C", status=OutboxStatus.DONE, next_attempt_at=at(1), done_at=T0),
         )
         assert await store.outbox_stats() == (3, at(10))
+
+    async def test_items_scheduled_for_later_are_no_backlog(self, store: Store) -> None:
+        # A given-up start's close, due HITL_ABANDON_AFTER after it was stored.
+        await _insert(store, make_outbox("A", kind=OutboxKind.STOP, next_attempt_at=at(600)))
+        assert await store.outbox_stats() == (0, at(600))  # the loop still wakes for it
+        await _insert(store, make_outbox("B"), make_outbox("C", next_attempt_at=at(5), attempts=1))
+        assert await store.outbox_stats() == (2, T0)
 
 
 class TestIdempotency:

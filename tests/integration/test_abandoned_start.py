@@ -1,0 +1,148 @@
+"""A start given up without LiveChat's answer (an outage, a crash) closes the
+chat it opened ``HITL_ABANDON_AFTER`` later, unless the user has a handoff
+open again by then: a retry reuses that chat instead."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+
+from hitl_service.core import sessions
+from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from tests.fake_livechat import FakeLiveChat
+from tests.integration.conftest import LiveChatService, MakeService
+from tests.support import TIMEOUT, rich_error, rid, wait_for
+
+SHORT = {
+    "HITL_REQUEST_BUDGET": "0.5s",
+    "HITL_PROVIDER_TIMEOUT": "0.5s",
+    "HITL_ABANDON_AFTER": "0.3s",
+}
+
+
+def _settled_stops(service: LiveChatService) -> float:
+    value = service.app.metrics.registry.get_sample_value(
+        "hitl_outbox_attempts_total", {"kind": "stop", "outcome": "done"}
+    )
+    return value or 0.0
+
+
+async def _start_cut_off(
+    make_service: MakeService, monkeypatch: pytest.MonkeyPatch, fake: FakeLiveChat
+) -> tuple[LiveChatService, pb.StartHitlRequest, str]:
+    """A start whose process "dies" after LiveChat opened the chat; a second
+    service on the same store gives it up (START_INTERRUPTED)."""
+    first = await make_service(**SHORT)
+    user = await first.user()
+    never = asyncio.Event()
+
+    async def commit_dies(*args: Any, **kwargs: Any) -> Any:
+        await never.wait()  # the "crash": the session never records the chat
+
+    monkeypatch.setattr(sessions, "_commit_start", commit_dies)
+    request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="Refund")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await first.stub.StartHitl(request, timeout=2)
+    [chat_id] = fake.state.chats
+    await first.app.stop(grace=0.1)
+    for task in list(first.app.core._starts):  # died with the process
+        task.cancel()
+    monkeypatch.undo()
+    second = await make_service(register=False, **SHORT)
+    [session] = (
+        await second.stub.ListSessions(pb.ListSessionsRequest(user_id=user.id), timeout=TIMEOUT)
+    ).sessions
+    await wait_for(
+        lambda: _given_up(second, session.id), timeout=30, what="the start to be given up"
+    )
+    return second, request, chat_id
+
+
+async def _given_up(service: LiveChatService, session_id: str) -> bool:
+    await service.app.core.maintenance.sweep()
+    found = await service.stub.GetSession(
+        pb.GetSessionRequest(session_id=session_id), timeout=TIMEOUT
+    )
+    return found.session.state == pb.SESSION_STATE_FAILED
+
+
+async def test_a_start_cut_off_and_never_retried_has_its_chat_closed(
+    make_service: MakeService, fake: FakeLiveChat, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service, _, chat_id = await _start_cut_off(make_service, monkeypatch, fake)
+    assert fake.chat(chat_id).active  # waiting in the agents' queue, nobody listening
+
+    await wait_for(
+        lambda: not fake.chat(chat_id).active, timeout=30, what="the abandoned chat to close"
+    )
+    assert len(fake.calls("deactivate_chat")) == 1
+    await wait_for(lambda: _settled_stops(service) == 1, timeout=10, what="the close to settle")
+    assert await service.app.store.outbox_stats() == (0, None)  # nothing left to do
+
+
+async def test_a_start_retried_in_time_keeps_the_chat_it_reused(
+    make_service: MakeService, fake: FakeLiveChat, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service, request, chat_id = await _start_cut_off(make_service, monkeypatch, fake)
+    retried = (await service.stub.StartHitl(request, timeout=TIMEOUT)).session
+    assert retried.external_chat_id == chat_id  # the retry reused the chat
+
+    # The close falls due and finds the user's handoff open: it does nothing.
+    await wait_for(lambda: _settled_stops(service) == 1, timeout=30, what="the close to settle")
+    assert fake.chat(chat_id).active
+    assert fake.calls("deactivate_chat") == []
+    found = await service.stub.GetSession(
+        pb.GetSessionRequest(session_id=retried.id), timeout=TIMEOUT
+    )
+    assert found.session.state not in (pb.SESSION_STATE_ENDED, pb.SESSION_STATE_FAILED)
+
+
+async def test_a_start_answered_unavailable_after_the_chat_opened_has_it_closed(
+    make_service: MakeService, fake: FakeLiveChat
+) -> None:
+    service = await make_service(**SHORT)
+    user = await service.user()
+    # start_chat opens the chat but its answer is lost; the retries find the
+    # chat, but every look into it fails: the start ends UNAVAILABLE.
+    fake.add_fault("start_chat", api="agent", kind="lost_response", times=1)
+    fake.add_fault("get_chat", api="agent", kind="status", status=503, times=None)
+    request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="Refund")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.stub.StartHitl(request, timeout=TIMEOUT)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert rich_error(caught.value).reason == "PROVIDER_UNAVAILABLE"
+    [chat_id] = fake.state.chats
+    assert fake.chat(chat_id).active
+
+    # Still unreachable when the close falls due: it is retried, not dropped.
+    looks = len(fake.calls("get_chat"))
+    await wait_for(
+        lambda: len(fake.calls("get_chat")) >= looks + 2, timeout=30, what="the close to retry"
+    )
+    assert fake.chat(chat_id).active
+    fake.clear_faults()
+    await wait_for(
+        lambda: not fake.chat(chat_id).active, timeout=30, what="the abandoned chat to close"
+    )
+    await wait_for(lambda: _settled_stops(service) == 1, timeout=10, what="the close to settle")
+
+
+async def test_a_refused_start_schedules_nothing(lc: LiveChatService, fake: FakeLiveChat) -> None:
+    fake.add_fault(
+        "transfer_chat",
+        error_type="validation",
+        message="Cannot assign any agent from requested groups",
+    )
+    user = await lc.user()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await lc.stub.StartHitl(
+            pb.StartHitlRequest(user_id=user.id, request_id=rid()), timeout=TIMEOUT
+        )
+    assert rich_error(caught.value).reason == "NO_AGENT_AVAILABLE"
+    [chat] = fake.state.chats.values()
+    assert not chat.active  # the provider closed what it opened
+    # Nothing scheduled, not even for later: a refusal is an answer.
+    assert await lc.app.store.outbox_stats() == (0, None)

@@ -1,0 +1,34 @@
+"""abandon: closing the chat a given-up start opened, and nothing else."""
+
+from __future__ import annotations
+
+from providers.livechat import LiveChatProvider
+from providers.types import ProviderUser, UserProfile
+from tests.fake_livechat import FakeLiveChat
+from tests.livechat.conftest import start_session
+
+
+async def test_abandon_closes_only_the_chat_this_start_opened(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    session = await start_session(provider, session_id="s-1", request_id="start-1")
+    chat_id = session.chat.external_chat_id
+    # The state the core kept may predate the chat (a crash before it was saved).
+    user = ProviderUser(session.user.external_user_id, {})
+
+    assert not await provider.abandon(user, session_id="s-2", request_id="start-2", timeout=5)
+    assert fake.chat(chat_id).active  # another start's thread: left alone
+    assert fake.calls("deactivate_chat") == []
+
+    assert await provider.abandon(user, session_id="s-1", request_id="start-1", timeout=5)
+    assert not fake.chat(chat_id).active
+    assert not await provider.abandon(user, session_id="s-1", request_id="start-1", timeout=5)
+    assert len(fake.calls("deactivate_chat")) == 1
+
+
+async def test_abandon_without_a_chat_does_nothing(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    user = await provider.upsert_user(UserProfile(id="u-9", name="Grace"), None, timeout=5)
+    assert not await provider.abandon(user, session_id="s-9", request_id="start-9", timeout=5)
+    assert fake.calls("deactivate_chat") == []
