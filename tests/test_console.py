@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -21,6 +22,7 @@ from hitl_service.clock import SystemClock
 from hitl_service.errors import StoreUnavailable
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
+from providers.local import console
 from providers.local.console import host_allowed
 from providers.types import StartResult
 from tests.support import (
@@ -31,6 +33,7 @@ from tests.support import (
     make_user,
     rid,
     start_session,
+    wait_for,
 )
 
 if TYPE_CHECKING:
@@ -469,3 +472,25 @@ class TestRequestChecks:
         assert host_allowed("192.168.1.5", everywhere)
         assert host_allowed("fe80::1", "::")
         assert not host_allowed("attacker.example", everywhere)
+
+
+async def test_live_update_streams_are_capped(
+    http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(console, "MAX_STREAMS", 2)
+    async with contextlib.AsyncExitStack() as streams:
+        for _ in range(2):
+            response = await streams.enter_async_context(http.stream("GET", "/console/api/stream"))
+            assert response.status_code == 200
+        refused = await http.get("/console/api/stream")
+        assert refused.status_code == 503
+        assert refused.headers["Retry-After"] == "5"
+        assert "console streams are open" in refused.json()["error"]
+        assert (await http.get("/console/api/state")).status_code == 200  # not a stream
+
+    async def another_is_served() -> bool:
+        async with http.stream("GET", "/console/api/stream") as response:
+            return response.status_code == 200
+
+    # The closed streams' slots come back once the server notices them gone.
+    await wait_for(another_is_served, what="a stream slot to free up")

@@ -31,12 +31,16 @@ from providers.local.provider import agent_from_name
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
+    from starlette.types import Receive, Scope, Send
 
     from providers.local.provider import LocalProvider
 
 _MAX_BODY = 64 * 1024
 _MAX_TEXT = 16_000
 _STREAM_SECONDS = 25.0  # EventSource reconnects by itself; short streams end cleanly
+# Live-update streams open at once: each re-encodes the whole state on every
+# change, so a tab left open per agent is fine and a runaway client is not.
+MAX_STREAMS = 64
 _ACTIONS = ("take", "reply", "transfer", "end")
 _LOOPBACK_NAMES = frozenset({"localhost"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -171,6 +175,21 @@ def _guard(handler: Handler, bound: str, headers: dict[str, str]) -> Handler:
     return guarded
 
 
+class _CountedStream(StreamingResponse):
+    """A stream that calls ``closed`` once it ends, however it ends (also
+    when the client left before it started, when its generator never runs)."""
+
+    def __init__(self, content: AsyncIterator[str], closed: Callable[[], None], **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self._closed = closed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._closed()
+
+
 def console_routes(provider: LocalProvider) -> list[BaseRoute]:
     """Routes for ``/console`` and ``/console/api/...``."""
     page = (resources.files("providers.local") / "console.html").read_text(encoding="utf-8")
@@ -182,7 +201,20 @@ def console_routes(provider: LocalProvider) -> list[BaseRoute]:
         version, conversations = provider.snapshot()
         return JSONResponse({"version": version, "conversations": conversations})
 
+    open_streams = 0
+
+    def closed() -> None:
+        nonlocal open_streams
+        open_streams -= 1
+
     async def stream(request: Request) -> Response:
+        nonlocal open_streams
+        if open_streams >= MAX_STREAMS:
+            response = _error(503, f"{MAX_STREAMS} console streams are open; retry later")
+            response.headers["Retry-After"] = "5"
+            return response
+        open_streams += 1
+
         async def events() -> AsyncIterator[str]:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + _STREAM_SECONDS
@@ -198,8 +230,9 @@ def console_routes(provider: LocalProvider) -> list[BaseRoute]:
                     return
                 await provider.wait_for_change(version, min(remaining, 5.0))
 
-        return StreamingResponse(
+        return _CountedStream(
             events(),
+            closed,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
