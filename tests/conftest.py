@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from hitl_service.clock import Clock
     from providers.base import ProviderFactory
 
-pytest_plugins = ["tests.postgres_fixture"]
+pytest_plugins = ["tests.postgres_fixture", "tests.pgbouncer_fixture"]
 
 
 @pytest.fixture(autouse=True)
