@@ -270,6 +270,14 @@ class Outbox:
             if session is not None:  # None: pruned
                 user = await tx.get_provider_user(session.user_id, ctx.provider_name)
                 open_now = await tx.find_open_session(session.user_id, ctx.provider_name)
+        if open_now is not None and open_now.state is SessionState.STARTING:
+            # No proof yet that it took the chat over: its start may still
+            # fail before it reaches the provider (an identity refused, the
+            # same outage), and then nothing else closes the chat. Look
+            # again once it is over (it is, within the upkeep's limit).
+            return await self._settle_retry(
+                item, f"the user's handoff {open_now.id} is still starting", None, False
+            )
         if open_now is not None:
             return await self._settle_abandon(item, None, {"superseded_by": open_now.id})
         if session is None or user is None or not isinstance(provider, SupportsAbandon):
