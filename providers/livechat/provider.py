@@ -628,7 +628,16 @@ class LiveChatProvider:
             except ApiError as err:
                 if err.type in ("not_found", "chat_not_found"):
                     return False
-                raise
+                if err.type not in ("authorization", "missing_access"):
+                    raise
+                # Moved to a group the bridge agent cannot access (an agent
+                # took the waiting chat and passed it on): read it as the
+                # customer, like catch_up; ``stop`` closes it as the customer.
+                chat = parse_chat(
+                    await self.customers.call(
+                        user, "get_chat", {"chat_id": chat_id}, budget, idempotent=True
+                    )
+                )
             if chat is None or chat.thread is None or not chat.thread.active:
                 return False
             mark = f"{OWN_CUSTOM_ID_PREFIX}{request_id or session_id}:"

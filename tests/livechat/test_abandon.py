@@ -32,3 +32,18 @@ async def test_abandon_without_a_chat_does_nothing(
     user = await provider.upsert_user(UserProfile(id="u-9", name="Grace"), None, timeout=5)
     assert not await provider.abandon(user, session_id="s-9", request_id="start-9", timeout=5)
     assert fake.calls("deactivate_chat") == []
+
+
+async def test_abandon_reads_and_closes_as_the_customer_without_agent_access(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    session = await start_session(provider, session_id="s-1", request_id="start-1")
+    chat_id = session.chat.external_chat_id
+    # An agent moved the waiting chat to a group the bridge agent cannot
+    # access (as StopHitl and catch-up handle it).
+    fake.add_fault("get_chat", api="agent", error_type="missing_access", times=None)
+    fake.add_fault("deactivate_chat", api="agent", error_type="missing_access", times=None)
+
+    assert await provider.abandon(session.user, session_id="s-1", request_id="start-1", timeout=5)
+    assert not fake.chat(chat_id).active
+    assert fake.calls("get_chat", api="customer")
