@@ -618,26 +618,16 @@ class LiveChatProvider:
         posts with custom ids made of the request id); an inactive chat, or
         a thread another start opened, is left alone."""
         async with bounded("abandon", timeout) as budget:
-            chat_id = as_str(user.state.get("chat_id")) or await self._existing_chat(
-                user.external_user_id, budget
-            )
-            if not chat_id:
-                return False
-            try:
-                chat = await self._get_chat(chat_id, "", budget)
-            except ApiError as err:
-                if err.type in ("not_found", "chat_not_found"):
-                    return False
-                if err.type not in ("authorization", "missing_access"):
-                    raise
-                # Moved to a group the bridge agent cannot access (an agent
-                # took the waiting chat and passed it on): read it as the
-                # customer, like catch_up; ``stop`` closes it as the customer.
-                chat = parse_chat(
-                    await self.customers.call(
-                        user, "get_chat", {"chat_id": chat_id}, budget, idempotent=True
-                    )
-                )
+            stored = as_str(user.state.get("chat_id"))
+            chat_id = stored or await self._existing_chat(user.external_user_id, budget)
+            chat = await self._chat_as_it_is(chat_id, user, budget) if chat_id else None
+            if chat is None and stored:
+                # LiveChat no longer has the chat the state names: the start
+                # opened a new one (as ``start`` does then), and may have died
+                # before the state recorded it.
+                chat_id = await self._existing_chat(user.external_user_id, budget)
+                if chat_id and chat_id != stored:
+                    chat = await self._chat_as_it_is(chat_id, user, budget)
             if chat is None or chat.thread is None or not chat.thread.active:
                 return False
             mark = f"{OWN_CUSTOM_ID_PREFIX}{request_id or session_id}:"
@@ -651,6 +641,28 @@ class LiveChatProvider:
             )
         log.info("livechat.abandoned_chat_closed", chat_id=chat_id, thread_id=chat.thread.id)
         return True
+
+    async def _chat_as_it_is(
+        self, chat_id: str, user: ProviderUser, budget: Budget
+    ) -> LcChat | None:
+        """The chat with its latest thread; None if LiveChat does not have it.
+
+        Moved to a group the bridge agent cannot access (an agent took the
+        waiting chat and passed it on), it is read as the customer, like
+        ``catch_up`` does; ``stop`` closes it as the customer then.
+        """
+        try:
+            return await self._get_chat(chat_id, "", budget)
+        except ApiError as err:
+            if err.type in ("not_found", "chat_not_found"):
+                return None
+            if err.type not in ("authorization", "missing_access"):
+                raise
+        return parse_chat(
+            await self.customers.call(
+                user, "get_chat", {"chat_id": chat_id}, budget, idempotent=True
+            )
+        )
 
     async def _deactivate_as_customer(
         self, chat_id: str, user: ProviderUser, agent_err: ApiError, budget: Budget

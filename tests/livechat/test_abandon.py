@@ -47,3 +47,17 @@ async def test_abandon_reads_and_closes_as_the_customer_without_agent_access(
     assert await provider.abandon(session.user, session_id="s-1", request_id="start-1", timeout=5)
     assert not fake.chat(chat_id).active
     assert fake.calls("get_chat", api="customer")
+
+
+async def test_abandon_looks_up_the_customers_chat_when_the_stored_one_is_gone(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    session = await start_session(provider, session_id="s-1", request_id="start-1")
+    chat_id = session.chat.external_chat_id
+    # The state the core kept names the chat of an earlier handoff, which
+    # LiveChat no longer has: ``start`` then opened a new one, and its answer
+    # (with the new id) was lost.
+    user = ProviderUser(session.user.external_user_id, {**session.user.state, "chat_id": "GONE"})
+
+    assert await provider.abandon(user, session_id="s-1", request_id="start-1", timeout=5)
+    assert not fake.chat(chat_id).active
