@@ -13,6 +13,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import time
@@ -31,6 +32,7 @@ from starlette.routing import Route
 
 from hitl_service.app import App
 from hitl_service.clock import Clock
+from hitl_service.core import sessions
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from providers.livechat import LiveChatProvider
@@ -226,6 +228,30 @@ async def media() -> AsyncIterator[MediaServer]:
 
 
 MakeService = Callable[..., Awaitable[LiveChatService]]
+
+
+async def start_cut_off(
+    make_service: MakeService, monkeypatch: pytest.MonkeyPatch, **env: str
+) -> tuple[LiveChatService, pb.StartHitlRequest]:
+    """A StartHitl whose process "dies" after LiveChat opened the chat, before
+    the session recorded it; returns a second service on the same store (not
+    yet swept: the session is still STARTING) and the request to retry."""
+    first = await make_service(**env)
+    user = await first.user()
+    never = asyncio.Event()
+
+    async def commit_dies(*args: Any, **kwargs: Any) -> Any:
+        await never.wait()  # the "crash": the session never records the chat
+
+    monkeypatch.setattr(sessions, "_commit_start", commit_dies)
+    request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="Refund")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await first.stub.StartHitl(request, timeout=2)
+    await first.app.stop(grace=0.1)
+    for task in list(first.app.core._starts):  # died with the process
+        task.cancel()
+    monkeypatch.undo()
+    return await make_service(register=False, **env), request
 
 
 @pytest.fixture

@@ -4,16 +4,12 @@ open again by then: a retry reuses that chat instead."""
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
-
 import grpc
 import pytest
 
-from hitl_service.core import sessions
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from tests.fake_livechat import FakeLiveChat
-from tests.integration.conftest import LiveChatService, MakeService
+from tests.integration.conftest import LiveChatService, MakeService, start_cut_off
 from tests.support import TIMEOUT, rich_error, rid, wait_for
 
 SHORT = {
@@ -35,25 +31,12 @@ async def _start_cut_off(
 ) -> tuple[LiveChatService, pb.StartHitlRequest, str]:
     """A start whose process "dies" after LiveChat opened the chat; a second
     service on the same store gives it up (START_INTERRUPTED)."""
-    first = await make_service(**SHORT)
-    user = await first.user()
-    never = asyncio.Event()
-
-    async def commit_dies(*args: Any, **kwargs: Any) -> Any:
-        await never.wait()  # the "crash": the session never records the chat
-
-    monkeypatch.setattr(sessions, "_commit_start", commit_dies)
-    request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="Refund")
-    with pytest.raises(grpc.aio.AioRpcError):
-        await first.stub.StartHitl(request, timeout=2)
+    second, request = await start_cut_off(make_service, monkeypatch, **SHORT)
     [chat_id] = fake.state.chats
-    await first.app.stop(grace=0.1)
-    for task in list(first.app.core._starts):  # died with the process
-        task.cancel()
-    monkeypatch.undo()
-    second = await make_service(register=False, **SHORT)
     [session] = (
-        await second.stub.ListSessions(pb.ListSessionsRequest(user_id=user.id), timeout=TIMEOUT)
+        await second.stub.ListSessions(
+            pb.ListSessionsRequest(user_id=request.user_id), timeout=TIMEOUT
+        )
     ).sessions
     await wait_for(
         lambda: _given_up(second, session.id), timeout=30, what="the start to be given up"

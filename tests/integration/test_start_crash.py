@@ -3,17 +3,13 @@ recorded it."""
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
-
 import grpc
 import pytest
 
-from hitl_service.core import sessions
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from tests.fake_livechat import FakeLiveChat
-from tests.integration.conftest import MakeService
-from tests.support import TIMEOUT, rich_error, rid, wait_for
+from tests.integration.conftest import MakeService, start_cut_off
+from tests.support import TIMEOUT, rich_error, wait_for
 
 SHORT = {"HITL_REQUEST_BUDGET": "0.5s", "HITL_PROVIDER_TIMEOUT": "0.5s"}
 
@@ -21,24 +17,8 @@ SHORT = {"HITL_REQUEST_BUDGET": "0.5s", "HITL_PROVIDER_TIMEOUT": "0.5s"}
 async def test_the_retry_of_a_start_cut_off_after_the_chat_opened_gets_that_chat(
     make_service: MakeService, fake: FakeLiveChat, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = await make_service(**SHORT)
-    user = await first.user()
-    never = asyncio.Event()
-
-    async def commit_dies(*args: Any, **kwargs: Any) -> Any:
-        await never.wait()  # the "crash": the session never records the chat
-
-    monkeypatch.setattr(sessions, "_commit_start", commit_dies)
-    request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="Refund")
-    with pytest.raises(grpc.aio.AioRpcError):
-        await first.stub.StartHitl(request, timeout=2)
-    [opened] = [c for c in fake.calls("start_chat")]
-    await first.app.stop(grace=0.1)
-    for task in list(first.app.core._starts):  # died with the process
-        task.cancel()
-    monkeypatch.undo()
-
-    second = await make_service(register=False, **SHORT)
+    second, request = await start_cut_off(make_service, monkeypatch, **SHORT)
+    [opened] = fake.calls("start_chat")
 
     async def answered() -> pb.Session | None:
         try:
