@@ -341,7 +341,8 @@ class LiveChatProvider:
         try:
             await self.client.agent("transfer_chat", body, timeout=budget.left(), idempotent=True)
         except ApiError as err:
-            # Close what we opened so no half-started chat lingers.
+            # Close what we opened so no half-started chat lingers: only then
+            # is the refusal an answer (``Provider.start``).
             await self._deactivate_quietly(chat_id, budget)
             if is_no_agent(err):
                 raise ProviderRejected(
@@ -352,6 +353,14 @@ class LiveChatProvider:
             raise self._group_failure(err, group) from None
 
     async def _deactivate_quietly(self, chat_id: str, budget: Budget) -> None:
+        """Closes a chat the start opened and is refusing.
+
+        Raises:
+            ProviderUnavailable: LiveChat could not be reached to close it:
+                the start is unfinished, not refused, so that the core
+                retries it (reusing the chat) or, given up, closes the chat
+                later (``abandon``) instead of leaving it open unheard.
+        """
         try:
             await self.client.agent(
                 "deactivate_chat",
@@ -359,8 +368,15 @@ class LiveChatProvider:
                 timeout=budget.left(),
                 idempotent=True,
             )
-        except (ApiError, ProviderUnavailable) as err:
+        except ApiError as err:
             log.warning("livechat.cleanup_failed", chat_id=chat_id, error=type(err).__name__)
+        except ProviderUnavailable as err:
+            log.warning("livechat.cleanup_failed", chat_id=chat_id, error=type(err).__name__)
+            raise ProviderUnavailable(
+                f"LiveChat refused the start, and the chat it opened could not be closed: {err}",
+                retry_after=err.retry_after,
+                uncertain=True,
+            ) from None
 
     async def _initial_events(
         self, chat_id: str, thread_id: str, budget: Budget

@@ -129,3 +129,56 @@ async def test_a_refused_start_schedules_nothing(lc: LiveChatService, fake: Fake
     assert not chat.active  # the provider closed what it opened
     # Nothing scheduled, not even for later: a refusal is an answer.
     assert await lc.app.store.outbox_stats() == (0, None)
+
+
+async def test_a_refused_start_whose_chat_could_not_be_closed_at_once_closes_it_on_retry(
+    make_service: MakeService, fake: FakeLiveChat
+) -> None:
+    service = await make_service(HITL_REQUEST_BUDGET="5s", HITL_PROVIDER_TIMEOUT="1s")
+    fake.add_fault(
+        "transfer_chat",
+        error_type="validation",
+        message="Cannot assign any agent from requested groups",
+        times=None,
+    )
+    # LiveChat refuses the transfer, then is briefly unreachable for the
+    # close: the refusal is no answer while the chat it opened is open.
+    fake.add_fault("deactivate_chat", api="agent", kind="status", status=503, times=1)
+    user = await service.user()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.stub.StartHitl(
+            pb.StartHitlRequest(user_id=user.id, request_id=rid()), timeout=TIMEOUT
+        )
+    assert rich_error(caught.value).reason == "NO_AGENT_AVAILABLE"
+    [chat] = fake.state.chats.values()
+    assert not chat.active  # closed on the start's retry, which reused it
+
+
+async def test_a_refused_start_whose_chat_stays_open_is_given_up_and_closed_later(
+    make_service: MakeService, fake: FakeLiveChat
+) -> None:
+    # A budget that fits the start and a few of its retries.
+    service = await make_service(**{**SHORT, "HITL_REQUEST_BUDGET": "2s"})
+    fake.add_fault(
+        "transfer_chat",
+        error_type="validation",
+        message="Cannot assign any agent from requested groups",
+        times=None,
+    )
+    fake.add_fault("deactivate_chat", api="agent", kind="status", status=503, times=None)
+    user = await service.user()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.stub.StartHitl(
+            pb.StartHitlRequest(user_id=user.id, request_id=rid()), timeout=TIMEOUT
+        )
+    # Not a refusal: the chat is open, the start unfinished (retry it).
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert rich_error(caught.value).reason == "PROVIDER_UNAVAILABLE"
+    [chat_id] = fake.state.chats
+    assert fake.chat(chat_id).active
+
+    fake.clear_faults()
+    await wait_for(
+        lambda: not fake.chat(chat_id).active, timeout=30, what="the given-up chat to close"
+    )
+    await wait_for(lambda: _settled_stops(service) == 1, timeout=10, what="the close to settle")
