@@ -364,10 +364,14 @@ def build_sidecar(
         log.error("http.internal_error", error_id=error_id, path=request.url.path, exc_info=exc)
         return error(500, "internal error", error_id=error_id)
 
-    return Starlette(
+    app = Starlette(
         routes=routes,
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
     )
+    # Set when the service starts shutting down (``App.stop``): provider
+    # routes with streamed answers end them (``Provider.routes``).
+    app.state.draining = asyncio.Event()
+    return app
 
 
 async def _keep_failed(core: HitlCore, provider: str, batch: WebhookBatch, letter_id: str) -> None:

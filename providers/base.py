@@ -210,7 +210,12 @@ class Provider(Protocol):
         ...
 
     def routes(self) -> Sequence[BaseRoute]:
-        """Extra HTTP routes the sidecar serves for this provider (may be empty)."""
+        """Extra HTTP routes the sidecar serves for this provider (may be empty).
+
+        A route with a long-lived (streamed) answer ends it once the
+        ``asyncio.Event`` ``request.app.state.draining`` is set: the service
+        is shutting down, and waits for open answers before cancelling them.
+        """
         ...
 
 

@@ -494,3 +494,20 @@ async def test_live_update_streams_are_capped(
 
     # The closed streams' slots come back once the server notices them gone.
     await wait_for(another_is_served, what="a stream slot to free up")
+
+
+async def test_a_shutdown_ends_open_live_update_streams_at_once(
+    app: App, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An open stream would hold the HTTP drain for its whole timeout, then be
+    cancelled with error lines on every deploy while an agent watches."""
+    async with http.stream("GET", "/console/api/stream") as response:
+        assert response.status_code == 200
+        lines = response.aiter_lines()
+        assert (await anext(lines)).startswith("data: ")
+        with caplog.at_level("INFO", logger="uvicorn"):
+            await app.stop(grace=1)
+        rest = [line async for line in lines]  # the server ended it; no hang
+    assert all(not line.startswith("data: ") for line in rest)
+    assert not [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert not any("Waiting for connections" in r.getMessage() for r in caplog.records)

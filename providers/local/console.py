@@ -215,6 +215,10 @@ def console_routes(provider: LocalProvider) -> list[BaseRoute]:
             return response
         open_streams += 1
 
+        # Set once the service shuts down: the stream ends at once instead
+        # of holding the HTTP drain until it is cancelled (see Provider.routes).
+        draining: asyncio.Event | None = getattr(request.app.state, "draining", None)
+
         async def events() -> AsyncIterator[str]:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + _STREAM_SECONDS
@@ -226,9 +230,11 @@ def console_routes(provider: LocalProvider) -> list[BaseRoute]:
                     payload = json.dumps({"version": version, "conversations": conversations})
                     yield f"data: {payload}\n\n"
                 remaining = deadline - loop.time()
-                if remaining <= 0 or await request.is_disconnected():
+                if remaining <= 0 or (draining is not None and draining.is_set()):
                     return
-                await provider.wait_for_change(version, min(remaining, 5.0))
+                if await request.is_disconnected():
+                    return
+                await provider.wait_for_change(version, min(remaining, 5.0), unless=draining)
 
         return _CountedStream(
             events(),

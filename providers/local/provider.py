@@ -497,14 +497,21 @@ class LocalProvider:
         convs = sorted(self._chats.values(), key=lambda c: c.created_at, reverse=True)
         return self._version, [c.snapshot() for c in convs]
 
-    async def wait_for_change(self, version: int, timeout: float) -> None:
-        """Returns when the state moved past ``version`` or after ``timeout``."""
-        if self._version != version:
+    async def wait_for_change(
+        self, version: int, timeout: float, *, unless: asyncio.Event | None = None
+    ) -> None:
+        """Returns when the state moved past ``version``, ``unless`` is set,
+        or after ``timeout``."""
+        if self._version != version or (unless is not None and unless.is_set()):
             return
-        changed = self._changed
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await changed.wait()
+        waits = [asyncio.ensure_future(self._changed.wait())]
+        if unless is not None:
+            waits.append(asyncio.ensure_future(unless.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     async def take(self, chat_id: str, agent: Agent) -> None:
         """An agent takes a waiting conversation.
