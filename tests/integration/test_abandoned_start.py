@@ -19,6 +19,36 @@ SHORT = {
 }
 
 
+NO_AGENT = "Cannot assign any agent from requested groups"
+
+
+def _no_agent_takes_chats(fake: FakeLiveChat, *, times: int | None = 1) -> None:
+    """LiveChat refuses the start-up transfer (NO_AGENT_AVAILABLE)."""
+    fake.add_fault("transfer_chat", error_type="validation", message=NO_AGENT, times=times)
+
+
+async def _failed_start(service: LiveChatService) -> grpc.aio.AioRpcError:
+    """A StartHitl for a new user that must fail; its error."""
+    user = await service.user()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.stub.StartHitl(
+            pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="Refund"),
+            timeout=TIMEOUT,
+        )
+    return caught.value
+
+
+async def _given_up_with_its_chat_open(service: LiveChatService, fake: FakeLiveChat) -> str:
+    """A StartHitl that ends PROVIDER_UNAVAILABLE with the one chat it opened
+    still open at LiveChat; that chat's id."""
+    failed = await _failed_start(service)
+    assert failed.code() == grpc.StatusCode.UNAVAILABLE
+    assert rich_error(failed).reason == "PROVIDER_UNAVAILABLE"
+    [chat_id] = fake.state.chats
+    assert fake.chat(chat_id).active
+    return chat_id
+
+
 def _settled_stops(service: LiveChatService) -> float:
     value = service.app.metrics.registry.get_sample_value(
         "hitl_outbox_attempts_total", {"kind": "stop", "outcome": "done"}
@@ -87,18 +117,11 @@ async def test_a_start_answered_unavailable_after_the_chat_opened_has_it_closed(
     make_service: MakeService, fake: FakeLiveChat
 ) -> None:
     service = await make_service(**SHORT)
-    user = await service.user()
     # start_chat opens the chat but its answer is lost; the retries find the
     # chat, but every look into it fails: the start ends UNAVAILABLE.
     fake.add_fault("start_chat", api="agent", kind="lost_response", times=1)
     fake.add_fault("get_chat", api="agent", kind="status", status=503, times=None)
-    request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="Refund")
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await service.stub.StartHitl(request, timeout=TIMEOUT)
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert rich_error(caught.value).reason == "PROVIDER_UNAVAILABLE"
-    [chat_id] = fake.state.chats
-    assert fake.chat(chat_id).active
+    chat_id = await _given_up_with_its_chat_open(service, fake)
 
     # Still unreachable when the close falls due: it is retried, not dropped.
     looks = len(fake.calls("get_chat"))
@@ -114,17 +137,8 @@ async def test_a_start_answered_unavailable_after_the_chat_opened_has_it_closed(
 
 
 async def test_a_refused_start_schedules_nothing(lc: LiveChatService, fake: FakeLiveChat) -> None:
-    fake.add_fault(
-        "transfer_chat",
-        error_type="validation",
-        message="Cannot assign any agent from requested groups",
-    )
-    user = await lc.user()
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await lc.stub.StartHitl(
-            pb.StartHitlRequest(user_id=user.id, request_id=rid()), timeout=TIMEOUT
-        )
-    assert rich_error(caught.value).reason == "NO_AGENT_AVAILABLE"
+    _no_agent_takes_chats(fake)
+    assert rich_error(await _failed_start(lc)).reason == "NO_AGENT_AVAILABLE"
     [chat] = fake.state.chats.values()
     assert not chat.active  # the provider closed what it opened
     # Nothing scheduled, not even for later: a refusal is an answer.
@@ -135,21 +149,11 @@ async def test_a_refused_start_whose_chat_could_not_be_closed_at_once_closes_it_
     make_service: MakeService, fake: FakeLiveChat
 ) -> None:
     service = await make_service(HITL_REQUEST_BUDGET="5s", HITL_PROVIDER_TIMEOUT="1s")
-    fake.add_fault(
-        "transfer_chat",
-        error_type="validation",
-        message="Cannot assign any agent from requested groups",
-        times=None,
-    )
+    _no_agent_takes_chats(fake, times=None)
     # LiveChat refuses the transfer, then is briefly unreachable for the
     # close: the refusal is no answer while the chat it opened is open.
     fake.add_fault("deactivate_chat", api="agent", kind="status", status=503, times=1)
-    user = await service.user()
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await service.stub.StartHitl(
-            pb.StartHitlRequest(user_id=user.id, request_id=rid()), timeout=TIMEOUT
-        )
-    assert rich_error(caught.value).reason == "NO_AGENT_AVAILABLE"
+    assert rich_error(await _failed_start(service)).reason == "NO_AGENT_AVAILABLE"
     [chat] = fake.state.chats.values()
     assert not chat.active  # closed on the start's retry, which reused it
 
@@ -159,23 +163,10 @@ async def test_a_refused_start_whose_chat_stays_open_is_given_up_and_closed_late
 ) -> None:
     # A budget that fits the start and a few of its retries.
     service = await make_service(**{**SHORT, "HITL_REQUEST_BUDGET": "2s"})
-    fake.add_fault(
-        "transfer_chat",
-        error_type="validation",
-        message="Cannot assign any agent from requested groups",
-        times=None,
-    )
+    _no_agent_takes_chats(fake, times=None)
     fake.add_fault("deactivate_chat", api="agent", kind="status", status=503, times=None)
-    user = await service.user()
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await service.stub.StartHitl(
-            pb.StartHitlRequest(user_id=user.id, request_id=rid()), timeout=TIMEOUT
-        )
     # Not a refusal: the chat is open, the start unfinished (retry it).
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert rich_error(caught.value).reason == "PROVIDER_UNAVAILABLE"
-    [chat_id] = fake.state.chats
-    assert fake.chat(chat_id).active
+    chat_id = await _given_up_with_its_chat_open(service, fake)
 
     fake.clear_faults()
     await wait_for(
