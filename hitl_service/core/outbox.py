@@ -279,10 +279,10 @@ class Outbox:
                 item, f"the user's handoff {open_now.id} is still starting", None, False
             )
         if open_now is not None:
-            return await self._settle_abandon(item, None, {"superseded_by": open_now.id})
+            return await self._settle_abandon(item, {"superseded_by": open_now.id})
         if session is None or user is None or not isinstance(provider, SupportsAbandon):
-            return await self._settle_abandon(item, None, {"closed": "no"})
-        before = dict(user.state)
+            return await self._settle_abandon(item, {"closed": "no"})
+        watch = StateWatch(user, ProviderChat(""))  # the call has no chat of ours
         request_id = str(item.payload[ABANDONED_START])
         try:
             closed = await ctx.calls.once(
@@ -292,28 +292,28 @@ class Outbox:
                 ),
             )
         except (ProviderUnavailable, ProviderRejected) as exc:
-            if user.state != before:  # e.g. a token renewed before an outage
-                async with ctx.store.transaction() as tx:
-                    await tx.put_provider_user(session.user_id, ctx.provider_name, user)
+            await watch.save_after_failure(ctx, session.id, session.user_id)
             if isinstance(exc, ProviderUnavailable):
                 return await self._settle_retry(item, str(exc), exc.retry_after, exc.uncertain)
             if isinstance(exc, ChatInactive):  # closed meanwhile
-                return await self._settle_abandon(item, None, {"closed": "no"})
+                return await self._settle_abandon(item, {"closed": "no"})
             setting = exc.setting if isinstance(exc, ProviderAuthError) else ""
             return await self._settle_failed(item, exc.code, str(exc), setting=setting)
         log.info("session.abandoned_start", session_id=item.session_id, closed=closed)
-        changed = user if user.state != before else None
-        return await self._settle_abandon(item, changed, {"closed": "yes" if closed else "no"})
+        changed = (session.user_id, user) if watch.user_changed else None
+        return await self._settle_abandon(item, {"closed": "yes" if closed else "no"}, changed)
 
     async def _settle_abandon(
-        self, item: OutboxItem, user: ProviderUser | None, result: dict[str, str]
+        self,
+        item: OutboxItem,
+        result: dict[str, str],
+        changed_user: tuple[str, ProviderUser] | None = None,
     ) -> OutboxItem:
+        """Marks a close done, with the provider user it changed (id, state)."""
         ctx = self._ctx
         async with ctx.store.transaction() as tx:
-            if user is not None:
-                session = await tx.get_session(item.session_id)
-                if session is not None:
-                    await tx.put_provider_user(session.user_id, ctx.provider_name, user)
+            if changed_user is not None:
+                await tx.put_provider_user(changed_user[0], ctx.provider_name, changed_user[1])
             _mark_done(item, result, ctx.clock.now())
             await tx.update_outbox(item)
         self._count(item, "done")
