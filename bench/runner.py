@@ -742,7 +742,7 @@ async def run(opts: Options) -> dict[str, Any]:
         if ctx.fake is not None:
             await ctx.fake.stop()
         if ctx.pg is not None:
-            await asyncio.to_thread(ctx.pg.close)
+            await asyncio.to_thread(ctx.pg.close, run_dir / "postgres.log")
     return {
         "meta": _meta(ctx, stamp, time.monotonic() - began),
         "runs": ctx.runs,

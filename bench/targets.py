@@ -414,6 +414,7 @@ class Postgres:
                     "-c listen_addresses=127.0.0.1",
                     "-c max_connections=200",
                     "-c shared_buffers=128MB",
+                    "-c log_autovacuum_min_duration=0",
                 ]
             )
             install._run(
@@ -455,9 +456,12 @@ class Postgres:
         _, url = self._server.create_database()
         return str(url)
 
-    def close(self) -> None:
-        """Stops the cluster and removes its files."""
+    def close(self, keep_log: Path | None = None) -> None:
+        """Stops the cluster and removes its files (its log copied to ``keep_log``)."""
         with contextlib.suppress(Exception):
             self._server.close()
+        if keep_log is not None:
+            with contextlib.suppress(OSError):
+                shutil.copyfile(self._cluster.log_path, keep_log)
         self._cluster.destroy()
         shutil.rmtree(self._base, ignore_errors=True)
