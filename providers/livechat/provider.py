@@ -69,6 +69,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+# Refusals meaning the chat is in a group the bridge agent cannot access.
+_NO_ACCESS: Final = ("authorization", "missing_access")
 # The part of a send's remaining time a media download may use.
 _MEDIA_FETCH_SHARE: Final = 0.5
 
@@ -219,7 +221,22 @@ class LiveChatProvider:
                 chat_id = await self._existing_chat(customer_id, budget)
             thread_id = ""
             if chat_id:
-                thread_id = await self._resume(chat_id, group, events, budget)
+                try:
+                    thread_id = await self._resume(chat_id, group, events, budget)
+                except ApiError as err:
+                    if err.type not in _NO_ACCESS:
+                        raise
+                    # An agent moved the customer's one chat to a group the
+                    # bridge agent cannot access: it can neither resume nor
+                    # read it, so every handoff of this user would fail. A
+                    # new customer gets a chat of its own.
+                    customer_id = await self._replace_customer(user, request.user, budget)
+                    log.warning(
+                        "livechat.customer_replaced",
+                        reason="chat out of the bridge agent's reach",
+                        chat_id=chat_id,
+                        customer_id=customer_id,
+                    )
             if not thread_id:
                 chat_id, thread_id = await self._start_chat(customer_id, group, events, budget)
             user.state["chat_id"] = chat_id
@@ -299,7 +316,9 @@ class LiveChatProvider:
         try:
             answer = as_dict(await self.client.agent("resume_chat", body, timeout=budget.sending()))
         except ApiError as err:
-            if is_group_error(err) or err.type in ("authentication", "authorization"):
+            if err.type in _NO_ACCESS:
+                raise  # ``start`` decides; from ``_start_chat`` it is mapped
+            if is_group_error(err) or err.type == "authentication":
                 raise self._group_failure(err, group) from None
             if err.type in ("not_found", "chat_not_found"):
                 return ""
@@ -321,6 +340,17 @@ class LiveChatProvider:
                 "LiveChat resume_chat answered without a thread id", uncertain=True
             )
         return thread_id
+
+    async def _replace_customer(
+        self, user: ProviderUser, profile: UserProfile, budget: Budget
+    ) -> str:
+        """Gives ``user`` a new LiveChat customer (state and profile); returns its id."""
+        fresh = await self.customers.create(budget)
+        user.external_user_id = fresh.external_user_id
+        user.state.clear()
+        user.state.update(fresh.state)
+        await self.customers.update_profile(user, profile, budget)
+        return user.external_user_id
 
     async def _post_note(self, chat_id: str, event: dict[str, Any], budget: Budget) -> None:
         """Adds a transcript event to a reused chat; failures only cost context."""

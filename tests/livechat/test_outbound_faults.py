@@ -216,6 +216,28 @@ async def test_stop_after_transfer_to_foreign_group_closes_chat(
     ]
 
 
+async def test_returning_user_whose_chat_went_to_a_foreign_group_gets_a_handoff(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    bridge = fake.state.bridge
+    bridge.all_access, bridge.group_ids = False, {0}  # chats--access:rw in group 0 only
+    first = await start_session(provider)
+    fake.transfer(first.chat_id, group_ids=[19])  # an agent moves it to another group
+    await provider.stop(first.chat, first.user, "bot done", timeout=5)
+    old_customer = first.user.external_user_id
+    # The same end user comes back: the bridge agent can neither resume nor
+    # read that chat, so it must not fail every handoff of this user for good
+    # (blaming the agent token); it opens a chat for a new customer instead.
+    second = await start_session(provider, user=first.user, request_id="start-2")
+    assert second.chat_id != first.chat_id
+    assert fake.chat(second.chat_id).active
+    assert second.user.external_user_id != old_customer
+    assert second.user.state["customer_id"] == second.user.external_user_id
+    assert second.result.chat.state["customer_id"] == second.user.external_user_id
+    assert fake.state.customers[second.user.external_user_id].name == "Ada Lovelace"
+    assert not fake.chat(first.chat_id).active
+
+
 # -- a start whose transfer fails ---------------------------------------------------------
 
 
