@@ -173,8 +173,18 @@ def event_to_message(event: LcEvent) -> Message | None:
 _KIND_BY_TYPE: Final = {"url": ButtonKind.URL, "webview": ButtonKind.URL, "phone": ButtonKind.PHONE}
 
 
+def _button_text(button: Mapping[str, Any]) -> str:
+    """A folded button as text: a link or number keeps its value, which is
+    all the user can act on once the button is gone."""
+    text, value = as_str(button.get("text")), as_str(button.get("value"))
+    if value and _KIND_BY_TYPE.get(as_str(button.get("type"))) is not None:
+        return f"{text}: {value}" if text else value
+    return text
+
+
 def rich_message_card(raw: Mapping[str, Any]) -> Card | None:
-    """A rich message as one Card; later elements are folded into the subtitle."""
+    """A rich message as one Card; later elements are folded into the subtitle
+    (with their links, numbers and image URLs)."""
     elements = [as_dict(e) for e in as_list(raw.get("elements")) if isinstance(e, dict)]
     if not elements:
         return None
@@ -192,7 +202,8 @@ def rich_message_card(raw: Mapping[str, Any]) -> Card | None:
     extra = []
     for element in elements[1:]:
         parts = [as_str(element.get("title")), as_str(element.get("subtitle"))]
-        parts += [as_str(as_dict(b).get("text")) for b in as_list(element.get("buttons"))]
+        parts += [_button_text(as_dict(b)) for b in as_list(element.get("buttons"))]
+        parts.append(as_str(as_dict(element.get("image")).get("url")))
         if text := " - ".join(p for p in parts if p):
             extra.append(text)
     if extra:

@@ -152,6 +152,40 @@ def test_event_to_message_kinds() -> None:
     assert "B - second" in card.body.subtitle
 
 
+def test_later_rich_message_elements_keep_their_links_and_images() -> None:
+    # A carousel: the Card holds the first element; the user must still get
+    # the others' links, numbers and pictures, not only their labels.
+    rich = parse_event(
+        {
+            "id": "T_3",
+            "type": "rich_message",
+            "template_id": "cards",
+            "elements": [
+                {"title": "Plan A", "buttons": [{"text": "Pick A", "type": "message"}]},
+                {
+                    "title": "Plan B",
+                    "image": {"url": "https://cdn.livechat-files.com/b.png"},
+                    "buttons": [
+                        {"text": "Pick B", "type": "message", "value": "B"},
+                        {"text": "Docs", "type": "url", "value": "https://x.example/b"},
+                        {"text": "Call us", "type": "phone", "value": "+15550100"},
+                    ],
+                },
+            ],
+        }
+    )
+    assert rich is not None
+    message = mapping.event_to_message(rich)
+    assert message is not None
+    assert isinstance(message.body, Card)
+    subtitle = message.body.subtitle
+    assert "Plan B" in subtitle
+    assert "Pick B" in subtitle
+    assert "Docs: https://x.example/b" in subtitle
+    assert "Call us: +15550100" in subtitle
+    assert "https://cdn.livechat-files.com/b.png" in subtitle
+
+
 def test_parse_time_variants() -> None:
     assert parse_time("2026-03-02T10:15:07.123456Z") == datetime(
         2026, 3, 2, 10, 15, 7, 123456, tzinfo=UTC
