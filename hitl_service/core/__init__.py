@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+CATCH_UP_BEFORE_END_BUDGET = 4.0  # seconds
+
 
 class HitlCore:
     """Business operations over the store and the provider."""
@@ -37,9 +39,9 @@ class HitlCore:
     def __init__(self, ctx: CoreContext) -> None:
         self.ctx = ctx
         self.outbox = Outbox(ctx)
-        self.ingestor = Ingestor(ctx, self.outbox)
         self.hub = EventHub(ctx.store, ctx.clock, buffer_size=ctx.settings.stream_buffer)
         self.maintenance = Maintenance(ctx, self.outbox, self.hub)
+        self.ingestor = Ingestor(ctx, self.outbox, before_end=self._catch_up_before_end)
         self._tasks: list[asyncio.Task[None]] = []
         self._starts: set[asyncio.Task[Session]] = set()  # see start_handoff
 
@@ -123,6 +125,14 @@ class HitlCore:
     async def ingest(self, batch: WebhookBatch) -> IngestResult:
         """See ``Ingestor.ingest``."""
         return await self.ingestor.ingest(batch)
+
+    async def _catch_up_before_end(self, session: Session) -> int:
+        """The agent's messages the provider has and we do not, read before
+        its end of the chat is applied (see ``core.ingest``). Bounded well
+        inside a webhook sender's patience (LiveChat's: ~10 s)."""
+        return await self.maintenance.catch_up(
+            session, messages_only=True, budget=CATCH_UP_BEFORE_END_BUDGET
+        )
 
 
 def _forget_start(starts: set[asyncio.Task[Session]]) -> Callable[[asyncio.Task[Session]], None]:

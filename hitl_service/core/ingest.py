@@ -5,6 +5,13 @@ together, before the webhook is answered. Events for chats that are not
 ours are dropped, except while a start is in flight: the provider may
 report on a chat before we have recorded its id, so such events are parked
 and applied when the start commits.
+
+A provider's end of a chat can overtake the webhooks of the agent's last
+messages (LiveChat does not order deliveries, and a failed one comes back up
+to a minute later); once the session has ended they would be refused. So
+before an end is applied to an open session, the chat's history is read
+once more (``before_end``: a catch-up of its messages) when the provider
+keeps one.
 """
 
 from __future__ import annotations
@@ -16,9 +23,11 @@ import structlog
 
 from hitl_service.codec import kind_tag
 from hitl_service.core.state import Ignored, apply_event, passes_over
-from providers.types import THREAD_STATE_KEY, AgentMessage, InboundEvent
+from hitl_service.domain import SessionState
+from providers.types import THREAD_STATE_KEY, AgentMessage, Ended, InboundEvent
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
     from datetime import datetime
 
     from hitl_service.core.context import CoreContext
@@ -53,9 +62,15 @@ class IngestResult:
 class Ingestor:
     """Commits provider events; also the ``EventSink`` providers push to."""
 
-    def __init__(self, ctx: CoreContext, outbox: Outbox) -> None:
+    def __init__(
+        self,
+        ctx: CoreContext,
+        outbox: Outbox,
+        before_end: Callable[[Session], Awaitable[object]] | None = None,
+    ) -> None:
         self._ctx = ctx
         self._outbox = outbox
+        self._before_end = before_end
 
     async def deliver(self, batch: WebhookBatch) -> int:
         """See ``providers.base.EventSink``."""
@@ -72,6 +87,8 @@ class Ingestor:
         failed_items: list[str] = []
         kinds: list[str] = []
         events = [_clean(event) for event in batch.events]
+        if self._before_end is not None and ctx.provider.capabilities.catch_up:
+            await self._catch_up_before_ends(events, self._before_end)
         async with ctx.store.transaction() as tx:
             # Lock every session of the batch first, in a fixed order, so two
             # batches spanning the same chats cannot deadlock on PostgreSQL.
@@ -115,6 +132,26 @@ class Ingestor:
         for kind in kinds:
             ctx.metrics.appended(kind)
         return result
+
+    async def _catch_up_before_ends(
+        self, events: list[InboundEvent], before_end: Callable[[Session], Awaitable[object]]
+    ) -> None:
+        """Runs ``before_end`` for each open session the batch ends (see the
+        module docstring). A provider failure there costs only what it would
+        have found (``Maintenance.catch_up`` logs it): the end applies."""
+        ctx = self._ctx
+        ends = {e.external_chat_id: e for e in events if isinstance(e.kind, Ended)}
+        for chat_id in sorted(ends):
+            async with ctx.store.transaction() as tx:
+                session = await tx.find_session_by_chat(ctx.provider_name, chat_id)
+            if (
+                session is None
+                or not session.state.is_open
+                or session.state is SessionState.STARTING
+                or other_thread(session, ends[chat_id])
+            ):
+                continue
+            await before_end(session)
 
 
 def _clean(event: InboundEvent) -> InboundEvent:

@@ -24,7 +24,7 @@ from hitl_service.core.state import finish, passes_over
 from hitl_service.domain import SessionState
 from hitl_service.errors import FailedPrecondition, StoreUnavailable
 from providers.errors import ProviderError
-from providers.types import EndedBy, Failed, ProviderChat
+from providers.types import AgentMessage, EndedBy, Failed, ProviderChat
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -279,8 +279,17 @@ class Maintenance:
         ctx.metrics.appended("failed")
         log.warning("session.start_interrupted", session_id=session.id)
 
-    async def catch_up(self, session: Session) -> int:
+    async def catch_up(
+        self, session: Session, *, messages_only: bool = False, budget: float | None = None
+    ) -> int:
         """Asks the provider what happened in the chat since the checkpoint.
+
+        Args:
+            session: An open session with a chat.
+            messages_only: Apply only the agent's messages, and keep the
+                checkpoint (the catch-up before a provider's end: the end
+                itself comes with the webhook, which says who closed).
+            budget: At most this long for the provider call.
 
         Returns:
             How many log events this added (events webhooks never delivered).
@@ -295,6 +304,7 @@ class Maintenance:
             listing = await ctx.calls.once(
                 "catch_up",
                 lambda t: ctx.provider.catch_up(chat, user, session.catch_up_checkpoint, timeout=t),
+                budget=budget,
             )
         except ProviderError as exc:
             log.info("catch_up.failed", session_id=session.id, error=str(exc))
@@ -311,11 +321,17 @@ class Maintenance:
             for event in listing.events:
                 if event.external_chat_id != current.external_chat_id:
                     continue
+                if messages_only and not isinstance(event.kind, AgentMessage):
+                    continue
                 if passes_over(current, event.kind, event.occurred_at or now):
                     continue  # its key stays free, as in ingest
                 if await tx.claim_dedupe_key(ctx.provider_name, event.dedupe_key, now):
                     added.extend(await apply_inbound(tx, ctx, current, event, now, failed_items))
-            if listing.checkpoint and listing.checkpoint != current.catch_up_checkpoint:
+            if (
+                not messages_only
+                and listing.checkpoint
+                and listing.checkpoint != current.catch_up_checkpoint
+            ):
                 current.catch_up_checkpoint = listing.checkpoint
                 await tx.update_session(current)
         self._outbox.signal_many(failed_items)
