@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -72,6 +73,7 @@ _CHANNEL_OPTIONS = (
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.max_receive_message_length", 1024 * 1024),
 )
+_REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")  # the contract's request_id
 T = TypeVar("T")
 
 
@@ -423,9 +425,10 @@ class HitlClient:
         metadata = self._metadata
         request_id = getattr(request, "request_id", "")
         # The service logs it: every attempt shows up under one id. Only a
-        # valid one (visible ASCII, as the contract says): anything else is
-        # no legal header, and the service's INVALID_FIELDS says why.
-        if request_id and request_id.isascii() and request_id.isprintable():
+        # valid one (1-128 visible ASCII, as the contract says): anything
+        # else is no legal header, or a long one that breaks gRPC's metadata
+        # limit (RESOURCE_EXHAUSTED); the service's INVALID_FIELDS says why.
+        if request_id and _REQUEST_ID_RE.fullmatch(request_id):
             metadata = (*metadata, ("x-request-id", request_id))
         failures = 0
         while True:

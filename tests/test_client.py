@@ -376,6 +376,18 @@ class TestErrors:
             await client.send_message(first.id, "too late")
         assert ended.value.reason == "SESSION_ENDED"
 
+    async def test_an_overlong_request_id_gets_the_field_violation(
+        self, client: HitlClient
+    ) -> None:
+        # Over 128 characters the service answers INVALID_FIELDS on
+        # request_id; as an x-request-id header of 8 KiB or more it would
+        # instead break gRPC's metadata limit (RESOURCE_EXHAUSTED, no details).
+        user = await client.create_user("Long Id")
+        for length in (129, 9000, 20000):
+            with pytest.raises(InvalidArgumentError) as caught:
+                await client.start_hitl(user.id, request_id="r" * length)
+            assert "request_id" in caught.value.fields
+
     async def test_event_stream_errors_are_raised_not_retried(self, client: HitlClient) -> None:
         stream = client.events(session_id="ses_nope")
         with pytest.raises(NotFoundError):
