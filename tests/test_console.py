@@ -341,6 +341,23 @@ async def test_a_transfer_moves_the_session_to_its_group(
     assert (got.session.state, got.session.group_id) == (pb.SESSION_STATE_QUEUED, "billing")
 
 
+async def test_a_waiting_conversation_is_transferred_from_nobody(
+    http: httpx.AsyncClient, stub: Stub
+) -> None:
+    """Transferred.from_agent is "unset if nobody had it" (the proto): an
+    agent moving a waiting conversation to another group never held it."""
+    session = await start_session(stub, (await make_user(stub)).id)
+    chat = session.external_chat_id
+    async with EventCollector(stub, session_id=session.id) as events:
+        assert (await act(http, chat, "transfer", agent="Alex", group_id="billing")).is_success
+        moved = await events.wait_for_kind("transferred")
+    assert moved.transferred.to_group_id == "billing"
+    assert not moved.transferred.HasField("from_agent")
+    got = await stub.GetSession(pb.GetSessionRequest(session_id=session.id), timeout=TIMEOUT)
+    assert (got.session.state, got.session.group_id) == (pb.SESSION_STATE_QUEUED, "billing")
+    assert not got.session.HasField("agent")
+
+
 def _directives(policy: str) -> dict[str, list[str]]:
     return {words[0]: words[1:] for part in policy.split(";") if (words := part.split())}
 

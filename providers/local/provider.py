@@ -552,7 +552,10 @@ class LocalProvider:
         def event(conv: Conversation) -> EventKind:
             _refuse_if_held_by_another(conv, agent)
             conv.group_id = group_id or conv.group_id
-            return Transferred(from_agent=agent, to_group_id=conv.group_id, reason=reason)
+            # From the agent holding it; a waiting conversation nobody held
+            # is moved "from nobody" (Transferred.from_agent unset).
+            holder = agent if conv.agent is not None else None
+            return Transferred(from_agent=holder, to_group_id=conv.group_id, reason=reason)
 
         await self._act(chat_id, agent, event, status=WAITING)
 
