@@ -170,6 +170,10 @@ class TestStartHitl:
             ({"user_id": "usr_x", "request_id": ""}, "request_id"),
             ({"user_id": "usr_x", "request_id": "has space"}, "request_id"),
             ({"user_id": "usr_x", "request_id": "r", "title": "x" * 201}, "title"),
+            # Blank but for line breaks or control characters: not blank.
+            ({"user_id": "usr_x", "request_id": "r", "title": "\n"}, "title"),
+            ({"user_id": "usr_x", "request_id": "r", "title": " \x1f "}, "title"),
+            ({"user_id": "usr_x", "request_id": "r", "description": "\x0b\x1c"}, "description"),
             ({"user_id": "usr_x", "request_id": "r", "group_id": "a/b"}, "group_id"),
             (
                 {"user_id": "usr_x", "request_id": "r", "history": [pb.Message()]},

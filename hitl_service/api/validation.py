@@ -84,7 +84,9 @@ class _Checker:
         if not value.strip():
             if required:
                 self.add(field, "is required")
-            return
+                return
+            if not value.strip(" "):  # only spaces; line breaks and control characters are not
+                return
         if len(value) > limit:
             self.add(field, f"must be at most {limit} characters")
         if single_line and ("\n" in value or "\r" in value):
