@@ -145,6 +145,14 @@ class TestApiTokens:
                         request, timeout=TIMEOUT, metadata=(("authorization", f"Bearer {token}"),)
                     )
                     assert ok.user.id
+                # The auth scheme is case-insensitive (RFC 7235, section 2.1).
+                for scheme in ("bearer", "BEARER"):
+                    ok = await stub.CreateUser(
+                        request,
+                        timeout=TIMEOUT,
+                        metadata=(("authorization", f"{scheme} first-token-1234"),),
+                    )
+                    assert ok.user.id
                 health: Any = health_pb2_grpc.HealthStub(channel)
                 status = await health.Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT

@@ -251,7 +251,9 @@ class _Rpc:
 
     def _authenticate(self, metadata: dict[str, Any]) -> None:
         header = metadata.get("authorization", "")
-        token = header[7:] if isinstance(header, str) and header.startswith("Bearer ") else ""
+        # The scheme is case-insensitive (RFC 7235): "bearer" is a Bearer token too.
+        bearer = isinstance(header, str) and header[:7].lower() == "bearer "
+        token = header[7:] if bearer else ""
         if not token or not matches_any(token, self._owner._tokens):
             raise HitlError(Code.UNAUTHENTICATED, "UNAUTHENTICATED", _UNAUTHENTICATED)
 
