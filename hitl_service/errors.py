@@ -59,16 +59,32 @@ class HitlError(Exception):
         self.violations = tuple(violations)
 
 
+# UTF-8 bytes of field paths and descriptions one error reports. They go
+# out twice, in the status message (percent-encoded: non-ASCII triples) and
+# in the BadRequest (base64), and gRPC clients refuse trailers over 8 KiB
+# (randomly; always over 16 KiB) with RESOURCE_EXHAUSTED and no details.
+_VIOLATION_BYTES = 1500
+
+
 class InvalidArgument(HitlError):
-    """The request has bad fields."""
+    """The request has bad fields (the first ones, if very many)."""
 
     def __init__(self, violations: Sequence[FieldViolation]) -> None:
-        fields = ", ".join(v.field for v in violations)
+        kept: list[FieldViolation] = []
+        size = 0
+        for violation in violations:
+            size += len(violation.field.encode()) + len(violation.description.encode())
+            if kept and size > _VIOLATION_BYTES:
+                break
+            kept.append(violation)
+        fields = ", ".join(v.field for v in kept)
+        if len(kept) < len(violations):
+            fields += f" and {len(violations) - len(kept)} more"
         super().__init__(
             Code.INVALID_ARGUMENT,
             "INVALID_FIELDS",
             f"invalid request fields: {fields}",
-            violations=violations,
+            violations=kept,
         )
 
 

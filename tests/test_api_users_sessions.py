@@ -202,6 +202,36 @@ class TestStartHitl:
         )
         assert bad in error.violations
 
+    @pytest.mark.parametrize(
+        "fields",
+        [
+            # Milliseconds where seconds belong, on every line of a transcript.
+            {
+                "history": [
+                    pb.Message(text="hi", created_at=Timestamp(seconds=1_795_000_000_000))
+                    for _ in range(200)
+                ]
+            },
+            {"metadata": {f"bad key \N{GRINNING FACE} {i}": "v" for i in range(300)}},
+        ],
+    )
+    async def test_very_many_bad_fields_still_get_their_violations(
+        self, stub: Stub, fields: dict[str, Any]
+    ) -> None:
+        # Reported all at once, they made trailers beyond gRPC's metadata
+        # limit (16 KiB): the caller got RESOURCE_EXHAUSTED with no details.
+        user = await make_user(stub)
+        error = await expect_error(
+            stub.StartHitl(
+                pb.StartHitlRequest(user_id=user.id, request_id=rid(), **fields),
+                timeout=TIMEOUT,
+            ),
+            INVALID,
+        )
+        assert error.reason == "INVALID_FIELDS"
+        assert error.violations
+        assert "more" in error.message
+
     async def test_a_refused_request_leaves_no_session(self, stub: Stub) -> None:
         user = await make_user(stub)
         await expect_error(
