@@ -4,6 +4,7 @@ that share the state file, and agent identities."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from hitl_service.clock import SystemClock
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from providers.base import ProviderDeps
-from providers.errors import ProviderConfigError
+from providers.errors import ProviderConfigError, ProviderUnavailable
 from providers.local.provider import _MAX_MESSAGES, LocalProvider, agent_from_name, create
 from providers.types import (
     Author,
@@ -145,18 +146,22 @@ class TestStateWriter:
         state_file = blocker / "s.json"
         local = provider(state_file)
         await local.open()
-        with structlog.testing.capture_logs() as logs:
-            await local.start(request("ses_1"), USER, timeout=1)
-            failed = await wait_for(
-                lambda: [e for e in logs if e["event"] == "local.state_write_failed"],
-                what="the failed write logged",
-            )
+        first = request("ses_1")
+        # Not acknowledged: the service retries the start.
+        with (
+            structlog.testing.capture_logs() as logs,
+            pytest.raises(ProviderUnavailable, match="HITL_LOCAL_STATE_FILE"),
+        ):
+            await local.start(first, USER, timeout=1)
+        failed = [e for e in logs if e["event"] == "local.state_write_failed"]
         assert failed[0]["log_level"] == "error"
         assert failed[0]["setting"] == "HITL_LOCAL_STATE_FILE"
         blocker.unlink()
         blocker.mkdir()  # the problem goes away
+        retried = await local.start(first, USER, timeout=1)  # the same conversation
+        assert [c["id"] for c in saved(state_file)] == [retried.chat.external_chat_id]
         await local.start(request("ses_2"), USER, timeout=1)
-        await wait_for(lambda: len(saved(state_file)) == 2, what="both handoffs on disk")
+        assert len(saved(state_file)) == 2  # on disk when acknowledged
         await local.close()
 
     async def test_close_does_not_raise_after_failed_writes(self, tmp_path: Path) -> None:
@@ -165,13 +170,58 @@ class TestStateWriter:
         local = provider(blocker / "s.json")
         await local.open()
         with structlog.testing.capture_logs() as logs:
-            await local.start(request("ses_1"), USER, timeout=1)
-            await wait_for(
-                lambda: any(e["event"] == "local.state_write_failed" for e in logs),
-                what="the failed write logged",
-            )
+            with pytest.raises(ProviderUnavailable):
+                await local.start(request("ses_1"), USER, timeout=1)
             await local.close()  # tries once more, logs, and returns
         assert [e["event"] for e in logs].count("local.state_write_failed") == 2
+
+    async def test_what_a_call_acknowledges_is_on_disk_when_it_returns(
+        self, tmp_path: Path
+    ) -> None:
+        # What the service acknowledged must survive a kill -9: read the file
+        # (all a killed process leaves) right after each answer. The second
+        # send falls into the writer's pause between bursts of changes.
+        state_file = tmp_path / "s.json"
+        local = provider(state_file)
+        await local.open()
+        started = await local.start(request("ses_1"), USER, timeout=1)
+        chat = started.chat
+        assert [c["id"] for c in saved(state_file)] == [chat.external_chat_id]
+        for text in ("one", "two"):
+            await local.send(
+                chat, USER, Message(body=text), request_id=rid(), uncertain=False, timeout=1
+            )
+            assert [m["text"] for m in saved(state_file)[0]["messages"]][-1] == text
+        await local.stop(chat, USER, "done", timeout=1)
+        assert saved(state_file)[0]["status"] == "ended"
+        await local.close()
+
+    async def test_concurrent_calls_share_writes(self, tmp_path: Path) -> None:
+        state_file = tmp_path / "s.json"
+        local = provider(state_file)
+        await local.open()
+        chat = (await local.start(request("ses_1"), USER, timeout=1)).chat
+        writes = 0
+        write = local._write_state
+
+        async def counted(version: int) -> None:
+            nonlocal writes
+            writes += 1
+            await write(version)
+
+        local._write_state = counted  # type: ignore[method-assign]
+        texts = [f"m{n}" for n in range(20)]
+        await asyncio.gather(
+            *(
+                local.send(
+                    chat, USER, Message(body=t), request_id=rid(), uncertain=False, timeout=5
+                )
+                for t in texts
+            )
+        )
+        assert sorted(m["text"] for m in saved(state_file)[0]["messages"]) == sorted(texts)
+        assert writes < len(texts)
+        await local.close()
 
     async def test_no_temporary_files_are_left(self, tmp_path: Path) -> None:
         local = provider(tmp_path / "s.json")

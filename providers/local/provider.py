@@ -5,7 +5,9 @@ sidecar under ``/console``) shows live; a person takes one, reads the
 transcript, replies, transfers and ends it. What the agent does is pushed
 to the core through the ``EventSink`` and committed before the console's
 request is answered. Conversations are kept in a JSON file under the data
-directory, so the console survives restarts.
+directory, so the console survives restarts: a start, send or stop answers
+once the file holds it (concurrent calls share a write), so what the service
+acknowledged is there after a ``kill -9``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
-from providers.errors import ChatInactive, ProviderConfigError, ProviderRejected, WebhookRejected
+from providers.errors import (
+    ChatInactive,
+    ProviderConfigError,
+    ProviderRejected,
+    ProviderUnavailable,
+    WebhookRejected,
+)
 from providers.types import (
     Agent,
     AgentAssigned,
@@ -71,6 +79,7 @@ _MAX_ENDED = 200  # ended conversations kept for the console's history
 # event log keeps the whole conversation.
 _MAX_MESSAGES = 200
 STATE_SETTING = "HITL_LOCAL_STATE_FILE"
+_ACTION_PERSIST_TIMEOUT = 5.0  # seconds a console action waits for the state file
 
 
 def render_body(message: Message) -> dict[str, Any]:
@@ -197,6 +206,10 @@ class LocalProvider:
         self._changed = asyncio.Event()
         self._dirty = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        # Set after each write attempt (replaced by a fresh one); ``_urgent``
+        # cuts the writer's coalescing pause short while a call waits on it.
+        self._written = asyncio.Event()
+        self._urgent = asyncio.Event()
         # The version last written: a process that changed nothing (``local
         # list``, ``check``) never writes, so it cannot overwrite a newer file
         # the running server wrote meanwhile.
@@ -249,9 +262,53 @@ class LocalProvider:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
+            self._urgent.clear()
             # A failure is retried on the next change (or at close).
             await self._try_write_state()
-            await self._clock.sleep(0.2)  # coalesce bursts of changes into one write
+            written, self._written = self._written, asyncio.Event()
+            written.set()
+            # Coalesce bursts of the console's changes into one write; a
+            # provider call waiting for its change (``_persisted``) does not
+            # wait out the pause.
+            pause = asyncio.ensure_future(self._clock.sleep(0.2))
+            urgent = asyncio.ensure_future(self._urgent.wait())
+            try:
+                await asyncio.wait((pause, urgent), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                pause.cancel()
+                urgent.cancel()
+
+    async def _persisted(self, timeout: float) -> None:
+        """Returns once the state file holds every change made so far.
+
+        ``start``, ``send``, ``stop`` and ``abandon`` answer only then: what
+        the service acknowledges must be in the console after a ``kill -9``
+        (a conversation missing there would leave its session waiting on a
+        chat that does not exist). Concurrent calls share one write.
+
+        Raises:
+            ProviderUnavailable: The file was not written (the error is
+                logged); the change is kept in memory and a retry waits for
+                the next write.
+        """
+        if self._state_file is None or self._flusher is None:
+            return  # memory only, or not open (``close`` writes what is left)
+        version = self._version
+        try:
+            async with asyncio.timeout(timeout):
+                while self._saved_version < version:
+                    written = self._written
+                    self._dirty.set()
+                    self._urgent.set()
+                    await written.wait()
+                    if self._saved_version < version and not self._dirty.is_set():
+                        break  # that write failed and nothing newer is queued
+        except TimeoutError:
+            pass
+        if self._saved_version < version:
+            raise ProviderUnavailable(
+                f"the console state file could not be written ({STATE_SETTING})", uncertain=True
+            )
 
     async def _try_write_state(self) -> bool:
         version = self._version
@@ -356,35 +413,42 @@ class LocalProvider:
                     conv.end_reason = "given up by the service: the user started a new handoff"
                     self._touch()
             if retried:
-                return self._resume(retried[0], request.session_id)
-            conv = Conversation(
-                id=f"lc_{uuid.uuid4().hex[:12]}",
-                session_id=request.session_id,
-                request_id=request.request_id,
-                user={
-                    "id": request.user.id,
-                    "name": request.user.name,
-                    "email": request.user.email,
-                    "picture_url": request.user.picture_url,
-                },
-                title=request.title or "Handoff",
-                description=request.description,
-                group_id=request.group_id or self._default_group,
-                created_at=self._clock.now().isoformat(),
-                history=[
-                    {
-                        "author": m.author.value,
-                        **render_body(m),
-                        "at": m.created_at.isoformat() if m.created_at else None,
-                    }
-                    for m in request.history
-                ],
-                metadata=dict(request.metadata),
-            )
-            self._chats[conv.id] = conv
-            position = sum(1 for c in self._chats.values() if c.status == WAITING)
-            queued = self._event(conv, Queued(position=position))
-            self._touch()
+                result = self._resume(retried[0], request.session_id)
+            else:
+                result = self._open_conversation(request)
+        await self._persisted(timeout)
+        return result
+
+    def _open_conversation(self, request: StartRequest) -> StartResult:
+        """A new waiting conversation for ``request`` (under ``_lock``)."""
+        conv = Conversation(
+            id=f"lc_{uuid.uuid4().hex[:12]}",
+            session_id=request.session_id,
+            request_id=request.request_id,
+            user={
+                "id": request.user.id,
+                "name": request.user.name,
+                "email": request.user.email,
+                "picture_url": request.user.picture_url,
+            },
+            title=request.title or "Handoff",
+            description=request.description,
+            group_id=request.group_id or self._default_group,
+            created_at=self._clock.now().isoformat(),
+            history=[
+                {
+                    "author": m.author.value,
+                    **render_body(m),
+                    "at": m.created_at.isoformat() if m.created_at else None,
+                }
+                for m in request.history
+            ],
+            metadata=dict(request.metadata),
+        )
+        self._chats[conv.id] = conv
+        position = sum(1 for c in self._chats.values() if c.status == WAITING)
+        queued = self._event(conv, Queued(position=position))
+        self._touch()
         return StartResult(ProviderChat(conv.id), conv.group_id, (queued,))
 
     def _resume(self, conv: Conversation, session_id: str) -> StartResult:
@@ -416,21 +480,27 @@ class LocalProvider:
             # A retry of a send the conversation has gets its answer, even
             # once ended (the outbox asks about it, uncertain, after a crash).
             known = self._sent.get((conv.id, request_id))
-            if known is not None:
-                return SendResult(known)
-            if conv.status == ENDED:
-                raise ChatInactive()
-            entry = {
-                "id": conv.next_message_id(),
-                "author": Author.USER.value,
-                "request_id": request_id,
-                "at": self._clock.now().isoformat(),
-                **render_body(message),
-            }
-            self._forget_sent(conv.id, conv.add_message(entry))
-            self._sent[(conv.id, request_id)] = entry["id"]
-            self._touch()
-        return SendResult(entry["id"])
+            if known is None:
+                known = self._append(conv, request_id, message)
+        # Also for a retry: the first attempt's write may have failed.
+        await self._persisted(timeout)
+        return SendResult(known)
+
+    def _append(self, conv: Conversation, request_id: str, message: Message) -> str:
+        """Adds the user's message to ``conv`` (under ``_lock``); returns its id."""
+        if conv.status == ENDED:
+            raise ChatInactive()
+        entry = {
+            "id": conv.next_message_id(),
+            "author": Author.USER.value,
+            "request_id": request_id,
+            "at": self._clock.now().isoformat(),
+            **render_body(message),
+        }
+        self._forget_sent(conv.id, conv.add_message(entry))
+        self._sent[(conv.id, request_id)] = entry["id"]
+        self._touch()
+        return str(entry["id"])
 
     async def stop(
         self, chat: ProviderChat, user: ProviderUser, reason: str, *, timeout: float
@@ -438,11 +508,11 @@ class LocalProvider:
         """See base class: closes the conversation (a no-op when closed)."""
         async with self._lock:
             conv = self._chats.get(chat.external_chat_id)
-            if conv is None or conv.status == ENDED:
-                return
-            conv.status = ENDED
-            conv.end_reason = reason or "stopped by the caller"
-            self._touch()
+            if conv is not None and conv.status != ENDED:
+                conv.status = ENDED
+                conv.end_reason = reason or "stopped by the caller"
+                self._touch()
+        await self._persisted(timeout)
 
     async def abandon(
         self, user: ProviderUser, *, session_id: str, request_id: str, timeout: float
@@ -464,6 +534,7 @@ class LocalProvider:
             conv.status = ENDED
             conv.end_reason = "given up by the service: the handoff failed to start"
             self._touch()
+        await self._persisted(timeout)
         return True
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> WebhookBatch:
@@ -594,6 +665,10 @@ class LocalProvider:
             self._chats[chat_id] = conv
             self._forget_sent(chat_id, current.messages[: conv.trimmed - current.trimmed])
             self._touch()
+        # The event is in the service's log: the agent is answered OK even if
+        # the file was not written (logged), or a retry would repeat the event.
+        with contextlib.suppress(ProviderUnavailable):
+            await self._persisted(_ACTION_PERSIST_TIMEOUT)
 
     def _event(self, conv: Conversation, kind: EventKind) -> InboundEvent:
         # A key that never repeats: a counter would be reused after a crash,
