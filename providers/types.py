@@ -211,6 +211,12 @@ class InboundEvent:
         thread_id: The conversation of the chat it belongs to, for providers
             whose chats host one conversation after another (LiveChat: the
             thread); "" when unknown. See ``THREAD_STATE_KEY``.
+        repeatable: The same happening may genuinely occur again under the
+            same key, because the backend gives it no id (LiveChat: an agent
+            leaving a thread, rejoining and leaving again). The core does not
+            record the key, and applies the event whenever the session's
+            state says it applies: only ``AgentLeft`` (applied only while
+            that agent holds the session, so a redelivery is a no-op).
     """
 
     external_chat_id: str
@@ -219,6 +225,7 @@ class InboundEvent:
     occurred_at: datetime | None = None
     author_id: str = ""
     thread_id: str = ""
+    repeatable: bool = False
 
 
 @dataclass(frozen=True, slots=True)

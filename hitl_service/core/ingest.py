@@ -24,7 +24,7 @@ import structlog
 from hitl_service.codec import kind_tag
 from hitl_service.core.state import Ignored, apply_event, passes_over
 from hitl_service.domain import SessionState
-from providers.types import THREAD_STATE_KEY, AgentMessage, Ended, InboundEvent
+from providers.types import THREAD_STATE_KEY, AgentLeft, AgentMessage, Ended, InboundEvent
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -103,8 +103,8 @@ class Ingestor:
                     # Not ours, or about another conversation of the chat: an
                     # earlier one (ignored), or one a start in flight is
                     # opening (parked until the start commits).
-                    if await tx.has_starting_sessions(provider) and await tx.claim_dedupe_key(
-                        provider, event.dedupe_key, now
+                    if await tx.has_starting_sessions(provider) and await first_sight(
+                        tx, provider, event, now
                     ):
                         await tx.park_event(provider, event, now)
                         result.parked += 1
@@ -121,7 +121,7 @@ class Ingestor:
                     )
                     result.ignored += 1
                     continue
-                if not await tx.claim_dedupe_key(provider, event.dedupe_key, now):
+                if not await first_sight(tx, provider, event, now):
                     result.duplicates += 1
                     continue
                 added = await apply_inbound(tx, ctx, session, event, now, failed_items)
@@ -152,6 +152,19 @@ class Ingestor:
             ):
                 continue
             await before_end(session)
+
+
+async def first_sight(tx: Tx, provider: str, event: InboundEvent, now: datetime) -> bool:
+    """Records the event's dedupe key; False if it was recorded before.
+
+    A repeatable ``AgentLeft`` (see ``InboundEvent.repeatable``) is never
+    recorded: it applies only while its agent holds the session, so that
+    guard alone keeps a redelivery from applying twice. Other kinds have no
+    such guard, and are recorded whatever the provider says.
+    """
+    if event.repeatable and isinstance(event.kind, AgentLeft):
+        return True
+    return await tx.claim_dedupe_key(provider, event.dedupe_key, now)
 
 
 def _clean(event: InboundEvent) -> InboundEvent:

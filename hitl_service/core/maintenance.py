@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from hitl_service.core.ingest import apply_inbound
+from hitl_service.core.ingest import apply_inbound, first_sight
 from hitl_service.core.provider_state import StateWatch
 from hitl_service.core.sessions import START_SCOPE, abandon_later, request_stop
 from hitl_service.core.state import finish, passes_over
@@ -325,7 +325,7 @@ class Maintenance:
                     continue
                 if passes_over(current, event.kind, event.occurred_at or now):
                     continue  # its key stays free, as in ingest
-                if await tx.claim_dedupe_key(ctx.provider_name, event.dedupe_key, now):
+                if await first_sight(tx, ctx.provider_name, event, now):
                     added.extend(await apply_inbound(tx, ctx, current, event, now, failed_items))
             if (
                 not messages_only

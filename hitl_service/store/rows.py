@@ -254,6 +254,7 @@ def inbound_to_json(event: InboundEvent) -> str:
             "occurred_at": event.occurred_at.isoformat() if event.occurred_at else None,
             "author_id": event.author_id,
             "thread_id": event.thread_id,
+            "repeatable": event.repeatable,
         }
     )
 
@@ -272,4 +273,5 @@ def inbound_from_json(text: Any) -> InboundEvent:
         occurred_at=datetime.fromisoformat(occurred) if occurred else None,
         author_id=data.get("author_id", ""),
         thread_id=data.get("thread_id", ""),  # absent in rows parked by older versions
+        repeatable=bool(data.get("repeatable", False)),
     )

@@ -7,7 +7,10 @@ with the same dedupe keys:
 - an agent joining: ``user_added_to_chat:<chat>:<thread>:<agent>``;
 - a transfer: ``chat_transferred:<chat>:<thread>:<reason>:<groups>:<agents>:<queued_at>``;
 - a queue position: ``queued:<chat>:<thread>:<queued_at or position>``;
-- an agent leaving: ``user_removed_from_chat:<chat>:<thread>:<agent>``;
+- an agent leaving: ``user_removed_from_chat:<chat>:<thread>:<agent>``, marked
+  ``repeatable``: an agent may leave a thread, rejoin and leave again, and
+  the webhook carries no id or time to tell that from a redelivery (the core
+  applies a leave only while that agent holds the session);
 - the end of a thread: ``chat_deactivated:<chat>:<thread>``.
 
 LiveChat's ``webhook_id`` names a registration, not a delivery, so it is
@@ -214,6 +217,7 @@ def agent_removed(
             dedupe_key=f"user_removed_from_chat:{chat_id}:{thread_id}:{user_id}",
             author_id=requester,
             thread_id=thread_id,
+            repeatable=True,
         ),
         "",
     )

@@ -10,6 +10,7 @@ from hitl_service.store.base import Store, Tx
 from providers.types import (
     Agent,
     AgentAssigned,
+    AgentLeft,
     AgentMessage,
     Author,
     ButtonKind,
@@ -203,6 +204,13 @@ class TestParkedEvents:
             assert await tx.take_parked_events("livechat", "C2") == [_parked("C2", 9)]
             assert await tx.take_parked_events("local", "C1") == [_parked("C1", 8)]
             assert await tx.take_parked_events("livechat", "C3") == []
+
+    async def test_a_repeatable_event_stays_repeatable(self, store: Store) -> None:
+        leave = InboundEvent("C1", AgentLeft(agent=BOB), "left-C1", repeatable=True)
+        async with store.transaction() as tx:
+            await self._park(tx, "livechat", leave)
+        async with store.transaction() as tx:
+            assert await tx.take_parked_events("livechat", "C1") == [leave]
 
     async def test_take_in_a_rolled_back_transaction_keeps_them(self, store: Store) -> None:
         async with store.transaction() as tx:
