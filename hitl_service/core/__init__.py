@@ -42,6 +42,7 @@ class HitlCore:
         self.hub = EventHub(ctx.store, ctx.clock, buffer_size=ctx.settings.stream_buffer)
         self.maintenance = Maintenance(ctx, self.outbox, self.hub)
         self.ingestor = Ingestor(ctx, self.outbox, before_end=self._catch_up_before_end)
+        self.outbox.before_end = self._catch_up_before_end
         self._tasks: list[asyncio.Task[None]] = []
         self._starts: set[asyncio.Task[Session]] = set()  # see start_handoff
 
@@ -128,8 +129,11 @@ class HitlCore:
 
     async def _catch_up_before_end(self, session: Session) -> int:
         """The agent's messages the provider has and we do not, read before
-        its end of the chat is applied (see ``core.ingest``). Bounded well
-        inside a webhook sender's patience (LiveChat's: ~10 s)."""
+        the provider's end of the chat or our stop is applied (see
+        ``core.ingest``). Bounded well inside a webhook sender's patience
+        (LiveChat's: ~10 s)."""
+        if not self.ctx.provider.capabilities.catch_up:
+            return 0
         return await self.maintenance.catch_up(
             session, messages_only=True, budget=CATCH_UP_BEFORE_END_BUDGET
         )

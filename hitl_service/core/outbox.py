@@ -40,6 +40,8 @@ from providers.fallback import fit_to
 from providers.types import Ended, EndedBy, ProviderChat, ProviderUser
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from hitl_service.core.context import CoreContext
     from hitl_service.domain import Session
     from hitl_service.store.base import Tx
@@ -79,6 +81,9 @@ class Outbox:
         # behind their session's head, or beyond the concurrency): only then
         # does a settle need to wake it.
         self._backlog = False
+        # Reads the agent's messages the provider has and we lack, before a
+        # stop ends the session (set by ``HitlCore``; see ``core.ingest``).
+        self.before_end: Callable[[Session], Awaitable[object]] | None = None
 
     def kick(self) -> None:
         """Makes the background loop look for due items now."""
@@ -234,6 +239,10 @@ class Outbox:
             chat_changed = watch.chat_changed
             if chat_changed:
                 session.chat_state = chat.state
+            if item.kind is OutboxKind.STOP and self.before_end is not None:
+                # What the agent wrote before the stop was requested, whose
+                # webhook is still on its way (or lost), goes before the end.
+                await self.before_end(session)
             if item.kind is OutboxKind.SEND:
                 # The provider has the message: its sender answers now, in
                 # the loop turn the settle's transaction yields; if this

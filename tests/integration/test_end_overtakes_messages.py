@@ -7,6 +7,8 @@ message. Once the session has ended, the message would be refused (and if
 LiveChat gave up on it, the periodic catch-up, which reads open sessions
 only, would never bring it). So before a provider's end is applied, the
 service reads the chat's history once more and logs the messages it lacks.
+The same holds for our own stop: what the agent wrote before it was
+requested still arrives, and before the end.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from tests.integration.conftest import JANE, LiveChatService, kinds
 from tests.integration.test_catch_up import agent_texts
+from tests.support import TIMEOUT
 
 GOODBYE = "your refund reference is R-42, bye"
 
@@ -94,3 +97,22 @@ async def test_messages_already_delivered_are_not_logged_twice(lc: LiveChatServi
     assert agent_texts(events) == ["message 0", "message 1", "message 2"]
     assert _after_assignment(events)[-1] == "ended"
     assert len(lc.fake.calls("get_chat")) > asked  # the history was read, and matched
+
+
+async def test_a_message_written_before_our_stop_is_logged_before_its_end(
+    lc: LiveChatService,
+) -> None:
+    session, chat_id = await _assigned(lc)
+    lc.fake.delivery.hold()  # its webhook is late (a retry), and so is the close's
+    lc.fake.agent_message(chat_id, JANE[0], text=GOODBYE)
+    stopped = await lc.stub.StopHitl(
+        pb.StopHitlRequest(session_id=session.id, reason="resolved"), timeout=TIMEOUT
+    )
+    assert stopped.session.state == pb.SESSION_STATE_ENDED
+
+    events = await lc.log(session.id)
+    assert _after_assignment(events) == ["agent_message", "ended"]
+    assert events[-1].ended.by == pb.ENDED_BY_CALLER
+    lc.fake.delivery.release()
+    await lc.delivered()
+    assert agent_texts(await lc.log(session.id)) == [GOODBYE]  # the late webhook adds nothing
