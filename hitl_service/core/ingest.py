@@ -148,6 +148,7 @@ class Ingestor:
                 session is None
                 or not session.state.is_open
                 or session.state is SessionState.STARTING
+                or session.stop_requested_at is not None  # the stop reads it (``Outbox``)
                 or other_thread(session, ends[chat_id])
             ):
                 continue
