@@ -51,6 +51,12 @@ def is_unavailable(exc: BaseException) -> bool:
     """True if ``exc`` says the database is unreachable or unusable right now."""
     if isinstance(exc, _UNAVAILABLE):
         return True
+    # A connection the server dropped in the middle of an error (a fast
+    # shutdown, a failover) is left "consuming" it; asyncpg says so on the
+    # next statement with an InternalClientError ("cannot switch to state
+    # ..; another operation (2) is in progress"), and the pool discards it.
+    if isinstance(exc, pgerr.InternalClientError) and "another operation" in str(exc):
+        return True
     # asyncpg reports a closed pool or connection as a bare InterfaceError.
     return isinstance(exc, pgerr.InterfaceError) and ("closed" in str(exc) or "closing" in str(exc))
 

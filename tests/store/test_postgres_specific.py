@@ -27,6 +27,7 @@ from hitl_service.secret import Secret
 from hitl_service.store.base import OpenSessionExists, Tx
 from hitl_service.store.migrations import migrations
 from hitl_service.store.postgres import PostgresStore
+from hitl_service.store.postgres_db import Db, Redactor
 from providers.types import Queued
 from tests.postgres_fixture import PgCluster, PostgresServer
 from tests.store.factories import T0, at, make_outbox, make_session, make_user
@@ -718,3 +719,23 @@ class TestReadOnlyDatabase:
         await store._pool.expire_connections()
         await store.ping()
         await _session(store)
+
+
+class TestErrorMapping:
+    async def test_a_connection_dropped_mid_error_is_unavailable(self) -> None:
+        """Seen when PostgreSQL stopped under load: the next statement on a
+        connection the server dropped while it reported an error raises
+        asyncpg's InternalClientError. Callers must get UNAVAILABLE (retry),
+        not INTERNAL, and webhooks 503, not 500."""
+
+        class Dropped:
+            async def execute(self, *args: object) -> str:
+                raise asyncpg.exceptions.InternalClientError(
+                    "cannot switch to state 15; another operation (2) is in progress"
+                )
+
+        redactor = Redactor(Secret(f"postgresql://app:{PASSWORD}@db.internal/hitl"))
+        db = Db(Dropped(), redactor)  # type: ignore[arg-type]
+        with pytest.raises(StoreUnavailable) as caught:
+            await db.execute("SELECT 1")
+        _assert_clean(_chain(caught.value))
