@@ -152,14 +152,22 @@ class PostgresStore:
 
     # --- lifecycle -------------------------------------------------------------
     @contextlib.contextmanager
-    def _mapped(self, doing: str) -> Iterator[None]:
-        """Turns connection trouble into ``StoreUnavailable`` without secrets."""
+    def _mapped(self, doing: str, *, opening: bool = False) -> Iterator[None]:
+        """Turns connection trouble into ``StoreUnavailable`` without secrets.
+
+        ``opening``: also any error PostgreSQL or asyncpg reports while the
+        store opens (a role without rights on the database, a DSN parameter
+        the server does not know, such as libpq's ``connect_timeout``), so
+        that the start fails with one ``cannot start:`` line naming it.
+        """
         try:
             yield
         except StoreUnavailable:
             raise
         except Exception as exc:
-            if is_unavailable(exc):
+            if is_unavailable(exc) or (
+                opening and isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError)
+            ):
                 raise self._redactor.unavailable(doing, exc) from None
             raise
 
@@ -168,7 +176,7 @@ class PostgresStore:
         if self._pool is not None:
             return
         try:
-            with self._mapped("cannot be opened"):
+            with self._mapped("cannot be opened", opening=True):
                 self._pool = await asyncpg.create_pool(
                     self._dsn.reveal(),
                     min_size=self._pool_min,
@@ -182,7 +190,7 @@ class PostgresStore:
                 )
             self._db = Db(self._pool, self._redactor, acquire_timeout=self._connect_timeout)
             self._reads = Queries(self._db)
-            with self._mapped("cannot be migrated"):
+            with self._mapped("cannot be migrated", opening=True):
                 await self._migrate(self._pool)
             head = await self._read_head()
         except BaseException:

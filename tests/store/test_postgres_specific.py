@@ -739,3 +739,19 @@ class TestErrorMapping:
         with pytest.raises(StoreUnavailable) as caught:
             await db.execute("SELECT 1")
         _assert_clean(_chain(caught.value))
+
+    async def test_an_error_while_opening_is_unavailable(
+        self, make: Make, postgres_dsn: str
+    ) -> None:
+        """A DSN parameter the server does not know (libpq's connect_timeout
+        is a common one), or a role without rights on the database, used to
+        stop `serve` and `check` with asyncpg's traceback."""
+        parts = urlsplit(postgres_dsn)
+        query = f"{parts.query}&" if parts.query else ""
+        dsn = parts._replace(query=f"{query}connect_timeout=10").geturl()
+        with capture_logs() as logs, pytest.raises(StoreUnavailable) as caught:
+            await make(dsn).open()
+        assert "connect_timeout" in str(caught.value)  # names what is wrong
+        assert parts.password
+        assert parts.password not in _chain(caught.value)
+        assert parts.password not in repr(logs)
