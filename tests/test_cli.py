@@ -77,6 +77,16 @@ def test_retention_is_off_or_at_least_two_days(value: str, seconds: float) -> No
     assert Settings.from_env({"HITL_RETENTION": value}).retention == seconds
 
 
+def test_retention_is_at_most_a_hundred_years() -> None:
+    """A larger one was accepted, then every maintenance sweep failed with an
+    OverflowError traceback (now - retention is before year 1), and the
+    hourly prune never ran: request records and dedupe keys were kept forever."""
+    assert Settings.from_env({"HITL_RETENTION": "36500d"}).retention == 36500 * 86400.0
+    for bad in ("36501d", "1000000d", "99999999999999999999d"):
+        with pytest.raises(ConfigError, match="HITL_RETENTION"):
+            Settings.from_env({"HITL_RETENTION": bad})
+
+
 @pytest.mark.parametrize(
     ("value", "seconds"), [("", 600.0), ("0", 0.0), ("30s", 30.0), ("12h", 43200.0)]
 )
