@@ -246,7 +246,7 @@ def build_app(
         factory=provider_factory,
     )
     activity = Activity()
-    store = store or open_store(settings, activity)
+    store = store or open_store(settings, activity, exclusive=True)
     metrics = Metrics(registry)
     metrics.start_at_zero(provider.name)
     ctx = CoreContext(

@@ -327,3 +327,52 @@ async def test_demo_ctrl_d_after_the_server_went_away(app: App, tmp_path: Path) 
     assert "Traceback" not in err.decode(), err.decode()
     assert "could not end the handoff: UNAVAILABLE" in out.decode()
     assert proc.returncode == 1
+
+
+async def test_a_second_process_on_one_sqlite_file_stops_at_start(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    """SQLite means one process. A second `serve` on the same file used to
+    start and serve beside the first: each kept its own log head, so a
+    client resuming on one with a cursor the other had sent was refused
+    (INVALID_ARGUMENT, ahead of the log)."""
+    first = await asyncio.create_subprocess_exec(
+        *HITL,
+        "serve",
+        env={**os.environ, **service_env, "PYTHONUNBUFFERED": "1"},
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert first.stderr is not None
+    second: asyncio.subprocess.Process | None = None
+    try:
+        async with asyncio.timeout(30):
+            while b"service.ready" not in await first.stderr.readline():
+                assert first.returncode is None, "the first service exited"
+        env = {**service_env, "HITL_DATA_DIR": str(tmp_path / "other")}
+        second = await asyncio.create_subprocess_exec(
+            *HITL,
+            "serve",
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            cwd=tmp_path,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            _, err = await asyncio.wait_for(second.communicate(), 20)
+        except TimeoutError:
+            pytest.fail("a second process serves on the same SQLite file")
+        assert second.returncode == 1
+        text = err.decode()
+        assert "cannot start:" in text
+        assert "in use by another process" in text
+        assert "Traceback" not in text
+        # `check` still reads the file a service is running on.
+        code, out, _ = await run(["check"], service_env, tmp_path)
+        assert code == 0, out
+    finally:
+        for proc in (second, first):
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await proc.wait()

@@ -11,18 +11,26 @@ if TYPE_CHECKING:
     from hitl_service.config import Settings
 
 
-def open_store(settings: Settings, activity: Activity | None = None) -> Store:
+def open_store(
+    settings: Settings, activity: Activity | None = None, *, exclusive: bool = False
+) -> Store:
     """Builds (does not yet open) the store ``HITL_STORE_URL`` names.
 
     ``activity``: the process's requests in progress (the SQLite store
-    groups COMMITs while there are several).
+    groups COMMITs while there are several). ``exclusive``: a serving
+    process; an SQLite file another process serves from is refused.
     """
     url = settings.store_url
     if url.scheme == "sqlite":
         from hitl_service.store.sqlite import SqliteStore
 
         assert url.path is not None  # parse_store_url sets it for sqlite
-        return SqliteStore(url.path, activity=activity, synchronous=settings.sqlite_synchronous)
+        return SqliteStore(
+            url.path,
+            activity=activity,
+            synchronous=settings.sqlite_synchronous,
+            exclusive=exclusive,
+        )
     from hitl_service.store.postgres import PostgresStore  # needs the postgres extra
 
     return PostgresStore(

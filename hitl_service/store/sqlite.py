@@ -40,8 +40,11 @@ fsyncs the WAL at every COMMIT (one per group) so that they survive those too.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
+import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -625,6 +628,54 @@ def _close_all(conns: Sequence[sqlite3.Connection]) -> None:
         conn.close()
 
 
+# SQLite means one process: a serving store holds an exclusive lock on
+# "<database>.lock" (flock) while it is open, so a second `serve` on the same
+# file stops at start instead of serving a replica whose stream heads,
+# buffers and upkeep assume they are alone. Counted per process: stores of
+# one process (tests, a restart in place) share the lock.
+_held_lock = threading.Lock()
+_held: dict[str, tuple[int, int]] = {}  # lock file -> (descriptor, stores holding it)
+
+
+def _take_process_lock(path: Path) -> str:
+    """Takes the lock of ``path``'s database for this process; returns its key.
+
+    Raises:
+        StoreUnavailable: Another process holds it.
+        OSError: The lock file cannot be created.
+    """
+    key = os.path.abspath(f"{path}.lock")
+    with _held_lock:
+        if key in _held:
+            fd, count = _held[key]
+            _held[key] = (fd, count + 1)
+            return key
+        fd = os.open(key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreUnavailable(
+                f"SQLite database at {path} is in use by another process (its lock {key} is "
+                "held): SQLite means one hitl-service process; use PostgreSQL for replicas"
+            ) from None
+        except OSError:
+            os.close(fd)
+            raise
+        _held[key] = (fd, 1)
+        return key
+
+
+def _release_process_lock(key: str) -> None:
+    with _held_lock:
+        fd, count = _held[key]
+        if count > 1:
+            _held[key] = (fd, count - 1)
+            return
+        del _held[key]
+        os.close(fd)  # releases the flock
+
+
 class _Batch:
     """Logical transactions sharing one SQLite transaction (group commit)."""
 
@@ -672,8 +723,12 @@ class SqliteStore:
         busy_timeout_ms: int = 5000,
         activity: Activity | None = None,
         synchronous: Literal["normal", "full"] = "normal",
+        exclusive: bool = False,
     ) -> None:
         self._path = path
+        # True for a serving process: no other process may open the file.
+        self._exclusive = exclusive
+        self._lock_key: str | None = None
         self._synchronous = synchronous
         self._activity = activity or Activity()
         self._busy_timeout = busy_timeout_ms / 1000
@@ -714,6 +769,8 @@ class SqliteStore:
     def _open_blocking(self) -> None:
         if str(self._path) != ":memory:":
             self._path.parent.mkdir(parents=True, exist_ok=True)
+            if self._exclusive and self._lock_key is None:
+                self._lock_key = _take_process_lock(self._path)
         self._writer = self._connect(self._busy_timeout)
         self._migrate(self._writer)
         _check_writable(self._writer)
@@ -798,6 +855,9 @@ class SqliteStore:
         self._changed.set()
         if conns:
             await asyncio.to_thread(_close_all, conns)
+        if self._lock_key is not None:
+            _release_process_lock(self._lock_key)
+            self._lock_key = None
 
     def _queries(self) -> _Queries:
         if self._reads is None:
