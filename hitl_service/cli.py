@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
 import signal
@@ -160,7 +161,12 @@ async def _serve(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await app.start()
+        if not await _start_unless_stopped(app.start(), stop):
+            # SIGTERM/SIGINT while the start waited (a migration behind
+            # another replica's, a database that does not answer).
+            print("hitl-service: stopped before it was serving", file=sys.stderr)
+            await app.stop(grace=0)
+            return 0
     except ProviderConfigError as exc:  # found when the provider opens (its files)
         print(f"hitl-service: configuration error: {exc}", file=sys.stderr)
         await app.stop(grace=0)
@@ -175,6 +181,24 @@ async def _serve(settings: Settings) -> int:
     print("hitl-service: stopping (draining calls and the outbox)", file=sys.stderr)
     await app.stop()
     return 0
+
+
+async def _start_unless_stopped(start: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Runs ``start``; True once it is done, False if ``stop`` came first
+    (``start`` is then cancelled). Its errors are raised."""
+    starting = asyncio.ensure_future(start)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if starting.done():
+        starting.result()
+        return True
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await starting
+    return False
 
 
 def freeze_startup_heap() -> None:

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hitl_service.config import ConfigError, Settings
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
-from tests.support import TIMEOUT, make_user, start_session
+from tests.support import TIMEOUT, make_user, start_session, wait_for
 
 if TYPE_CHECKING:
     from hitl_service.app import App
@@ -376,3 +376,54 @@ async def test_a_second_process_on_one_sqlite_file_stops_at_start(
             if proc is not None and proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+@pytest.mark.postgres
+async def test_sigterm_stops_a_start_that_waits_for_a_migration(
+    service_env: dict[str, str], tmp_path: Path, postgres_dsn: str
+) -> None:
+    """A start waits for the migration lock as long as another replica
+    holds it; SIGTERM (or Ctrl-C) meanwhile used to be ignored until the lock
+    came free, and then the process even reported service.ready before
+    stopping."""
+    import asyncpg
+
+    from hitl_service.store.postgres import _MIGRATION_LOCK
+
+    holder = await asyncpg.connect(postgres_dsn)
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        proc = await asyncio.create_subprocess_exec(
+            *HITL,
+            "serve",
+            env={
+                **os.environ,
+                **service_env,
+                "HITL_STORE_URL": postgres_dsn,
+                "PYTHONUNBUFFERED": "1",
+            },
+            cwd=tmp_path,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await wait_for(
+            lambda: holder.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)"
+            ),
+            what="the start to wait for the migration lock",
+        )
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), 15)
+        except TimeoutError:
+            pytest.fail("SIGTERM did not stop a start waiting for the migration lock")
+        text = err.decode()
+        assert proc.returncode == 0, text
+        assert "service.ready" not in text
+        assert "Traceback" not in text
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await holder.close()
