@@ -232,10 +232,19 @@ class Settings:
 
 
 def load_environment(dotenv: Path = Path(".env")) -> dict[str, str]:
-    """``.env`` (if present) overlaid by the process environment."""
+    """``.env`` (if present) overlaid by the process environment.
+
+    Raises:
+        ConfigError: ``.env`` exists but cannot be read (permissions, not UTF-8).
+    """
     merged: dict[str, str] = {}
     if dotenv.is_file():
-        merged.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
+        try:
+            values = dotenv_values(dotenv)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(str(dotenv), f"cannot be read: {reason}") from None
+        merged.update({k: v for k, v in values.items() if v is not None})
     merged.update(os.environ)
     return merged
 

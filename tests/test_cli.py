@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hitl_service.config import ConfigError, Settings
+from hitl_service.config import ConfigError, Settings, load_environment
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from tests.support import TIMEOUT, make_user, start_session, wait_for
@@ -427,3 +427,21 @@ async def test_sigterm_stops_a_start_that_waits_for_a_migration(
             proc.kill()
             await proc.wait()
         await holder.close()
+
+
+async def test_an_unreadable_dotenv_exits_with_one_line(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A .env that cannot be read (not UTF-8 here; a file mode the service
+    user may not read fails the same way) stopped every command with a
+    traceback."""
+    (tmp_path / ".env").write_bytes(b"HITL_LOG_LEVEL=info\nHITL_PROVIDER=\xfflocal\n")
+    for command in ("serve", "check"):
+        code, out, err = await run([command], service_env, tmp_path)
+        assert code == 2, out + err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1, err
+        assert ".env: cannot be read" in lines[0]
+        assert "Traceback" not in err
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_environment(tmp_path / ".env")
