@@ -137,20 +137,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hitl-service: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check":
+        _configure_logs(settings)  # stderr, as configured: stdout is the report
         return asyncio.run(_check(settings, sys.stdout))
     from hitl_service.demo import run_demo
 
     return asyncio.run(run_demo(args, settings, sys.stdout))
 
 
-async def _serve(settings: Settings) -> int:
-    from hitl_service.app import build_app
-    from hitl_service.errors import StoreUnavailable
+def _configure_logs(settings: Settings) -> None:
+    """Log lines as ``HITL_LOG_FORMAT`` and ``HITL_LOG_LEVEL`` say, to stderr,
+    with the secrets masked: for ``serve`` and for the commands beside it,
+    whose own output (a report, a command's result) goes to stdout."""
     from hitl_service.logs import SecretRedactor, configure_logging
-    from providers.errors import ProviderConfigError, ProviderError
 
     redactor = SecretRedactor(_secrets(settings))
     configure_logging(log_format=settings.log_format, level=settings.log_level, redactor=redactor)
+
+
+async def _serve(settings: Settings) -> int:
+    from hitl_service.app import build_app
+    from hitl_service.errors import StoreUnavailable
+    from providers.errors import ProviderConfigError, ProviderError
+
+    _configure_logs(settings)
     try:
         app = build_app(settings)
     except ConfigError as exc:
@@ -351,6 +360,7 @@ def _provider_command(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"hitl-service: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    _configure_logs(settings)
     return asyncio.run(_run_provider_command(settings, rest))
 
 
