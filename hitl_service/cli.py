@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TextIO, TypeVar
 
+import structlog
+
 from hitl_service.config import ConfigError, Settings, load_environment
 from hitl_service.secret import Secret
 
@@ -184,10 +186,16 @@ async def _serve(settings: Settings) -> int:
         print(f"hitl-service: cannot start: {exc}", file=sys.stderr)
         await app.stop(grace=0)
         return EXIT_PROBLEMS
-    _print_banner(app, sys.stderr)
+    # In JSON, every line is a log line: ``service.ready`` has the ports.
+    console = settings.log_format == "console"
+    if console:
+        _print_banner(app, sys.stderr)
     freeze_startup_heap()
     await stop.wait()
-    print("hitl-service: stopping (draining calls and the outbox)", file=sys.stderr)
+    if console:
+        print("hitl-service: stopping (draining calls and the outbox)", file=sys.stderr)
+    else:
+        structlog.get_logger(__name__).info("service.stopping")
     await app.stop()
     return 0
 

@@ -2,7 +2,7 @@
 kill, restart or run several replicas.
 
 ``ServiceProcess`` runs ``python -m hitl_service serve`` with an environment,
-learns its ports from the banner, waits until gRPC health says SERVING, and
+learns its ports from its ``service.ready`` log line, waits until gRPC health says SERVING, and
 can stop it with SIGTERM or kill it with SIGKILL. ``FakeLiveChatProcess``
 runs ``python -m tests.fake_livechat`` and exposes the settings pointing at it.
 """
@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
 import sys
 from pathlib import Path
@@ -87,10 +86,9 @@ class ServiceProcess:
             self._log.write(line)
             self._log.flush()
             text = line.decode(errors="replace")
-            if match := re.search(r"gRPC\s+[\d.]+:(\d+)", text):
-                self.grpc_port = int(match.group(1))
-            if match := re.search(r"HTTP\s+http://[\d.]+:(\d+)", text):
-                self.http_port = int(match.group(1))
+            if '"service.ready"' in text:  # JSON logs carry the ports there
+                ready = json.loads(text)
+                self.grpc_port, self.http_port = int(ready["grpc_port"]), int(ready["http_port"])
                 self.banner.set()
 
     async def wait_serving(self) -> None:

@@ -4,6 +4,7 @@ bad settings, ``check``, provider subcommands, and a clean SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -172,10 +173,12 @@ async def test_provider_subcommands(service_env: dict[str, str], tmp_path: Path)
 async def test_serve_then_sigterm_drains_and_exits_cleanly(
     service_env: dict[str, str], tmp_path: Path
 ) -> None:
+    # In console format (a terminal, as with `make run`), with its banner.
+    env = {**os.environ, **service_env, "PYTHONUNBUFFERED": "1", "HITL_LOG_FORMAT": "console"}
     proc = await asyncio.create_subprocess_exec(
         *HITL,
         "serve",
-        env={**os.environ, **service_env, "PYTHONUNBUFFERED": "1"},
+        env=env,
         cwd=tmp_path,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
@@ -215,6 +218,43 @@ async def test_serve_then_sigterm_drains_and_exits_cleanly(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_in_json_every_line_serve_writes_is_a_json_object(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    # A log shipper reads stderr line by line: no banner, no plain "stopping".
+    proc = await asyncio.create_subprocess_exec(
+        *HITL,
+        "serve",
+        env={**os.environ, **service_env, "PYTHONUNBUFFERED": "1", "HITL_LOG_FORMAT": "json"},
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(30):
+            while not any('"service.ready"' in line for line in lines):
+                line = (await proc.stderr.readline()).decode()
+                assert line, "the service exited before serving"
+                lines.append(line)
+        proc.send_signal(signal.SIGTERM)
+        out, rest = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    assert out == b""
+    logged = [json.loads(line) for line in [*lines, *rest.decode().splitlines()] if line.strip()]
+    events = [entry["event"] for entry in logged]
+    assert events.index("service.ready") < events.index("service.stopping")
+    assert events[-1] == "service.stopped"
+    ready = next(entry for entry in logged if entry["event"] == "service.ready")
+    assert ready["grpc_port"] > 0
+    assert ready["http_port"] > 0
 
 
 def test_the_startup_heap_is_frozen_out_of_full_collections() -> None:
