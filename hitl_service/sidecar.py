@@ -223,16 +223,27 @@ class Readiness:
         # load balancers, kubelets) wait for it instead of each asking a
         # provider that is already failing or slow.
         self._probing: asyncio.Task[None] | None = None
+        # The store ping in flight, shared the same way: a database that
+        # hangs (frozen, a dead network path) holds one ping, not one per probe.
+        self._pinging: asyncio.Task[None] | None = None
 
     async def check(self, timeout: float) -> dict[str, str]:
-        """Problems by component; empty when ready."""
+        """Problems by component; empty when ready. Answers within about
+        ``timeout`` even if the store does not: cancelling a query on a
+        PostgreSQL that does not answer takes longer than the ping's own
+        timeout, and a probe waiting that long is a probe that failed."""
         problems: dict[str, str] = {}
+        if self._pinging is None:
+            self._pinging = asyncio.create_task(self._ping())
+            self._pinging.add_done_callback(_retrieve)  # when every waiter gave up
         try:
-            await self._store.ping()
-        except StoreUnavailable as exc:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._pinging)
+        except (StoreUnavailable, TimeoutError) as exc:
             # The detail names the database (host, user), and /readyz shares
             # the listener with public webhooks: logs only.
-            log.warning("readyz.store_unavailable", error=str(exc))
+            detail = str(exc) or f"no answer within {timeout:g}s"
+            log.warning("readyz.store_unavailable", error=detail)
             problems["store"] = "unavailable"
         now = time.monotonic()
         if now - self._checked_at >= self._ttl or self._problems:
@@ -244,12 +255,23 @@ class Readiness:
             problems["provider"] = "; ".join(self._problems)
         return problems
 
+    async def _ping(self) -> None:
+        try:
+            await self._store.ping()
+        finally:
+            self._pinging = None
+
     async def _probe(self, timeout: float, started: float) -> None:
         try:
             self._problems = await probe_provider(self._provider, timeout)
             self._checked_at = started
         finally:
             self._probing = None
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def build_sidecar(

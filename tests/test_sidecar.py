@@ -99,6 +99,34 @@ class TestHealth:
         assert response.status_code == 503
         assert "store" in response.json()["problems"]
 
+    async def test_readyz_answers_while_the_store_hangs(
+        self, scripted_app: App, hook: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A frozen database: probes get their 503 within the check's time
+        (not after the ping's own timeout plus a query cancellation), and
+        share one ping instead of each holding a connection."""
+        pings = 0
+        frozen = asyncio.Event()
+
+        async def hung() -> None:
+            nonlocal pings
+            pings += 1
+            await frozen.wait()
+
+        monkeypatch.setattr(scripted_app.store, "ping", hung)
+        try:
+            answers = await asyncio.gather(*(hook.get("/readyz") for _ in range(3)))
+            assert [a.status_code for a in answers] == [503] * 3
+            assert all(a.json()["problems"]["store"] == "unavailable" for a in answers)
+            assert pings == 1
+        finally:
+            frozen.set()  # the database answers again
+
+        async def ready() -> bool:
+            return (await hook.get("/readyz")).status_code == 200
+
+        await wait_for(ready, what="ready once the database answers")
+
     async def test_unknown_routes_and_methods_answer_json(self, http: httpx.AsyncClient) -> None:
         missing = await http.get("/nope")
         assert missing.status_code == 404
