@@ -16,6 +16,7 @@ from hitl_service.core.hub import EventHub
 from hitl_service.core.ingest import Ingestor, IngestResult
 from hitl_service.core.maintenance import Maintenance
 from hitl_service.core.outbox import Outbox
+from hitl_service.errors import StoreUnavailable
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Callable
@@ -134,9 +135,19 @@ class HitlCore:
         (LiveChat's: ~10 s)."""
         if not self.ctx.provider.capabilities.catch_up:
             return 0
-        return await self.maintenance.catch_up(
-            session, messages_only=True, budget=CATCH_UP_BEFORE_END_BUDGET
-        )
+        try:
+            return await self.maintenance.catch_up(
+                session, messages_only=True, budget=CATCH_UP_BEFORE_END_BUDGET
+            )
+        except StoreUnavailable:
+            raise  # the webhook is answered 503 (redelivered), the stop retried
+        except Exception:
+            # A provider's bug (anything but a ProviderError) costs only what
+            # the read would have found, as a failed call does: the end
+            # applies. Raised, it would refuse the end's webhook every time
+            # and retry a stop the provider already made for 24 hours.
+            log.exception("catch_up.before_end_failed", session_id=session.id)
+            return 0
 
 
 def _forget_start(starts: set[asyncio.Task[Session]]) -> Callable[[asyncio.Task[Session]], None]:
