@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from hitl_service.core.messages import SendOutcome
     from hitl_service.core.sessions import SessionPage
     from hitl_service.domain import LogEvent, Session, SessionState, User
-    from providers.types import WebhookBatch
+    from providers.types import ProviderUser, WebhookBatch
 
 log = structlog.get_logger(__name__)
 
@@ -128,16 +128,16 @@ class HitlCore:
         """See ``Ingestor.ingest``."""
         return await self.ingestor.ingest(batch)
 
-    async def _catch_up_before_end(self, session: Session) -> int:
+    async def _catch_up_before_end(self, session: Session, user: ProviderUser | None = None) -> int:
         """The agent's messages the provider has and we do not, read before
         the provider's end of the chat or our stop is applied (see
         ``core.ingest``). Bounded well inside a webhook sender's patience
-        (LiveChat's: ~10 s)."""
+        (LiveChat's: ~10 s). ``user``: see ``Maintenance.catch_up``."""
         if not self.ctx.provider.capabilities.catch_up:
             return 0
         try:
             return await self.maintenance.catch_up(
-                session, messages_only=True, budget=CATCH_UP_BEFORE_END_BUDGET
+                session, user=user, messages_only=True, budget=CATCH_UP_BEFORE_END_BUDGET
             )
         except StoreUnavailable:
             raise  # the webhook is answered 503 (redelivered), the stop retried

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from hitl_service.core.hub import EventHub
     from hitl_service.core.outbox import Outbox
     from hitl_service.domain import Session
+    from providers.types import ProviderUser
 
 log = structlog.get_logger(__name__)
 
@@ -280,12 +281,20 @@ class Maintenance:
         log.warning("session.start_interrupted", session_id=session.id)
 
     async def catch_up(
-        self, session: Session, *, messages_only: bool = False, budget: float | None = None
+        self,
+        session: Session,
+        *,
+        user: ProviderUser | None = None,
+        messages_only: bool = False,
+        budget: float | None = None,
     ) -> int:
         """Asks the provider what happened in the chat since the checkpoint.
 
         Args:
             session: An open session with a chat.
+            user: Its provider user as a call just left it (not yet
+                stored: a stop's renewed credentials), updated in place;
+                read from the store when None.
             messages_only: Apply only the agent's messages, and keep the
                 checkpoint (the catch-up before a provider's end: the end
                 itself comes with the webhook, which says who closed).
@@ -295,7 +304,8 @@ class Maintenance:
             How many log events this added (events webhooks never delivered).
         """
         ctx = self._ctx
-        user = await ctx.store.get_provider_user(session.user_id, ctx.provider_name)
+        if user is None:
+            user = await ctx.store.get_provider_user(session.user_id, ctx.provider_name)
         if user is None:
             return 0
         chat = ProviderChat(session.external_chat_id, dict(session.chat_state))

@@ -82,8 +82,11 @@ class Outbox:
         # does a settle need to wake it.
         self._backlog = False
         # Reads the agent's messages the provider has and we lack, before a
-        # stop ends the session (set by ``HitlCore``; see ``core.ingest``).
-        self.before_end: Callable[[Session], Awaitable[object]] | None = None
+        # stop ends the session (set by ``HitlCore``; see ``core.ingest``),
+        # with the provider user as the stop left it (renewed credentials
+        # not yet stored: the read must use them, and the settle keeps what
+        # the read renewed in turn).
+        self.before_end: Callable[[Session, ProviderUser], Awaitable[object]] | None = None
 
     def kick(self) -> None:
         """Makes the background loop look for due items now."""
@@ -242,7 +245,7 @@ class Outbox:
             if item.kind is OutboxKind.STOP and self.before_end is not None:
                 # What the agent wrote before the stop was requested, whose
                 # webhook is still on its way (or lost), goes before the end.
-                await self.before_end(session)
+                await self.before_end(session, user)
             if item.kind is OutboxKind.SEND:
                 # The provider has the message: its sender answers now, in
                 # the loop turn the settle's transaction yields; if this
