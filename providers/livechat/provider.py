@@ -224,7 +224,10 @@ class LiveChatProvider:
                 try:
                     thread_id = await self._resume(chat_id, group, events, budget)
                 except ApiError as err:
-                    if err.type not in _NO_ACCESS:
+                    if err.type not in _NO_ACCESS or await self._within_reach(chat_id, budget):
+                        # Not the chat's group: a token without the scope to
+                        # resume chats (LiveChat's word is the same) is the
+                        # setting to fix, not a reason to drop the customer.
                         raise
                     # An agent moved the customer's one chat to a group the
                     # bridge agent cannot access: it can neither resume nor
@@ -340,6 +343,17 @@ class LiveChatProvider:
                 "LiveChat resume_chat answered without a thread id", uncertain=True
             )
         return thread_id
+
+    async def _within_reach(self, chat_id: str, budget: Budget) -> bool:
+        """Whether the bridge agent can read the chat (so a refusal to
+        resume it is not about the chat's group)."""
+        try:
+            await self._get_chat(chat_id, "", budget)
+        except ApiError as err:
+            if err.type in _NO_ACCESS:
+                return False
+            raise
+        return True
 
     async def _replace_customer(
         self, user: ProviderUser, profile: UserProfile, budget: Budget

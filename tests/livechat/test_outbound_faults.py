@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from providers.base import ProviderDeps
-from providers.errors import ProviderRejected, ProviderUnavailable
+from providers.errors import ProviderAuthError, ProviderRejected, ProviderUnavailable
 from providers.livechat import LiveChatProvider, create, media_guard
 from providers.livechat.client import AnsweredUnavailable
 from providers.types import Media, MediaKind, Message
@@ -292,3 +292,22 @@ async def test_guard_allows_ipv6_forms_of_public_ipv4(
     pinned = await media_guard.vet("http://media.example/cat.png", ())
     assert pinned.url == f"http://[{addr}]/cat.png"
     assert pinned.host_header == "media.example"
+
+
+async def test_a_token_without_a_scope_does_not_replace_a_returning_customer(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    """LiveChat answers ``authorization`` for a missing scope as much as for
+    a chat out of the bridge agent's reach. A personal access token without
+    the scope to resume and start chats refuses every start: the caller is
+    told to fix the token, and the end users keep their LiveChat customers."""
+    first = await start_session(provider)
+    await provider.stop(first.chat, first.user, "bot done", timeout=5)
+    customer = first.user.external_user_id
+    for method in ("resume_chat", "start_chat"):
+        fake.add_fault(method, error_type="authorization", message="Missing scope", times=None)
+    with pytest.raises(ProviderAuthError, match="HITL_LIVECHAT_AGENT_TOKEN"):
+        await start_session(provider, user=first.user, request_id="start-2")
+    assert first.user.external_user_id == customer
+    assert first.user.state["customer_id"] == customer
+    assert len(fake.state.customers) == 1
