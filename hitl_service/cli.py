@@ -171,11 +171,16 @@ async def _serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # In JSON, every line is a log line: ``service.ready`` has the ports.
+    console = settings.log_format == "console"
     try:
         if not await _start_unless_stopped(app.start(), stop):
             # SIGTERM/SIGINT while the start waited (a migration behind
             # another replica's, a database that does not answer).
-            print("hitl-service: stopped before it was serving", file=sys.stderr)
+            if console:
+                print("hitl-service: stopped before it was serving", file=sys.stderr)
+            else:
+                structlog.get_logger(__name__).info("service.stopped_before_serving")
             await app.stop(grace=0)
             return 0
     except ProviderConfigError as exc:  # found when the provider opens (its files)
@@ -186,8 +191,6 @@ async def _serve(settings: Settings) -> int:
         print(f"hitl-service: cannot start: {exc}", file=sys.stderr)
         await app.stop(grace=0)
         return EXIT_PROBLEMS
-    # In JSON, every line is a log line: ``service.ready`` has the ports.
-    console = settings.log_format == "console"
     if console:
         _print_banner(app, sys.stderr)
     freeze_startup_heap()

@@ -485,3 +485,50 @@ async def test_an_unreadable_dotenv_exits_with_one_line(
         assert "Traceback" not in err
     with pytest.raises(ConfigError, match="cannot be read"):
         load_environment(tmp_path / ".env")
+
+
+async def test_in_json_a_start_stopped_by_sigterm_writes_only_json_lines(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A database that accepts the connection and never answers holds the
+    start; SIGTERM meanwhile stops it, and in JSON log format the line that
+    says so is a JSON object like every other (a log shipper reads them)."""
+    accepted = asyncio.Event()
+    peers: list[asyncio.StreamWriter] = []
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer)
+        accepted.set()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    env = {
+        **os.environ,
+        **service_env,
+        "HITL_STORE_URL": f"postgresql://hitl:secret@127.0.0.1:{port}/hitl",
+        "HITL_LOG_FORMAT": "json",
+        "PYTHONUNBUFFERED": "1",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        *HITL,
+        "serve",
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await asyncio.wait_for(accepted.wait(), 30)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 15)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for peer in peers:
+            peer.close()
+        server.close()
+    assert proc.returncode == 0
+    events = [json.loads(line)["event"] for line in err.decode().splitlines() if line.strip()]
+    assert "service.stopped_before_serving" in events
+    assert "service.ready" not in events
