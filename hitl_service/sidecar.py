@@ -236,6 +236,11 @@ class Readiness:
         if self._pinging is None:
             self._pinging = asyncio.create_task(self._ping())
             self._pinging.add_done_callback(_retrieve)  # when every waiter gave up
+        now = time.monotonic()
+        if self._probing is None and (now - self._checked_at >= self._ttl or self._problems):
+            # Alongside the ping, not after it: a partition that holds the
+            # database holds the provider too, and the check has one timeout.
+            self._probing = asyncio.create_task(self._probe(timeout, now))
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(self._pinging)
@@ -245,10 +250,7 @@ class Readiness:
             detail = str(exc) or f"no answer within {timeout:g}s"
             log.warning("readyz.store_unavailable", error=detail)
             problems["store"] = "unavailable"
-        now = time.monotonic()
-        if now - self._checked_at >= self._ttl or self._problems:
-            if self._probing is None:
-                self._probing = asyncio.create_task(self._probe(timeout, now))
+        if self._probing is not None:
             # Shielded: a check whose client hung up leaves the probe to the others.
             await asyncio.shield(self._probing)
         if self._problems:

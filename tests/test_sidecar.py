@@ -127,6 +127,33 @@ class TestHealth:
 
         await wait_for(ready, what="ready once the database answers")
 
+    async def test_readyz_answers_in_time_while_store_and_provider_hang(
+        self,
+        scripted_app: App,
+        hook: httpx.AsyncClient,
+        scripted: ScriptedProvider,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A network partition holds the database and the provider alike:
+        the check still answers within its timeout (min(5 s, 2 s) here), not
+        the store's timeout and then the probe's."""
+        frozen = asyncio.Event()
+
+        async def hung() -> None:
+            await frozen.wait()
+
+        monkeypatch.setattr(scripted_app.store, "ping", hung)
+        scripted.fail("probe", Fault("hang"))
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        try:
+            answer = await hook.get("/readyz")
+        finally:
+            frozen.set()
+        assert answer.status_code == 503
+        assert set(answer.json()["problems"]) == {"store", "provider"}
+        assert loop.time() - began < 3.0
+
     async def test_unknown_routes_and_methods_answer_json(self, http: httpx.AsyncClient) -> None:
         missing = await http.get("/nope")
         assert missing.status_code == 404
