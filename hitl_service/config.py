@@ -312,6 +312,10 @@ def _duration(env: Mapping[str, str], variable: str, default: float, minimum: fl
     value = float(match.group(1)) * _UNITS[match.group(2)]
     if value < minimum:
         raise ConfigError(variable, f"must be at least {minimum}s")
+    if value > MAX_RETENTION:
+        # Dates a duration away (timeouts, intervals) must stay within the
+        # calendar: far beyond it, every upkeep pass failed with an overflow.
+        raise ConfigError(variable, "must be at most 36500d (100 years)")
     return value
 
 

@@ -216,7 +216,9 @@ class InboundEvent:
             leaving a thread, rejoining and leaving again). The core does not
             record the key, and applies the event whenever the session's
             state says it applies: only ``AgentLeft`` (applied only while
-            that agent holds the session, so a redelivery is a no-op).
+            that agent holds the session, so a redelivery is a no-op unless
+            the agent took the session back meanwhile: LiveChat redelivers
+            within about a minute).
     """
 
     external_chat_id: str

@@ -89,6 +89,22 @@ def test_retention_is_at_most_a_hundred_years() -> None:
 
 
 @pytest.mark.parametrize(
+    "variable",
+    [
+        "HITL_RECONCILE_INTERVAL",  # 4000000d: every catch-up turn overflowed (now + interval)
+        "HITL_QUEUE_TIMEOUT",
+        "HITL_IDLE_TIMEOUT",
+        "HITL_PROVIDER_TIMEOUT",
+        "HITL_STREAM_MAX_SECONDS",
+    ],
+)
+def test_durations_are_at_most_a_hundred_years(variable: str) -> None:
+    Settings.from_env({variable: "36500d"})
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env({variable: "4000000d"})
+
+
+@pytest.mark.parametrize(
     ("value", "seconds"), [("", 600.0), ("0", 0.0), ("30s", 30.0), ("12h", 43200.0)]
 )
 def test_abandon_after_is_off_or_at_most_twelve_hours(value: str, seconds: float) -> None:
