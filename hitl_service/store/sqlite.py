@@ -760,11 +760,14 @@ class SqliteStore:
             )
         try:
             await asyncio.to_thread(self._open_blocking)
+            self._reads = _Queries(self._read_connection, self._busy_timeout, yields=True)
+            self._head = await self._read_head()
         except (sqlite3.Error, OSError) as exc:
             await self.close()
             raise StoreUnavailable(f"cannot open SQLite database at {self._path}: {exc}") from exc
-        self._reads = _Queries(self._read_connection, self._busy_timeout, yields=True)
-        self._head = await self._read_head()
+        except BaseException:
+            await self.close()  # connections and the process lock
+            raise
 
     def _open_blocking(self) -> None:
         if str(self._path) != ":memory:":

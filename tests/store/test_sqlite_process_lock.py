@@ -1,0 +1,54 @@
+"""The lock that keeps a second process off a served SQLite file
+(``<database>.lock``) is held exactly while the store is open."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from hitl_service.errors import StoreUnavailable
+from hitl_service.store.sqlite import SqliteStore
+
+
+def lock_is_free(path: Path) -> bool:
+    """Whether another holder (a new open file description) can take it."""
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # releases it again if taken
+    return True
+
+
+async def test_the_lock_is_held_while_open(tmp_path: Path) -> None:
+    path = tmp_path / "hitl.db"
+    store = SqliteStore(path, exclusive=True)
+    await store.open()
+    try:
+        assert not lock_is_free(path)
+    finally:
+        await store.close()
+    assert lock_is_free(path)
+
+
+async def test_an_open_that_fails_late_releases_the_lock_and_connections(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Embedded, the process goes on: a lock kept by a failed open would
+    # refuse its next attempt and every other process for good.
+    async def unreadable(self: SqliteStore) -> int:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(SqliteStore, "_read_head", unreadable)
+    path = tmp_path / "hitl.db"
+    store = SqliteStore(path, exclusive=True)
+    with pytest.raises(StoreUnavailable, match="disk I/O error"):
+        await store.open()
+    assert (store._writer, store._reader, store._checkpointer) == (None, None, None)
+    assert lock_is_free(path)
