@@ -845,16 +845,22 @@ class SqliteStore:
         if self._checkpoint is not None:
             await asyncio.gather(self._checkpoint, return_exceptions=True)
             self._checkpoint = None
-        if self._checkpointer is not None:
-            try:  # leave a short WAL behind
-                await asyncio.to_thread(
-                    self._checkpointer.execute, "PRAGMA wal_checkpoint(TRUNCATE)"
-                )
-            except sqlite3.Error as exc:
-                log.warning("store.checkpoint_failed", backend="sqlite", error=str(exc))
-        conns = [c for c in (self._reader, self._writer, self._checkpointer) if c is not None]
-        self._reader = self._writer = self._checkpointer = None
-        self._reads = None
+        # Under the write lock: a transaction (or a BEGIN waiting out a busy
+        # database between its retries) still holds the writer otherwise,
+        # and would run on it while a worker thread closes it (a crash in
+        # SQLite's C code, not an error). Reads ask for their connection at
+        # every attempt, so they see the store closed.
+        async with self._write_lock:
+            if self._checkpointer is not None:
+                try:  # leave a short WAL behind
+                    await asyncio.to_thread(
+                        self._checkpointer.execute, "PRAGMA wal_checkpoint(TRUNCATE)"
+                    )
+                except sqlite3.Error as exc:
+                    log.warning("store.checkpoint_failed", backend="sqlite", error=str(exc))
+            conns = [c for c in (self._reader, self._writer, self._checkpointer) if c is not None]
+            self._reader = self._writer = self._checkpointer = None
+            self._reads = None
         self._changed.set()
         if conns:
             await asyncio.to_thread(_close_all, conns)

@@ -1,8 +1,10 @@
 """The lock that keeps a second process off a served SQLite file
-(``<database>.lock``) is held exactly while the store is open."""
+(``<database>.lock``) is held exactly while the store is open; closing the
+store waits for the transaction holding its writer."""
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import sqlite3
@@ -12,6 +14,8 @@ import pytest
 
 from hitl_service.errors import StoreUnavailable
 from hitl_service.store.sqlite import SqliteStore
+from tests.store.factories import make_user
+from tests.support import wait_for
 
 
 def lock_is_free(path: Path) -> bool:
@@ -52,3 +56,35 @@ async def test_an_open_that_fails_late_releases_the_lock_and_connections(
         await store.open()
     assert (store._writer, store._reader, store._checkpointer) == (None, None, None)
     assert lock_is_free(path)
+
+
+async def test_close_waits_for_a_begin_retrying_on_a_busy_database(tmp_path: Path) -> None:
+    # A BEGIN waiting out another connection's lock holds the writer across
+    # its retries; closing it meanwhile in a worker thread crashed the
+    # process inside SQLite (seen with upkeep still running at close).
+    path = tmp_path / "hitl.db"
+    store = SqliteStore(path, exclusive=True)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the database
+    user = make_user()
+
+    async def write() -> None:
+        async with store.transaction() as tx:
+            await tx.insert_user(user)
+
+    writer = asyncio.create_task(write())
+    await wait_for(lambda: store._write_lock.locked(), what="the BEGIN retrying")
+    closing = asyncio.create_task(store.close())
+    await wait_for(lambda: store._write_lock._waiters, what="close waiting for the write lock")
+    assert store._writer is not None  # still the BEGIN's
+    other.execute("COMMIT")  # the database frees up
+    other.close()
+    await writer  # began, and committed on an open connection
+    await closing
+    reopened = SqliteStore(path)
+    await reopened.open()
+    try:
+        assert await reopened.get_user(user.id) == user
+    finally:
+        await reopened.close()
