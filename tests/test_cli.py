@@ -33,15 +33,22 @@ async def drain(stream: object) -> None:
         await stream.read()  # type: ignore[attr-defined]
 
 
-async def run(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
+async def spawn(
+    args: list[str], env: dict[str, str], cwd: Path, *, stdout: int = asyncio.subprocess.PIPE
+) -> asyncio.subprocess.Process:
+    """``hitl-service <args>`` with ``env`` over this process's; stderr piped."""
+    return await asyncio.create_subprocess_exec(
         *HITL,
         *args,
         env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
         cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
+        stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def run(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
+    proc = await spawn(args, env, cwd)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
@@ -190,15 +197,8 @@ async def test_serve_then_sigterm_drains_and_exits_cleanly(
     service_env: dict[str, str], tmp_path: Path
 ) -> None:
     # In console format (a terminal, as with `make run`), with its banner.
-    env = {**os.environ, **service_env, "PYTHONUNBUFFERED": "1", "HITL_LOG_FORMAT": "console"}
-    proc = await asyncio.create_subprocess_exec(
-        *HITL,
-        "serve",
-        env=env,
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    env = {**service_env, "HITL_LOG_FORMAT": "console"}
+    proc = await spawn(["serve"], env, tmp_path, stdout=asyncio.subprocess.DEVNULL)
     assert proc.stderr is not None
     banner = ""
     try:
@@ -240,14 +240,7 @@ async def test_in_json_every_line_serve_writes_is_a_json_object(
     service_env: dict[str, str], tmp_path: Path
 ) -> None:
     # A log shipper reads stderr line by line: no banner, no plain "stopping".
-    proc = await asyncio.create_subprocess_exec(
-        *HITL,
-        "serve",
-        env={**os.environ, **service_env, "PYTHONUNBUFFERED": "1", "HITL_LOG_FORMAT": "json"},
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await spawn(["serve"], {**service_env, "HITL_LOG_FORMAT": "json"}, tmp_path)
     assert proc.stderr is not None
     lines: list[str] = []
     try:
@@ -392,14 +385,7 @@ async def test_a_second_process_on_one_sqlite_file_stops_at_start(
     start and serve beside the first: each kept its own log head, so a
     client resuming on one with a cursor the other had sent was refused
     (INVALID_ARGUMENT, ahead of the log)."""
-    first = await asyncio.create_subprocess_exec(
-        *HITL,
-        "serve",
-        env={**os.environ, **service_env, "PYTHONUNBUFFERED": "1"},
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    first = await spawn(["serve"], service_env, tmp_path, stdout=asyncio.subprocess.DEVNULL)
     assert first.stderr is not None
     second: asyncio.subprocess.Process | None = None
     try:
@@ -407,14 +393,7 @@ async def test_a_second_process_on_one_sqlite_file_stops_at_start(
             while b"service.ready" not in await first.stderr.readline():
                 assert first.returncode is None, "the first service exited"
         env = {**service_env, "HITL_DATA_DIR": str(tmp_path / "other")}
-        second = await asyncio.create_subprocess_exec(
-            *HITL,
-            "serve",
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-            cwd=tmp_path,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        second = await spawn(["serve"], env, tmp_path, stdout=asyncio.subprocess.DEVNULL)
         try:
             _, err = await asyncio.wait_for(second.communicate(), 20)
         except TimeoutError:
@@ -450,19 +429,8 @@ async def test_sigterm_stops_a_start_that_waits_for_a_migration(
     proc: asyncio.subprocess.Process | None = None
     try:
         await holder.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
-        proc = await asyncio.create_subprocess_exec(
-            *HITL,
-            "serve",
-            env={
-                **os.environ,
-                **service_env,
-                "HITL_STORE_URL": postgres_dsn,
-                "PYTHONUNBUFFERED": "1",
-            },
-            cwd=tmp_path,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        env = {**service_env, "HITL_STORE_URL": postgres_dsn}
+        proc = await spawn(["serve"], env, tmp_path, stdout=asyncio.subprocess.DEVNULL)
         await wait_for(
             lambda: holder.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)"
@@ -519,20 +487,11 @@ async def test_in_json_a_start_stopped_by_sigterm_writes_only_json_lines(
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     env = {
-        **os.environ,
         **service_env,
         "HITL_STORE_URL": f"postgresql://hitl:secret@127.0.0.1:{port}/hitl",
         "HITL_LOG_FORMAT": "json",
-        "PYTHONUNBUFFERED": "1",
     }
-    proc = await asyncio.create_subprocess_exec(
-        *HITL,
-        "serve",
-        env=env,
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await spawn(["serve"], env, tmp_path, stdout=asyncio.subprocess.DEVNULL)
     try:
         await asyncio.wait_for(accepted.wait(), 30)
         proc.send_signal(signal.SIGTERM)
