@@ -758,14 +758,19 @@ class SqliteStore:
             raise StoreUnavailable(
                 f"SQLite {sqlite3.sqlite_version} is too old; 3.24 or newer is needed"
             )
+        # The thread runs on when the open is cancelled (a SIGTERM during the
+        # start): closing waits for it, or it would close a connection the
+        # thread is using and miss the ones it opens after.
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open_blocking))
         try:
-            await asyncio.to_thread(self._open_blocking)
+            await asyncio.shield(opening)
             self._reads = _Queries(self._read_connection, self._busy_timeout, yields=True)
             self._head = await self._read_head()
         except (sqlite3.Error, OSError) as exc:
             await self.close()
             raise StoreUnavailable(f"cannot open SQLite database at {self._path}: {exc}") from exc
         except BaseException:
+            await asyncio.gather(opening, return_exceptions=True)
             await self.close()  # connections and the process lock
             raise
 

@@ -8,6 +8,8 @@ import asyncio
 import fcntl
 import os
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,31 @@ async def test_close_waits_for_a_begin_retrying_on_a_busy_database(tmp_path: Pat
         assert await reopened.get_user(user.id) == user
     finally:
         await reopened.close()
+
+
+async def test_an_open_cancelled_while_its_thread_works_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A SIGTERM during the start cancels the open while its worker thread
+    # still opens connections: closing then must not run under that thread
+    # (a connection closed while it is in use) nor miss what it opens after.
+    migrating = threading.Event()
+    original = SqliteStore._connect
+
+    def slow_connect(self: SqliteStore, busy_timeout: float) -> sqlite3.Connection:
+        if self._writer is not None:  # the writer is open and migrated
+            migrating.set()
+            time.sleep(0.3)
+        return original(self, busy_timeout)
+
+    monkeypatch.setattr(SqliteStore, "_connect", slow_connect)
+    path = tmp_path / "hitl.db"
+    store = SqliteStore(path, exclusive=True)
+    opening = asyncio.create_task(store.open())
+    await asyncio.to_thread(migrating.wait, 5)
+    opening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    await asyncio.sleep(0.5)  # the thread is done by now
+    assert (store._writer, store._reader, store._checkpointer) == (None, None, None)
+    assert lock_is_free(path)
