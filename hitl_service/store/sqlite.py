@@ -856,6 +856,13 @@ class SqliteStore:
         # SQLite's C code, not an error). Reads ask for their connection at
         # every attempt, so they see the store closed.
         async with self._write_lock:
+            if self._batch is not None:
+                # One that ended while this waited for the lock, its COMMIT
+                # left to a flush queued behind this: it would find the
+                # writer closed, and its members a StoreUnavailable. No
+                # checkpoint task for it: the one below takes the WAL.
+                self._commits = 0
+                self._commit(self._batch)
             if self._checkpointer is not None:
                 try:  # leave a short WAL behind
                     await asyncio.to_thread(

@@ -118,3 +118,36 @@ async def test_an_open_cancelled_while_its_thread_works_waits_for_it(
     await asyncio.sleep(0.5)  # the thread is done by now
     assert (store._writer, store._reader, store._checkpointer) == (None, None, None)
     assert lock_is_free(path)
+
+
+async def test_close_commits_a_batch_left_for_its_flush_meanwhile(tmp_path: Path) -> None:
+    # Under load a COMMIT waits for a task of its own (group commit): a
+    # transaction that ends while close waits for the write lock leaves its
+    # batch to that task, queued behind close, and closing the writer then
+    # rolled back a body that had run (its caller got StoreUnavailable).
+    path = tmp_path / "hitl.db"
+    store = SqliteStore(path, exclusive=True)
+    await store.open()
+    store._gathered = 100.0  # waits have been gathering members
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # holds the writer's BEGIN, and so the write lock
+    user = make_user()
+
+    async def write() -> None:
+        async with store.transaction() as tx:
+            await tx.insert_user(user)
+
+    writer = asyncio.create_task(write())
+    await wait_for(lambda: store._write_lock.locked(), what="the BEGIN retrying")
+    closing = asyncio.create_task(store.close())
+    await wait_for(lambda: store._write_lock._waiters, what="close waiting for the write lock")
+    other.execute("COMMIT")
+    other.close()
+    await writer
+    await closing
+    reopened = SqliteStore(path)
+    await reopened.open()
+    try:
+        assert await reopened.get_user(user.id) == user
+    finally:
+        await reopened.close()
