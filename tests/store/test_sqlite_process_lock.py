@@ -98,24 +98,31 @@ async def test_an_open_cancelled_while_its_thread_works_waits_for_it(
     # A SIGTERM during the start cancels the open while its worker thread
     # still opens connections: closing then must not run under that thread
     # (a connection closed while it is in use) nor miss what it opens after.
-    migrating = threading.Event()
-    original = SqliteStore._connect
+    migrating, finished = threading.Event(), threading.Event()
+    connect, open_blocking = SqliteStore._connect, SqliteStore._open_blocking
 
     def slow_connect(self: SqliteStore, busy_timeout: float) -> sqlite3.Connection:
         if self._writer is not None:  # the writer is open and migrated
             migrating.set()
             time.sleep(0.3)
-        return original(self, busy_timeout)
+        return connect(self, busy_timeout)
+
+    def watched_open(self: SqliteStore) -> None:
+        try:
+            open_blocking(self)
+        finally:
+            finished.set()
 
     monkeypatch.setattr(SqliteStore, "_connect", slow_connect)
+    monkeypatch.setattr(SqliteStore, "_open_blocking", watched_open)
     path = tmp_path / "hitl.db"
     store = SqliteStore(path, exclusive=True)
     opening = asyncio.create_task(store.open())
-    await asyncio.to_thread(migrating.wait, 5)
+    assert await asyncio.to_thread(migrating.wait, 5)
     opening.cancel()
     with pytest.raises(asyncio.CancelledError):
         await opening
-    await asyncio.sleep(0.5)  # the thread is done by now
+    assert await asyncio.to_thread(finished.wait, 5)  # the thread has done its all
     assert (store._writer, store._reader, store._checkpointer) == (None, None, None)
     assert lock_is_free(path)
 
