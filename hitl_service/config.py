@@ -26,8 +26,9 @@ _LEVELS = ("debug", "info", "warning", "error")
 # HITL_RETENTION's floor: a StartHitl or SendMessage retried within the
 # 48 h idempotency window must still find the session its record names.
 MIN_RETENTION = 2 * 86400.0
-# Its ceiling: the prune's cutoff (now - retention) must be a date
-# (datetime's year 1); beyond some 2000 years every sweep raised.
+# Its ceiling, and every duration's: the prune's cutoff (now - retention)
+# and the next turns (now + interval) must be dates (years 1 to 9999);
+# beyond them every sweep raised.
 MAX_RETENTION = 36500 * 86400.0
 MAX_ABANDON_AFTER = 12 * 3600.0
 
@@ -327,11 +328,7 @@ def _retention(env: Mapping[str, str]) -> float:
             "must be 0 (keep everything) or at least 2d: a request retried within "
             "the 48 h idempotency window must still find its session",
         )
-    if value > MAX_RETENTION:
-        raise ConfigError(
-            "HITL_RETENTION", "must be at most 36500d (100 years); 0 keeps everything"
-        )
-    return value
+    return value  # at most MAX_RETENTION, as every duration (``_duration``)
 
 
 def _abandon_after(env: Mapping[str, str]) -> float:
