@@ -60,13 +60,12 @@ async def test_an_open_that_fails_late_releases_the_lock_and_connections(
     assert lock_is_free(path)
 
 
-async def test_close_waits_for_a_begin_retrying_on_a_busy_database(tmp_path: Path) -> None:
-    # A BEGIN waiting out another connection's lock holds the writer across
-    # its retries; closing it meanwhile in a worker thread crashed the
-    # process inside SQLite (seen with upkeep still running at close).
-    path = tmp_path / "hitl.db"
+async def _close_during_a_busy_begin(path: Path, *, gathered: float = 0.0) -> None:
+    """Closes the store while a transaction's BEGIN waits out another
+    connection's lock; checks the transaction's write is kept."""
     store = SqliteStore(path, exclusive=True)
     await store.open()
+    store._gathered = gathered
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another writer holds the database
     user = make_user()
@@ -90,6 +89,13 @@ async def test_close_waits_for_a_begin_retrying_on_a_busy_database(tmp_path: Pat
         assert await reopened.get_user(user.id) == user
     finally:
         await reopened.close()
+
+
+async def test_close_waits_for_a_begin_retrying_on_a_busy_database(tmp_path: Path) -> None:
+    # A BEGIN waiting out another connection's lock holds the writer across
+    # its retries; closing it meanwhile in a worker thread crashed the
+    # process inside SQLite (seen with upkeep still running at close).
+    await _close_during_a_busy_begin(tmp_path / "hitl.db")
 
 
 async def test_an_open_cancelled_while_its_thread_works_waits_for_it(
@@ -132,29 +138,4 @@ async def test_close_commits_a_batch_left_for_its_flush_meanwhile(tmp_path: Path
     # transaction that ends while close waits for the write lock leaves its
     # batch to that task, queued behind close, and closing the writer then
     # rolled back a body that had run (its caller got StoreUnavailable).
-    path = tmp_path / "hitl.db"
-    store = SqliteStore(path, exclusive=True)
-    await store.open()
-    store._gathered = 100.0  # waits have been gathering members
-    other = sqlite3.connect(path, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")  # holds the writer's BEGIN, and so the write lock
-    user = make_user()
-
-    async def write() -> None:
-        async with store.transaction() as tx:
-            await tx.insert_user(user)
-
-    writer = asyncio.create_task(write())
-    await wait_for(lambda: store._write_lock.locked(), what="the BEGIN retrying")
-    closing = asyncio.create_task(store.close())
-    await wait_for(lambda: store._write_lock._waiters, what="close waiting for the write lock")
-    other.execute("COMMIT")
-    other.close()
-    await writer
-    await closing
-    reopened = SqliteStore(path)
-    await reopened.open()
-    try:
-        assert await reopened.get_user(user.id) == user
-    finally:
-        await reopened.close()
+    await _close_during_a_busy_begin(tmp_path / "hitl.db", gathered=100.0)  # waits gather
