@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+import structlog
 
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from providers.types import Agent, AgentAssigned
@@ -136,7 +137,8 @@ class TestHealth:
     ) -> None:
         """A network partition holds the database and the provider alike:
         the check still answers within its timeout (min(5 s, 2 s) here), not
-        the store's timeout and then the probe's."""
+        the store's timeout and then the probe's: the probe starts while the
+        ping is still awaited, before the store is reported unavailable."""
         frozen = asyncio.Event()
 
         async def hung() -> None:
@@ -144,15 +146,22 @@ class TestHealth:
 
         monkeypatch.setattr(scripted_app.store, "ping", hung)
         scripted.fail("probe", Fault("hang"))
-        loop = asyncio.get_running_loop()
-        began = loop.time()
+        probe = scripted.probe
+        store_reported_first: list[bool] = []
+
+        async def watched(*, timeout: float) -> Sequence[str]:
+            store_reported_first.append(any(e["event"] == "readyz.store_unavailable" for e in logs))
+            return await probe(timeout=timeout)
+
+        monkeypatch.setattr(scripted, "probe", watched)
         try:
-            answer = await hook.get("/readyz")
+            with structlog.testing.capture_logs() as logs:
+                answer = await hook.get("/readyz")
         finally:
             frozen.set()
         assert answer.status_code == 503
         assert set(answer.json()["problems"]) == {"store", "provider"}
-        assert loop.time() - began < 3.0
+        assert store_reported_first == [False]  # alongside the ping, not after its timeout
 
     async def test_unknown_routes_and_methods_answer_json(self, http: httpx.AsyncClient) -> None:
         missing = await http.get("/nope")
