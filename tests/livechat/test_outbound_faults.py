@@ -200,14 +200,22 @@ async def test_slow_media_still_reaches_the_agent_as_a_link(
 # -- stop after a transfer to a group the bridge agent is not in ------------------------
 
 
-async def test_stop_after_transfer_to_foreign_group_closes_chat(
+async def _stopped_after_foreign_transfer(
     provider: LiveChatProvider, fake: FakeLiveChat
-) -> None:
+) -> Session:
+    """A session an agent moved to a group the bridge agent is not in, then stopped."""
     bridge = fake.state.bridge
     bridge.all_access, bridge.group_ids = False, {0}  # chats--access:rw in group 0 only
     session = await start_session(provider)
     fake.transfer(session.chat_id, group_ids=[19])  # an agent moves it to another group
     await provider.stop(session.chat, session.user, "bot done", timeout=5)
+    return session
+
+
+async def test_stop_after_transfer_to_foreign_group_closes_chat(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    session = await _stopped_after_foreign_transfer(provider, fake)
     assert not fake.chat(session.chat_id).active
     [agent_call] = fake.calls("deactivate_chat", api="agent")
     assert agent_call.error_type == "missing_access"
@@ -219,11 +227,7 @@ async def test_stop_after_transfer_to_foreign_group_closes_chat(
 async def test_returning_user_whose_chat_went_to_a_foreign_group_gets_a_handoff(
     provider: LiveChatProvider, fake: FakeLiveChat
 ) -> None:
-    bridge = fake.state.bridge
-    bridge.all_access, bridge.group_ids = False, {0}  # chats--access:rw in group 0 only
-    first = await start_session(provider)
-    fake.transfer(first.chat_id, group_ids=[19])  # an agent moves it to another group
-    await provider.stop(first.chat, first.user, "bot done", timeout=5)
+    first = await _stopped_after_foreign_transfer(provider, fake)
     old_customer = first.user.external_user_id
     # The same end user comes back: the bridge agent can neither resume nor
     # read that chat, so it must not fail every handoff of this user for good
