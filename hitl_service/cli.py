@@ -21,6 +21,8 @@ import structlog
 from hitl_service.config import ConfigError, Settings, load_environment
 from hitl_service.secret import Secret
 
+log = structlog.get_logger(__name__)
+
 EXIT_CONFIG = 2
 EXIT_PROBLEMS = 1
 EVENT_LOOPS = ("auto", "asyncio", "uvloop")
@@ -180,7 +182,7 @@ async def _serve(settings: Settings) -> int:
             if console:
                 print("hitl-service: stopped before it was serving", file=sys.stderr)
             else:
-                structlog.get_logger(__name__).info("service.stopped_before_serving")
+                log.info("service.stopped_before_serving")
             await app.stop(grace=0)
             return 0
     except ProviderConfigError as exc:  # found when the provider opens (its files)
@@ -198,7 +200,7 @@ async def _serve(settings: Settings) -> int:
     if console:
         print("hitl-service: stopping (draining calls and the outbox)", file=sys.stderr)
     else:
-        structlog.get_logger(__name__).info("service.stopping")
+        log.info("service.stopping")
     await app.stop()
     return 0
 

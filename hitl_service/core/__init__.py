@@ -42,8 +42,10 @@ class HitlCore:
         self.outbox = Outbox(ctx)
         self.hub = EventHub(ctx.store, ctx.clock, buffer_size=ctx.settings.stream_buffer)
         self.maintenance = Maintenance(ctx, self.outbox, self.hub)
-        self.ingestor = Ingestor(ctx, self.outbox, before_end=self._catch_up_before_end)
-        self.outbox.before_end = self._catch_up_before_end
+        # Only a provider that keeps a history can be read before an end.
+        before_end = self._catch_up_before_end if ctx.provider.capabilities.catch_up else None
+        self.ingestor = Ingestor(ctx, self.outbox, before_end=before_end)
+        self.outbox.before_end = before_end
         self._tasks: list[asyncio.Task[None]] = []
         self._starts: set[asyncio.Task[Session]] = set()  # see start_handoff
 
@@ -133,8 +135,6 @@ class HitlCore:
         the provider's end of the chat or our stop is applied (see
         ``core.ingest``). Bounded well inside a webhook sender's patience
         (LiveChat's: ~10 s). ``user``: see ``Maintenance.catch_up``."""
-        if not self.ctx.provider.capabilities.catch_up:
-            return 0
         try:
             return await self.maintenance.catch_up(
                 session, user=user, messages_only=True, budget=CATCH_UP_BEFORE_END_BUDGET

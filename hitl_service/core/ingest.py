@@ -87,7 +87,7 @@ class Ingestor:
         failed_items: list[str] = []
         kinds: list[str] = []
         events = [_clean(event) for event in batch.events]
-        if self._before_end is not None and ctx.provider.capabilities.catch_up:
+        if self._before_end is not None:
             await self._catch_up_before_ends(events, self._before_end)
         async with ctx.store.transaction() as tx:
             # Lock every session of the batch first, in a fixed order, so two
