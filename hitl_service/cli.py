@@ -164,17 +164,16 @@ async def _serve(settings: Settings) -> int:
     from providers.errors import ProviderConfigError, ProviderError
 
     _configure_logs(settings)
+    # In JSON, every line is a log line: ``service.ready`` has the ports.
+    console = settings.log_format == "console"
     try:
         app = build_app(settings)
     except ConfigError as exc:
-        print(f"hitl-service: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _fatal(console, "configuration error", exc, EXIT_CONFIG)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    # In JSON, every line is a log line: ``service.ready`` has the ports.
-    console = settings.log_format == "console"
     try:
         if not await _start_unless_stopped(app.start(), stop):
             # SIGTERM/SIGINT while the start waited (a migration behind
@@ -186,13 +185,11 @@ async def _serve(settings: Settings) -> int:
             await app.stop(grace=0)
             return 0
     except ProviderConfigError as exc:  # found when the provider opens (its files)
-        print(f"hitl-service: configuration error: {exc}", file=sys.stderr)
         await app.stop(grace=0)
-        return EXIT_CONFIG
+        return _fatal(console, "configuration error", exc, EXIT_CONFIG)
     except (StoreUnavailable, OSError, ProviderError) as exc:
-        print(f"hitl-service: cannot start: {exc}", file=sys.stderr)
         await app.stop(grace=0)
-        return EXIT_PROBLEMS
+        return _fatal(console, "cannot start", exc, EXIT_PROBLEMS)
     if console:
         _print_banner(app, sys.stderr)
     freeze_startup_heap()
@@ -203,6 +200,17 @@ async def _serve(settings: Settings) -> int:
         log.info("service.stopping")
     await app.stop()
     return 0
+
+
+def _fatal(console: bool, what: str, exc: BaseException, code: int) -> int:
+    """The last words of a ``serve`` that cannot run: one plain line, or in
+    JSON one ``service.start_failed`` object like every other line (a log
+    shipper drops what does not parse)."""
+    if console:
+        print(f"hitl-service: {what}: {exc}", file=sys.stderr)
+    else:
+        log.error("service.start_failed", reason=what, error=str(exc), exit_code=code)
+    return code
 
 
 async def _start_unless_stopped(start: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:

@@ -282,12 +282,47 @@ def test_the_startup_heap_is_frozen_out_of_full_collections() -> None:
 
 
 def one_line(err: str, start: str) -> str:
-    """The only line of ``err`` that is not a JSON log line; it starts with ``start``."""
+    """The one fatal line of ``err``, which starts with ``start``: a plain
+    line, or (a ``serve`` that read its settings, in JSON) the
+    ``service.start_failed`` object, rendered as the plain line would be."""
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("{")]
+    for line in err.splitlines():
+        entry = json.loads(line) if line.startswith("{") else {}
+        if entry.get("event") == "service.start_failed":
+            lines.append(f"hitl-service: {entry['reason']}: {entry['error']}")
     assert len(lines) == 1, err
     assert lines[0].startswith(start), lines[0]
     return lines[0]
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+async def test_a_serve_that_cannot_start_says_so_in_its_log_format(
+    service_env: dict[str, str], tmp_path: Path, log_format: str
+) -> None:
+    # The database's folder is a file: the store cannot be opened.
+    (tmp_path / "taken").write_text("")
+    env = {
+        **service_env,
+        "HITL_STORE_URL": f"sqlite:///{tmp_path}/taken/hitl.db",
+        "HITL_LOG_FORMAT": log_format,
+    }
+    code, out, err = await run(["serve"], env, tmp_path)
+    assert code == 1
+    assert out == ""
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    if log_format == "console":
+        assert lines[-1].startswith("hitl-service: cannot start: ")
+        return
+    # A log shipper reads JSON lines only: the last words are one too.
+    logged = [json.loads(line) for line in lines]
+    failed = [entry for entry in logged if entry["event"] == "service.start_failed"]
+    assert len(failed) == 1
+    assert failed[0]["reason"] == "cannot start"
+    assert failed[0]["exit_code"] == 1
+    assert failed[0]["level"] == "error"
+    assert failed[0]["error"]
 
 
 @pytest.fixture
@@ -326,13 +361,18 @@ async def test_a_broken_third_party_provider_is_one_line(
     assert repr(name) in one_line(err, "hitl-service: configuration error: HITL_PROVIDER")
 
 
-@pytest.mark.parametrize("kind", ["not an object", "a directory"])
+@pytest.mark.parametrize("kind", ["not an object", "a directory", "in a file"])
 async def test_an_unusable_state_file_is_one_line(
     service_env: dict[str, str], tmp_path: Path, kind: str
 ) -> None:
+    # "in a file": its folder cannot be made. The service used to serve and
+    # fail every handoff (the file could never be written) instead.
     state = tmp_path / "state"
     if kind == "a directory":
         state.mkdir()
+    elif kind == "in a file":
+        (tmp_path / "taken").write_text("[]")
+        state = tmp_path / "taken" / "state.json"
     else:
         state.write_text("[]")
     env = {**service_env, "HITL_LOCAL_STATE_FILE": str(state)}
@@ -346,7 +386,8 @@ async def test_an_unusable_state_file_is_one_line(
     code, _, err = await run(["serve"], env, tmp_path)
     assert code == 2
     one_line(err, "hitl-service: configuration error: HITL_LOCAL_STATE_FILE")
-    assert state.is_dir() or state.read_text() == "[]"  # left for a person to look at
+    # Left for a person to look at.
+    assert state.is_dir() or (state.parent if kind == "in a file" else state).read_text() == "[]"
 
 
 async def test_demo_ctrl_d_after_the_server_went_away(app: App, tmp_path: Path) -> None:
@@ -399,10 +440,7 @@ async def test_a_second_process_on_one_sqlite_file_stops_at_start(
         except TimeoutError:
             pytest.fail("a second process serves on the same SQLite file")
         assert second.returncode == 1
-        text = err.decode()
-        assert "cannot start:" in text
-        assert "in use by another process" in text
-        assert "Traceback" not in text
+        assert "in use by another process" in one_line(err.decode(), "hitl-service: cannot start:")
         # `check` still reads the file a service is running on.
         code, out, _ = await run(["check"], service_env, tmp_path)
         assert code == 0, out

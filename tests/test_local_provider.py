@@ -137,15 +137,21 @@ async def test_dedupe_keys_never_repeat_across_restarts(tmp_path: Path) -> None:
     assert len(set(sink.keys)) == len(sink.keys) == 2
 
 
+def block(folder: Path) -> None:
+    """Puts a file where the state file's folder was (``open`` checked it)."""
+    folder.rmdir()
+    folder.write_text("a file where the directory should be")
+
+
 class TestStateWriter:
     async def test_a_failed_write_is_logged_and_retried_on_the_next_change(
         self, tmp_path: Path
     ) -> None:
         blocker = tmp_path / "d"
-        blocker.write_text("a file where the directory should be")
         state_file = blocker / "s.json"
         local = provider(state_file)
         await local.open()
+        block(blocker)
         first = request("ses_1")
         # Not acknowledged: the service retries the start.
         with (
@@ -166,9 +172,9 @@ class TestStateWriter:
 
     async def test_close_does_not_raise_after_failed_writes(self, tmp_path: Path) -> None:
         blocker = tmp_path / "d"
-        blocker.write_text("a file where the directory should be")
         local = provider(blocker / "s.json")
         await local.open()
+        block(blocker)
         with structlog.testing.capture_logs() as logs:
             with pytest.raises(ProviderUnavailable):
                 await local.start(request("ses_1"), USER, timeout=1)
@@ -427,3 +433,21 @@ async def test_abandon_closes_the_given_up_starts_conversation_unless_a_retry_to
     assert "failed to start" in status[given_up.chat.external_chat_id][1]
     assert status[retried.chat.external_chat_id] == ("waiting", "")
     await local.close()
+
+
+async def test_open_refuses_a_state_file_whose_folder_takes_no_file(tmp_path: Path) -> None:
+    # Found at start, naming the setting: the service used to serve and then
+    # fail every handoff, none of which the file could ever hold.
+    (tmp_path / "taken").write_text("[]")
+    local = provider(tmp_path / "taken" / "s.json")
+    with pytest.raises(ProviderConfigError, match=r"HITL_LOCAL_STATE_FILE.*not a directory"):
+        await local.open()
+    assert (tmp_path / "taken").read_text() == "[]"
+
+
+async def test_open_makes_the_folder_and_leaves_no_file_behind(tmp_path: Path) -> None:
+    folder = tmp_path / "new" / "deeper"
+    local = provider(folder / "s.json")
+    await local.open()
+    await local.close()
+    assert list(folder.iterdir()) == []  # nothing changed, nothing written

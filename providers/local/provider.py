@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -174,6 +175,16 @@ def _sync_directory(folder: Path) -> None:
             os.close(fd)
 
 
+def _check_writable_directory(folder: Path) -> None:
+    """Raises OSError unless ``folder`` exists (it is created) and takes a new file."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{folder} is not a directory")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".hitl-write-check.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(probe)
+
+
 class LocalProvider:
     """``Provider`` backed by the in-process console."""
 
@@ -237,6 +248,10 @@ class LocalProvider:
                     raise ValueError("it is not a regular file")
                 data = await asyncio.to_thread(path.read_text, encoding="utf-8")
                 self._chats, self._sent = _load_state(data)
+            # Found now, not at the first handoff (which could only fail):
+            # the file's directory takes new files. The file itself is not
+            # written: ``local list`` and ``check`` open it beside a server.
+            await asyncio.to_thread(_check_writable_directory, path.parent)
         except (OSError, ValueError) as exc:
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise ProviderConfigError(
