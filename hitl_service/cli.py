@@ -185,11 +185,13 @@ async def _serve(settings: Settings) -> int:
             await app.stop(grace=0)
             return 0
     except ProviderConfigError as exc:  # found when the provider opens (its files)
+        code = _fatal(console, "configuration error", exc, EXIT_CONFIG)
         await app.stop(grace=0)
-        return _fatal(console, "configuration error", exc, EXIT_CONFIG)
+        return code
     except (StoreUnavailable, OSError, ProviderError) as exc:
+        code = _fatal(console, "cannot start", exc, EXIT_PROBLEMS)
         await app.stop(grace=0)
-        return _fatal(console, "cannot start", exc, EXIT_PROBLEMS)
+        return code
     if console:
         _print_banner(app, sys.stderr)
     freeze_startup_heap()
