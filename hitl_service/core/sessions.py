@@ -22,7 +22,13 @@ from hitl_service.domain import (
     SessionState,
     new_id,
 )
-from hitl_service.errors import FailedPrecondition, NotFound, Unavailable
+from hitl_service.errors import (
+    FailedPrecondition,
+    HitlError,
+    NotFound,
+    StoreUnavailable,
+    Unavailable,
+)
 from hitl_service.store.base import OpenSessionExists
 from providers.base import SupportsAbandon
 from providers.errors import ProviderAuthError, ProviderRejected, ProviderUnavailable
@@ -152,7 +158,30 @@ async def start_handoff(ctx: CoreContext, cmd: StartHandoff, budget: float) -> S
             abandon=called,
         )
         raise
-    return await _commit_start(ctx, session, identity, result)
+    try:
+        return await _commit_start(ctx, session, identity, result)
+    except (HitlError, StoreUnavailable):
+        raise  # START_INTERRUPTED; a store that is down (the upkeep fails the start)
+    except Exception as exc:
+        # The provider's answer could not be recorded (a bug of ours or the
+        # provider's, e.g. an event it reported with the start): as above,
+        # the session must not stay STARTING, blocking the user.
+        taken = isinstance(exc, ChatTaken)
+        await _fail_start(
+            ctx,
+            session,
+            "INTERNAL",
+            str(exc) if taken else "the start failed unexpectedly",
+            forget=cmd.request_id,
+            # A chat another session holds is not this start's to close.
+            abandon=not taken,
+        )
+        raise
+
+
+class ChatTaken(Exception):
+    """A provider's start returned a chat another open session holds (a
+    provider bug: taken over, that session would lose its events)."""
 
 
 async def _insert_session(
@@ -263,11 +292,18 @@ async def _call_start(
     )
     state_before = dict(identity.state)
     try:
-        return await ctx.calls.with_retries(
+        result = await ctx.calls.with_retries(
             "start",
             lambda t: provider.start(request, identity, timeout=t),
             budget=max(0.1, deadline - ctx.clock.monotonic()),
         )
+        # A third party's answer, checked: stored as is, a bad one would
+        # fail the commit and leave the session STARTING.
+        chat = getattr(result, "chat", None)
+        chat_id = getattr(chat, "external_chat_id", None)
+        if not (isinstance(chat, ProviderChat) and isinstance(chat_id, str) and chat_id):
+            raise TypeError(f"{provider.name}.start returned no chat: {type(result).__name__}")
+        return result
     finally:
         if identity.state != state_before:  # e.g. a refreshed token
             async with ctx.store.transaction() as tx:
@@ -291,6 +327,12 @@ async def _commit_start(
                 "START_INTERRUPTED",
                 "the start took longer than allowed and was given up; retry with the same "
                 "request_id",
+            )
+        holder = await tx.find_session_by_chat(ctx.provider_name, result.chat.external_chat_id)
+        if holder is not None and holder.id != current.id and holder.state.is_open:
+            raise ChatTaken(
+                f"the provider returned chat {result.chat.external_chat_id!r}, "
+                "which another open session holds"
             )
         current.state = SessionState.REQUESTED
         current.external_chat_id = result.chat.external_chat_id
