@@ -146,7 +146,16 @@ class Maintenance:
 
         async def catch_up(session: Session) -> None:
             if session.external_chat_id and session.state.is_open:
-                await self.catch_up(session)
+                try:
+                    await self.catch_up(session)
+                except StoreUnavailable:
+                    raise  # counted by _each_open
+                except Exception:
+                    # A provider's bug with this chat (anything but a
+                    # ProviderError, a listing that cannot be applied)
+                    # costs only this chat's catch-up; raised, it would end
+                    # every pass here, the start-up pass included.
+                    log.exception("catch_up.error", session_id=session.id)
 
         await self._each_open(catch_up)
         self._start_pass_done = True
