@@ -21,6 +21,21 @@ _CODES = {
 }
 
 
+# UTF-8 bytes of a status message. It goes out twice, percent-encoded in
+# ``grpc-message`` (non-ASCII: 3 bytes each) and in the status details
+# (base64), and gRPC clients refuse trailers over 8 KiB: they would get
+# RESOURCE_EXHAUSTED without the reason. A provider's error text, which
+# messages quote, has no bound of its own.
+_MESSAGE_BYTES = 1024
+
+
+def _bounded(message: str) -> str:
+    data = message.encode()
+    if len(data) <= _MESSAGE_BYTES:
+        return message
+    return data[:_MESSAGE_BYTES].decode(errors="ignore") + " … (cut)"
+
+
 def _pack(message: object) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)  # type: ignore[arg-type]  # every google.rpc detail is a Message
@@ -47,7 +62,9 @@ def to_status(error: HitlError) -> grpc.Status:
                 )
             )
         )
-    status = status_pb2.Status(code=_CODES[error.code], message=error.message, details=details)
+    status = status_pb2.Status(
+        code=_CODES[error.code], message=_bounded(error.message), details=details
+    )
     return rpc_status.to_status(status)
 
 
