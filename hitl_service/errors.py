@@ -8,6 +8,7 @@ field violations. Messages never contain secrets or end-user text.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -112,6 +113,17 @@ class Unavailable(HitlError):
 
     def __init__(self, reason: str, message: str, **metadata: str) -> None:
         super().__init__(Code.UNAVAILABLE, reason, message, metadata=metadata)
+
+
+_REASON = re.compile(r"[A-Z][A-Z0-9_]{0,61}[A-Z0-9]")
+
+
+def provider_reason(code: object, fallback: str) -> str:
+    """A provider's error code as an ``ErrorInfo`` reason: the code if it is
+    one (UPPER_SNAKE, at most 63 characters, as ``google.rpc.ErrorInfo``
+    requires and clients branch on), else ``fallback``. Third-party
+    providers may pass anything (``""``, ``"not found"``)."""
+    return code if isinstance(code, str) and _REASON.fullmatch(code) else fallback
 
 
 class StoreUnavailable(Exception):

@@ -34,7 +34,10 @@ class ProviderRejected(ProviderError):
     """A permanent refusal of this request; retrying it will not help.
 
     Attributes:
-        code: Stable UPPER_SNAKE code (for example ``CHAT_INACTIVE``).
+        code: Stable UPPER_SNAKE code (for example ``CHAT_INACTIVE``), at
+            most 63 characters: callers get it as the ``ErrorInfo`` reason.
+            Any other code is replaced by the operation's generic one
+            (``START_REFUSED``, ``DELIVERY_FAILED``, ``STOP_FAILED``).
     """
 
     def __init__(self, code: str, message: str) -> None:

@@ -28,7 +28,7 @@ from hitl_service.domain import (
     OutboxStatus,
     SessionState,
 )
-from hitl_service.errors import StoreUnavailable
+from hitl_service.errors import StoreUnavailable, provider_reason
 from providers.base import SupportsAbandon
 from providers.errors import (
     ChatInactive,
@@ -235,7 +235,10 @@ class Outbox:
             except ProviderAuthError as exc:
                 return await self._settle_failed(item, exc.code, str(exc), setting=exc.setting)
             except ProviderRejected as exc:
-                return await self._settle_failed(item, exc.code, str(exc))
+                fallback = "DELIVERY_FAILED" if item.kind is OutboxKind.SEND else "STOP_FAILED"
+                return await self._settle_failed(
+                    item, provider_reason(exc.code, fallback), str(exc)
+                )
             except ProviderUnavailable as exc:
                 return await self._settle_retry(item, str(exc), exc.retry_after, exc.uncertain)
             changed_user = user if watch.user_changed else None
@@ -310,7 +313,8 @@ class Outbox:
             if isinstance(exc, ChatInactive):  # closed meanwhile
                 return await self._settle_abandon(item, {"closed": "no"})
             setting = exc.setting if isinstance(exc, ProviderAuthError) else ""
-            return await self._settle_failed(item, exc.code, str(exc), setting=setting)
+            code = provider_reason(exc.code, "STOP_FAILED")
+            return await self._settle_failed(item, code, str(exc), setting=setting)
         log.info("session.abandoned_start", session_id=item.session_id, closed=closed)
         changed = (session.user_id, user) if watch.user_changed else None
         return await self._settle_abandon(item, {"closed": "yes" if closed else "no"}, changed)

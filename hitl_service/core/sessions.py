@@ -28,6 +28,7 @@ from hitl_service.errors import (
     NotFound,
     StoreUnavailable,
     Unavailable,
+    provider_reason,
 )
 from hitl_service.store.base import OpenSessionExists
 from providers.base import SupportsAbandon
@@ -137,8 +138,9 @@ async def start_handoff(ctx: CoreContext, cmd: StartHandoff, budget: float) -> S
     except ProviderRejected as exc:
         # A refusal is an answer: the provider closed what it opened (e.g.
         # a chat no agent can take), and the request id keeps its answer.
-        await _fail_start(ctx, session, exc.code, str(exc))
-        raise FailedPrecondition(exc.code, str(exc), session_id=session.id) from None
+        code = provider_reason(exc.code, "START_REFUSED")
+        await _fail_start(ctx, session, code, str(exc))
+        raise FailedPrecondition(code, str(exc), session_id=session.id) from None
     except ProviderUnavailable as exc:
         # Nothing was opened for sure: forget the request id, so retrying
         # the same request starts afresh (the provider reuses an open chat).

@@ -11,7 +11,7 @@ from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from providers import ProviderRejected, ProviderUnavailable
 from tests.providers_contract.service import send, served, start
 from tests.providers_contract.ticket_desk import Desk
-from tests.support import TIMEOUT, expect_error, make_user
+from tests.support import TIMEOUT, RichError, expect_error, make_user
 
 LONG = "é" * 20_000  # a provider quoting a whole error page
 
@@ -60,3 +60,35 @@ async def test_a_long_provider_error_keeps_its_status_and_reason(
         assert got.reason == reason
         assert "é" * 10 in got.message
         assert len(got.message.encode()) < 1200
+
+
+@pytest.mark.parametrize("refusal", ["", "not allowed", "X" * 64, "TRAILING_"])
+@pytest.mark.parametrize(
+    ("operation", "reason"),
+    [("start", "START_REFUSED"), ("send", "DELIVERY_FAILED"), ("stop", "STOP_FAILED")],
+)
+async def test_a_provider_code_that_is_no_reason_becomes_the_generic_one(
+    env: dict[str, str], desk: Desk, refusal: str, operation: str, reason: str
+) -> None:
+    """Clients branch on the ErrorInfo reason, which google.rpc requires to
+    be UPPER_SNAKE; a third-party provider may refuse with any code."""
+    got = await _refused(env, desk, operation, ProviderRejected(refusal, "refused"))
+    assert (got.code, got.reason) == (grpc.StatusCode.FAILED_PRECONDITION, reason)
+
+
+async def _refused(env: dict[str, str], desk: Desk, operation: str, error: Exception) -> RichError:
+    async def fail(*_args: object) -> None:
+        raise error
+
+    async with served(env) as (_app, stub):
+        user = await make_user(stub)
+        session = await start(stub, user.id) if operation != "start" else None
+        desk.hooks[operation] = fail
+        call: Awaitable[object]
+        if session is None:
+            call = start(stub, user.id)
+        elif operation == "send":
+            call = send(stub, session.id, text="x")
+        else:
+            call = stub.StopHitl(pb.StopHitlRequest(session_id=session.id), timeout=TIMEOUT)
+        return await expect_error(call, grpc.StatusCode.FAILED_PRECONDITION)
