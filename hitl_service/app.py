@@ -27,7 +27,12 @@ from hitl_service.errors import StoreUnavailable
 from hitl_service.metrics import Metrics
 from hitl_service.provider_calls import close_provider, open_provider
 from hitl_service.server import NOT_SERVING, SERVICE_NAME, SERVING, bind, build_grpc_server
-from hitl_service.sidecar import EmbeddedServer, build_http_server, build_sidecar
+from hitl_service.sidecar import (
+    EmbeddedServer,
+    ProviderRoutesError,
+    build_http_server,
+    build_sidecar,
+)
 from hitl_service.store import open_store
 from providers.base import ProviderDeps
 from providers.errors import ProviderConfigError, ProviderUnavailable
@@ -266,7 +271,10 @@ def build_app(
     core = HitlCore(ctx)
     sink.bind(core.ingestor)
     grpc_server, health_servicer = build_grpc_server(core, settings, metrics, activity)
-    sidecar = build_sidecar(core, provider, settings, metrics, activity)
+    try:
+        sidecar = build_sidecar(core, provider, settings, metrics, activity)
+    except ProviderRoutesError as exc:
+        raise ConfigError("HITL_PROVIDER", str(exc)) from None
     return App(
         settings=settings,
         store=store,

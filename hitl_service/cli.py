@@ -262,7 +262,7 @@ def _print_banner(app: object, out: TextIO) -> None:
         f"  gRPC     {grpc_host}:{app.grpc_port}  (hitl.v1.HitlService, health, reflection)",
         f"  HTTP     {http}  (/healthz /readyz /metrics{webhooks})",
     ]
-    paths = {getattr(route, "path", "") for route in app.provider.routes()}
+    paths = {getattr(route, "path", "") for route in app.sidecar.routes}
     if "/console" in paths:
         lines.append(f"  console  {http}/console  <- open this to act as the agent")
     lines.append("  try it:  .venv/bin/hitl-service demo   (in another terminal)")

@@ -276,6 +276,20 @@ def _retrieve(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
+class ProviderRoutesError(Exception):
+    """The provider's ``routes()`` failed (a third-party bug); the message
+    names the provider and the error in one line."""
+
+
+def _provider_routes(provider: Provider) -> Sequence[BaseRoute]:
+    try:
+        return list(provider.routes())
+    except Exception as exc:
+        raise ProviderRoutesError(
+            f"the {provider.name!r} provider failed to start: routes(): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def build_sidecar(
     core: HitlCore,
     provider: Provider,
@@ -374,7 +388,7 @@ def build_sidecar(
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/webhooks/{provider}", webhook, methods=["POST"]),
-        *_with_bounded_bodies(provider.routes(), settings, admission),
+        *_with_bounded_bodies(_provider_routes(provider), settings, admission),
     ]
 
     async def not_found(request: Request, exc: Exception) -> Response:

@@ -212,6 +212,10 @@ class Provider(Protocol):
     def routes(self) -> Sequence[BaseRoute]:
         """Extra HTTP routes the sidecar serves for this provider (may be empty).
 
+        Called once, while the service is built: after the factory, before
+        ``open``. An error here stops the start with one line naming the
+        provider, as one in the factory does.
+
         A route with a long-lived (streamed) answer ends it once the
         ``asyncio.Event`` ``request.app.state.draining`` is set: the service
         is shutting down, and waits for open answers before cancelling them.

@@ -78,6 +78,7 @@ class Desk:
     hooks: dict[str, Hook] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)  # operation names, in order
     capabilities: Capabilities = field(default_factory=Capabilities)  # text only
+    routes_error: Exception | None = None  # what ``routes()`` raises, if set
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _events: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -223,6 +224,8 @@ class TicketDeskProvider:
 
     def routes(self) -> Sequence[BaseRoute]:
         """See base class."""
+        if self.desk.routes_error is not None:
+            raise self.desk.routes_error
         return ()
 
 
