@@ -368,7 +368,11 @@ class Outbox:
                     chat, user, message, request_id=item.request_id, uncertain=uncertain, timeout=t
                 ),
             )
-            return {"external_message_id": sent.external_message_id}
+            # Returned, the call delivered the message, whatever it returned
+            # (a third party's forgotten ``return``): taken for an error, the
+            # message would be sent again, or given up as DELIVERY_EXPIRED.
+            external = getattr(sent, "external_message_id", "")
+            return {"external_message_id": external if isinstance(external, str) else ""}
         reason = str(item.payload.get("reason", ""))
         await ctx.calls.once("stop", lambda t: provider.stop(chat, user, reason, timeout=t))
         return {}
