@@ -18,7 +18,7 @@ from providers import (
     ProviderChat,
 )
 from providers.types import Started
-from tests.providers_contract.service import JANE, served, start
+from tests.providers_contract.contract import JANE, served, start
 from tests.providers_contract.ticket_desk import Desk
 from tests.support import EventCollector, make_user
 

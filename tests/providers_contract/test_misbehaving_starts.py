@@ -11,7 +11,7 @@ import pytest
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from providers import InboundEvent, ProviderChat, StartResult
 from providers.types import Started
-from tests.providers_contract.service import JANE, get, served, start
+from tests.providers_contract.contract import JANE, get, served, start
 from tests.providers_contract.ticket_desk import Desk
 from tests.support import TIMEOUT, expect_error, make_user
 

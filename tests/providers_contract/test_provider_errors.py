@@ -9,7 +9,7 @@ import pytest
 
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from providers import ProviderRejected, ProviderUnavailable
-from tests.providers_contract.service import send, served, start
+from tests.providers_contract.contract import send, served, start
 from tests.providers_contract.ticket_desk import Desk
 from tests.support import TIMEOUT, RichError, expect_error, make_user
 

@@ -1,86 +1,79 @@
 """A third provider with few capabilities ("ticketdesk": text only, no
 transfers, queue info, catch-up, webhooks or abandon; events pushed through
 the sink), installed as an entry point and driven through the real service:
-gRPC on 127.0.0.1:0, a real channel, restarts on the same store and desk."""
+the reusable contract suite, and what is particular to such a provider."""
 
 from __future__ import annotations
 
-import grpc
 import httpx
+import pytest
 
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
-from tests.providers_contract.service import JANE, get, send, served, start
-from tests.providers_contract.ticket_desk import Desk
-from tests.support import TIMEOUT, EventCollector, expect_error, make_user
+from tests.providers_contract.contract import (
+    JANE,
+    AgentSide,
+    AgentSideFor,
+    ProviderContract,
+    get,
+    served,
+    start,
+)
+from tests.providers_contract.ticket_desk import Desk, TicketDeskProvider
+from tests.support import make_user
 
 
-class TestLifecycle:
-    async def test_start_every_body_kind_agent_events_and_stop(
+class TestContract(ProviderContract):
+    @pytest.fixture
+    def contract_env(self, env: dict[str, str]) -> dict[str, str]:
+        return env
+
+    @pytest.fixture
+    def agent_side(self, desk: Desk) -> AgentSideFor:
+        def side(app: object) -> AgentSide:
+            assert isinstance(getattr(app, "provider", None), TicketDeskProvider)
+            return desk
+
+        return side
+
+
+class TestTicketDesk:
+    async def test_the_transcript_arrives_as_text(self, env: dict[str, str], desk: Desk) -> None:
+        async with served(env) as (_app, stub):
+            history = [pb.Message(text="hi bot"), pb.Message(card=pb.Card(title="Plans"))]
+            session = await start(stub, (await make_user(stub)).id, history=history)
+            transcript = desk.tickets[session.external_chat_id].transcript
+            assert transcript[0].body == "hi bot"
+            assert isinstance(transcript[1].body, str)
+            assert "Plans" in transcript[1].body
+
+    async def test_the_desk_closing_the_ticket_ends_the_session(
         self, env: dict[str, str], desk: Desk
     ) -> None:
         async with served(env) as (_app, stub):
-            user = await make_user(stub)
-            async with EventCollector(stub) as events:
-                history = [pb.Message(text="hi bot"), pb.Message(card=pb.Card(title="Plans"))]
-                session = await start(stub, user.id, history=history)
-                assert session.state == pb.SESSION_STATE_REQUESTED
-                ticket = desk.tickets[session.external_chat_id]
-                assert ticket.transcript[0].body == "hi bot"
-                assert "Plans" in str(ticket.transcript[1].body)  # as text: no cards here
-                await send(stub, session.id, text="plain")
-                pdf = pb.Media(kind=pb.MEDIA_KIND_FILE, url="https://x.example/a.pdf")
-                await send(stub, session.id, media=pdf)
-                await send(stub, session.id, location=pb.Location(latitude=1.5, longitude=2.5))
-                card = pb.Card(title="Pick", buttons=[pb.CardButton(text="A")])
-                await send(stub, session.id, card=card)
-                bodies = [m.body for m in desk.received(ticket.id)]
-                assert all(isinstance(b, str) for b in bodies), bodies
-                assert bodies[0] == "plain"
-                assert "https://x.example/a.pdf" in str(bodies[1])
-                assert "1.5" in str(bodies[2])
-                assert "Pick" in str(bodies[3])
-                assert await desk.take(ticket.id, JANE) == 1
-                assert await desk.reply(ticket.id, JANE, "hello") == 1
-                stopped = await stub.StopHitl(
-                    pb.StopHitlRequest(session_id=session.id, reason="done"), timeout=TIMEOUT
-                )
-                assert stopped.session.state == pb.SESSION_STATE_ENDED
-                assert not ticket.open
-                # The desk's own close notification afterwards adds nothing.
-                assert await desk.solve(ticket.id) == 0
-                await events.wait_for_kind("ended")
-                assert events.kinds() == ["started", "agent_assigned", "agent_message", "ended"]
-            late = send(stub, session.id, text="late")
-            error = await expect_error(late, grpc.StatusCode.FAILED_PRECONDITION)
-            assert error.reason == "SESSION_ENDED"
-
-    async def test_the_agent_solves_the_ticket(self, env: dict[str, str], desk: Desk) -> None:
-        async with served(env) as (_app, stub):
             session = await start(stub, (await make_user(stub)).id)
+            assert session.state == pb.SESSION_STATE_REQUESTED  # no queue reports
             assert await desk.solve(session.external_chat_id) == 1
             ended = await get(stub, session.id)
             assert ended.state == pb.SESSION_STATE_ENDED
             assert ended.end_reason == "the agent closed the chat"
 
-    async def test_a_restart_keeps_the_sessions(self, env: dict[str, str], desk: Desk) -> None:
+    async def test_its_close_after_our_stop_adds_no_second_end(
+        self, env: dict[str, str], desk: Desk
+    ) -> None:
         async with served(env) as (_app, stub):
-            user = await make_user(stub)
-            session = await start(stub, user.id)
-            await send(stub, session.id, text="before")
-        async with served(env) as (_app, stub):
-            await desk.take(session.external_chat_id, JANE)
-            await send(stub, session.id, text="after")
-            assert [m.body for m in desk.received(session.external_chat_id)] == ["before", "after"]
-            await stub.StopHitl(pb.StopHitlRequest(session_id=session.id), timeout=TIMEOUT)
-            again = await start(stub, user.id)
-            assert again.external_chat_id != session.external_chat_id
+            session = await start(stub, (await make_user(stub)).id)
+            await stub.StopHitl(pb.StopHitlRequest(session_id=session.id), timeout=5)
+            assert not desk.tickets[session.external_chat_id].open
+            assert await desk.solve(session.external_chat_id) == 0
 
-    async def test_a_retried_start_reuses_its_ticket(self, env: dict[str, str], desk: Desk) -> None:
+    async def test_a_new_handoff_gets_a_new_ticket(self, env: dict[str, str], desk: Desk) -> None:
         async with served(env) as (_app, stub):
             user = await make_user(stub)
-            first = await start(stub, user.id, request_id="r-1")
-            again = await start(stub, user.id, request_id="r-1")
-            assert (again.id, len(desk.tickets)) == (first.id, 1)
+            first = await start(stub, user.id)
+            await stub.StopHitl(pb.StopHitlRequest(session_id=first.id), timeout=5)
+            second = await start(stub, user.id)
+            assert second.external_chat_id != first.external_chat_id
+            assert len(desk.tickets) == 2
 
     async def test_events_about_unknown_tickets_are_dropped(
         self, env: dict[str, str], desk: Desk

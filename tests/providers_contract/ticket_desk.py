@@ -44,6 +44,7 @@ from providers import (
     WebhookBatch,
     WebhookRejected,
 )
+from providers.fallback import body_text
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -85,9 +86,13 @@ class Desk:
     def new_ticket_id(self) -> str:
         return f"TD-{next(self._ids)}"
 
-    def received(self, ticket_id: str) -> list[Message]:
+    def messages(self, ticket_id: str) -> list[Message]:
         """The end user's messages the ticket holds, in order."""
         return [message for _rid, message in self.tickets[ticket_id].messages]
+
+    def received(self, ticket_id: str) -> list[str]:
+        """See ``contract.AgentSide``."""
+        return [body_text(message) for message in self.messages(ticket_id)]
 
     # --- what the desk's agents do ------------------------------------------------
     async def push(self, ticket_id: str, kind: EventKind, key: str = "") -> int:
@@ -97,11 +102,17 @@ class Desk:
         return await self.sink.deliver(WebhookBatch(action="desk", events=(event,)))
 
     async def take(self, ticket_id: str, agent: Agent) -> int:
+        """See ``contract.AgentSide``."""
         return await self.push(ticket_id, AgentAssigned(agent))
 
     async def reply(self, ticket_id: str, agent: Agent, text: str) -> int:
+        """See ``contract.AgentSide``."""
         message = Message(body=text, author=Author.AGENT)
         return await self.push(ticket_id, AgentMessage(message, agent))
+
+    async def close(self, ticket_id: str, agent: Agent) -> int:
+        """See ``contract.AgentSide``."""
+        return await self.solve(ticket_id)
 
     async def solve(self, ticket_id: str) -> int:
         self.tickets[ticket_id].open = False
