@@ -5,21 +5,26 @@ the reusable contract suite, and what is particular to such a provider."""
 
 from __future__ import annotations
 
+import asyncio
+
+import grpc
 import httpx
 import pytest
 
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from providers import Message, ProviderChat, SendResult
 from tests.providers_contract.contract import (
     JANE,
     AgentSide,
     AgentSideFor,
     ProviderContract,
     get,
+    send,
     served,
     start,
 )
 from tests.providers_contract.ticket_desk import Desk, TicketDeskProvider
-from tests.support import make_user
+from tests.support import make_user, wait_for
 
 
 class TestContract(ProviderContract):
@@ -74,6 +79,46 @@ class TestTicketDesk:
             second = await start(stub, user.id)
             assert second.external_chat_id != first.external_chat_id
             assert len(desk.tickets) == 2
+
+    async def test_a_send_cut_off_by_a_restart_is_delivered_once(
+        self, env: dict[str, str], desk: Desk
+    ) -> None:
+        """The desk took the message, then the service stopped before the
+        answer: after the restart the send is asked again as uncertain, and
+        the retry of the request learns it was delivered."""
+        attempts: list[bool] = []
+        never = asyncio.Event()
+
+        async def take_then_hang(
+            chat: ProviderChat, message: Message, request_id: str, uncertain: bool
+        ) -> SendResult:
+            attempts.append(uncertain)
+            ticket = desk.tickets[chat.external_chat_id]
+            if all(rid != request_id for rid, _m in ticket.messages):
+                ticket.messages.append((request_id, message))
+            if not uncertain:
+                await never.wait()
+            return SendResult(f"{ticket.id}/{request_id}")
+
+        async with served(env) as (_app, stub):
+            session = await start(stub, (await make_user(stub)).id)
+            desk.hooks["send"] = take_then_hang
+            cut = asyncio.ensure_future(send(stub, session.id, "r-1", text="once"))
+            await wait_for(lambda: attempts, what="the first attempt")
+        (outcome,) = await asyncio.gather(cut, return_exceptions=True)
+        assert isinstance(outcome, BaseException)  # cut off: no answer
+        async with served(env) as (_app, stub):
+
+            async def delivered() -> bool:
+                try:
+                    return bool(await send(stub, session.id, "r-1", text="once"))
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE  # DELIVERY_PENDING
+                    return False
+
+            await wait_for(delivered, what="the delivery after the restart")
+            assert attempts[:2] == [False, True]
+            assert desk.received(session.external_chat_id) == ["once"]
 
     async def test_events_about_unknown_tickets_are_dropped(
         self, env: dict[str, str], desk: Desk
