@@ -53,7 +53,18 @@ class EventSink(Protocol):
     async def deliver(self, batch: WebhookBatch) -> int:
         """Commits the batch's events; returns how many were new.
 
-        Returns only after the events are durably stored.
+        Returns only after the events are durably stored. Call it on the
+        service's event loop (from a task of the provider's, or within one
+        of its calls: a start, send or stop may report events at once).
+        Events of a chat the core does not know are dropped, or, while a
+        start is in flight, kept and applied when that start returns its
+        chat: neither counts as new.
+
+        Raises:
+            ProviderUnavailable: The store is unavailable; nothing was
+                stored: deliver the batch again later.
+            Exception: Anything else (an event the core cannot apply): the
+                whole batch is refused, nothing of it stored.
         """
         ...
 
@@ -102,7 +113,9 @@ class Provider(Protocol):
     ``name`` is the entry-point name, and must never change: webhooks are
     served at ``/webhooks/{name}``, and stored identities, sessions and
     dedupe keys are keyed by it. A provider that receives no webhooks sets
-    ``webhooks = False`` (the start-up banner then lists no webhook route).
+    ``webhooks = False`` (the start-up banner then lists no webhook route);
+    ``/webhooks/{name}`` still reaches its ``parse_webhook``, which refuses
+    every delivery (``WebhookRejected(404, ...)``).
     """
 
     name: str
@@ -204,8 +217,9 @@ class Provider(Protocol):
         """Lists what happened in the chat after ``checkpoint`` ("" = start).
 
         Returned events carry the same dedupe keys their webhooks would, so
-        overlap with delivered webhooks is harmless. Providers without a
-        history API return an empty ``CatchUp``.
+        overlap with delivered webhooks is harmless. Called only when
+        ``capabilities.catch_up`` is set; providers without a history API
+        leave it unset and return an empty ``CatchUp``.
         """
         ...
 

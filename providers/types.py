@@ -250,7 +250,13 @@ class WebhookBatch:
 class Capabilities:
     """What a provider carries natively. The core hands ``send`` and
     ``start`` (history) any other body already as readable text
-    (``providers.fallback``), so a text-only provider needs no renderer."""
+    (``providers.fallback``), so a text-only provider needs no renderer.
+
+    ``catch_up`` says whether ``Provider.catch_up`` reads a history: without
+    it, the core never calls it. ``transfers`` and ``queue_info`` only
+    describe the backend: the core applies the ``Transferred`` and
+    ``Queued`` events a provider reports whatever they say, and a handoff
+    no queue report comes for stays REQUESTED until an agent takes it."""
 
     media: bool = False
     location: bool = False
