@@ -14,12 +14,15 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import structlog
 
 from hitl_service.config import ConfigError, Settings, load_environment
 from hitl_service.secret import Secret
+
+if TYPE_CHECKING:
+    from providers.types import WebhookBatch
 
 log = structlog.get_logger(__name__)
 
@@ -273,6 +276,20 @@ _SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "PRIVATE_KEY", "CREDE
 """Words naming a secret setting (``providers.base.ProviderDeps.env`` says so)."""
 
 
+class _NoService:
+    """The sink of a provider built outside ``serve`` (``check``, provider
+    commands): no core runs to store what it delivers, so every batch is
+    refused as in a store outage, and the provider keeps its events (and
+    does not acknowledge them to its backend) for the service."""
+
+    async def deliver(self, batch: WebhookBatch) -> int:
+        from providers.errors import ProviderUnavailable
+
+        raise ProviderUnavailable(
+            "no service runs in this command to store events; the service receives them"
+        )
+
+
 def _secrets(settings: Settings) -> list[Secret]:
     """Every configured secret, for the log redactor's safety net."""
     found: list[Secret] = list(settings.api_tokens)
@@ -336,7 +353,7 @@ async def _check(settings: Settings, out: TextIO) -> int:
             await store.close()
     try:
         provider = load_provider(
-            settings, sink=None, clock=SystemClock(), registry=CollectorRegistry()
+            settings, sink=_NoService(), clock=SystemClock(), registry=CollectorRegistry()
         )
     except ConfigError as exc:
         out.write(f"provider {settings.provider}: PROBLEM: {exc}\n")
@@ -398,7 +415,7 @@ async def _run_provider_command(settings: Settings, argv: list[str]) -> int:
 
     try:
         provider = load_provider(
-            settings, sink=None, clock=SystemClock(), registry=CollectorRegistry()
+            settings, sink=_NoService(), clock=SystemClock(), registry=CollectorRegistry()
         )
     except ConfigError as exc:
         print(f"hitl-service: configuration error: {exc}", file=sys.stderr)

@@ -80,6 +80,10 @@ class ProviderDeps:
             ``PRIVATE_KEY`` or ``CREDENTIAL`` in them: the log redactor masks
             those values wherever they appear.
         sink: Where to push events that do not come through a webhook.
+            ``hitl-service check`` and provider commands build and open the
+            provider with no service running: their sink refuses every
+            batch (``ProviderUnavailable``), so keep the events for the
+            service and do not acknowledge them to the backend.
         clock: Time source; use it instead of ``datetime.now``/``sleep``.
         registry: Prometheus registry for the provider's own metrics.
         data_dir: A directory the provider may keep local files in.
