@@ -359,13 +359,20 @@ async def _check(settings: Settings, out: TextIO) -> int:
         out.write(f"provider {settings.provider}: PROBLEM: {exc}\n")
         return EXIT_CONFIG
     found: list[str] = []
+    timeout = settings.provider_timeout
+    bound = asyncio.timeout(timeout)  # as the probe and close are: a check always answers
     try:
-        await open_provider(provider)
+        async with bound:
+            await open_provider(provider)
     except ProviderConfigError as exc:
         out.write(f"provider {provider.name}: PROBLEM: {exc}\n")
         return EXIT_CONFIG
-    except (ProviderError, OSError) as exc:
-        found.append(f"cannot open the provider: {exc}")
+    except (ProviderError, OSError) as exc:  # OSError: TimeoutError too
+        if bound.expired():
+            found.append(f"cannot open the provider: it did not finish within {timeout:g} s")
+            found += await close_provider(provider, timeout)
+        else:
+            found.append(f"cannot open the provider: {exc}")
     else:
         try:
             found += await probe_provider(provider, settings.provider_timeout)

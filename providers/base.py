@@ -128,6 +128,10 @@ class Provider(Protocol):
     async def open(self) -> None:
         """Prepares clients and background work; called once at start-up.
 
+        Keep it short: ``hitl-service check`` gives it
+        ``HITL_PROVIDER_TIMEOUT``, and the service serves nothing until it
+        returns.
+
         Raises ``ProviderConfigError`` for a setting it cannot use (the
         process stops with that one line); any other error also stops the
         start with one line naming the provider.

@@ -150,6 +150,7 @@ class TicketDeskProvider:
     async def open(self) -> None:
         """See base class."""
         self.desk.sink = self._sink
+        await self._hooked("open")
 
     async def close(self) -> None:
         """See base class."""
