@@ -115,7 +115,12 @@ class Agent:
 
 @dataclass(frozen=True, slots=True)
 class Queued:
-    """The handoff waits in a queue."""
+    """The handoff waits in a queue.
+
+    Ignored while an agent holds the handoff (backends like LiveChat do not
+    order their reports, so a late queue position must not unassign it): a
+    handoff going back to the queue is reported as ``AgentLeft`` or
+    ``Transferred`` first, then its position as ``Queued``."""
 
     position: int = 0
     wait_seconds: int = 0
