@@ -210,7 +210,8 @@ class InboundEvent:
             7 days: it must be unique across all the provider's chats
             (include the chat id if the backend numbers events per chat), and
             never empty.
-        occurred_at: When it happened, as the provider says; None means now.
+        occurred_at: When it happened, as the provider says; None means now,
+            and a naive datetime is taken as UTC.
         author_id: The provider's id of whoever caused it, if known. The core
             drops agent messages authored by the session's own end user.
         thread_id: The conversation of the chat it belongs to, for providers

@@ -17,6 +17,7 @@ keeps one.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from datetime import UTC
 from typing import TYPE_CHECKING
 
 import structlog
@@ -86,7 +87,7 @@ class Ingestor:
         now = ctx.clock.now()
         failed_items: list[str] = []
         kinds: list[str] = []
-        events = [_clean(event) for event in batch.events]
+        events = [clean(event) for event in batch.events]
         if self._before_end is not None:
             await self._catch_up_before_ends(events, self._before_end)
         async with ctx.store.transaction() as tx:
@@ -168,8 +169,13 @@ async def first_sight(tx: Tx, provider: str, event: InboundEvent, now: datetime)
     return await tx.claim_dedupe_key(provider, event.dedupe_key, now)
 
 
-def _clean(event: InboundEvent) -> InboundEvent:
-    """Ids as the store can keep them: PostgreSQL text refuses NUL."""
+def clean(event: InboundEvent) -> InboundEvent:
+    """The event as the core can use it: ids as the store can keep them
+    (PostgreSQL text refuses NUL), and a naive ``occurred_at`` taken as UTC
+    (compared with the session's times, it failed the whole batch)."""
+    when = event.occurred_at
+    if when is not None and when.tzinfo is None:
+        event = replace(event, occurred_at=when.replace(tzinfo=UTC))
     if "\x00" not in event.external_chat_id + event.dedupe_key + event.author_id:
         return event
     return replace(

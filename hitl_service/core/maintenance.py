@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from hitl_service.core.ingest import apply_inbound, first_sight
+from hitl_service.core.ingest import apply_inbound, clean, first_sight
 from hitl_service.core.provider_state import StateWatch
 from hitl_service.core.sessions import START_SCOPE, abandon_later, request_stop
 from hitl_service.core.state import finish, passes_over
@@ -337,7 +337,7 @@ class Maintenance:
             current = await tx.get_session(session.id)
             if current is None:
                 return 0
-            for event in listing.events:
+            for event in map(clean, listing.events):
                 if event.external_chat_id != current.external_chat_id:
                     continue
                 if messages_only and not isinstance(event.kind, AgentMessage):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from hitl_service.codec import kind_tag
-from hitl_service.core.ingest import apply_inbound, first_sight
+from hitl_service.core.ingest import apply_inbound, clean, first_sight
 from hitl_service.core.state import finish
 from hitl_service.domain import (
     ABANDONED_START,
@@ -347,7 +347,9 @@ async def _commit_start(
         await tx.update_session(current)
         tags.append(kind_tag(started))
         fresh = [
-            event for event in result.events if await first_sight(tx, ctx.provider_name, event, now)
+            event
+            for event in map(clean, result.events)
+            if await first_sight(tx, ctx.provider_name, event, now)
         ]
         # Parked events had their dedupe keys claimed when they were parked.
         parked = await tx.take_parked_events(ctx.provider_name, current.external_chat_id)
