@@ -209,7 +209,8 @@ class InboundEvent:
             thread ids). The core records each key once per provider, for
             7 days: it must be unique across all the provider's chats
             (include the chat id if the backend numbers events per chat), and
-            never empty.
+            never empty (a batch with an empty key is refused whole), unless
+            it is a ``repeatable`` ``AgentLeft``.
         occurred_at: When it happened, as the provider says; None means now,
             and a naive datetime is taken as UTC.
         author_id: The provider's id of whoever caused it, if known. The core

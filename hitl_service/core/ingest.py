@@ -172,7 +172,16 @@ async def first_sight(tx: Tx, provider: str, event: InboundEvent, now: datetime)
 def clean(event: InboundEvent) -> InboundEvent:
     """The event as the core can use it: ids as the store can keep them
     (PostgreSQL text refuses NUL), and a naive ``occurred_at`` taken as UTC
-    (compared with the session's times, it failed the whole batch)."""
+    (compared with the session's times, it failed the whole batch).
+
+    Raises:
+        ValueError: The event has no dedupe key (a provider bug): its batch
+            is refused whole, as any batch the core cannot apply.
+    """
+    if not event.dedupe_key and not (event.repeatable and isinstance(event.kind, AgentLeft)):
+        # Recorded once per provider, an empty key would make every later
+        # event without one a duplicate: dropped without a word.
+        raise ValueError(f"an event of chat {event.external_chat_id!r} has no dedupe key")
     when = event.occurred_at
     if when is not None and when.tzinfo is None:
         event = replace(event, occurred_at=when.replace(tzinfo=UTC))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from providers import AgentMessage, Author, InboundEvent, Message, WebhookBatch
 from tests.providers_contract.contract import JANE, served, start
@@ -38,3 +40,19 @@ async def test_a_naive_occurred_at_is_taken_as_utc(env: dict[str, str], desk: De
         await stopping
         await events.wait_for_kind("ended")
         assert events.kinds() == ["started", "agent_assigned", "agent_message", "ended"]
+
+
+async def test_an_event_without_a_dedupe_key_is_refused_not_dropped(
+    env: dict[str, str], desk: Desk
+) -> None:
+    """The first keyless event claimed the key "": every later one was a
+    duplicate, dropped without a word. Refused, the provider learns of it
+    (a webhook's batch is kept as a dead letter and answered 500)."""
+    async with served(env) as (_app, stub):
+        session = await start(stub, (await make_user(stub)).id)
+        assert desk.sink is not None
+        for text in ("first", "second"):
+            said = AgentMessage(Message(text, Author.AGENT), JANE)
+            event = InboundEvent(session.external_chat_id, said, dedupe_key="")
+            with pytest.raises(ValueError, match="no dedupe key"):
+                await desk.sink.deliver(WebhookBatch("desk", (event,)))
