@@ -180,14 +180,24 @@ def cookies_from(response: httpx.Response) -> dict[str, str]:
 
 
 async def _read_media(response: httpx.Response, max_bytes: int) -> Fetched:
-    """The body of a media answer, refused beyond ``max_bytes``."""
+    """The body of a media answer, refused beyond ``max_bytes``.
+
+    The body is read as sent, never decompressed: httpx would inflate each
+    network chunk whole (and a ``Content-Encoding: gzip, gzip`` chain layer
+    by layer), so a few hundred bytes from a media host could take
+    gigabytes of memory before the limit is checked. The request asks for
+    ``identity``; an answer encoded anyway is refused (sent as a link).
+    """
     if response.status_code != 200:
         raise FetchFailed(f"HTTP {response.status_code}")
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise FetchFailed("the answer is compressed")
     if as_int(response.headers.get("content-length"), -1) > max_bytes:
         raise FetchFailed("larger than the upload limit")
     chunks: list[bytes] = []
     total = 0
-    async for chunk in response.aiter_bytes():
+    async for chunk in response.aiter_raw():
         total += len(chunk)
         if total > max_bytes:
             raise FetchFailed("larger than the upload limit")
@@ -575,7 +585,7 @@ class LiveChatClient:
                     async with client.stream(
                         "GET",
                         pinned.url,
-                        headers={"Host": pinned.host_header},
+                        headers={"Host": pinned.host_header, "Accept-Encoding": "identity"},
                         timeout=request_timeout,
                         extensions={"sni_hostname": pinned.sni_hostname},
                     ) as response:

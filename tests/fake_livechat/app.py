@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
@@ -215,7 +217,9 @@ async def cdn(request: Request) -> Response:
 
 async def media(request: Request) -> Response:
     """``GET /_media/<size>/<name>``: a caller's media URL serving ``size`` bytes
-    (``?redirect=<url>``: a 302 there instead)."""
+    (``?redirect=<url>``: a 302 there instead; ``?gzip_layers=N``: ``size``
+    zero bytes gzipped N times, sent with ``Content-Encoding: gzip`` N times
+    whatever the request accepts: a compression bomb)."""
     fake: FakeLiveChat = request.app.state.fake
     _record(fake, request, "media", request.path_params["name"], None)
     if request.path_params["name"].startswith("missing"):
@@ -224,7 +228,24 @@ async def media(request: Request) -> Response:
         return Response(status_code=302, headers={"Location": target})
     size = int(request.path_params["size"])
     content_type = request.query_params.get("type", "application/octet-stream")
+    if layers := int(request.query_params.get("gzip_layers", "0")):
+        body = _gzipped_zeros(size)  # never holds the zeros themselves
+        for _ in range(layers - 1):
+            body = gzip.compress(body)
+        encoding = ", ".join(["gzip"] * layers)
+        return Response(body, media_type=content_type, headers={"Content-Encoding": encoding})
     return Response((bytes(range(251)) * (size // 251 + 1))[:size], media_type=content_type)
+
+
+def _gzipped_zeros(size: int) -> bytes:
+    """``gzip.compress(bytes(size))``, compressed a megabyte at a time."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: the gzip format
+    block = bytes(min(size, 1 << 20))
+    parts = []
+    for start in range(0, size, len(block) or 1):
+        parts.append(packer.compress(block[: size - start]))
+    parts.append(packer.flush())
+    return b"".join(parts)
 
 
 def build_app(fake: FakeLiveChat) -> Starlette:

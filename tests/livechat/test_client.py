@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import tracemalloc
 from typing import Any
 
 import httpx
@@ -280,6 +281,26 @@ async def test_media_urls_on_private_addresses_are_fetched_only_when_listed(
     else:
         assert event["type"] == "message"
         assert f"{fake.url}/_media/100/cat.png" in event["text"]
+
+
+async def test_a_compressed_media_answer_is_never_inflated(
+    make_provider: MakeProvider, fake: FakeLiveChat
+) -> None:
+    """A few hundred bytes gzipped twice over inflate to 128 MB: httpx would
+    decode each chunk whole before the upload limit is checked. The fetch
+    asks for ``identity`` and refuses an encoded answer, unread."""
+    provider = await make_provider(HITL_LIVECHAT_MEDIA_HOSTS="127.0.0.1")
+    url = f"{fake.url}/_media/{128 * 1024 * 1024}/bomb.png?gzip_layers=2"
+    tracemalloc.start()
+    try:
+        event = await send_media(provider, fake, url)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(fake.calls(api="media")) == 1
+    assert event["type"] == "message"  # sent as a link
+    assert url in event["text"]
+    assert peak < 32 * 1024 * 1024  # the fake's own 128 MB of zeros is freed before
 
 
 async def test_a_redirect_is_checked_like_the_url_itself(
