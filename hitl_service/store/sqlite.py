@@ -666,6 +666,22 @@ def _take_process_lock(path: Path) -> str:
         return key
 
 
+def _create_private(path: Path) -> None:
+    """Creates the database file readable by its owner only, unless it exists.
+
+    It holds the provider's credentials for each user (LiveChat customer
+    tokens and identity cookies) and every transcript; sqlite3 would create
+    it with the umask's mode (0644 as a rule: readable by every local user),
+    and SQLite gives its ``-wal`` and ``-shm`` files the database's mode. An
+    existing file keeps the mode it has.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
 def _release_process_lock(key: str) -> None:
     with _held_lock:
         fd, count = _held[key]
@@ -779,6 +795,7 @@ class SqliteStore:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             if self._exclusive and self._lock_key is None:
                 self._lock_key = _take_process_lock(self._path)
+            _create_private(self._path)
         self._writer = self._connect(self._busy_timeout)
         self._migrate(self._writer)
         _check_writable(self._writer)
