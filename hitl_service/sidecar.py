@@ -464,20 +464,67 @@ class EmbeddedServer(uvicorn.Server):
         return int(sockets[0].getsockname()[1]) if sockets else 0
 
 
-def _timed_protocol(timeout: float) -> type[asyncio.Protocol]:
+MAX_HEAD_BYTES = 64 * 1024
+"""The most a request line and headers may take together (431 beyond it)."""
+_HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+)
+
+
+def _head_too_large() -> bytes:
+    body = dumps({"error": f"request line and headers larger than {MAX_HEAD_BYTES} bytes"})
+    return _HEAD_TOO_LARGE % (len(body), body.encode())
+
+
+def _timed_protocol(timeout: float, max_head: int = MAX_HEAD_BYTES) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol, closing a connection on which no request is
     being handled ``timeout`` seconds after it opened or after its last
     response: uvicorn has no timeout for a request's headers, so a client
     sending them byte by byte (or not at all) would hold a connection (a
-    file descriptor shared with gRPC and the store) for good."""
+    file descriptor shared with gRPC and the store) for good.
+
+    With httptools, it also answers 431 and closes once a request's line
+    and headers pass ``max_head`` bytes: uvicorn's httptools protocol keeps
+    them all in memory without a limit (one unauthenticated connection grew
+    the process by 400 MB in a second, and each header is joined piece by
+    piece). h11 has its own limit (16 KiB: a 400)."""
     base: Any = AutoHTTPProtocol
+    refusal = _head_too_large()
 
     class TimedProtocol(base):  # type: ignore[misc]
         _request_timer: asyncio.TimerHandle | None = None
+        _head_bytes = -1  # received since the request began; -1: not in its head
+        _head_began = False  # in the chunk being parsed
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
             self._arm_request_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            began, self._head_began = self._head_began, False
+            if self._head_bytes < 0:
+                return
+            if began and not (self.cycle is None or self.cycle.response_complete):
+                # Pipelined behind a request still being answered: this
+                # chunk may hold much of that one's body; count from the next.
+                return
+            # Counted after parsing: at most one read's worth beyond the limit.
+            self._head_bytes += len(data)
+            if self._head_bytes > max_head and not self.transport.is_closing():
+                self._head_bytes = -1
+                if self.cycle is None or self.cycle.response_complete:
+                    self.transport.write(refusal)  # else a pipelined answer is being written
+                self.transport.close()
+
+        def on_message_begin(self) -> None:  # httptools only
+            super().on_message_begin()
+            self._head_bytes, self._head_began = 0, True
+
+        def on_headers_complete(self) -> None:  # httptools only
+            self._head_bytes = -1
+            super().on_headers_complete()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()

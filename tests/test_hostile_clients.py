@@ -6,11 +6,13 @@ import asyncio
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
+from hitl_service.sidecar import MAX_HEAD_BYTES
 from tests.conftest import start_app
 
 WAIT = 20.0  # a generous bound on waiting for a state, never asserted on
@@ -79,6 +81,48 @@ async def test_a_request_that_never_completes_is_dropped(
             writer.close()
         assert answer is not None, "the sidecar still holds the stalled request"
         assert answer.startswith(expected), answer[:80]
+    finally:
+        await app.stop(grace=1)
+
+
+async def test_request_headers_beyond_the_limit_are_refused(service_env: dict[str, str]) -> None:
+    """uvicorn's httptools protocol keeps a request's headers in memory
+    without a limit until they end: one unauthenticated connection sending
+    a header that never ends grew the process by 400 MB in a second. Past
+    MAX_HEAD_BYTES the sidecar answers 431 (h11: 400) and closes."""
+    app = await start_app(service_env)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
+        # No more than this, then stop: what the server has not read when it
+        # closes would reset the connection and could drop its answer.
+        head = b"POST /webhooks/local HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
+        writer.write(head + b"a" * (MAX_HEAD_BYTES + 16_384 - len(head)))
+        await writer.drain()
+        try:
+            answer = await asyncio.wait_for(reader.read(), WAIT)  # until the server closes
+        finally:
+            writer.close()
+        assert answer.startswith((b"HTTP/1.1 431 ", b"HTTP/1.1 400 ")), answer[:80]
+        # A request within the limit is served.
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as http:
+            response = await http.get("/healthz", headers={"X-Big": "a" * 30_000})
+        assert response.status_code == 200
+        # A pipelined request's head arriving with much of the body before it
+        # is not counted as head.
+        body = b"{}" + b" " * 300_000
+        first = b"POST /webhooks/local HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        first += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        second = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
+        writer.write(first + body + second)
+        await writer.drain()
+        try:
+            answers = await asyncio.wait_for(reader.read(), WAIT)
+        finally:
+            writer.close()
+        assert answers.startswith(b"HTTP/1.1 404 "), answers[:80]  # local takes no webhooks
+        assert answers.count(b"HTTP/1.1 ") == 2, answers
+        assert b"HTTP/1.1 200 " in answers, answers
     finally:
         await app.stop(grace=1)
 
