@@ -317,17 +317,20 @@ def build_sidecar(
     async def webhook(request: Request) -> Response:
         """Request context, metrics and one log line around ``_webhook``."""
         name = request.path_params["provider"]
+        # Anyone can send any path (up to the 64 KiB request head): what is
+        # logged and answered of it is bounded, not a copy of each request.
+        shown = name if len(name) <= 64 else name[:63] + "…"
         activity.current += 1
         clear_contextvars()
         raw_id = request.headers.get("x-request-id", "")
         request_id = raw_id[:128] if raw_id.isprintable() and raw_id else secrets.token_hex(8)
-        bind_contextvars(request_id=request_id, route="webhook", provider=name)
+        bind_contextvars(request_id=request_id, route="webhook", provider=shown)
         started = time.perf_counter()
         outcome = ["failed"]
         admitted = admission.admit()
         try:
             if admitted:
-                response = await _webhook(request, name, outcome)
+                response = await _webhook(request, name, shown, outcome)
             else:
                 outcome[0] = "overloaded"
                 response = admission.refusal()
@@ -343,10 +346,10 @@ def build_sidecar(
             metrics.child(metrics.webhook_seconds, label).observe(elapsed)
             log.info("webhook.done", outcome=outcome[0], duration_ms=round(elapsed * 1000, 3))
 
-    async def _webhook(request: Request, name: str, outcome: list[str]) -> Response:
+    async def _webhook(request: Request, name: str, shown: str, outcome: list[str]) -> Response:
         if name != provider.name:
             outcome[0] = "unknown_provider"
-            return error(404, f"no provider named {name!r} is configured here")
+            return error(404, f"no provider named {shown!r} is configured here")
         try:
             body = await read_bounded_body(request, settings)
         except BodyRefused as refused:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 import structlog
+from structlog.contextvars import merge_contextvars
 
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from providers.types import Agent, AgentAssigned
@@ -254,6 +255,16 @@ class TestWebhooks:
         other = await hook.post("/webhooks/livechat", content=b"{}")
         assert other.status_code == 404
         assert "livechat" in other.json()["error"]
+
+    async def test_an_unknown_provider_name_is_logged_and_answered_shortened(
+        self, hook: httpx.AsyncClient
+    ) -> None:
+        with structlog.testing.capture_logs(processors=[merge_contextvars]) as logs:
+            other = await hook.post("/webhooks/" + "x" * 50_000, content=b"{}")
+        assert other.status_code == 404
+        assert len(other.content) < 200
+        [done] = [entry for entry in logs if entry["event"] == "webhook.done"]
+        assert done["provider"] == "x" * 63 + "…"
 
     async def test_unknown_action_is_ignored_with_200(self, hook: httpx.AsyncClient) -> None:
         response = await post(hook, envelope("C", "k", kind="typing"))
