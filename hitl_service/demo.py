@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 import uuid
 from typing import TYPE_CHECKING, TextIO
@@ -24,8 +25,18 @@ if TYPE_CHECKING:
 _TIMEOUT = 30.0
 
 
+# Control characters but tab and line feed: what the other side writes must
+# not drive the terminal (escape sequences set its title, write the
+# clipboard, move the cursor over earlier lines).
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def describe(event: pb.Event) -> str:
-    """One human line for an event."""
+    """One human line for an event, its control characters shown as escapes."""
+    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", _describe(event))
+
+
+def _describe(event: pb.Event) -> str:
     kind = event.WhichOneof("kind")
     if kind == "started":
         return (

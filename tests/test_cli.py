@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -417,6 +418,49 @@ async def test_demo_ctrl_d_after_the_server_went_away(app: App, tmp_path: Path) 
     assert "Traceback" not in err.decode(), err.decode()
     assert "could not end the handoff: UNAVAILABLE" in out.decode()
     assert proc.returncode == 1
+
+
+async def test_the_demo_prints_what_the_agent_writes_without_its_control_characters(
+    app: App, tmp_path: Path
+) -> None:
+    """Whoever reaches the console acts as an agent: escape sequences in a
+    reply (set the window title, write the clipboard, rewrite earlier
+    lines) must reach the demo's terminal as text, not drive it."""
+    proc = await asyncio.create_subprocess_exec(
+        *HITL,
+        "demo",
+        "--target",
+        f"127.0.0.1:{app.grpc_port}",
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=tmp_path,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    try:
+        first = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert b"started" in first, first
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as http:
+            (conv,) = (await http.get("/console/api/state")).json()["conversations"]
+            path = f"/console/api/conversations/{conv['id']}"
+            assert (await http.post(f"{path}/take", json={"agent": "Al"})).status_code == 200
+            text = "\x1b]52;c;b3duZWQ=\x07hi\r\x9b2J\nsecond line"
+            reply = await http.post(f"{path}/reply", json={"agent": "Al", "text": text})
+            assert reply.status_code == 200
+        printed = b""
+        while b"second line" not in printed:
+            printed += await asyncio.wait_for(proc.stdout.readline(), 30)
+        proc.stdin.close()  # Ctrl-D: ends the handoff
+        await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    shown = printed.decode()
+    assert "Al: \\x1b]52;c;b3duZWQ=\\x07hi\\x0d\\x9b2J\nsecond line" in shown, shown
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", shown), shown
 
 
 async def test_a_second_process_on_one_sqlite_file_stops_at_start(
