@@ -50,7 +50,7 @@ def build_grpc_server(
         options=GRPC_OPTIONS,
     )
     add_hitl_service(HitlServicer(core), server)
-    health_servicer = KnownServicesHealth()
+    health_servicer = KnownServicesHealth(max_watches=settings.stream_max_open)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -63,15 +63,33 @@ class KnownServicesHealth(health.aio.HealthServicer):
     does not have is NOT_FOUND (as ``Check`` is) instead of a SERVICE_UNKNOWN
     stream: health needs no API token, and the reference ``Watch`` keeps the
     requested name (up to a whole 1 MiB message) for as long as the client
-    holds the stream open."""
+    holds the stream open. For the same reason at most ``max_watches``
+    ``Watch`` streams are open at once (about 20 KB each: without a cap,
+    anyone reaching the port could open them until memory runs out); one
+    more is RESOURCE_EXHAUSTED."""
 
     KNOWN = frozenset({"", SERVICE_NAME})
+
+    def __init__(self, max_watches: int = 10_000) -> None:
+        super().__init__()
+        self._max_watches = max_watches
+        self._watches = 0
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
         """See base class."""
         if request.service not in self.KNOWN:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
-        await super().Watch(request, context)
+        if self._watches >= self._max_watches:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "this server has as many health watches open as HITL_STREAM_MAX_OPEN allows; "
+                "use Check, or retry later",
+            )
+        self._watches += 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self._watches -= 1
 
 
 def event_serializer(event: pb.Event | bytes) -> bytes:

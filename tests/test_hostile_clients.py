@@ -148,3 +148,44 @@ async def test_one_client_cannot_open_streams_without_end(service_env: dict[str,
         assert codes == [grpc.StatusCode.UNAVAILABLE] * 3
     finally:
         await app.stop(grace=1)
+
+
+async def test_one_client_cannot_open_health_watches_without_end(
+    service_env: dict[str, str],
+) -> None:
+    """Health needs no API token, and each open Watch costs about 20 KB
+    (6480 of them: +140 MB): a process keeps at most HITL_STREAM_MAX_OPEN,
+    and a closed one makes room for another."""
+    service_env["HITL_API_TOKENS"] = "first-token-1234"
+    service_env["HITL_STREAM_MAX_OPEN"] = "3"
+    app = await start_app(service_env)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            health: Any = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service="")
+            watches = [health.Watch(request) for _ in range(3)]
+            for watch in watches:
+                first = await asyncio.wait_for(watch.read(), WAIT)
+                assert first.status == health_pb2.HealthCheckResponse.SERVING
+            refused = health.Watch(request)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await asyncio.wait_for(refused.read(), WAIT)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            watches.pop().cancel()
+
+            async def reopened() -> Any:
+                while True:  # the server learns of the cancellation in its own time
+                    again = health.Watch(request)
+                    try:
+                        return await again.read()
+                    except grpc.aio.AioRpcError as exc:
+                        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    finally:
+                        watches.append(again)
+
+            answer = await asyncio.wait_for(reopened(), WAIT)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            for watch in watches:
+                watch.cancel()
+    finally:
+        await app.stop(grace=1)
