@@ -469,15 +469,16 @@ class EmbeddedServer(uvicorn.Server):
 
 MAX_HEAD_BYTES = 64 * 1024
 """The most a request line and headers may take together (431 beyond it)."""
-_HEAD_TOO_LARGE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-    b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
-)
 
 
-def _head_too_large() -> bytes:
-    body = dumps({"error": f"request line and headers larger than {MAX_HEAD_BYTES} bytes"})
-    return _HEAD_TOO_LARGE % (len(body), body.encode())
+def _raw_error(status: bytes, reason: str) -> bytes:
+    """A whole HTTP/1.1 answer with a JSON reason, for the protocol to write
+    when no request reached the app (the connection closes after it)."""
+    body = dumps({"error": reason}).encode()
+    return (
+        b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: %d\r\n\r\n%s" % (status, len(body), body)
+    )
 
 
 def _timed_protocol(timeout: float, max_head: int = MAX_HEAD_BYTES) -> type[asyncio.Protocol]:
@@ -491,9 +492,13 @@ def _timed_protocol(timeout: float, max_head: int = MAX_HEAD_BYTES) -> type[asyn
     and headers pass ``max_head`` bytes: uvicorn's httptools protocol keeps
     them all in memory without a limit (one unauthenticated connection grew
     the process by 400 MB in a second, and each header is joined piece by
-    piece). h11 has its own limit (16 KiB: a 400)."""
+    piece). h11 has its own limit (16 KiB: a 400). A request the parser
+    refuses is answered 400 with a JSON reason."""
     base: Any = AutoHTTPProtocol
-    refusal = _head_too_large()
+    refusal = _raw_error(
+        b"431 Request Header Fields Too Large",
+        f"request line and headers larger than {max_head} bytes",
+    )
 
     class TimedProtocol(base):  # type: ignore[misc]
         _request_timer: asyncio.TimerHandle | None = None
@@ -520,6 +525,12 @@ def _timed_protocol(timeout: float, max_head: int = MAX_HEAD_BYTES) -> type[asyn
                 if self.cycle is None or self.cycle.response_complete:
                     self.transport.write(refusal)  # else a pipelined answer is being written
                 self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            """A request the HTTP parser refused: the reason as JSON, like
+            every other 4xx (uvicorn answers in plain text)."""
+            self.transport.write(_raw_error(b"400 Bad Request", msg))
+            self.transport.close()
 
         def on_message_begin(self) -> None:  # httptools only
             super().on_message_begin()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import grpc
@@ -123,6 +124,26 @@ async def test_request_headers_beyond_the_limit_are_refused(service_env: dict[st
         assert answers.startswith(b"HTTP/1.1 404 "), answers[:80]  # local takes no webhooks
         assert answers.count(b"HTTP/1.1 ") == 2, answers
         assert b"HTTP/1.1 200 " in answers, answers
+    finally:
+        await app.stop(grace=1)
+
+
+async def test_a_request_the_http_parser_refuses_gets_a_json_reason(
+    service_env: dict[str, str],
+) -> None:
+    app = await start_app(service_env)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
+        writer.write(b"POST /webhooks/local HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header: x\r\n\r\n")
+        await writer.drain()
+        try:
+            answer = await asyncio.wait_for(reader.read(), WAIT)  # until the server closes
+        finally:
+            writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), answer[:80]
+        assert b"content-type: application/json" in head.lower(), head
+        assert json.loads(body)["error"], body
     finally:
         await app.stop(grace=1)
 
