@@ -169,10 +169,11 @@ async def _serve(settings: Settings) -> int:
     _configure_logs(settings)
     # In JSON, every line is a log line: ``service.ready`` has the ports.
     console = settings.log_format == "console"
+    scrub = _scrubber(settings)
     try:
         app = build_app(settings)
     except ConfigError as exc:
-        return _fatal(console, "configuration error", exc, EXIT_CONFIG)
+        return _fatal(console, "configuration error", scrub(str(exc)), EXIT_CONFIG)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -188,11 +189,11 @@ async def _serve(settings: Settings) -> int:
             await app.stop(grace=0)
             return 0
     except ProviderConfigError as exc:  # found when the provider opens (its files)
-        code = _fatal(console, "configuration error", exc, EXIT_CONFIG)
+        code = _fatal(console, "configuration error", scrub(str(exc)), EXIT_CONFIG)
         await app.stop(grace=0)
         return code
     except (StoreUnavailable, OSError, ProviderError) as exc:
-        code = _fatal(console, "cannot start", exc, EXIT_PROBLEMS)
+        code = _fatal(console, "cannot start", scrub(str(exc)), EXIT_PROBLEMS)
         await app.stop(grace=0)
         return code
     if console:
@@ -207,14 +208,14 @@ async def _serve(settings: Settings) -> int:
     return 0
 
 
-def _fatal(console: bool, what: str, exc: BaseException, code: int) -> int:
+def _fatal(console: bool, what: str, error: str, code: int) -> int:
     """The last words of a ``serve`` that cannot run: one plain line, or in
     JSON one ``service.start_failed`` object like every other line (a log
     shipper drops what does not parse)."""
     if console:
-        print(f"hitl-service: {what}: {exc}", file=sys.stderr)
+        print(f"hitl-service: {what}: {error}", file=sys.stderr)
     else:
-        log.error("service.start_failed", reason=what, error=str(exc), exit_code=code)
+        log.error("service.start_failed", reason=what, error=error, exit_code=code)
     return code
 
 
@@ -272,10 +273,6 @@ def _print_banner(app: object, out: TextIO) -> None:
     print("\n".join(lines), file=out, flush=True)
 
 
-_SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "PRIVATE_KEY", "CREDENTIAL")
-"""Words naming a secret setting (``providers.base.ProviderDeps.env`` says so)."""
-
-
 class _NoService:
     """The sink of a provider built outside ``serve`` (``check``, provider
     commands): no core runs to store what it delivers, so every batch is
@@ -292,14 +289,16 @@ class _NoService:
 
 def _secrets(settings: Settings) -> list[Secret]:
     """Every configured secret, for the log redactor's safety net."""
-    found: list[Secret] = list(settings.api_tokens)
-    if settings.store_url.scheme == "postgresql":
-        found.append(settings.store_url.dsn)
-    for key, value in settings.env.items():
-        upper = key.upper()
-        if upper.startswith("HITL_") and any(w in upper for w in _SECRET_WORDS):
-            found.extend(Secret(v) for v in value.split(",") if v)
-    return found
+    return settings.secrets()
+
+
+def _scrubber(settings: Settings) -> Callable[[str], str]:
+    """Masks the configured secrets in text printed for a person: a
+    provider's error may carry its own (a library error naming the URL it
+    called, key and all)."""
+    from hitl_service.logs import SecretRedactor
+
+    return SecretRedactor(settings.secrets()).scrub
 
 
 async def _check(settings: Settings, out: TextIO) -> int:
@@ -313,6 +312,7 @@ async def _check(settings: Settings, out: TextIO) -> int:
     from hitl_service.store import open_store
     from providers.errors import ProviderConfigError, ProviderError
 
+    scrub = _scrubber(settings)
     problems = 0
     out.write(
         f"settings: ok (provider {settings.provider}, gRPC {settings.grpc_addr}, "
@@ -348,7 +348,7 @@ async def _check(settings: Settings, out: TextIO) -> int:
             out.write(f"store: ok ({settings.store_url.redacted()}, schema version {version})\n")
         except StoreUnavailable as exc:
             problems += 1
-            out.write(f"store: PROBLEM (HITL_STORE_URL): {exc}\n")
+            out.write(f"store: PROBLEM (HITL_STORE_URL): {scrub(str(exc))}\n")
         finally:
             await store.close()
     try:
@@ -356,7 +356,7 @@ async def _check(settings: Settings, out: TextIO) -> int:
             settings, sink=_NoService(), clock=SystemClock(), registry=CollectorRegistry()
         )
     except ConfigError as exc:
-        out.write(f"provider {settings.provider}: PROBLEM: {exc}\n")
+        out.write(f"provider {settings.provider}: PROBLEM: {scrub(str(exc))}\n")
         return EXIT_CONFIG
     found: list[str] = []
     timeout = settings.provider_timeout
@@ -365,7 +365,7 @@ async def _check(settings: Settings, out: TextIO) -> int:
         async with bound:
             await open_provider(provider)
     except ProviderConfigError as exc:
-        out.write(f"provider {provider.name}: PROBLEM: {exc}\n")
+        out.write(f"provider {provider.name}: PROBLEM: {scrub(str(exc))}\n")
         return EXIT_CONFIG
     except (ProviderError, OSError) as exc:  # OSError: TimeoutError too
         if bound.expired():
@@ -381,7 +381,7 @@ async def _check(settings: Settings, out: TextIO) -> int:
     if found:
         problems += len(found)
         for problem in found:
-            out.write(f"provider {provider.name}: PROBLEM: {problem}\n")
+            out.write(f"provider {provider.name}: PROBLEM: {scrub(problem)}\n")
     else:
         out.write(f"provider {provider.name}: ok\n")
     out.write("all checks passed\n" if not problems else f"{problems} problem(s) found\n")
@@ -420,6 +420,7 @@ async def _run_provider_command(settings: Settings, argv: list[str]) -> int:
     from providers.base import SupportsCommands
     from providers.errors import ProviderConfigError, ProviderError
 
+    scrub = _scrubber(settings)
     try:
         provider = load_provider(
             settings, sink=_NoService(), clock=SystemClock(), registry=CollectorRegistry()
@@ -433,16 +434,19 @@ async def _run_provider_command(settings: Settings, argv: list[str]) -> int:
     try:
         await open_provider(provider)
     except ProviderConfigError as exc:
-        print(f"hitl-service: configuration error: {exc}", file=sys.stderr)
+        print(f"hitl-service: configuration error: {scrub(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
     except (ProviderError, OSError) as exc:
-        print(f"hitl-service {provider.name}: cannot open the provider: {exc}", file=sys.stderr)
+        print(
+            f"hitl-service {provider.name}: cannot open the provider: {scrub(str(exc))}",
+            file=sys.stderr,
+        )
         return EXIT_PROBLEMS
     try:
         return await provider.run_command(argv, sys.stdout)
     except ProviderError as exc:
-        print(f"hitl-service {provider.name}: {exc}", file=sys.stderr)
+        print(f"hitl-service {provider.name}: {scrub(str(exc))}", file=sys.stderr)
         return EXIT_PROBLEMS
     finally:
         for problem in await close_provider(provider, settings.provider_timeout):
-            print(f"hitl-service {provider.name}: {problem}", file=sys.stderr)
+            print(f"hitl-service {provider.name}: {scrub(problem)}", file=sys.stderr)

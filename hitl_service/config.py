@@ -41,6 +41,10 @@ class ConfigError(ValueError):
         self.variable = variable
 
 
+SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "API_KEY", "PRIVATE_KEY", "CREDENTIAL")
+"""Words naming a secret setting (``providers.base.ProviderDeps.env`` says so)."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoreUrl:
     """A parsed ``HITL_STORE_URL``; ``repr`` hides any password."""
@@ -143,6 +147,19 @@ class Settings:
     # loss, for an fsync of the WAL per COMMIT (shared by a group commit).
     sqlite_synchronous: SqliteSync = "normal"
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def secrets(self) -> list[Secret]:
+        """Every configured secret: the API tokens, a PostgreSQL DSN, and
+        each ``HITL_*`` setting whose name says it holds one (see
+        ``SECRET_WORDS``), for masking what the service shows and logs."""
+        found: list[Secret] = list(self.api_tokens)
+        if self.store_url.scheme == "postgresql":
+            found.append(self.store_url.dsn)
+        for key, value in self.env.items():
+            upper = key.upper()
+            if upper.startswith("HITL_") and any(w in upper for w in SECRET_WORDS):
+                found.extend(Secret(v) for v in value.split(",") if v)
+        return found
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

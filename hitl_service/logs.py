@@ -81,6 +81,13 @@ class SecretRedactor:
                 event_dict[key] = self._clean(key, value)
         return event_dict
 
+    def scrub(self, text: str) -> str:
+        """``text`` with every registered secret masked."""
+        for secret in self._values:
+            if secret in text:
+                text = text.replace(secret, _MASK)
+        return text
+
     def _clean(self, key: str, value: Any) -> Any:
         if key.lower() in _SECRET_KEYS and value not in (None, ""):
             return _MASK

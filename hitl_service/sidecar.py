@@ -30,6 +30,7 @@ from hitl_service.activity import Activity
 from hitl_service.codec import kind_to_json
 from hitl_service.domain import DeadLetter, new_id
 from hitl_service.errors import StoreUnavailable
+from hitl_service.logs import SecretRedactor
 from hitl_service.provider_calls import probe_provider
 from hitl_service.store.rows import dumps
 from providers.errors import WebhookRejected
@@ -301,6 +302,7 @@ def build_sidecar(
     activity = activity or Activity()
     admission = Admission(activity, settings.http_max_in_flight)
     readiness = Readiness(core.ctx.store, provider)
+    scrub = SecretRedactor(settings.secrets()).scrub
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -308,6 +310,9 @@ def build_sidecar(
     async def readyz(request: Request) -> Response:
         problems = await readiness.check(timeout=min(5.0, settings.provider_timeout))
         if problems:
+            # A provider's error may carry its own secrets (a library error
+            # naming the URL it called), and this listener faces webhook senders.
+            problems = {part: scrub(problem) for part, problem in problems.items()}
             return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready", "store": "ok", "provider": "ok"})
 

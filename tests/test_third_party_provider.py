@@ -172,6 +172,41 @@ class TestLifecycle:
         assert "provider zendesk: PROBLEM: cannot open the provider" in out
 
 
+class TestSecretsInProblems:
+    """A provider's errors may carry its own secrets (a library error naming
+    the URL it called): /readyz (on the listener that faces webhook senders),
+    ``check`` and ``serve`` show them masked, as the logs do."""
+
+    async def test_readyz(self, env: dict[str, str]) -> None:
+        async with zendesk(env) as (_app, provider, _stub, http):
+
+            async def probe(timeout: float) -> list[str]:
+                raise PermissionError(f"401 Unauthorized for https://zendesk.test/?key={API_KEY}")
+
+            provider.probe_hook = probe
+            response = await http.get("/readyz")
+        assert response.status_code == 503
+        problem = response.json()["problems"]["provider"]
+        assert "401 Unauthorized for https://zendesk.test/?key=" in problem
+        assert API_KEY not in problem
+
+    async def test_check_and_serve(self, env: dict[str, str], site: Path, tmp_path: Path) -> None:
+        env = {
+            **env,
+            "HITL_ZENDESK_MODES": "open=leak",
+            "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]),
+        }
+        code, out, err = await run(["check"], env, tmp_path)
+        assert "provider zendesk: PROBLEM: cannot open the provider" in out
+        assert "401 Unauthorized" in out
+        assert API_KEY not in out + err
+        code, out, err = await run(["serve"], env, tmp_path)
+        assert code == 1
+        assert "hitl-service: cannot start: " in err
+        assert "401 Unauthorized" in err
+        assert API_KEY not in out + err
+
+
 def test_a_providers_api_key_setting_is_masked_in_logs(env: dict[str, str]) -> None:
     """Secret settings are recognized by their names (ProviderDeps.env says
     which words); ``_API_KEY`` is one."""

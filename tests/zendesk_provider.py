@@ -59,6 +59,10 @@ class ZendeskProvider:
             raise ConnectionRefusedError(f"[Errno 111] {call}: connection refused")
         if mode == "bug":
             raise KeyError("tenant")
+        if mode == "leak":  # a library error naming the URL it called, key and all
+            raise PermissionError(
+                f"401 Unauthorized for https://zendesk.test/{call}?key={self._key}"
+            )
         if mode == "hang":
             await asyncio.Event().wait()
 
