@@ -202,7 +202,7 @@ class TestSecretsInProblems:
         assert API_KEY not in out + err
         code, out, err = await run(["serve"], env, tmp_path)
         assert code == 1
-        assert "hitl-service: cannot start: " in err
+        assert "cannot start" in err  # the service.start_failed line (JSON)
         assert "401 Unauthorized" in err
         assert API_KEY not in out + err
 
