@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -34,9 +36,12 @@ _AUTHOR_LABELS: Final = {Author.USER: "User", Author.BOT: "Bot", Author.AGENT: "
 def split_text(text: str, limit: int = MAX_TEXT_BYTES) -> list[str]:
     """Splits text into pieces of at most ``limit`` UTF-8 bytes.
 
-    Pieces never cut a character in two, and break after whitespace when
-    there is some near the end of a piece, so words stay whole. Joining the
-    pieces gives the text back exactly.
+    Pieces never cut a character in two, nor (unless one is longer than a
+    piece) what a reader sees as one character: an accent and its letter, an
+    emoji joined with ZWJ or given a skin tone, a flag's two letters, a Hangul
+    syllable's jamo, CR LF. They break after whitespace when there is some
+    near the end of a piece, so words stay whole. Joining the pieces gives the
+    text back exactly.
     """
     if limit < 4:
         raise ValueError("limit must hold at least one UTF-8 character (4 bytes)")
@@ -46,18 +51,99 @@ def split_text(text: str, limit: int = MAX_TEXT_BYTES) -> list[str]:
     pieces: list[str] = []
     start = 0
     while len(data) - start > limit:
-        end = start + limit
-        # Back up to a character boundary: continuation bytes are 0b10xxxxxx.
-        while end > start and (data[end] & 0xC0) == 0x80:
-            end -= 1
+        end = _char_start(data, start + limit, start)
         window = data[max(start, end - _SPLIT_LOOKBACK) : end]
         cut = max(window.rfind(b" "), window.rfind(b"\n"), window.rfind(b"\t"))
         if cut >= 0:
             end = max(start, end - _SPLIT_LOOKBACK) + cut + 1
+        end = _cluster_start(data, end, start)
         pieces.append(data[start:end].decode("utf-8", "surrogatepass"))
         start = end
     pieces.append(data[start:].decode("utf-8", "surrogatepass"))
     return pieces
+
+
+def _char_start(data: bytes, index: int, floor: int = 0) -> int:
+    """``index`` moved back to the first byte of its character (not below ``floor``)."""
+    # Continuation bytes are 0b10xxxxxx.
+    while index > floor and (data[index] & 0xC0) == 0x80:
+        index -= 1
+    return index
+
+
+def _char_at(data: bytes, index: int) -> str:
+    end = index + 1
+    while end < len(data) and (data[end] & 0xC0) == 0x80:
+        end += 1
+    return data[index:end].decode("utf-8", "surrogatepass")
+
+
+def _is_regional_indicator(char: str) -> bool:
+    return "\U0001f1e6" <= char <= "\U0001f1ff"
+
+
+def _extends(char: str) -> bool:
+    """Whether ``char`` belongs to the character before it (Grapheme_Extend,
+    spacing marks, ZWJ, variation selectors, emoji modifiers and tags)."""
+    return (
+        unicodedata.category(char) in ("Mn", "Me", "Mc")
+        or char in ("\u200c", "\u200d")
+        or "\ufe00" <= char <= "\ufe0f"
+        or "\U0001f3fb" <= char <= "\U0001f3ff"
+        or "\U000e0020" <= char <= "\U000e007f"
+        or "\U000e0100" <= char <= "\U000e01ef"
+    )
+
+
+def _hangul(char: str) -> str:
+    """The Hangul syllable type of ``char``: L, V, T, LV/LVT ("S") or ""."""
+    if "\u1100" <= char <= "\u115f" or "\ua960" <= char <= "\ua97f":
+        return "L"
+    if "\u1160" <= char <= "\u11a7" or "\ud7b0" <= char <= "\ud7c6":
+        return "V"
+    if "\u11a8" <= char <= "\u11ff" or "\ud7cb" <= char <= "\ud7fb":
+        return "T"
+    if "\uac00" <= char <= "\ud7a3":
+        return "S"
+    return ""
+
+
+def _is_cluster_boundary(data: bytes, index: int, start: int) -> bool:
+    """Whether a cut at byte ``index`` (a character start inside ``data``)
+    leaves every user-perceived character whole (a close approximation of
+    Unicode's extended grapheme cluster rules). ``start``, where the piece
+    begins, is itself such a cut."""
+    before_start = _char_start(data, index - 1)
+    before, after = _char_at(data, before_start), _char_at(data, index)
+    if (before, after) == ("\r", "\n") or before == "\u200d" or _extends(after):
+        return False
+    if _is_regional_indicator(before) and _is_regional_indicator(after):
+        # Flags pair up from the start of their run, and the piece started
+        # between two: cut only after an even number of them.
+        piece = data[start:index].decode("utf-8", "surrogatepass")
+        run = _REGIONAL_RUN.search(piece)
+        return run is None or len(run.group()) % 2 == 0
+    first, second = _hangul(before), _hangul(after)
+    # A syllable's jamo: a leading consonant with what follows, a vowel or
+    # trailing consonant with what precedes.
+    return not (first and second and (first == "L" or second in ("V", "T")))
+
+
+_REGIONAL_RUN: Final = re.compile("[\U0001f1e6-\U0001f1ff]+\\Z")
+
+
+def _cluster_start(data: bytes, end: int, start: int) -> int:
+    """``end`` (a character start) moved back to the nearest cut above
+    ``start`` that keeps user-perceived characters whole; ``end`` itself if
+    there is none within ``_SPLIT_LOOKBACK`` bytes (a cluster that long, such
+    as a letter under hundreds of accents, is cut anyway)."""
+    floor = max(start, end - _SPLIT_LOOKBACK)
+    at = end
+    while at > floor:
+        if _is_cluster_boundary(data, at, start):
+            return at
+        at = _char_start(data, at - 1, floor)
+    return end
 
 
 def card_event(card: Card, postback_prefix: str) -> dict[str, Any]:

@@ -126,6 +126,25 @@ class TestUserToAgent:
         assert all(len(p["text"].encode()) <= 16 * 1024 for p in parts)
         assert "".join(p["text"] for p in parts) == long_text
 
+    async def test_split_parts_keep_flags_and_emoji_sequences_whole(
+        self, lc: LiveChatService
+    ) -> None:
+        session = await lc.start()
+        family = "👩\u200d👩\u200d👧"  # one emoji: three people joined by ZWJ
+        # A cut by bytes alone would land between the two letters of a flag.
+        text = "Flags and family: " + ("🇺🇦🇩🇪" + family) * 1100
+        request_id = rid()
+        await lc.send(session.id, text, request_id)
+        parts = [
+            e["text"]
+            for e in lc.fake.events(session.external_chat_id)
+            if e.get("custom_id", "").startswith(request_id)
+        ]
+        assert len(parts) > 1
+        assert "".join(parts) == text
+        for part in parts[1:]:
+            assert part.startswith(("🇺🇦", "🇩🇪", family)), repr(part[:3])
+
     async def test_media_of_every_kind_is_uploaded_so_the_agent_sees_the_file(
         self, lc: LiveChatService
     ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -38,6 +39,37 @@ class TestSplitText:
         pieces = mapping.split_text(text)
         assert all(p.endswith(" ") for p in pieces[:-1])
         assert "".join(pieces) == text
+
+    @pytest.mark.parametrize(
+        ("prefix", "unit"),
+        [
+            ("a", "🇩🇪🇫🇷"),  # flags pair up from the start of their run
+            ("a", "👨\u200d👩\u200d👧"),  # a ZWJ sequence
+            ("a", "👍🏽"),  # a skin tone
+            ("a", "e\u0301"),  # a combining accent
+            ("a", "a\ufe0f"),  # a variation selector
+            ("x", "\r\n"),
+            ("a", "\u1100\u1161\u11a8"),  # a Hangul syllable's jamo
+        ],
+    )
+    def test_never_cuts_what_a_reader_sees_as_one_character(self, prefix: str, unit: str) -> None:
+        # "🇩🇪🇫🇷" is two flags: a cut between them is fine, within one is not.
+        whole = unit[:2] if unit.startswith("🇩") else unit
+        text = prefix + unit * (40_000 // len(unit.encode()))
+        pieces = mapping.split_text(text)
+        assert len(pieces) > 1
+        assert "".join(pieces) == text
+        assert all(len(p.encode()) <= mapping.MAX_TEXT_BYTES for p in pieces)
+        at = 0
+        for piece in pieces[:-1]:
+            at += len(piece)
+            assert (at - len(prefix)) % len(whole) == 0, (piece[-3:], text[at : at + 3])
+
+    def test_a_cluster_longer_than_a_piece_is_cut_anyway(self) -> None:
+        text = "e" + "\u0301" * 40
+        pieces = mapping.split_text(text, 16)
+        assert "".join(pieces) == text
+        assert all(len(p.encode()) <= 16 for p in pieces)
 
     @given(st.text(min_size=0, max_size=400), st.integers(min_value=4, max_value=64))
     def test_property_round_trip_and_limit(self, text: str, limit: int) -> None:
