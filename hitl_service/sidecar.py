@@ -383,6 +383,10 @@ def build_sidecar(
             return error(500, "the events could not be processed", error_id=error_id)
         outcome[0] = result.outcome
         bind_contextvars(action=batch.action, events=result.added)
+        if batch.ignored:
+            # Why the provider took nothing from it (an echo, a note, an event
+            # type it does not know): otherwise the line says only "ignored".
+            bind_contextvars(ignored=batch.ignored[:200])
         return JSONResponse(
             {
                 "accepted": result.added,

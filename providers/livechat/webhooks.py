@@ -58,6 +58,14 @@ _UNUSED_ACTIONS: Final = frozenset(
 )
 
 
+# Event types of LiveChat's v3.6 docs; one outside them is new (see
+# ``WebhookParser._unknown_type``). Only message, file and rich_message carry
+# something for the end user.
+_KNOWN_EVENT_TYPES: Final = frozenset(
+    {"message", "file", "rich_message", "system_message", "form", "filled_form", "custom", "system"}
+)
+
+
 def _bad(reason: str) -> WebhookRejected:
     return WebhookRejected(400, reason)
 
@@ -84,6 +92,7 @@ class WebhookParser:
         self._secrets = secrets
         self._organization_id = organization_id.lower()
         self._memory = memory
+        self._warned_types: set[str] = set()
         self._handlers: dict[str, Callable[[dict[str, Any]], WebhookBatch]] = {
             "incoming_event": self._incoming_event,
             "incoming_chat": self._incoming_chat,
@@ -135,7 +144,18 @@ class WebhookParser:
         inbound, why = normalize.message_event(
             self._memory, chat_id, event, as_str(payload.get("thread_id"))
         )
+        if inbound is None and event.type not in _KNOWN_EVENT_TYPES:
+            self._unknown_type(event.type, chat_id)
         return self._batch("incoming_event", [inbound] if inbound else [], why)
+
+    def _unknown_type(self, event_type: str, chat_id: str) -> None:
+        """Warns, once per type, of an event type LiveChat added since: its
+        content reaches nobody until the bridge learns it."""
+        event_type = event_type[:64]
+        if event_type in self._warned_types or len(self._warned_types) >= 100:
+            return
+        self._warned_types.add(event_type)
+        log.warning("livechat.unknown_event_type", event_type=event_type, chat_id=chat_id[:64])
 
     def _incoming_chat(self, payload: dict[str, Any]) -> WebhookBatch:
         if not isinstance(payload.get("chat"), dict):

@@ -17,6 +17,8 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
 
 from hitl_service.cli import _check
 from hitl_service.config import Settings
@@ -331,6 +333,58 @@ class TestAgentToUser:
         # ... and only the agent's reply is in the log, once.
         events = await lc.log(session.id)
         assert agent_texts(events) == ["Hello Ada, how can I help?"]
+
+    async def test_events_for_nobody_are_skipped_saying_why_and_later_messages_still_arrive(
+        self, lc: LiveChatService
+    ) -> None:
+        session = await lc.start()
+        stored = await lc.app.store.get_session(session.id)
+        assert stored is not None
+        thread = stored.chat_state["thread_id"]
+        lc.fake.agent_join(session.external_chat_id, JANE[0])
+        skipped: list[dict[str, Any]] = [
+            {"type": "system_message", "system_message_type": "rating.chat_rated", "text": "Good"},
+            {"type": "form", "form_id": "f1", "fields": [{"type": "email", "label": "E-mail"}]},
+            {"type": "custom", "content": {"widget": "map"}},
+            {"type": "voice_note", "url": "https://cdn.example/v.ogg"},  # new at LiveChat
+            {"type": "voice_note", "url": "https://cdn.example/w.ogg"},
+            {"type": "message", "text": "after all that"},
+        ]
+        with capture_logs(processors=[merge_contextvars]) as logs:
+            for number, event in enumerate(skipped, start=70):
+                await post_webhook(
+                    lc,
+                    "incoming_event",
+                    {
+                        "chat_id": session.external_chat_id,
+                        "thread_id": thread,
+                        "event": {
+                            "id": f"{thread}_{number}",
+                            "author_id": JANE[0],
+                            "created_at": "2026-03-02T10:15:07.123456Z",
+                            "visibility": "all",
+                            **event,
+                        },
+                    },
+                )
+        async with EventCollector(lc.stub, session_id=session.id, after="0") as stream:
+            await wait_for(lambda: "agent_message" in stream.kinds(), what="the message")
+        assert agent_texts(stream.events) == ["after all that"]
+        done = [
+            line
+            for line in logs
+            if line["event"] == "webhook.done" and line.get("action") == "incoming_event"
+        ]
+        assert [line.get("ignored") for line in done] == [
+            "system_message event",
+            "form event",
+            "custom event",
+            "voice_note event",
+            "voice_note event",
+            None,
+        ]
+        warned = [line for line in logs if line["event"] == "livechat.unknown_event_type"]
+        assert [(w["log_level"], w["event_type"]) for w in warned] == [("warning", "voice_note")]
 
 
 class TestRouting:
