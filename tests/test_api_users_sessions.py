@@ -381,6 +381,10 @@ class TestSendMessage:
             (pb.Message(text="x" * (64 * 1024 + 1)), "message.text"),
             (pb.Message(media=pb.Media(url="")), "message.media.url"),
             (pb.Message(media=pb.Media(url="javascript:alert(1)")), "message.media.url"),
+            (  # its text fallback would not fit in one LiveChat message
+                pb.Message(media=pb.Media(url="https://x/a", mime_type="a/" + "b" * 254)),
+                "message.media.mime_type",
+            ),
             (
                 pb.Message(location=pb.Location(latitude=91, longitude=0)),
                 "message.location.latitude",

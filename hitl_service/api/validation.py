@@ -36,6 +36,7 @@ MAX_TEXT_BYTES = 64 * 1024
 MAX_HISTORY = 200
 MAX_METADATA = 32
 MAX_BUTTONS = 13
+MAX_MIME_TYPE = 255  # RFC 6838: a type and a subtype of at most 127 each
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 # What a google.protobuf.Timestamp may hold (years 1 to 9999, UTC).
@@ -117,8 +118,13 @@ class _Checker:
             media = message.media
             self.url(f"{field}.media.url", media.url, required=True)
             self.text(f"{field}.media.name", media.name, limit=255)
-            if media.mime_type and not MIME_RE.fullmatch(media.mime_type):
-                self.add(f"{field}.media.mime_type", "must look like type/subtype")
+            if media.mime_type and (
+                len(media.mime_type) > MAX_MIME_TYPE or not MIME_RE.fullmatch(media.mime_type)
+            ):
+                self.add(
+                    f"{field}.media.mime_type",
+                    f"must look like type/subtype, at most {MAX_MIME_TYPE} characters",
+                )
             if media.size_bytes < 0:
                 self.add(f"{field}.media.size_bytes", "must not be negative")
             if media.kind not in _MEDIA_KINDS:

@@ -417,7 +417,7 @@ class Media(_message.Message):
     name: _builtins.str
     """File name shown to the reader; a single line, up to 255 characters."""
     mime_type: _builtins.str
-    """MIME type, for example "image/png"; may be empty."""
+    """MIME type, for example "image/png"; may be empty, up to 255 characters."""
     size_bytes: _builtins.int
     """Size in bytes; 0 if unknown."""
     caption: _builtins.str
