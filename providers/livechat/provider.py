@@ -35,6 +35,7 @@ from providers.livechat.failures import (
 from providers.livechat.memory import OWN_CUSTOM_ID_PREFIX, ChatMemory
 from providers.livechat.models import (
     LcChat,
+    LcEvent,
     as_dict,
     as_str,
     parse_chat,
@@ -80,12 +81,15 @@ class _Part:
     """One event of a (possibly multi-part) end-user message.
 
     ``build`` makes the event (uploading a file if needed) and returns None
-    when it cannot, in which case ``fallback`` is sent instead.
+    when it cannot, in which case ``fallback`` is sent instead. A part
+    ``after_fallback`` is the rest of the text fallback of the part before
+    it: sent only if that one went as its fallback.
     """
 
     custom_id: str
     build: Callable[[], Awaitable[dict[str, Any] | None]]
     fallback: dict[str, Any] | None = None
+    after_fallback: bool = False
 
 
 def _text_event(text: str) -> dict[str, Any]:
@@ -455,23 +459,37 @@ class LiveChatProvider:
         """See base class."""
         async with bounded("send", timeout) as budget:
             parts = self._parts(user, message, request_id, budget)
-            found: dict[str, str] = {}
+            found: dict[str, LcEvent] = {}
             if uncertain:
                 self._wait_for_unanswered({p.custom_id for p in parts})
                 found = await self._sent_custom_ids(
                     chat, user, {p.custom_id for p in parts}, budget
                 )
             event_ids: list[str] = []
-            for index, part in enumerate(parts):
+            fell_back = False  # the last part went as its text fallback
+            skipped = 0
+            for part in parts:
+                if part.after_fallback and not fell_back:
+                    skipped += 1
+                    continue
                 if part.custom_id in found:
-                    event_ids.append(found[part.custom_id])
+                    event = found[part.custom_id]
+                    event_ids.append(event.id)
+                    if not part.after_fallback:
+                        fell_back = part.fallback is not None and (
+                            event.type == part.fallback["type"]
+                        )
                     continue
                 try:
-                    event_ids.append(await self._send_part(chat, user, part, budget))
+                    event_id, as_fallback = await self._send_part(chat, user, part, budget)
                 except ApiError as err:
-                    raise _after_parts(map_api_error(err), index, len(parts)) from None
+                    error = _after_parts(map_api_error(err), len(event_ids), len(parts) - skipped)
+                    raise error from None
                 except ProviderError as exc:
-                    raise _after_parts(exc, index, len(parts)) from None
+                    raise _after_parts(exc, len(event_ids), len(parts) - skipped) from None
+                event_ids.append(event_id)
+                if not part.after_fallback:
+                    fell_back = as_fallback
             log.info(
                 "livechat.sent",
                 chat_id=chat.external_chat_id,
@@ -509,13 +527,13 @@ class LiveChatProvider:
     ) -> list[_Part]:
         """The events a message becomes, with their custom ids."""
         specs: list[
-            tuple[Callable[[], Awaitable[dict[str, Any] | None]], dict[str, Any] | None]
+            tuple[Callable[[], Awaitable[dict[str, Any] | None]], dict[str, Any] | None, bool]
         ] = []
 
-        def text_parts(text: str) -> None:
+        def text_parts(text: str, *, after_fallback: bool = False) -> None:
             for piece in mapping.split_text(text or " "):
                 event = _text_event(piece)
-                specs.append((_constant(event), None))
+                specs.append((_constant(event), None, after_fallback))
 
         body = message.body
         if isinstance(body, str):
@@ -527,31 +545,36 @@ class LiveChatProvider:
                 return await self._upload(user, media, budget)
 
             plain = Media(media.kind, media.url, media.name, media.mime_type, media.size_bytes)
-            specs.append((build_file, _text_event(fallback.media_text(plain))))
+            specs.append((build_file, _text_event(fallback.media_text(plain)), False))
             if media.caption:
                 text_parts(media.caption)
         elif isinstance(body, Location):
             text_parts(fallback.location_text(body))
         else:
             rich = mapping.card_event(body, f"{request_id[:40]}:")
-            specs.append(
-                (_constant(rich), _text_event(mapping.split_text(fallback.card_text(body))[0]))
-            )
+            # The card as text if LiveChat refuses the rich message: every
+            # piece of it (the buttons past 13 follow anyway, as text).
+            shown = replace(body, buttons=body.buttons[: mapping.MAX_BUTTONS])
+            first, *rest = mapping.split_text(fallback.card_text(shown))
+            specs.append((_constant(rich), _text_event(first), False))
+            for piece in rest:
+                text_parts(piece, after_fallback=True)
             if overflow := mapping.overflow_buttons_text(body):
                 text_parts(overflow)
         return [
-            _Part(request_id if i == 0 else f"{request_id}#{i + 1}", build, as_text)
-            for i, (build, as_text) in enumerate(specs)
+            _Part(request_id if i == 0 else f"{request_id}#{i + 1}", build, as_text, after)
+            for i, (build, as_text, after) in enumerate(specs)
         ]
 
     async def _send_part(
         self, chat: ProviderChat, user: ProviderUser, part: _Part, budget: Budget
-    ) -> str:
+    ) -> tuple[str, bool]:
+        """Sends one part; returns its event id and whether it went as its fallback."""
         event = await part.build() or part.fallback
         if event is None:
             raise ValueError("a message part without an event or a fallback")
         try:
-            return await self._send_event(
+            event_id = await self._send_event(
                 chat, user, {**event, "custom_id": part.custom_id}, budget
             )
         except ApiError as err:
@@ -559,9 +582,11 @@ class LiveChatProvider:
             if part.fallback is None or err.type != "validation" or event is part.fallback:
                 raise
             log.info("livechat.fallback_to_text", chat_id=chat.external_chat_id, kind=event["type"])
-            return await self._send_event(
+            event_id = await self._send_event(
                 chat, user, {**part.fallback, "custom_id": part.custom_id}, budget
             )
+            return event_id, True
+        return event_id, event is part.fallback
 
     async def _send_event(
         self, chat: ProviderChat, user: ProviderUser, event: dict[str, Any], budget: Budget
@@ -611,7 +636,7 @@ class LiveChatProvider:
 
     async def _sent_custom_ids(
         self, chat: ProviderChat, user: ProviderUser, wanted: set[str], budget: Budget
-    ) -> dict[str, str]:
+    ) -> dict[str, LcEvent]:
         """Which of ``wanted`` custom ids the chat's recent threads already hold."""
         answer = await self.customers.call(
             user,
@@ -620,11 +645,11 @@ class LiveChatProvider:
             budget,
             idempotent=True,
         )
-        found: dict[str, str] = {}
+        found: dict[str, LcEvent] = {}
         for thread in parse_threads(answer):
             for event in thread.events:
                 if event.custom_id in wanted:
-                    found.setdefault(event.custom_id, event.id)
+                    found.setdefault(event.custom_id, event)
         if found:
             log.info("livechat.already_sent", chat_id=chat.external_chat_id, parts=len(found))
         return found

@@ -220,6 +220,30 @@ class TestUserToAgent:
             ("Cancel it", "message", "cancel"),
         ]
 
+    async def test_a_card_livechat_refuses_arrives_whole_as_text(self, lc: LiveChatService) -> None:
+        session = await lc.start()
+        buttons = [
+            pb.CardButton(
+                text=f"Option {i}", kind=pb.BUTTON_KIND_MESSAGE, value=f"{i} " + "é" * 990
+            )
+            for i in range(13)
+        ]
+        card = pb.Card(title="Choose", subtitle="ß" * 2000, buttons=buttons)
+        lc.fake.add_fault("send_event", error_type="validation", message="Invalid rich message")
+        request_id = rid()
+        await lc.send(session.id, pb.Message(card=card), request_id)
+        parts = lc.with_custom_id(session.external_chat_id, request_id) + [
+            e
+            for e in lc.fake.events(session.external_chat_id)
+            if e.get("custom_id", "").startswith(request_id + "#")
+        ]
+        assert len(parts) > 1
+        assert {p["type"] for p in parts} == {"message"}
+        text = "".join(p["text"] for p in parts)
+        assert text.startswith("Choose\n" + "ß" * 2000)
+        for button in buttons:
+            assert f"• {button.text}: {button.value}" in text
+
 
 class TestAgentToUser:
     async def test_every_agent_message_kind_reaches_the_stream_with_the_real_agent(

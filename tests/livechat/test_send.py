@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from providers import fallback
 from providers.errors import ChatInactive, ProviderRejected, ProviderUnavailable
 from providers.livechat import LiveChatProvider
 from providers.types import ButtonKind, Card, CardButton, Location, Media, MediaKind, Message
@@ -148,6 +149,61 @@ async def test_card_refused_by_livechat_falls_back_to_text(provider, fake, sessi
     assert "Pick a plan" in event["text"]
     assert "• Pro: pro" in event["text"]
     assert event["custom_id"] == "req-1"
+
+
+def long_card(buttons: int = 13) -> Card:
+    """A valid card whose text is well over one LiveChat message."""
+    return Card(
+        "Pick a plan",
+        "ß" * 2000,
+        "https://x/p.png",
+        tuple(
+            CardButton(f"Plan {i}", ButtonKind.MESSAGE, f"plan {i} " + "ü" * 990)
+            for i in range(buttons)
+        ),
+    )
+
+
+async def test_a_refused_card_too_long_for_one_text_reaches_the_agent_whole(
+    provider, fake, session
+) -> None:
+    fake.add_fault("send_event", error_type="validation", message="Invalid rich message")
+    card = long_card(buttons=15)
+    await send(provider, session, card)
+    events = customer_events(fake, session)
+    assert {e["type"] for e in events} == {"message"}
+    ids = [e["custom_id"] for e in events]
+    assert ids == ["req-1", *(f"req-1#{i}" for i in range(2, len(ids) + 1))]
+    text = "".join(e["text"] for e in events)
+    for line in fallback.card_text(card).splitlines():  # every button, once
+        assert text.count(line) == 1, line[:20]
+
+
+async def test_an_accepted_card_sends_none_of_its_text(provider, fake, session, clock) -> None:
+    fake.add_fault("send_event", kind="lost_response")
+    with pytest.raises(ProviderUnavailable):
+        await send(provider, session, long_card())
+    clock.advance(provider.settings.server_timeout)
+    await send(provider, session, long_card(), uncertain=True)  # found as it landed
+    [event] = customer_events(fake, session)
+    assert event["type"] == "rich_message"
+
+
+async def test_an_uncertain_refused_card_completes_its_text(provider, fake, session, clock) -> None:
+    from tests.fake_livechat import Fault
+
+    fake.faults.add(Fault("send_event", error_type="validation"))  # the rich message
+    fake.faults.add(Fault("send_event", kind="delay", delay=0))  # its text's first piece
+    fake.faults.add(Fault("send_event", kind="drop"))  # the second piece never arrives
+    with pytest.raises(ProviderUnavailable):
+        await send(provider, session, long_card())
+    clock.advance(provider.settings.server_timeout)
+    await send(provider, session, long_card(), uncertain=True)
+    events = customer_events(fake, session)
+    assert {e["type"] for e in events} == {"message"}
+    ids = [e["custom_id"] for e in events]
+    assert ids == ["req-1", "req-1#2"]
+    assert "".join(e["text"] for e in events) == fallback.card_text(long_card())
 
 
 async def test_uncertain_send_after_lost_response_sends_once(
