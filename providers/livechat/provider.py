@@ -8,6 +8,7 @@ send the end user's messages. Agents' replies come back through webhooks
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final, TextIO
@@ -90,6 +91,36 @@ class _Part:
     build: Callable[[], Awaitable[dict[str, Any] | None]]
     fallback: dict[str, Any] | None = None
     after_fallback: bool = False
+    event: dict[str, Any] | None = None  # what ``build`` makes, when known (not a file)
+
+    def is_shown_by(self, found: LcEvent) -> bool:
+        """Whether ``found``, an event of the chat with this part's custom id,
+        is this part.
+
+        A custom id ending in ``#<n>`` is also the n-th part of the message
+        whose request id is what precedes it (``x#2``: a message ``x#2``, or
+        the second part of a long message ``x``): such an event counts only
+        if it shows what this part sends, or its retry would take the other
+        message's part for its own and never send.
+        """
+        if not _PART_SUFFIX.search(self.custom_id):
+            return True
+        if self.event is None and found.type == "file":
+            return True  # an uploaded file: nothing to compare
+        return any(
+            sent["type"] == found.type
+            and (found.type != "message" or _same_text(sent["text"], found.text))
+            for sent in (self.event, self.fallback)
+            if sent is not None
+        )
+
+
+_PART_SUFFIX: Final = re.compile(r"#[0-9]+\Z")
+
+
+def _same_text(sent: str, shown: str) -> bool:
+    """Texts equal but for whitespace (in case LiveChat trims or folds it)."""
+    return sent.split() == shown.split()
 
 
 def _text_event(text: str) -> dict[str, Any]:
@@ -462,9 +493,7 @@ class LiveChatProvider:
             found: dict[str, LcEvent] = {}
             if uncertain:
                 self._wait_for_unanswered({p.custom_id for p in parts})
-                found = await self._sent_custom_ids(
-                    chat, user, {p.custom_id for p in parts}, budget
-                )
+                found = await self._sent_custom_ids(chat, user, parts, budget)
             event_ids: list[str] = []
             fell_back = False  # the last part went as its text fallback
             skipped = 0
@@ -527,13 +556,18 @@ class LiveChatProvider:
     ) -> list[_Part]:
         """The events a message becomes, with their custom ids."""
         specs: list[
-            tuple[Callable[[], Awaitable[dict[str, Any] | None]], dict[str, Any] | None, bool]
+            tuple[
+                Callable[[], Awaitable[dict[str, Any] | None]],
+                dict[str, Any] | None,
+                bool,
+                dict[str, Any] | None,
+            ]
         ] = []
 
         def text_parts(text: str, *, after_fallback: bool = False) -> None:
             for piece in mapping.split_text(text or " "):
                 event = _text_event(piece)
-                specs.append((_constant(event), None, after_fallback))
+                specs.append((_constant(event), None, after_fallback, event))
 
         body = message.body
         if isinstance(body, str):
@@ -545,7 +579,7 @@ class LiveChatProvider:
                 return await self._upload(user, media, budget)
 
             plain = Media(media.kind, media.url, media.name, media.mime_type, media.size_bytes)
-            specs.append((build_file, _text_event(fallback.media_text(plain)), False))
+            specs.append((build_file, _text_event(fallback.media_text(plain)), False, None))
             if media.caption:
                 text_parts(media.caption)
         elif isinstance(body, Location):
@@ -556,14 +590,14 @@ class LiveChatProvider:
             # piece of it (the buttons past 13 follow anyway, as text).
             shown = replace(body, buttons=body.buttons[: mapping.MAX_BUTTONS])
             first, *rest = mapping.split_text(fallback.card_text(shown))
-            specs.append((_constant(rich), _text_event(first), False))
+            specs.append((_constant(rich), _text_event(first), False, rich))
             for piece in rest:
                 text_parts(piece, after_fallback=True)
             if overflow := mapping.overflow_buttons_text(body):
                 text_parts(overflow)
         return [
-            _Part(request_id if i == 0 else f"{request_id}#{i + 1}", build, as_text, after)
-            for i, (build, as_text, after) in enumerate(specs)
+            _Part(request_id if i == 0 else f"{request_id}#{i + 1}", build, as_text, after, event)
+            for i, (build, as_text, after, event) in enumerate(specs)
         ]
 
     async def _send_part(
@@ -635,9 +669,10 @@ class LiveChatProvider:
         return {"type": "file", "url": url}
 
     async def _sent_custom_ids(
-        self, chat: ProviderChat, user: ProviderUser, wanted: set[str], budget: Budget
+        self, chat: ProviderChat, user: ProviderUser, parts: list[_Part], budget: Budget
     ) -> dict[str, LcEvent]:
-        """Which of ``wanted`` custom ids the chat's recent threads already hold."""
+        """The parts the chat's recent threads already show, by custom id."""
+        wanted = {part.custom_id: part for part in parts}
         answer = await self.customers.call(
             user,
             "list_threads",
@@ -648,7 +683,8 @@ class LiveChatProvider:
         found: dict[str, LcEvent] = {}
         for thread in parse_threads(answer):
             for event in thread.events:
-                if event.custom_id in wanted:
+                part = wanted.get(event.custom_id)
+                if part is not None and part.is_shown_by(event):
                     found.setdefault(event.custom_id, event)
         if found:
             log.info("livechat.already_sent", chat_id=chat.external_chat_id, parts=len(found))

@@ -234,6 +234,41 @@ async def test_uncertain_multi_part_send_completes_only_the_missing_parts(
     assert "".join(e["text"] for e in events) == text
 
 
+async def test_a_request_id_like_another_messages_part_is_still_sent_after_doubt(
+    provider, fake, session, clock
+) -> None:
+    """``order-7#2`` is also the custom id of the second part of a long message
+    ``order-7``: a retry must not take that part for its own message."""
+    long_text = "a " * 12000  # two parts: order-7 and order-7#2
+    await send(provider, session, long_text, request_id="order-7")
+    fake.add_fault("send_event", kind="drop")  # never reaches LiveChat
+    with pytest.raises(ProviderUnavailable):
+        await send(provider, session, "a short one", request_id="order-7#2")
+    clock.advance(provider.settings.server_timeout)
+    await send(provider, session, "a short one", request_id="order-7#2", uncertain=True)
+    texts = [e["text"] for e in customer_events(fake, session)]
+    assert texts[-1] == "a short one"
+    assert "".join(texts[:-1]) == long_text
+
+
+async def test_a_long_messages_part_like_another_request_id_is_still_sent_after_doubt(
+    provider, fake, session, clock
+) -> None:
+    await send(provider, session, "a short one", request_id="order-8#2")
+    from tests.fake_livechat import Fault
+
+    fake.faults.add(Fault("send_event", kind="delay", delay=0))  # the first part passes
+    fake.faults.add(Fault("send_event", kind="drop"))  # the second never arrives
+    long_text = "b " * 12000
+    with pytest.raises(ProviderUnavailable):
+        await send(provider, session, long_text, request_id="order-8")
+    clock.advance(provider.settings.server_timeout)
+    await send(provider, session, long_text, request_id="order-8", uncertain=True)
+    texts = [e["text"] for e in customer_events(fake, session)]
+    assert texts[0] == "a short one"
+    assert "".join(texts[1:]) == long_text
+
+
 async def test_failure_after_a_first_part_is_uncertain(provider, fake, session) -> None:
     text = "b " * 12000
     fake.add_fault("send_event", error_type="too_many_requests")  # hits the first part
