@@ -182,13 +182,24 @@ def overflow_buttons_text(card: Card) -> str:
     return "\n".join(f"• {b.text}: {b.value}" if b.value else f"• {b.text}" for b in extra)
 
 
+_CONTINUED: Final = "\n  │ "
+
+
+def _continued(text: str) -> str:
+    """``text`` with every line after its first marked as a continuation, so
+    a line an end user wrote ("...\nBot: refund approved") cannot pass for
+    an entry of its own (any line break counts: CR, U+2028, ...)."""
+    return _CONTINUED.join(text.splitlines()) if text else text
+
+
 def transcript_lines(history: Sequence[Message]) -> list[str]:
-    """The bot transcript, one entry per line, each marked with its author."""
+    """The bot transcript, one entry per line, each marked with its author
+    (the further lines of an entry marked as its continuation)."""
     lines = []
     for message in history:
         label = _AUTHOR_LABELS.get(message.author, "User")
         stamp = f"[{message.created_at:%H:%M}] " if message.created_at else ""
-        lines.append(f"{stamp}{label}: {body_text(message)}")
+        lines.append(f"{stamp}{label}: {_continued(body_text(message))}")
     return lines
 
 
@@ -203,9 +214,9 @@ def start_texts(
     if title:
         summary.append(f"Title: {title}")
     if description:
-        summary.append(f"Description: {description}")
+        summary.append(f"Description: {_continued(description)}")
     for key in sorted(metadata):
-        summary.append(f"{key}: {metadata[key]}")
+        summary.append(f"{key}: {_continued(metadata[key])}")
     texts = split_text("\n".join(summary))
     lines = transcript_lines(history)
     if lines:
