@@ -8,6 +8,7 @@ these renderers too (LiveChat does, when a rich message is refused).
 from __future__ import annotations
 
 from dataclasses import replace
+from urllib.parse import unquote, urlsplit
 
 from providers.types import Capabilities, Card, Location, Media, Message
 
@@ -23,11 +24,18 @@ def human_size(size: int) -> str:
 
 
 def media_name(media: Media) -> str:
-    """The file name to show: the given name, else the URL's last segment."""
+    """The file name to show: the given name, else the URL's last segment
+    as a reader knows it (``Rechnung%20M%C3%A4rz.pdf``: ``Rechnung März.pdf``)."""
     if media.name:
         return media.name
-    tail = media.url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
-    return tail or "file"
+    try:
+        path = urlsplit(media.url).path
+    except ValueError:  # a malformed host ("http://[::1/a.pdf"): the path is still there
+        path = media.url.split("?", 1)[0].split("#", 1)[0]
+    tail = unquote(path.rstrip("/").rsplit("/", 1)[-1])
+    # What decoding may bring in (%2F, %0A, ...) has no place in a file name.
+    tail = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in tail)
+    return tail.strip()[:255] or "file"
 
 
 def media_text(media: Media) -> str:

@@ -93,6 +93,20 @@ def test_media_text_is_readable() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        ("https://x.example/files/Rechnung%20M%C3%A4rz.pdf", "Rechnung März.pdf"),
+        ("https://x.example/a.pdf?sig=1#page=2", "a.pdf"),
+        ("https://x.example/evil%2F..%2Fname%0A.txt", "evil_.._name_.txt"),
+        ("https://x.example/", "file"),
+        ("http://[::1/a.pdf", "a.pdf"),
+    ],
+)
+def test_a_file_without_a_name_is_named_as_its_url_reads(url: str, name: str) -> None:
+    assert fallback.media_name(Media(MediaKind.FILE, url)) == name
+
+
 def test_card_event_maps_buttons() -> None:
     card = Card(
         title="Plan",

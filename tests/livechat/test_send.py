@@ -81,6 +81,13 @@ async def test_media_is_uploaded_and_sent_as_file(
     assert len(fake.calls("upload_file", api="customer")) == 1
 
 
+async def test_media_without_a_name_is_named_as_its_url_reads(provider, fake, session) -> None:
+    url = f"{fake.url}/_media/10/R%C3%A9sum%C3%A9%202026.pdf?type=application/pdf"
+    await send(provider, session, Media(MediaKind.FILE, url))
+    [event] = customer_events(fake, session)
+    assert (event["type"], event["name"]) == ("file", "Résumé 2026.pdf")
+
+
 async def test_media_caption_is_a_second_part(provider, fake, session) -> None:
     url = f"{fake.url}/_media/10/cat.png?type=image/png"
     await send(provider, session, Media(MediaKind.IMAGE, url, "cat.png", caption="my cat"))
