@@ -671,8 +671,14 @@ class LiveChatProvider:
     async def _sent_custom_ids(
         self, chat: ProviderChat, user: ProviderUser, parts: list[_Part], budget: Budget
     ) -> dict[str, LcEvent]:
-        """The parts the chat's recent threads already show, by custom id."""
+        """The parts the session's thread already shows, by custom id.
+
+        Only that thread: a request id may come back after the service forgot
+        it (48 hours), and the chat's earlier threads (the user's earlier
+        handoffs) may hold an event with it that is not this message.
+        """
         wanted = {part.custom_id: part for part in parts}
+        own_thread = as_str(chat.state.get(THREAD_STATE_KEY))
         answer = await self.customers.call(
             user,
             "list_threads",
@@ -682,6 +688,8 @@ class LiveChatProvider:
         )
         found: dict[str, LcEvent] = {}
         for thread in parse_threads(answer):
+            if own_thread and thread.id != own_thread:
+                continue
             for event in thread.events:
                 part = wanted.get(event.custom_id)
                 if part is not None and part.is_shown_by(event):

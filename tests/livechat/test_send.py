@@ -276,6 +276,26 @@ async def test_a_long_messages_part_like_another_request_id_is_still_sent_after_
     assert "".join(texts[1:]) == long_text
 
 
+async def test_an_earlier_handoffs_message_with_the_same_request_id_is_not_this_one(
+    provider, fake, clock
+) -> None:
+    """Request ids are forgotten after 48 hours: one may come back, in a later
+    handoff of the same user, whose chat still holds the earlier thread."""
+    first = await start_session(provider)
+    await send(provider, first, "hello", request_id="msg-1")
+    await provider.stop(first.chat, first.user, "done", timeout=5)
+    second = await start_session(
+        provider, user=first.user, session_id="s-2", request_id="start-2", previous_chat=first.chat
+    )
+    fake.add_fault("send_event", kind="drop")
+    with pytest.raises(ProviderUnavailable):
+        await send(provider, second, "hello", request_id="msg-1")
+    clock.advance(provider.settings.server_timeout)
+    await send(provider, second, "hello", request_id="msg-1", uncertain=True)
+    thread = fake.chat(second.chat_id).thread
+    assert [e.get("text") for e in thread.events if e.get("custom_id") == "msg-1"] == ["hello"]
+
+
 async def test_failure_after_a_first_part_is_uncertain(provider, fake, session) -> None:
     text = "b " * 12000
     fake.add_fault("send_event", error_type="too_many_requests")  # hits the first part
