@@ -488,9 +488,10 @@ class CardButton(_message.Message):
     kind: Global___ButtonKind.ValueType
     """What pressing it does."""
     value: _builtins.str
-    """Depending on kind: the message text (up to 1000 characters), an http
-    or https URL (up to 2048 characters), or a phone number (3 to 32 of
-    digits, spaces, "(", ")", "-", with an optional leading "+").
+    """Depending on kind: the message text (a single line, up to 1000
+    characters), an http or https URL (up to 2048 characters), or a phone
+    number (3 to 32 of digits, spaces, "(", ")", "-", with an optional
+    leading "+").
     """
     def __init__(
         self,
