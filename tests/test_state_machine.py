@@ -174,3 +174,18 @@ def test_failed_moves_to_failed() -> None:
     s = session(SessionState.QUEUED)
     apply_event(s, Failed("NO_AGENT", "nobody online"), NOW)
     assert (s.state, s.end_reason) == (SessionState.FAILED, "nobody online")
+
+
+def test_a_message_written_before_the_requeue_does_not_take_the_chat_back() -> None:
+    s = session(SessionState.ASSIGNED, JANE)
+    apply_event(s, Transferred(to_group_id="7"), NOW)
+    assert (s.state, s.waiting_since) == (SessionState.QUEUED, NOW)
+    late = AgentMessage(Message("billing will take over", Author.AGENT), JANE)
+    kinds = apply_event(s, late, NOW + timedelta(seconds=5), NOW - timedelta(seconds=1))
+    assert [type(k).__name__ for k in kinds] == ["AgentMessage"]
+    assert (s.state, s.agent) == (SessionState.QUEUED, None)
+    # Written after it (by whoever took the chat, their join unreported): assigns.
+    later = AgentMessage(Message("Bob here", Author.AGENT), BOB)
+    kinds = apply_event(s, later, NOW + timedelta(seconds=6), NOW + timedelta(seconds=6))
+    assert [type(k).__name__ for k in kinds] == ["AgentAssigned", "AgentMessage"]
+    assert (s.state, s.agent) == (SessionState.ASSIGNED, BOB)

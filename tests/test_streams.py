@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -11,7 +12,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hitl_service.app import App
 from hitl_service.clock import SystemClock
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
-from providers.types import Agent, AgentMessage, Author, Card, CardButton, Message
+from providers.types import (
+    Agent,
+    AgentAssigned,
+    AgentMessage,
+    Author,
+    Card,
+    CardButton,
+    InboundEvent,
+    Message,
+    Transferred,
+    WebhookBatch,
+)
 from tests.conftest import scripted_on_clock, start_app
 from tests.scripted import ScriptedProvider, create
 from tests.support import (
@@ -28,6 +40,7 @@ if TYPE_CHECKING:
     from hitl_service.gen.hitl.v1.hitl_service_pb2_grpc import HitlServiceAsyncStub as Stub
 
 AGENT = Agent(id="jane@acme.test", name="Jane", avatar_url="https://a.example/j.png")
+BOB = Agent(id="bob@acme.test", name="Bob")
 
 
 def say(text: str) -> AgentMessage:
@@ -134,6 +147,54 @@ class TestReplayAndFollow:
         finally:
             await app.stop(grace=1)
         assert [int(e.cursor) for e in events] == list(range(1, 104))
+
+
+class TestOrderWithinASession:
+    async def test_a_message_reported_after_the_requeue_does_not_reassign_its_writer(
+        self, scripted_app: App, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        """LiveChat does not order webhooks across actions (and retries them
+        late; catch-up finds lost ones later still): the last line Jane wrote
+        before she transferred the chat to the queue may come after the
+        transfer. It is her message, not a sign that she took the chat back:
+        the stream must not say so, nor the session."""
+        session = await start_session(scripted_stub, (await make_user(scripted_stub)).id)
+        chat = session.external_chat_id
+        await scripted.push(chat, AgentAssigned(AGENT), "join")
+        written = scripted_app.core.ctx.clock.now() - timedelta(minutes=1)
+        await scripted.push(chat, Transferred(to_group_id="7", reason="billing"), "transfer")
+        late = InboundEvent(chat, say("billing will take over"), "late", occurred_at=written)
+        await scripted.sink.deliver(WebhookBatch(action="push", events=(late,)))
+        # Bob takes it; his join is not reported, his first message is.
+        await scripted.push(chat, AgentMessage(Message("Bob here", Author.AGENT), BOB), "bob")
+        events = await read(scripted_stub, 7, after_cursor="0", session_id=session.id)
+        assert [e.WhichOneof("kind") for e in events] == [
+            "started",
+            "queued",
+            "agent_assigned",
+            "transferred",
+            "agent_message",
+            "agent_assigned",
+            "agent_message",
+        ]
+        assert events[4].agent_message.agent.id == AGENT.id
+        assert events[5].agent_assigned.agent.id == BOB.id
+        got = await scripted_stub.GetSession(pb.GetSessionRequest(session_id=session.id))
+        assert got.session.agent.id == BOB.id
+
+    async def test_the_late_message_leaves_the_session_in_the_queue(
+        self, scripted_app: App, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        session = await start_session(scripted_stub, (await make_user(scripted_stub)).id)
+        chat = session.external_chat_id
+        await scripted.push(chat, AgentAssigned(AGENT), "join")
+        written = scripted_app.core.ctx.clock.now() - timedelta(minutes=1)
+        await scripted.push(chat, Transferred(to_group_id="7", reason="billing"), "transfer")
+        late = InboundEvent(chat, say("billing will take over"), "late", occurred_at=written)
+        await scripted.sink.deliver(WebhookBatch(action="push", events=(late,)))
+        got = await scripted_stub.GetSession(pb.GetSessionRequest(session_id=session.id))
+        assert got.session.state == pb.SESSION_STATE_QUEUED
+        assert not got.session.HasField("agent")
 
 
 class TestErrors:

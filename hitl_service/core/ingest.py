@@ -235,7 +235,7 @@ async def apply_inbound(
             log.debug("ingest.echo", session_id=session.id)
             return []
     try:
-        kinds = apply_event(session, event.kind, now)
+        kinds = apply_event(session, event.kind, now, event.occurred_at)
     except Ignored as why:
         log.info(
             "ingest.ignored",

@@ -44,9 +44,13 @@ class Ignored(Exception):
     """The event does not apply to the session; ``str()`` says why."""
 
 
-def apply_event(session: Session, kind: EventKind, now: datetime) -> list[EventKind]:
+def apply_event(
+    session: Session, kind: EventKind, now: datetime, occurred_at: datetime | None = None
+) -> list[EventKind]:
     """Applies one provider event to ``session`` in place (``passes_over``
     is asked first, before the event's dedupe key is claimed).
+
+    ``occurred_at`` is when the provider says it happened (None: ``now``).
 
     Returns:
         The events to append to the log, in order (an agent message from an
@@ -89,7 +93,7 @@ def apply_event(session: Session, kind: EventKind, now: datetime) -> list[EventK
         _set(session, SessionState.ASSIGNED, kind.agent, now)
         return [kind]
     if isinstance(kind, AgentMessage):
-        return _agent_message(session, kind, now)
+        return _agent_message(session, kind, now, occurred_at or now)
     if isinstance(kind, Transferred):
         transferred = replace(kind, from_agent=kind.from_agent or session.agent)
         if (
@@ -154,7 +158,9 @@ def finish(session: Session, state: SessionState, reason: str, by: EndedBy, now:
     session.stop_requested_at = None
 
 
-def _agent_message(session: Session, kind: AgentMessage, now: datetime) -> list[EventKind]:
+def _agent_message(
+    session: Session, kind: AgentMessage, now: datetime, written: datetime
+) -> list[EventKind]:
     agent = kind.agent
     current = session.agent
     if current is not None and current.id == agent.id:
@@ -167,13 +173,26 @@ def _agent_message(session: Session, kind: AgentMessage, now: datetime) -> list[
         )
     message = replace(kind.message, author=Author.AGENT)
     out: list[EventKind] = []
-    if session.state is not SessionState.ASSIGNED or current is None:
+    if (session.state is SessionState.ASSIGNED and current is not None) or _before_requeue(
+        session, written
+    ):
+        session.updated_at = now
+    else:
         out.append(AgentAssigned(agent=agent))
         _set(session, SessionState.ASSIGNED, agent, now)
-    else:
-        session.updated_at = now
     out.append(AgentMessage(message=message, agent=agent))
     return out
+
+
+def _before_requeue(session: Session, written: datetime) -> bool:
+    """Whether a message was written before the session went back to the
+    queue: by the agent who held it then, reported late (LiveChat does not
+    order webhooks across actions and retries them up to a minute late; the
+    catch-up finds lost ones later still). Such a message is that agent's,
+    not a sign that someone took the waiting session.
+    """
+    since = session.waiting_since
+    return session.state.is_waiting and since is not None and written < since
 
 
 def _set(session: Session, state: SessionState, agent: Agent | None, now: datetime) -> None:

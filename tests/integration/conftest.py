@@ -19,7 +19,7 @@ import io
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -53,7 +53,10 @@ class LiveClock(FakeClock):
     """
 
     def __init__(self) -> None:
-        super().__init__()
+        # From the real time, as LiveChat's own clock: the service compares
+        # the times LiveChat reports with its own (what an agent wrote
+        # before the session went back to the queue, or before our stop).
+        super().__init__(datetime.now(UTC))
         self._real_start = time.monotonic()
 
     def _elapsed(self) -> float:
