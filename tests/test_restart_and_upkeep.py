@@ -539,6 +539,55 @@ class TestCatchUp:
             assert got.session.state == pb.SESSION_STATE_ENDED
             assert got.session.ended_by == pb.ENDED_BY_AGENT
 
+    async def test_a_message_written_while_a_refused_stop_was_pending_is_caught_up_later(
+        self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """What the agent writes while our stop is pending passes over (the
+        user is back with the bot), its webhook answered. If the provider
+        then refuses the stop for good, the handoff goes on and the message
+        is the handoff's: a catch-up pass that ran meanwhile must not have
+        moved its checkpoint past it, or nothing ever brings it."""
+        async with with_session(service_env) as (app, stub, provider, session):
+            chat = session.external_chat_id
+            await provider.push(chat, AgentAssigned(JANE), "join")
+            history: list[InboundEvent] = []
+
+            async def catch_up(
+                _chat: ProviderChat, _user: ProviderUser, checkpoint: str, *, timeout: float
+            ) -> CatchUp:
+                # Like LiveChat's: only what follows the checkpoint.
+                seen = int(checkpoint.removeprefix("cp") or 0)
+                return CatchUp(tuple(history[seen:]), checkpoint=f"cp{len(history)}")
+
+            monkeypatch.setattr(provider, "catch_up", catch_up)
+            gate = provider.hold("stop")
+            stop = asyncio.ensure_future(
+                stub.StopHitl(pb.StopHitlRequest(session_id=session.id), timeout=TIMEOUT)
+            )
+            await wait_for(lambda: provider.waiting.get("stop") == 1, what="the stop in flight")
+            late = AgentMessage(Message("still there?", Author.AGENT), JANE)
+            history.append(InboundEvent(chat, late, "ev:late"))
+            await app.core.maintenance.sweep(force_catch_up=True)  # passes it over
+            provider.fail("stop", Fault("rejected"))
+            gate.set()
+            await expect_error(stop, grpc.StatusCode.FAILED_PRECONDITION)
+            stored = await app.store.get_session(session.id)
+            assert stored is not None
+            assert (stored.state, stored.stop_requested_at) == (SessionState.ASSIGNED, None)
+
+            await app.core.maintenance.sweep(force_catch_up=True)
+            await app.core.maintenance.sweep(force_catch_up=True)  # idempotent
+            async with EventCollector(stub, session_id=session.id) as events:
+                message = await events.wait_for_kind("agent_message")
+            assert message.agent_message.message.text == "still there?"
+            logged = await app.store.read_events(after=0, limit=100, session_id=session.id)
+            assert [type(e.kind).__name__ for e in logged] == [
+                "Started",
+                "Queued",
+                "AgentAssigned",
+                "AgentMessage",
+            ]
+
     @pytest.mark.parametrize("fails", [False, True])
     async def test_state_the_provider_changed_in_catch_up_is_kept(
         self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, fails: bool

@@ -332,6 +332,7 @@ class Maintenance:
         now = ctx.clock.now()
         added: list[str] = []
         failed_items: list[str] = []
+        held = False  # a message passed over: the checkpoint must not move past it
         async with ctx.store.transaction() as tx:
             await watch.save(tx, ctx, session.id, session.user_id)  # e.g. a token renewed
             current = await tx.get_session(session.id)
@@ -343,11 +344,17 @@ class Maintenance:
                 if messages_only and not isinstance(event.kind, AgentMessage):
                     continue
                 if passes_over(current, event.kind, event.occurred_at or now):
-                    continue  # its key stays free, as in ingest
+                    # Its key stays free, as in ingest. A message written
+                    # while our stop is pending belongs to the handoff if the
+                    # provider refuses the stop for good, and only a later
+                    # pass can bring it then (its webhook was answered).
+                    held = held or isinstance(event.kind, AgentMessage)
+                    continue
                 if await first_sight(tx, ctx.provider_name, event, now):
                     added.extend(await apply_inbound(tx, ctx, current, event, now, failed_items))
             if (
                 not messages_only
+                and not held
                 and listing.checkpoint
                 and listing.checkpoint != current.catch_up_checkpoint
             ):
