@@ -50,7 +50,12 @@ async def spawn(
 
 async def run(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
     proc = await spawn(args, env, cwd)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:  # a failed test leaves no service running
+            proc.kill()
+            await proc.wait()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
