@@ -8,6 +8,8 @@ same service production runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import os
 import socket
 import uuid
@@ -182,6 +184,9 @@ class App:
             grpc_port=self.grpc_port,
             http_port=self.http_port,
         )
+        exposure = api_exposure(self.settings)
+        if exposure:
+            log.warning("service.api_exposed", grpc_addr=self.settings.grpc_addr, problem=exposure)
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown in the documented order; safe to call twice."""
@@ -285,4 +290,20 @@ def build_app(
         health=health_servicer,
         sidecar=sidecar,
         activity=activity,
+    )
+
+
+def api_exposure(settings: Settings) -> str:
+    """Why the API is open to anyone who reaches it ("" when it is not): it
+    listens beyond loopback and asks for no credentials. Warned at start-up,
+    since the defaults (loopback, no tokens) are meant for one machine."""
+    host = settings.grpc_addr.rpartition(":")[0].strip("[]")
+    if host == "localhost" or settings.api_tokens or settings.tls_client_ca is not None:
+        return ""
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_loopback:
+            return ""
+    return (
+        "the gRPC API listens beyond loopback and asks for no credentials: set "
+        "HITL_API_TOKENS (or HITL_GRPC_TLS_CLIENT_CA for client certificates)"
     )

@@ -16,7 +16,7 @@ import pytest
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hitl_service.app import App
+from hitl_service.app import App, api_exposure
 from hitl_service.config import ConfigError, Settings, parse_store_url
 from hitl_service.errors import StoreUnavailable
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
@@ -371,3 +371,44 @@ async def test_a_store_outage_does_not_name_the_database_to_callers(
     assert any(
         entry["event"] == "rpc.store_unavailable" and entry["error"] == detail for entry in logs
     )
+
+
+@pytest.mark.parametrize(
+    ("address", "extra", "exposed"),
+    [
+        ("127.0.0.1:0", {}, False),
+        ("localhost:0", {}, False),
+        ("[::1]:0", {}, False),
+        ("0.0.0.0:0", {}, True),
+        ("[::]:0", {}, True),
+        ("10.1.2.3:50051", {}, True),
+        ("hitl.internal:50051", {}, True),
+        ("0.0.0.0:0", {"HITL_API_TOKENS": "a-long-enough-token"}, False),
+    ],
+)
+def test_an_api_open_to_the_network_without_credentials_is_named(
+    service_env: dict[str, str], address: str, extra: dict[str, str], exposed: bool
+) -> None:
+    settings = Settings.from_env({**service_env, "HITL_GRPC_ADDR": address, **extra})
+    problem = api_exposure(settings)
+    assert bool(problem) is exposed
+    if exposed:
+        assert "HITL_API_TOKENS" in problem
+
+
+async def test_a_service_open_to_the_network_warns_at_start(service_env: dict[str, str]) -> None:
+    # The defaults listen on loopback; an operator who opens the port and
+    # forgets the tokens is told once, at start-up, in the log.
+    env = {**service_env, "HITL_GRPC_ADDR": "0.0.0.0:0"}
+    with structlog.testing.capture_logs() as logs:
+        app = await start_app(env)
+        await app.stop(grace=0)
+    warned = [e for e in logs if e["event"] == "service.api_exposed"]
+    assert len(warned) == 1
+    assert warned[0]["log_level"] == "warning"
+    assert warned[0]["grpc_addr"] == "0.0.0.0:0"
+    with structlog.testing.capture_logs() as logs:
+        app = await start_app(service_env)  # 127.0.0.1
+        await app.stop(grace=0)
+    assert "service.ready" in [e["event"] for e in logs]
+    assert "service.api_exposed" not in [e["event"] for e in logs]
