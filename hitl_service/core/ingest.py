@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from hitl_service.codec import kind_tag
+from hitl_service.core.links import with_web_urls
 from hitl_service.core.state import Ignored, apply_event, passes_over
 from hitl_service.domain import SessionState
 from providers.types import THREAD_STATE_KEY, AgentLeft, AgentMessage, Ended, InboundEvent
@@ -171,8 +172,9 @@ async def first_sight(tx: Tx, provider: str, event: InboundEvent, now: datetime)
 
 def clean(event: InboundEvent) -> InboundEvent:
     """The event as the core can use it: ids as the store can keep them
-    (PostgreSQL text refuses NUL), and a naive ``occurred_at`` taken as UTC
-    (compared with the session's times, it failed the whole batch).
+    (PostgreSQL text refuses NUL), a naive ``occurred_at`` taken as UTC
+    (compared with the session's times, it failed the whole batch), and
+    links as the contract promises them (``core.links``).
 
     Raises:
         ValueError: The event has no dedupe key (a provider bug): its batch
@@ -185,6 +187,9 @@ def clean(event: InboundEvent) -> InboundEvent:
     when = event.occurred_at
     if when is not None and when.tzinfo is None:
         event = replace(event, occurred_at=when.replace(tzinfo=UTC))
+    kind = with_web_urls(event.kind)
+    if kind is not event.kind:
+        event = replace(event, kind=kind)
     if "\x00" not in event.external_chat_id + event.dedupe_key + event.author_id:
         return event
     return replace(

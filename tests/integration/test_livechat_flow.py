@@ -246,6 +246,40 @@ class TestUserToAgent:
 
 
 class TestAgentToUser:
+    async def test_an_agents_script_links_never_reach_the_stream(self, lc: LiveChatService) -> None:
+        # Callers render buttons and images as links: a `javascript:` one
+        # would run in their page. The contract says http or https.
+        session = await lc.start()
+        chat_id = session.external_chat_id
+        async with EventCollector(lc.stub, session_id=session.id, after="0") as stream:
+            lc.fake.agent_join(chat_id, JANE[0])
+            lc.fake.agent_message(
+                chat_id,
+                JANE[0],
+                rich={
+                    "template_id": "cards",
+                    "elements": [
+                        {
+                            "title": "Pay",
+                            "image": {"url": "data:image/svg+xml,<svg onload=alert(1)>"},
+                            "buttons": [
+                                {"text": "Pay now", "type": "url", "value": "javascript:pay()"},
+                                {"text": "Terms", "type": "url", "value": "//acme.example/t"},
+                            ],
+                        }
+                    ],
+                },
+            )
+            await wait_for(lambda: "agent_message" in stream.kinds(), what="the card")
+        card = next(
+            e.agent_message.message.card
+            for e in stream.events
+            if e.WhichOneof("kind") == "agent_message"
+        )
+        assert card.title == "Pay"
+        assert card.image_url == ""
+        assert [(b.text, b.value) for b in card.buttons] == [("Terms", "https://acme.example/t")]
+
     async def test_every_agent_message_kind_reaches_the_stream_with_the_real_agent(
         self, lc: LiveChatService
     ) -> None:

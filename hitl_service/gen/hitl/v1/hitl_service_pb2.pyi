@@ -694,7 +694,12 @@ class AgentMessage(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def message(self) -> Global___Message:
-        """The message; author is AUTHOR_AGENT."""
+        """The message; author is AUTHOR_AGENT. Its links (a media url, a card's
+        image_url and URL buttons) and the agents' avatar_url are http or https
+        whatever the agent wrote: a schemeless link is taken as https, any other
+        is dropped (a URL button with it; a media without one arrives as text,
+        its caption or name), so a caller can render them as links.
+        """
 
     @_builtins.property
     def agent(self) -> Global___Agent:
