@@ -33,6 +33,10 @@ MAX_RETENTION = 36500 * 86400.0
 MAX_ABANDON_AFTER = 12 * 3600.0
 
 
+MIN_API_TOKEN_LENGTH = 16
+"""The shortest ``HITL_API_TOKENS`` entry accepted."""
+
+
 class ConfigError(ValueError):
     """A setting is missing or malformed."""
 
@@ -203,6 +207,13 @@ class Settings:
         tokens = tuple(
             Secret(t.strip()) for t in get("HITL_API_TOKENS", "").split(",") if t.strip()
         )
+        if any(len(t.reveal()) < MIN_API_TOKEN_LENGTH for t in tokens):
+            # Guessable, and too short for the log redactor to look for.
+            raise ConfigError(
+                "HITL_API_TOKENS",
+                f"each token must be at least {MIN_API_TOKEN_LENGTH} characters "
+                "(e.g. from `openssl rand -hex 32`)",
+            )
         return cls(
             provider=provider,
             grpc_addr=parse_addr("HITL_GRPC_ADDR", get("HITL_GRPC_ADDR", cls.grpc_addr)),

@@ -398,7 +398,7 @@ class TestErrors:
         assert "after_cursor" in bad.value.fields
 
     async def test_api_token(self, service_env: dict[str, str]) -> None:
-        service_env["HITL_API_TOKENS"] = "first-token-123,second-token-456"
+        service_env["HITL_API_TOKENS"] = "first-token-1234,second-token-456"
         app = await start_app(service_env)
         target = f"127.0.0.1:{app.grpc_port}"
         try:

@@ -52,12 +52,12 @@ class TestSecret:
         assert url.redacted() == "postgresql://hitl:***@db.internal:5432/hitl"
         settings = Settings.from_env(
             {
-                "HITL_API_TOKENS": "tok-one-123,tok-two-456",
+                "HITL_API_TOKENS": "tok-one-123456789,tok-two-456789012",
                 "HITL_STORE_URL": "postgresql://u:hunter2@h/d",
             }
         )
         shown = repr(settings)
-        assert "tok-one-123" not in shown
+        assert "tok-one-123456789" not in shown
         assert "hunter2" not in shown
         for malformed in (
             "postgresql://u:hunter2@h:port/d",
@@ -412,3 +412,23 @@ async def test_a_service_open_to_the_network_warns_at_start(service_env: dict[st
         await app.stop(grace=0)
     assert "service.ready" in [e["event"] for e in logs]
     assert "service.api_exposed" not in [e["event"] for e in logs]
+
+
+@pytest.mark.parametrize("tokens", ["short", "a-long-enough-token,x", ",,abc,"])
+def test_a_guessable_api_token_stops_the_start_without_showing_it(
+    service_env: dict[str, str], tokens: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**service_env, "HITL_API_TOKENS": tokens})
+    assert caught.value.variable == "HITL_API_TOKENS"
+    assert "16 characters" in str(caught.value)
+    for token in tokens.split(","):
+        if token:
+            assert token not in str(caught.value)
+
+
+def test_long_enough_api_tokens_are_taken(service_env: dict[str, str]) -> None:
+    settings = Settings.from_env(
+        {**service_env, "HITL_API_TOKENS": " 0123456789abcdef ,fedcba9876543210"}
+    )
+    assert [t.reveal() for t in settings.api_tokens] == ["0123456789abcdef", "fedcba9876543210"]
