@@ -396,7 +396,9 @@ async def test_an_unusable_state_file_is_one_line(
     assert state.is_dir() or (state.parent if kind == "in a file" else state).read_text() == "[]"
 
 
-async def test_demo_ctrl_d_after_the_server_went_away(app: App, tmp_path: Path) -> None:
+async def demo_started(app: App, tmp_path: Path) -> asyncio.subprocess.Process:
+    """``hitl-service demo`` against ``app``, once it printed that its
+    handoff started (stdin, stdout and stderr piped)."""
     proc = await asyncio.create_subprocess_exec(
         *HITL,
         "demo",
@@ -408,11 +410,25 @@ async def test_demo_ctrl_d_after_the_server_went_away(app: App, tmp_path: Path) 
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    assert proc.stdin is not None
     assert proc.stdout is not None
     try:
         first = await asyncio.wait_for(proc.stdout.readline(), 30)
-        assert b"started" in first, first
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    if b"started" not in first:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(first)
+    return proc
+
+
+async def test_demo_ctrl_d_after_the_server_went_away(app: App, tmp_path: Path) -> None:
+    proc = await demo_started(app, tmp_path)
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    try:
         await app.stop(grace=0)
         proc.stdin.close()  # Ctrl-D
         out, err = await asyncio.wait_for(proc.communicate(), 30)
@@ -431,22 +447,10 @@ async def test_the_demo_prints_what_the_agent_writes_without_its_control_charact
     """Whoever reaches the console acts as an agent: escape sequences in a
     reply (set the window title, write the clipboard, rewrite earlier
     lines) must reach the demo's terminal as text, not drive it."""
-    proc = await asyncio.create_subprocess_exec(
-        *HITL,
-        "demo",
-        "--target",
-        f"127.0.0.1:{app.grpc_port}",
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        cwd=tmp_path,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await demo_started(app, tmp_path)
     assert proc.stdin is not None
     assert proc.stdout is not None
     try:
-        first = await asyncio.wait_for(proc.stdout.readline(), 30)
-        assert b"started" in first, first
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as http:
             (conv,) = (await http.get("/console/api/state")).json()["conversations"]
             path = f"/console/api/conversations/{conv['id']}"

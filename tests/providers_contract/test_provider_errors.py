@@ -40,26 +40,10 @@ async def test_a_long_provider_error_keeps_its_status_and_reason(
 ) -> None:
     """Quoted whole, the text made the trailers too large for gRPC
     clients, which then got RESOURCE_EXHAUSTED without the reason."""
-
-    async def fail(*_args: object) -> None:
-        raise error
-
-    async with served(env) as (_app, stub):
-        user = await make_user(stub)
-        session = await start(stub, user.id) if operation != "start" else None
-        desk.hooks[operation] = fail
-        call: Awaitable[object]
-        if session is None:
-            call = start(stub, user.id)
-        elif operation == "send":
-            call = send(stub, session.id, text="x")
-        else:
-            stop = pb.StopHitlRequest(session_id=session.id)
-            call = stub.StopHitl(stop, timeout=TIMEOUT)
-        got = await expect_error(call, grpc.StatusCode[code])
-        assert got.reason == reason
-        assert "é" * 10 in got.message
-        assert len(got.message.encode()) < 1200
+    got = await _failing(env, desk, operation, error, grpc.StatusCode[code])
+    assert got.reason == reason
+    assert "é" * 10 in got.message
+    assert len(got.message.encode()) < 1200
 
 
 @pytest.mark.parametrize("refusal", ["", "not allowed", "X" * 64, "TRAILING_"])
@@ -77,6 +61,15 @@ async def test_a_provider_code_that_is_no_reason_becomes_the_generic_one(
 
 
 async def _refused(env: dict[str, str], desk: Desk, operation: str, error: Exception) -> RichError:
+    return await _failing(env, desk, operation, error, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+async def _failing(
+    env: dict[str, str], desk: Desk, operation: str, error: Exception, code: grpc.StatusCode
+) -> RichError:
+    """The error a call gets when the desk raises ``error`` for ``operation``
+    (start, send or stop)."""
+
     async def fail(*_args: object) -> None:
         raise error
 
@@ -91,4 +84,4 @@ async def _refused(env: dict[str, str], desk: Desk, operation: str, error: Excep
             call = send(stub, session.id, text="x")
         else:
             call = stub.StopHitl(pb.StopHitlRequest(session_id=session.id), timeout=TIMEOUT)
-        return await expect_error(call, grpc.StatusCode.FAILED_PRECONDITION)
+        return await expect_error(call, code)
