@@ -400,7 +400,10 @@ class HitlClient:
             after: Start after this cursor: ``"0"`` from the beginning, a
                 cursor saved earlier (``EventStream.cursor``) to resume, or
                 ``""`` for live events only (the iterator then resumes from
-                the log head the server reported when it subscribed).
+                the log head the server reported when it subscribed; live
+                means from that first subscription: while the service cannot
+                be reached at first, what it commits meanwhile is not
+                returned. Pass the head you know, or ``"0"``, to have it).
         """
         stream = EventStream(self, session_id=session_id, after=after)
         self._streams.add(stream)
