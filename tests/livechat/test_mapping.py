@@ -71,6 +71,16 @@ class TestSplitText:
         assert "".join(pieces) == text
         assert all(len(p.encode()) <= 16 for p in pieces)
 
+    @pytest.mark.timeout(20)  # milliseconds in linear time; hours if the run is rescanned
+    def test_a_long_run_of_flags_is_counted_once_per_cut(self) -> None:
+        # A run of flags broken just before the cut, then flags to count:
+        # counting them must not go over the whole run again from each flag.
+        flag = "\U0001f1e9\U0001f1ea"
+        text = flag * 100_000 + "x" + flag * 5
+        limit = len(text.encode()) - 8
+        pieces = mapping.split_text(text, limit)
+        assert pieces == [flag * 100_000 + "x" + flag * 4, flag]
+
     @given(st.text(min_size=0, max_size=400), st.integers(min_value=4, max_value=64))
     def test_property_round_trip_and_limit(self, text: str, limit: int) -> None:
         pieces = mapping.split_text(text, limit)
