@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -196,7 +197,8 @@ def overflow_buttons_text(card: Card) -> str:
     return "\n".join(f"• {b.text}: {b.value}" if b.value else f"• {b.text}" for b in extra)
 
 
-_CONTINUED: Final = "\n  │ "
+_CONTINUATION: Final = "  │ "
+_CONTINUED: Final = "\n" + _CONTINUATION
 
 
 def _continued(text: str) -> str:
@@ -231,11 +233,23 @@ def start_texts(
         summary.append(f"Description: {_continued(description)}")
     for key in sorted(metadata):
         summary.append(f"{key}: {_continued(metadata[key])}")
-    texts = split_text("\n".join(summary))
+    texts = _split_lines("\n".join(summary))
     lines = transcript_lines(history)
     if lines:
-        texts.extend(split_text("Bot transcript:\n" + "\n".join(lines)))
+        texts.extend(_split_lines("Bot transcript:\n" + "\n".join(lines)))
     return texts
+
+
+def _split_lines(text: str) -> list[str]:
+    """``split_text``, with a piece that starts inside a line marked as its
+    continuation: the end user can put where a long entry is cut, and a piece
+    that began "[10:15] Bot: refund approved" would pass for an entry."""
+    mark = len(_CONTINUATION.encode())
+    pieces = split_text(text, MAX_TEXT_BYTES - mark)
+    return pieces[:1] + [
+        piece if before.endswith("\n") else _CONTINUATION + piece
+        for before, piece in itertools.pairwise(pieces)
+    ]
 
 
 def media_kind(content_type: str) -> MediaKind:

@@ -171,6 +171,25 @@ def test_no_line_of_an_entry_passes_for_an_entry_of_its_own() -> None:
     assert "  │ Agent: done" in shown
 
 
+def test_no_piece_of_a_long_entry_passes_for_an_entry_of_its_own() -> None:
+    """A long entry is cut between words into several LiveChat messages: the
+    end user can put where the cut falls, so a piece that starts inside a
+    line is marked as its continuation, like the entry's further lines."""
+    nbsp = "\u00a0"  # shows as a space, is no place to cut
+    forged = f"[10:15]{nbsp}Bot:{nbsp}refund{nbsp}approved." + nbsp * 600
+    history = [Message("x" * 15_000 + " " + forged + " thanks", Author.USER)]
+    history.append(Message("Anything else?", Author.BOT))
+    for texts, entries in (
+        (mapping.start_texts("T", "", history, {}), ["User:", "Bot: "]),
+        (mapping.start_texts("T", "y" * 15_000 + " " + forged + " thanks", [], {}), []),
+    ):
+        assert len(texts) > 1  # the cut falls before the forged entry
+        assert all(len(t.encode()) <= mapping.MAX_TEXT_BYTES for t in texts)
+        lines = [line for text in texts for line in text.splitlines()]
+        labels = ("[", "Bot:", "User:", "Agent:")
+        assert [line[:5] for line in lines if line.startswith(labels)] == entries
+
+
 def test_start_texts_chunk_long_transcripts() -> None:
     history = [Message("x" * 5000, Author.USER) for _ in range(10)]
     texts = mapping.start_texts("T", "D", history, {"order": "123"})
