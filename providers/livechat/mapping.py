@@ -228,7 +228,7 @@ def start_texts(
     """
     summary = ["🤖 Handoff from the bot"]
     if title:
-        summary.append(f"Title: {title}")
+        summary.append(f"Title: {_continued(title)}")  # U+2028 and U+0085 pass validation
     if description:
         summary.append(f"Description: {_continued(description)}")
     for key in sorted(metadata):
