@@ -52,12 +52,18 @@ def split_text(text: str, limit: int = MAX_TEXT_BYTES) -> list[str]:
     pieces: list[str] = []
     start = 0
     while len(data) - start > limit:
-        end = _char_start(data, start + limit, start)
+        end = by_size = _char_start(data, start + limit, start)
         window = data[max(start, end - _SPLIT_LOOKBACK) : end]
         cut = max(window.rfind(b" "), window.rfind(b"\n"), window.rfind(b"\t"))
         if cut >= 0:
             end = max(start, end - _SPLIT_LOOKBACK) + cut + 1
-        end = _cluster_start(data, end, start)
+        whole = _cluster_start(data, end, start)
+        if whole == end != by_size and not _is_cluster_boundary(data, end, start):
+            # The whitespace starts the piece and an accent (a ZWJ, a skin
+            # tone...) goes with it: no whole character ends before it, so
+            # the piece is cut by size, where there is one.
+            whole = _cluster_start(data, by_size, start)
+        end = whole
         pieces.append(data[start:end].decode("utf-8", "surrogatepass"))
         start = end
     pieces.append(data[start:].decode("utf-8", "surrogatepass"))

@@ -71,6 +71,14 @@ class TestSplitText:
         assert "".join(pieces) == text
         assert all(len(p.encode()) <= 16 for p in pieces)
 
+    def test_an_accent_on_the_space_a_piece_starts_with_stays_on_it(self) -> None:
+        # The space is the only place near the end to break after, and its
+        # accent goes with it: the piece is cut by size instead.
+        text = "x" * 15 + " \u0301" + "y" * 30
+        pieces = mapping.split_text(text, 16)
+        assert pieces[:2] == ["x" * 15, " \u0301" + "y" * 13]
+        assert "".join(pieces) == text
+
     @pytest.mark.timeout(20)  # milliseconds in linear time; hours if the run is rescanned
     def test_a_long_run_of_flags_is_counted_once_per_cut(self) -> None:
         # A run of flags broken just before the cut, then flags to count:
