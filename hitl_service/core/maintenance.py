@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from hitl_service.core.hub import EventHub
     from hitl_service.core.outbox import Outbox
     from hitl_service.domain import Session
-    from providers.types import ProviderUser
+    from providers.types import CatchUp, ProviderUser
 
 log = structlog.get_logger(__name__)
 
@@ -329,6 +329,27 @@ class Maintenance:
             log.info("catch_up.failed", session_id=session.id, error=str(exc))
             await watch.save_after_failure(ctx, session.id, session.user_id)
             return 0
+        except Exception:
+            # A provider's bug: what it changed on the way (a token renewed,
+            # its refresh token spent) is kept all the same, as for a send.
+            await watch.save_after_failure(ctx, session.id, session.user_id)
+            raise
+        try:
+            return await self._apply_listing(session, listing, watch, messages_only)
+        except StoreUnavailable:
+            raise
+        except Exception:
+            # A listing the core cannot apply rolled back the transaction
+            # that saved the provider's changes with it: saved on their own.
+            await watch.save_after_failure(ctx, session.id, session.user_id)
+            raise
+
+    async def _apply_listing(
+        self, session: Session, listing: CatchUp, watch: StateWatch, messages_only: bool
+    ) -> int:
+        """Applies a catch-up's listing (see ``catch_up``); returns how many
+        log events it added."""
+        ctx = self._ctx
         now = ctx.clock.now()
         added: list[str] = []
         failed_items: list[str] = []

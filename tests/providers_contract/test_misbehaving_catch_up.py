@@ -16,6 +16,7 @@ from providers import (
     InboundEvent,
     Message,
     ProviderChat,
+    ProviderUnavailable,
 )
 from providers.types import Started
 from tests.providers_contract.contract import JANE, served, start
@@ -52,3 +53,32 @@ async def test_one_chats_catch_up_bug_leaves_the_others_caught_up(
         assert sorted(asked) == sorted(s.external_chat_id for s in sessions)
         got = await stub.GetSession(pb.GetSessionRequest(session_id=sessions[0].id))
         assert got.session.state == pb.SESSION_STATE_REQUESTED
+
+
+@pytest.mark.parametrize("fault", ["unavailable", "raise", "bad_event"])
+async def test_state_a_failing_catch_up_changed_is_kept(
+    env: dict[str, str], desk: Desk, fault: str
+) -> None:
+    """What the provider changed in its chat's state before the catch-up
+    went wrong (a cursor moved, a token renewed and its refresh token
+    spent) is kept, as after a failed send, stop or start: a catch-up
+    that ends in a ``ProviderError`` kept it already."""
+    desk.capabilities = Capabilities(catch_up=True)
+    env["HITL_RECONCILE_INTERVAL"] = "0"
+    async with served(env) as (app, stub):
+        session = await start(stub, (await make_user(stub)).id)
+
+        async def catch_up(chat: ProviderChat, checkpoint: str) -> CatchUp:
+            chat.state["cursor"] = "renewed"
+            if fault == "unavailable":
+                raise ProviderUnavailable("the desk is down")
+            if fault == "raise":
+                raise KeyError("ticket")
+            chat_id = chat.external_chat_id
+            return CatchUp((InboundEvent(chat_id, Started("x", chat_id), "bad"),))  # type: ignore[arg-type]
+
+        desk.hooks["catch_up"] = catch_up
+        await app.core.maintenance.sweep_catch_up(force=True)
+        stored = await app.store.get_session(session.id)
+        assert stored is not None
+        assert stored.chat_state.get("cursor") == "renewed"
