@@ -425,8 +425,8 @@ async def _run_provider_command(settings: Settings, argv: list[str]) -> int:
         provider = load_provider(
             settings, sink=_NoService(), clock=SystemClock(), registry=CollectorRegistry()
         )
-    except ConfigError as exc:
-        print(f"hitl-service: configuration error: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # a factory's error may carry the provider's secrets
+        print(f"hitl-service: configuration error: {scrub(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
     if not isinstance(provider, SupportsCommands):
         print(f"hitl-service: the {provider.name} provider has no commands", file=sys.stderr)

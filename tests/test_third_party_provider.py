@@ -206,6 +206,22 @@ class TestSecretsInProblems:
         assert "401 Unauthorized" in err
         assert API_KEY not in out + err
 
+    async def test_a_factory_error_in_every_command(
+        self, env: dict[str, str], site: Path, tmp_path: Path
+    ) -> None:
+        """The factory's error is one configuration line, in ``serve``,
+        ``check`` and the provider's own commands alike."""
+        env = {
+            **env,
+            "HITL_ZENDESK_MODES": "init=leak",
+            "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]),
+        }
+        for args in (["serve"], ["check"], ["zendesk", "sync"]):
+            code, out, err = await run(args, env, tmp_path)
+            assert code == 2, (args, out, err)
+            assert "malformed API key" in out + err, (args, out, err)
+            assert API_KEY not in out + err, args
+
 
 def test_a_providers_api_key_setting_is_masked_in_logs(env: dict[str, str]) -> None:
     """Secret settings are recognized by their names (ProviderDeps.env says

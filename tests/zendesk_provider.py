@@ -42,6 +42,8 @@ class ZendeskProvider:
         self._key = key
         modes = deps.env.get("HITL_ZENDESK_MODES", "")
         self.modes = dict(m.split("=", 1) for m in modes.split(",") if m)
+        if self.modes.get("init") == "leak":  # a client library refusing the key, naming it
+            raise ValueError(f"malformed API key {key!r}")
         self.sends: list[tuple[dict[str, str], Message]] = []  # user state seen, message
         self.histories: list[Sequence[Message]] = []
         self.send_steps: list[SendStep] = []  # run by the next sends, first to last
