@@ -277,6 +277,13 @@ def _retrieve(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
+def _shortened(text: str, limit: int = 64) -> str:
+    """What is logged and answered of a request's path: anyone can send any
+    (up to the 64 KiB request head), and a copy of each request is no answer
+    and no log line."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class ProviderRoutesError(Exception):
     """The provider's ``routes()`` failed (a third-party bug); the message
     names the provider and the error in one line."""
@@ -322,9 +329,7 @@ def build_sidecar(
     async def webhook(request: Request) -> Response:
         """Request context, metrics and one log line around ``_webhook``."""
         name = request.path_params["provider"]
-        # Anyone can send any path (up to the 64 KiB request head): what is
-        # logged and answered of it is bounded, not a copy of each request.
-        shown = name if len(name) <= 64 else name[:63] + "…"
+        shown = _shortened(name)
         activity.current += 1
         clear_contextvars()
         raw_id = request.headers.get("x-request-id", "")
@@ -404,14 +409,15 @@ def build_sidecar(
     ]
 
     async def not_found(request: Request, exc: Exception) -> Response:
-        return error(404, f"no route {request.url.path}")
+        return error(404, f"no route {_shortened(request.url.path, 256)}")
 
     async def method_not_allowed(request: Request, exc: Exception) -> Response:
-        return error(405, f"{request.method} is not allowed on {request.url.path}")
+        return error(405, f"{request.method} is not allowed on {_shortened(request.url.path, 256)}")
 
     async def server_error(request: Request, exc: Exception) -> Response:
         error_id = secrets.token_hex(6)
-        log.error("http.internal_error", error_id=error_id, path=request.url.path, exc_info=exc)
+        path = _shortened(request.url.path, 256)
+        log.error("http.internal_error", error_id=error_id, path=path, exc_info=exc)
         return error(500, "internal error", error_id=error_id)
 
     app = Starlette(

@@ -266,6 +266,17 @@ class TestWebhooks:
         [done] = [entry for entry in logs if entry["event"] == "webhook.done"]
         assert done["provider"] == "x" * 63 + "…"
 
+    async def test_an_unknown_path_is_answered_shortened(self, hook: httpx.AsyncClient) -> None:
+        """As the webhook's provider name: any route's 404 or 405."""
+        for method, path, status in (
+            ("GET", "/" + "x" * 50_000, 404),
+            ("POST", "/webhooks/a/" + "x" * 50_000, 404),
+            ("GET", "/webhooks/" + "x" * 50_000, 405),
+        ):
+            response = await hook.request(method, path)
+            assert response.status_code == status
+            assert len(response.content) < 400, response.content[:80]
+
     async def test_unknown_action_is_ignored_with_200(self, hook: httpx.AsyncClient) -> None:
         response = await post(hook, envelope("C", "k", kind="typing"))
         assert response.status_code == 200
