@@ -507,8 +507,9 @@ def _timed_protocol(timeout: float, max_head: int = MAX_HEAD_BYTES) -> type[asyn
     and headers pass ``max_head`` bytes: uvicorn's httptools protocol keeps
     them all in memory without a limit (one unauthenticated connection grew
     the process by 400 MB in a second, and each header is joined piece by
-    piece). h11 has its own limit (16 KiB: a 400). A request the parser
-    refuses is answered 400 with a JSON reason."""
+    piece). h11 has a limit of its own, which ``build_http_server`` sets to
+    ``MAX_HEAD_BYTES`` too (beyond it: a 400). A request the parser refuses
+    is answered 400 with a JSON reason."""
     base: Any = AutoHTTPProtocol
     refusal = _raw_error(
         b"431 Request Header Fields Too Large",
@@ -586,6 +587,9 @@ def build_http_server(
         host=host,
         port=port,
         http=_timed_protocol(request_timeout),
+        # Without httptools (the ``speed`` extra), h11 parses: its own limit
+        # (16 KiB by default) made the same head limit.
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         log_config=None,
         access_log=False,
         lifespan="off",

@@ -10,7 +10,9 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from hitl_service import sidecar
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from hitl_service.sidecar import MAX_HEAD_BYTES
@@ -124,6 +126,37 @@ async def test_request_headers_beyond_the_limit_are_refused(service_env: dict[st
         assert answers.startswith(b"HTTP/1.1 404 "), answers[:80]  # local takes no webhooks
         assert answers.count(b"HTTP/1.1 ") == 2, answers
         assert b"HTTP/1.1 200 " in answers, answers
+    finally:
+        await app.stop(grace=1)
+
+
+@pytest.mark.parametrize("size", [40_000, MAX_HEAD_BYTES + 16_384])
+async def test_without_httptools_the_head_limit_is_the_same(
+    service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """httptools is an extra (``speed``): without it uvicorn parses with h11,
+    whose own limit (16 KiB by default) refused heads the documented 64 KiB
+    allow. Within MAX_HEAD_BYTES an unfinished head waits (until the request
+    timeout closes the connection without an answer); beyond it, h11
+    answers 400 with a JSON reason."""
+    monkeypatch.setattr(sidecar, "AutoHTTPProtocol", H11Protocol)
+    service_env["HITL_HTTP_REQUEST_TIMEOUT"] = "1s"
+    app = await start_app(service_env)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
+        head = b"POST /webhooks/local HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
+        writer.write(head + b"a" * (size - len(head)))
+        await writer.drain()
+        try:
+            answer = await asyncio.wait_for(reader.read(), WAIT)  # until the server closes
+        finally:
+            writer.close()
+        if size <= MAX_HEAD_BYTES:
+            assert answer == b"", answer[:80]
+            return
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), answer[:80]
+        assert json.loads(body)["error"], body
     finally:
         await app.stop(grace=1)
 
