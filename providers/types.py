@@ -172,7 +172,12 @@ class Ended:
 
 @dataclass(frozen=True, slots=True)
 class Failed:
-    """The handoff failed."""
+    """The handoff failed.
+
+    ``code`` is UPPER_SNAKE, at most 63 characters, as a refusal's (see
+    ``ProviderRejected``): callers get it in the ``failed`` event. Any
+    other becomes ``PROVIDER_FAILED`` (its words go to ``detail`` if that
+    is empty)."""
 
     code: str
     detail: str = ""

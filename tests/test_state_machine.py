@@ -176,6 +176,17 @@ def test_failed_moves_to_failed() -> None:
     assert (s.state, s.end_reason) == (SessionState.FAILED, "nobody online")
 
 
+@pytest.mark.parametrize("code", ["", "no agent", "x" * 64])
+def test_a_providers_failure_code_reaches_callers_as_a_stable_code(code: str) -> None:
+    """Callers branch on ``failed.code`` (UPPER_SNAKE, like an ErrorInfo
+    reason), as on a refusal's reason: a third party's other code becomes
+    PROVIDER_FAILED, and the words it had go to the detail."""
+    s = session(SessionState.QUEUED)
+    assert apply_event(s, Failed(code), NOW) == [Failed("PROVIDER_FAILED", code)]
+    assert apply_event(session(), Failed(code, "why"), NOW) == [Failed("PROVIDER_FAILED", "why")]
+    assert apply_event(session(), Failed("NO_AGENT"), NOW) == [Failed("NO_AGENT")]
+
+
 def test_a_message_written_before_the_requeue_does_not_take_the_chat_back() -> None:
     s = session(SessionState.ASSIGNED, JANE)
     apply_event(s, Transferred(to_group_id="7"), NOW)

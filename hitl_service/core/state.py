@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from hitl_service.domain import Session, SessionState
+from hitl_service.errors import provider_reason
 from providers.types import (
     Agent,
     AgentAssigned,
@@ -119,6 +120,11 @@ def apply_event(
         finish(session, SessionState.ENDED, ended.reason, ended.by, now)
         return [ended]
     assert isinstance(kind, Failed)
+    code = provider_reason(kind.code, "PROVIDER_FAILED")
+    if code != kind.code:
+        # Callers branch on it, as on a refusal's reason (a third party may
+        # report "" or words): its words, if any, go to the detail.
+        kind = Failed(code=code, detail=kind.detail or kind.code)
     finish(session, SessionState.FAILED, kind.detail or kind.code, EndedBy.PROVIDER, now)
     return [kind]
 

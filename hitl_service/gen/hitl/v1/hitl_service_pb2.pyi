@@ -798,7 +798,8 @@ class Failed(_message.Message):
     code: _builtins.str
     """Stable UPPER_SNAKE code: PROVIDER_UNAVAILABLE (unreachable),
     START_INTERRUPTED (the service stopped during the start), INTERNAL,
-    or the provider's refusal (PROVIDER_CREDENTIALS, or its own code).
+    or the provider's refusal or report (PROVIDER_CREDENTIALS, or its own
+    code; START_REFUSED or PROVIDER_FAILED if it gave none in UPPER_SNAKE).
     """
     detail: _builtins.str
     """Explanation in words."""
