@@ -528,3 +528,30 @@ async def test_a_shutdown_ends_open_live_update_streams_at_once(
     assert all(not line.startswith("data: ") for line in rest)
     assert not [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert not any("Waiting for connections" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_reply_reaches_the_user_as_typed(http: httpx.AsyncClient, stub: Stub) -> None:
+    # An agent's indentation (a code sample, a list) and line breaks are
+    # the message; only a reply of nothing but spaces is refused.
+    session = await start_session(stub, (await make_user(stub)).id)
+    chat = session.external_chat_id
+    assert (await act(http, chat, "take", agent="Alex Agent")).status_code == 200
+    typed = "    step 1: reboot\n    step 2: retry\n"
+    async with EventCollector(stub, session_id=session.id, after="0") as events:
+        assert (await act(http, chat, "reply", agent="Alex Agent", text=typed)).status_code == 200
+        await wait_for(lambda: "agent_message" in events.kinds(), what="the reply")
+    (reply,) = [e for e in events.events if e.WhichOneof("kind") == "agent_message"]
+    assert reply.agent_message.message.text == typed
+    assert (await act(http, chat, "reply", agent="Alex Agent", text=" \n\t")).status_code == 400
+
+
+async def test_a_lone_surrogate_is_refused_with_a_reason(
+    http: httpx.AsyncClient, stub: Stub
+) -> None:
+    session = await start_session(stub, (await make_user(stub)).id)
+    chat = session.external_chat_id
+    url = f"/console/api/conversations/{chat}/reply"
+    body = b'{"agent": "Alex Agent", "text": "hi \\ud800"}'
+    response = await http.post(url, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"] == "text is not valid Unicode text (a lone surrogate)"

@@ -72,12 +72,23 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return data
 
 
-def _text(data: dict[str, Any], key: str, *, limit: int, required: bool = False) -> str:
+def _text(
+    data: dict[str, Any], key: str, *, limit: int, required: bool = False, as_typed: bool = False
+) -> str:
+    """``data[key]`` checked, and stripped unless ``as_typed`` (a reply keeps
+    its indentation and line breaks: the end user sees it as written)."""
     value = data.get(key, "")
     if not isinstance(value, str):
         raise ValueError(f"{key} must be a string")
-    value = value.strip()
-    if required and not value:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON may carry a lone surrogate ("\ud800"), which no store,
+        # provider or client can take.
+        raise ValueError(f"{key} is not valid Unicode text (a lone surrogate)") from None
+    if not as_typed:
+        value = value.strip()
+    if required and not value.strip():
         raise ValueError(f"{key} is required")
     if len(value) > limit:
         raise ValueError(f"{key} must be at most {limit} characters")
@@ -255,7 +266,9 @@ def console_routes(provider: LocalProvider) -> list[BaseRoute]:
                 await provider.take(chat_id, agent)
             elif action == "reply":
                 await provider.reply(
-                    chat_id, agent, _text(data, "text", limit=_MAX_TEXT, required=True)
+                    chat_id,
+                    agent,
+                    _text(data, "text", limit=_MAX_TEXT, required=True, as_typed=True),
                 )
             elif action == "transfer":
                 group = _text(data, "group_id", limit=64)

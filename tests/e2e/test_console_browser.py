@@ -183,6 +183,13 @@ async def test_agent_console_in_a_real_browser(
         ),
         timeout=10,
     )
+    card = pb.Card(title="Order #4711", subtitle="Shipped 3 days ago")
+    await stub.SendMessage(
+        pb.SendMessageRequest(
+            session_id=session.id, message=pb.Message(card=card), request_id="rid-2"
+        ),
+        timeout=10,
+    )
     chat = session.external_chat_id
     page = Page(driver)
 
@@ -200,6 +207,8 @@ async def test_agent_console_in_a_real_browser(
             "It's #4711.",
             "Is anyone there?",
         ]
+        # A card shows its title once, in the card (its text is that title).
+        assert await run(lambda: page.texts("#log .msg.user .card strong")) == ["Order #4711"]
         assert await run(lambda: page.texts("#log .msg.bot .text")) == [
             "Sorry to hear that! What is your order number?",
             "Thanks. Let me get a human for you.",
