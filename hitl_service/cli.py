@@ -431,21 +431,34 @@ async def _run_provider_command(settings: Settings, argv: list[str]) -> int:
     if not isinstance(provider, SupportsCommands):
         print(f"hitl-service: the {provider.name} provider has no commands", file=sys.stderr)
         return EXIT_CONFIG
+    timeout = settings.provider_timeout
+    bound = asyncio.timeout(timeout)  # as in check: a backend that does not answer
     try:
-        await open_provider(provider)
+        async with bound:
+            await open_provider(provider)
     except ProviderConfigError as exc:
         print(f"hitl-service: configuration error: {scrub(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
-    except (ProviderError, OSError) as exc:
-        print(
-            f"hitl-service {provider.name}: cannot open the provider: {scrub(str(exc))}",
-            file=sys.stderr,
-        )
+    except (ProviderError, OSError) as exc:  # OSError: TimeoutError too
+        why = f"it did not finish within {timeout:g} s" if bound.expired() else scrub(str(exc))
+        print(f"hitl-service {provider.name}: cannot open the provider: {why}", file=sys.stderr)
+        for problem in await close_provider(provider, timeout):
+            print(f"hitl-service {provider.name}: {scrub(problem)}", file=sys.stderr)
         return EXIT_PROBLEMS
     try:
         return await provider.run_command(argv, sys.stdout)
     except ProviderError as exc:
         print(f"hitl-service {provider.name}: {scrub(str(exc))}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    except Exception as exc:
+        # A provider's bug: one line for the person at the terminal, the
+        # traceback in the (redacted) log.
+        log.exception("provider.command_failed", provider=provider.name)
+        print(
+            f"hitl-service {provider.name}: the command failed: "
+            f"{type(exc).__name__}: {scrub(str(exc))}",
+            file=sys.stderr,
+        )
         return EXIT_PROBLEMS
     finally:
         for problem in await close_provider(provider, settings.provider_timeout):

@@ -172,6 +172,37 @@ class TestLifecycle:
         assert "provider zendesk: PROBLEM: cannot open the provider" in out
 
 
+class TestProviderCommands:
+    """``hitl-service <provider> ...`` answers in one line whatever the
+    provider does: an open that hangs is bounded like ``check``'s, and a bug
+    in the command is no traceback."""
+
+    @pytest.mark.parametrize(
+        ("mode", "code", "said"),
+        [
+            ("", 0, "synced"),
+            ("open=hang", 1, "cannot open the provider: it did not finish within 1 s"),
+            ("command=bug", 1, "the command failed: KeyError: 'tenant'"),
+            ("command=leak", 1, "the command failed: PermissionError: 401 Unauthorized"),
+        ],
+    )
+    async def test_one_line_whatever_the_provider_does(
+        self, env: dict[str, str], site: Path, tmp_path: Path, mode: str, code: int, said: str
+    ) -> None:
+        env = {
+            **env,
+            "HITL_ZENDESK_MODES": mode,
+            "HITL_PROVIDER_TIMEOUT": "1s",
+            "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]),
+        }
+        got, out, err = await run(["zendesk", "sync"], env, tmp_path)
+        assert got == code, (out, err)
+        plain = [line for line in (out + err).splitlines() if not line.startswith("{")]
+        assert any(said in line for line in plain), (out, err)
+        assert "Traceback (most recent call last)" not in "\n".join(plain)
+        assert API_KEY not in out + err
+
+
 class TestSecretsInProblems:
     """A provider's errors may carry its own secrets (a library error naming
     the URL it called): /readyz (on the listener that faces webhook senders),

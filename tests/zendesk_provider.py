@@ -26,6 +26,8 @@ from providers import (
 )
 
 if TYPE_CHECKING:
+    from typing import TextIO
+
     from starlette.routing import BaseRoute
 
 SendStep = Callable[[ProviderChat, ProviderUser], None]
@@ -114,6 +116,12 @@ class ZendeskProvider:
 
     def routes(self) -> Sequence[BaseRoute]:
         return ()
+
+    async def run_command(self, argv: Sequence[str], out: TextIO) -> int:
+        """``hitl-service zendesk sync``: "synced", or the ``command`` mode's fault."""
+        await self._mode("command")
+        out.write("synced\n")
+        return 0
 
 
 def create(deps: ProviderDeps) -> ZendeskProvider:
