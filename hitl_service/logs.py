@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import orjson
 import structlog
@@ -57,11 +58,19 @@ class SecretRedactor:
         self.register(secrets)
 
     def register(self, secrets: Iterable[Secret]) -> None:
-        """Adds secret values to look for (empty and very short ones skipped)."""
+        """Adds secret values to look for (empty and very short ones skipped),
+        with their forms in a URL (a library error may quote the URL it
+        called, the secret percent-encoded in it)."""
         for secret in secrets:
             value = secret.reveal()
-            if len(value) >= 6 and value not in self._values:
-                self._values.append(value)
+            if len(value) < 6:
+                continue
+            for form in (value, quote(value, safe=""), quote_plus(value, safe="")):
+                if form not in self._values:
+                    self._values.append(form)
+        # Longest first: a secret that contains another is masked whole,
+        # not left in pieces around the shorter one's mask.
+        self._values.sort(key=len, reverse=True)
 
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
         # Runs for every log line (one per RPC and webhook): plain numbers,

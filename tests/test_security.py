@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import grpc
 import pytest
@@ -432,3 +433,24 @@ def test_long_enough_api_tokens_are_taken(service_env: dict[str, str]) -> None:
         {**service_env, "HITL_API_TOKENS": " 0123456789abcdef ,fedcba9876543210"}
     )
     assert [t.reveal() for t in settings.api_tokens] == ["0123456789abcdef", "fedcba9876543210"]
+
+
+def test_a_secret_is_masked_as_a_url_quotes_it_too() -> None:
+    # A library error may name the URL it called, the key percent-encoded.
+    secret = "p@ss/w0rd+key=="
+    redact = SecretRedactor([Secret(secret)])
+    for shown in (
+        f"GET https://api.example/?key={quote(secret, safe='')} failed",
+        f"POST https://api.example/ body=key={quote_plus(secret)}",
+        f"token {secret} refused",
+    ):
+        line = redact(None, "error", {"event": "x.failed", "error": shown})
+        assert "w0rd" not in line["error"], line
+    assert "w0rd" not in redact.scrub(f"?key={quote(secret, safe='')}")
+
+
+def test_a_secret_inside_another_is_masked_whole() -> None:
+    # Masking the shorter first left the rest of the longer in view.
+    short, long = "abcdef12", "abcdef12-and-more-secret"
+    redact = SecretRedactor([Secret(short), Secret(long)])
+    assert redact.scrub(f"token={long}") == "token=**********"
