@@ -29,11 +29,14 @@ _CODES = {
 _MESSAGE_BYTES = 1024
 
 
-def _bounded(message: str) -> str:
+_METADATA_BYTES = 256  # an ErrorInfo value: ids, a setting's name; a provider may pass more
+
+
+def _bounded(message: str, limit: int = _MESSAGE_BYTES) -> str:
     data = message.encode()
-    if len(data) <= _MESSAGE_BYTES:
+    if len(data) <= limit:
         return message
-    return data[:_MESSAGE_BYTES].decode(errors="ignore") + " … (cut)"
+    return data[:limit].decode(errors="ignore") + " … (cut)"
 
 
 def _pack(message: object) -> any_pb2.Any:
@@ -46,7 +49,11 @@ def to_status(error: HitlError) -> grpc.Status:
     """A ``grpc.Status`` carrying ErrorInfo and, for bad input, BadRequest."""
     details = [
         _pack(
-            error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
+            error_details_pb2.ErrorInfo(
+                reason=error.reason,
+                domain=DOMAIN,
+                metadata={k: _bounded(v, _METADATA_BYTES) for k, v in error.metadata.items()},
+            )
         )
     ]
     if error.violations:

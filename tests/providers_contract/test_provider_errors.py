@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
-from providers import ProviderRejected, ProviderUnavailable
+from providers import ProviderAuthError, ProviderRejected, ProviderUnavailable
 from tests.providers_contract.contract import send, served, start
 from tests.providers_contract.ticket_desk import Desk
 from tests.support import TIMEOUT, RichError, expect_error, make_user
@@ -85,3 +85,16 @@ async def _failing(
         else:
             call = stub.StopHitl(pb.StopHitlRequest(session_id=session.id), timeout=TIMEOUT)
         return await expect_error(call, code)
+
+
+@pytest.mark.parametrize("operation", ["start", "send", "stop"])
+async def test_a_long_setting_name_keeps_the_status_whole(
+    env: dict[str, str], desk: Desk, operation: str
+) -> None:
+    """ErrorInfo metadata goes out in the trailers too: a third party's
+    setting name of any length made them too large (RESOURCE_EXHAUSTED)."""
+    error = ProviderAuthError("HITL_DESK_" + "K" * 20_000, "the desk refused our key")
+    got = await _failing(env, desk, operation, error, grpc.StatusCode.FAILED_PRECONDITION)
+    assert got.reason == "PROVIDER_CREDENTIALS"
+    assert got.metadata["setting"].startswith("HITL_DESK_KKK")
+    assert len(got.metadata["setting"].encode()) < 300
