@@ -370,9 +370,10 @@ async def _check(settings: Settings, out: TextIO) -> int:
     except (ProviderError, OSError) as exc:  # OSError: TimeoutError too
         if bound.expired():
             found.append(f"cannot open the provider: it did not finish within {timeout:g} s")
-            found += await close_provider(provider, timeout)
         else:
             found.append(f"cannot open the provider: {exc}")
+        # What the open set up before it failed (a client, a task) is let go.
+        found += await close_provider(provider, timeout)
     else:
         try:
             found += await probe_provider(provider, settings.provider_timeout)

@@ -172,6 +172,22 @@ class TestLifecycle:
         assert "provider zendesk: PROBLEM: cannot open the provider" in out
 
 
+async def test_check_closes_a_provider_whose_open_failed(
+    env: dict[str, str], site: Path, tmp_path: Path
+) -> None:
+    # What the open set up before failing is let go: the close runs (here
+    # it fails too, which check reports).
+    env = {
+        **env,
+        "HITL_ZENDESK_MODES": "open=raise,close=raise",
+        "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]),
+    }
+    code, out, err = await run(["check"], env, tmp_path)
+    assert code == 1, (out, err)
+    assert "cannot open the provider" in out
+    assert "close: connection refused" in out, out
+
+
 class TestProviderCommands:
     """``hitl-service <provider> ...`` answers in one line whatever the
     provider does: an open that hangs is bounded like ``check``'s, and a bug
