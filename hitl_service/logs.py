@@ -101,10 +101,7 @@ class SecretRedactor:
         if key.lower() in _SECRET_KEYS and value not in (None, ""):
             return _MASK
         if isinstance(value, str):
-            for secret in self._values:
-                if secret in value:
-                    value = value.replace(secret, _MASK)
-            return value
+            return self.scrub(value)
         if isinstance(value, MutableMapping):
             return {k: self._clean(str(k), v) for k, v in value.items()}
         if isinstance(value, list | tuple):
