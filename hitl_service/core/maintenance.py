@@ -320,27 +320,26 @@ class Maintenance:
         chat = ProviderChat(session.external_chat_id, dict(session.chat_state))
         watch = StateWatch(user, chat)
         try:
-            listing = await ctx.calls.once(
-                "catch_up",
-                lambda t: ctx.provider.catch_up(chat, user, session.catch_up_checkpoint, timeout=t),
-                budget=budget,
-            )
-        except ProviderError as exc:
-            log.info("catch_up.failed", session_id=session.id, error=str(exc))
-            await watch.save_after_failure(ctx, session.id, session.user_id)
-            return 0
-        except Exception:
-            # A provider's bug: what it changed on the way (a token renewed,
-            # its refresh token spent) is kept all the same, as for a send.
-            await watch.save_after_failure(ctx, session.id, session.user_id)
-            raise
-        try:
+            try:
+                listing = await ctx.calls.once(
+                    "catch_up",
+                    lambda t: ctx.provider.catch_up(
+                        chat, user, session.catch_up_checkpoint, timeout=t
+                    ),
+                    budget=budget,
+                )
+            except ProviderError as exc:
+                log.info("catch_up.failed", session_id=session.id, error=str(exc))
+                await watch.save_after_failure(ctx, session.id, session.user_id)
+                return 0
             return await self._apply_listing(session, listing, watch, messages_only)
         except StoreUnavailable:
             raise
         except Exception:
-            # A listing the core cannot apply rolled back the transaction
-            # that saved the provider's changes with it: saved on their own.
+            # A provider's bug, or a listing the core cannot apply (its
+            # transaction, rolled back, held the save): what the provider
+            # changed on the way (a token renewed, its refresh token spent)
+            # is kept all the same, as for a send.
             await watch.save_after_failure(ctx, session.id, session.user_id)
             raise
 
