@@ -22,6 +22,7 @@ from hitl_service.config import ConfigError, Settings, load_environment
 from hitl_service.secret import Secret
 
 if TYPE_CHECKING:
+    from providers.base import Provider
     from providers.types import WebhookBatch
 
 log = structlog.get_logger(__name__)
@@ -308,9 +309,9 @@ async def _check(settings: Settings, out: TextIO) -> int:
     from hitl_service.app import load_provider
     from hitl_service.clock import SystemClock
     from hitl_service.errors import StoreUnavailable
-    from hitl_service.provider_calls import close_provider, open_provider, probe_provider
+    from hitl_service.provider_calls import close_provider, probe_provider
     from hitl_service.store import open_store
-    from providers.errors import ProviderConfigError, ProviderError
+    from providers.errors import ProviderConfigError
 
     scrub = _scrubber(settings)
     problems = 0
@@ -358,23 +359,12 @@ async def _check(settings: Settings, out: TextIO) -> int:
     except ConfigError as exc:
         out.write(f"provider {settings.provider}: PROBLEM: {scrub(str(exc))}\n")
         return EXIT_CONFIG
-    found: list[str] = []
-    timeout = settings.provider_timeout
-    bound = asyncio.timeout(timeout)  # as the probe and close are: a check always answers
     try:
-        async with bound:
-            await open_provider(provider)
+        found = await _open_within(provider, settings.provider_timeout)
     except ProviderConfigError as exc:
         out.write(f"provider {provider.name}: PROBLEM: {scrub(str(exc))}\n")
         return EXIT_CONFIG
-    except (ProviderError, OSError) as exc:  # OSError: TimeoutError too
-        if bound.expired():
-            found.append(f"cannot open the provider: it did not finish within {timeout:g} s")
-        else:
-            found.append(f"cannot open the provider: {exc}")
-        # What the open set up before it failed (a client, a task) is let go.
-        found += await close_provider(provider, timeout)
-    else:
+    if not found:
         try:
             found += await probe_provider(provider, settings.provider_timeout)
         finally:
@@ -387,6 +377,31 @@ async def _check(settings: Settings, out: TextIO) -> int:
         out.write(f"provider {provider.name}: ok\n")
     out.write("all checks passed\n" if not problems else f"{problems} problem(s) found\n")
     return 0 if not problems else EXIT_PROBLEMS
+
+
+async def _open_within(provider: Provider, timeout: float) -> list[str]:
+    """Opens a provider outside ``serve`` (``check``, provider commands),
+    within ``timeout``, as its probe and close are: a backend that does not
+    answer cannot hang the command. Returns the problems, none once open;
+    a provider that failed to open is closed again (what the open set up, a
+    client or a task, is let go).
+
+    Raises:
+        ProviderConfigError: A setting the provider cannot use.
+    """
+    from hitl_service.provider_calls import close_provider, open_provider
+    from providers.errors import ProviderConfigError, ProviderError
+
+    bound = asyncio.timeout(timeout)
+    try:
+        async with bound:
+            await open_provider(provider)
+    except ProviderConfigError:
+        raise
+    except (ProviderError, OSError) as exc:  # OSError: TimeoutError too
+        why = f"it did not finish within {timeout:g} s" if bound.expired() else str(exc)
+        return [f"cannot open the provider: {why}", *await close_provider(provider, timeout)]
+    return []
 
 
 def _provider_command(argv: list[str]) -> int:
@@ -417,7 +432,7 @@ async def _run_provider_command(settings: Settings, argv: list[str]) -> int:
 
     from hitl_service.app import load_provider
     from hitl_service.clock import SystemClock
-    from hitl_service.provider_calls import close_provider, open_provider
+    from hitl_service.provider_calls import close_provider
     from providers.base import SupportsCommands
     from providers.errors import ProviderConfigError, ProviderError
 
@@ -432,18 +447,13 @@ async def _run_provider_command(settings: Settings, argv: list[str]) -> int:
     if not isinstance(provider, SupportsCommands):
         print(f"hitl-service: the {provider.name} provider has no commands", file=sys.stderr)
         return EXIT_CONFIG
-    timeout = settings.provider_timeout
-    bound = asyncio.timeout(timeout)  # as in check: a backend that does not answer
     try:
-        async with bound:
-            await open_provider(provider)
+        problems = await _open_within(provider, settings.provider_timeout)
     except ProviderConfigError as exc:
         print(f"hitl-service: configuration error: {scrub(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
-    except (ProviderError, OSError) as exc:  # OSError: TimeoutError too
-        why = f"it did not finish within {timeout:g} s" if bound.expired() else scrub(str(exc))
-        print(f"hitl-service {provider.name}: cannot open the provider: {why}", file=sys.stderr)
-        for problem in await close_provider(provider, timeout):
+    if problems:
+        for problem in problems:
             print(f"hitl-service {provider.name}: {scrub(problem)}", file=sys.stderr)
         return EXIT_PROBLEMS
     try:
