@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 import structlog
 
 from hitl_service.config import ConfigError, Settings, load_environment
-from hitl_service.secret import Secret
 
 if TYPE_CHECKING:
     from providers.base import Provider
@@ -158,7 +157,7 @@ def _configure_logs(settings: Settings) -> None:
     whose own output (a report, a command's result) goes to stdout."""
     from hitl_service.logs import SecretRedactor, configure_logging
 
-    redactor = SecretRedactor(_secrets(settings))
+    redactor = SecretRedactor(settings.secrets())
     configure_logging(log_format=settings.log_format, level=settings.log_level, redactor=redactor)
 
 
@@ -286,11 +285,6 @@ class _NoService:
         raise ProviderUnavailable(
             "no service runs in this command to store events; the service receives them"
         )
-
-
-def _secrets(settings: Settings) -> list[Secret]:
-    """Every configured secret, for the log redactor's safety net."""
-    return settings.secrets()
 
 
 def _scrubber(settings: Settings) -> Callable[[str], str]:

@@ -17,7 +17,6 @@ import pytest
 
 import providers
 from hitl_service.app import App
-from hitl_service.cli import _secrets
 from hitl_service.config import Settings
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
@@ -273,6 +272,6 @@ class TestSecretsInProblems:
 def test_a_providers_api_key_setting_is_masked_in_logs(env: dict[str, str]) -> None:
     """Secret settings are recognized by their names (ProviderDeps.env says
     which words); ``_API_KEY`` is one."""
-    redact = SecretRedactor(_secrets(Settings.from_env(env)))
+    redact = SecretRedactor(Settings.from_env(env).secrets())
     line = redact(None, "error", {"event": "zendesk.failed", "error": f"401 for {API_KEY}"})
     assert API_KEY not in str(line)
