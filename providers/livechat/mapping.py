@@ -58,12 +58,12 @@ def split_text(text: str, limit: int = MAX_TEXT_BYTES) -> list[str]:
         if cut >= 0:
             end = max(start, end - _SPLIT_LOOKBACK) + cut + 1
         whole = _cluster_start(data, end, start)
-        if whole == end != by_size and not _is_cluster_boundary(data, end, start):
+        if whole is None and end != by_size:
             # The whitespace starts the piece and an accent (a ZWJ, a skin
             # tone...) goes with it: no whole character ends before it, so
             # the piece is cut by size, where there is one.
             whole = _cluster_start(data, by_size, start)
-        end = whole
+        end = by_size if whole is None else whole
         pieces.append(data[start:end].decode("utf-8", "surrogatepass"))
         start = end
     pieces.append(data[start:].decode("utf-8", "surrogatepass"))
@@ -153,18 +153,18 @@ def _regional_run(data: bytes, index: int, start: int) -> int:
 _REGIONAL_INDICATOR: Final = re.compile(b"\xf0\x9f\x87[\xa6-\xbf]")
 
 
-def _cluster_start(data: bytes, end: int, start: int) -> int:
+def _cluster_start(data: bytes, end: int, start: int) -> int | None:
     """``end`` (a character start) moved back to the nearest cut above
-    ``start`` that keeps user-perceived characters whole; ``end`` itself if
-    there is none within ``_SPLIT_LOOKBACK`` bytes (a cluster that long, such
-    as a letter under hundreds of accents, is cut anyway)."""
+    ``start`` that keeps user-perceived characters whole; None if there is
+    none within ``_SPLIT_LOOKBACK`` bytes (a cluster that long, such as a
+    letter under hundreds of accents, is then cut by size)."""
     floor = max(start, end - _SPLIT_LOOKBACK)
     at = end
     while at > floor:
         if _is_cluster_boundary(data, at, start):
             return at
         at = _char_start(data, at - 1, floor)
-    return end
+    return None
 
 
 def card_event(card: Card, postback_prefix: str) -> dict[str, Any]:
