@@ -18,6 +18,8 @@ from grpc_status import rpc_status
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from hitl_service.clock import Clock
     from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 
@@ -184,3 +186,16 @@ class ShiftedClock:
 
     async def sleep(self, seconds: float) -> None:
         await self._base.sleep(seconds)
+
+
+def install_providers(site: Path, dist: str, entry_points: dict[str, str]) -> Path:
+    """Writes an installed distribution ``dist`` into ``site`` whose
+    ``hitl_service.providers`` entry points are ``entry_points`` (name →
+    ``module:factory``), as a third party's package would; returns ``site``
+    (put it on ``sys.path`` or ``PYTHONPATH``)."""
+    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[hitl_service.providers]\n{lines}")
+    return site

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hitl_service.config import ConfigError, Settings, load_environment
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
-from tests.support import TIMEOUT, make_user, start_session, wait_for
+from tests.support import TIMEOUT, install_providers, make_user, start_session, wait_for
 
 if TYPE_CHECKING:
     from hitl_service.app import App
@@ -334,14 +334,10 @@ async def test_a_serve_that_cannot_start_says_so_in_its_log_format(
 @pytest.fixture
 def broken_providers(tmp_path: Path) -> dict[str, str]:
     """Two installed third-party providers: one fails to import, one's factory raises."""
-    site = tmp_path / "site"
-    info = site / "broken_hitl-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-hitl\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(
-        "[hitl_service.providers]\n"
-        "unimportable = broken_hitl_missing:create\n"
-        "exploding = broken_hitl_exploding:create\n"
+    site = install_providers(
+        tmp_path / "site",
+        "broken-hitl",
+        {"unimportable": "broken_hitl_missing:create", "exploding": "broken_hitl_exploding:create"},
     )
     (site / "broken_hitl_exploding.py").write_text(
         "def create(deps):\n    raise RuntimeError('no ACME_URL in the environment')\n"

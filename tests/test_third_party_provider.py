@@ -25,7 +25,7 @@ from providers import types
 from providers.errors import ProviderUnavailable
 from providers.types import Card, Location, Media, ProviderChat, ProviderUser
 from tests.conftest import start_app
-from tests.support import TIMEOUT, make_user, rid, start_session
+from tests.support import TIMEOUT, install_providers, make_user, rid, start_session
 from tests.test_cli import run
 from tests.zendesk_provider import ZendeskProvider
 
@@ -36,12 +36,8 @@ API_KEY = "zk-live-abcdef0123456789"
 @pytest.fixture
 def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A distribution registering ``zendesk`` under ``hitl_service.providers``."""
-    site = tmp_path / "site"
-    info = site / "zendesk_hitl-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: zendesk-hitl\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(
-        "[hitl_service.providers]\nzendesk = tests.zendesk_provider:create\n"
+    site = install_providers(
+        tmp_path / "site", "zendesk-hitl", {"zendesk": "tests.zendesk_provider:create"}
     )
     monkeypatch.syspath_prepend(str(site))
     return site

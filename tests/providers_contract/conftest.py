@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.providers_contract.ticket_desk import DESK_SETTING, DESKS, Desk
+from tests.support import install_providers
 
 
 @pytest.fixture
@@ -28,12 +29,10 @@ def env(
 ) -> dict[str, str]:
     """Settings for a service on the ticket desk, installed as the
     ``ticketdesk`` entry point of the ``hitl_service.providers`` group."""
-    site = tmp_path / "site"
-    info = site / "ticketdesk_hitl-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ticketdesk-hitl\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(
-        "[hitl_service.providers]\nticketdesk = tests.providers_contract.ticket_desk:create\n"
+    site = install_providers(
+        tmp_path / "site",
+        "ticketdesk-hitl",
+        {"ticketdesk": "tests.providers_contract.ticket_desk:create"},
     )
     monkeypatch.syspath_prepend(str(site))
     return {
