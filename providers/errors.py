@@ -16,7 +16,9 @@ class ProviderUnavailable(ProviderError):
     """A transient failure: the call may succeed if retried.
 
     Attributes:
-        retry_after: Seconds the backend asked us to wait, if it said.
+        retry_after: Seconds the backend asked us to wait, if it said; or,
+            with ``uncertain``, how long it may still be carrying the
+            request out (the retry, by any process, waits that long).
         uncertain: True when the request may have reached the backend and
             taken effect (timeout after sending, connection lost before the
             response). A retry of a send must then check before resending.

@@ -279,8 +279,11 @@ class Capabilities:
     settle_seconds: float = 0.0
     """How long the backend may still act on a request after we stopped
     waiting for its answer (LiveChat: its 15 s server timeout). The core's
-    claim on an attempt lasts at least this long, so no other process retries
-    (and checks for) a request the backend may still be carrying out."""
+    claim on an attempt lasts at least this long, and a send the core's own
+    timeout cut off is retried no sooner, so no other process retries (and
+    checks for) a request the backend may still be carrying out. A provider
+    whose own uncertain ``ProviderUnavailable`` leaves a request running
+    says for how long in its ``retry_after``."""
 
 
 @dataclass(frozen=True, slots=True)

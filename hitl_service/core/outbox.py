@@ -20,6 +20,7 @@ import structlog
 
 from hitl_service.codec import message_from_json
 from hitl_service.core.provider_state import StateWatch
+from hitl_service.core.retry import CallTimedOut
 from hitl_service.core.state import finish
 from hitl_service.domain import (
     ABANDONED_START,
@@ -240,7 +241,14 @@ class Outbox:
                     item, provider_reason(exc.code, fallback), str(exc)
                 )
             except ProviderUnavailable as exc:
-                return await self._settle_retry(item, str(exc), exc.retry_after, exc.uncertain)
+                retry_after = exc.retry_after
+                if isinstance(exc, CallTimedOut) and item.kind is OutboxKind.SEND:
+                    # The provider may still be carrying the send out: no
+                    # attempt looks for it before then, whichever process
+                    # (another replica, this one restarted) claims it next.
+                    settle = ctx.provider.capabilities.settle_seconds
+                    retry_after = max(retry_after or 0.0, settle)
+                return await self._settle_retry(item, str(exc), retry_after, exc.uncertain)
             changed_user = user if watch.user_changed else None
             chat_changed = watch.chat_changed
             if chat_changed:

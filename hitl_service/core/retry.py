@@ -46,6 +46,12 @@ class Backoff:
         return wait
 
 
+class CallTimedOut(ProviderUnavailable):
+    """Our own timeout ended a provider call: the request may have reached
+    the provider, which may still be carrying it out (for up to its
+    ``settle_seconds``)."""
+
+
 class ProviderCalls:
     """Runs provider calls with timeouts, metrics and the retry policy."""
 
@@ -85,7 +91,7 @@ class ProviderCalls:
             return result
         except TimeoutError:
             outcome = "unavailable"
-            raise ProviderUnavailable(
+            raise CallTimedOut(
                 f"{self._provider} did not answer {operation} within {timeout:.1f}s",
                 uncertain=True,
             ) from None

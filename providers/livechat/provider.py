@@ -488,8 +488,31 @@ class LiveChatProvider:
         timeout: float,
     ) -> SendResult:
         """See base class."""
+        custom_ids: set[str] = set()
+        try:
+            return await self._send(chat, user, message, request_id, uncertain, timeout, custom_ids)
+        except ProviderUnavailable as exc:
+            # A send LiveChat may still be carrying out: the retry must not
+            # look for it before then, whichever process makes it (this
+            # process's memory of the send dies with it).
+            wait = self._unanswered_wait(custom_ids)
+            if wait > (exc.retry_after or 0.0):
+                exc.retry_after = wait
+            raise
+
+    async def _send(
+        self,
+        chat: ProviderChat,
+        user: ProviderUser,
+        message: Message,
+        request_id: str,
+        uncertain: bool,
+        timeout: float,
+        custom_ids: set[str],
+    ) -> SendResult:
         async with bounded("send", timeout) as budget:
             parts = self._parts(user, message, request_id, budget)
+            custom_ids.update(p.custom_id for p in parts)
             found: dict[str, LcEvent] = {}
             if uncertain:
                 self._wait_for_unanswered({p.custom_id for p in parts})
@@ -540,9 +563,7 @@ class LiveChatProvider:
         Raises:
             ProviderUnavailable: Too early; ``retry_after`` says how long to wait.
         """
-        now = self.clock.monotonic()
-        sent = [at for c in custom_ids if (at := self.memory.unanswered_since(c)) is not None]
-        wait = max((at + self.settings.server_timeout - now for at in sent), default=0.0)
+        wait = self._unanswered_wait(custom_ids)
         if wait > 0:
             log.info("livechat.send_may_be_running", wait=round(wait, 3))
             raise ProviderUnavailable(
@@ -550,6 +571,13 @@ class LiveChatProvider:
                 retry_after=wait,
                 uncertain=True,
             )
+
+    def _unanswered_wait(self, custom_ids: set[str]) -> float:
+        """Seconds LiveChat may still be working on an unanswered send of one
+        of ``custom_ids`` (0 if none)."""
+        now = self.clock.monotonic()
+        sent = [at for c in custom_ids if (at := self.memory.unanswered_since(c)) is not None]
+        return max((at + self.settings.server_timeout - now for at in sent), default=0.0)
 
     def _parts(
         self, user: ProviderUser, message: Message, request_id: str, budget: Budget

@@ -176,3 +176,41 @@ async def test_a_request_id_retried_concurrently_is_sent_once(flaky: LiveChatSer
     )
     assert len({r.message_id for r, _ in results}) == 1
     assert len(flaky.with_custom_id(session.external_chat_id, request_id)) == 1
+
+
+# (a) HITL_PROVIDER_TIMEOUT ends the attempt; (b) the HTTP call's own timeout
+# (HITL_LIVECHAT_REQUEST_TIMEOUT) does, inside the provider.
+NO_ANSWER = {
+    "the provider timeout": {"HITL_PROVIDER_TIMEOUT": "1.5s"},
+    "the HTTP request timeout": {
+        "HITL_PROVIDER_TIMEOUT": "3s",
+        "HITL_LIVECHAT_REQUEST_TIMEOUT": "1.5",
+    },
+}
+
+
+@pytest.mark.parametrize("ended_by", list(NO_ANSWER), ids=list(NO_ANSWER))
+async def test_a_send_livechat_still_carries_out_is_not_sent_again_by_the_next_process(
+    make_service: MakeService, ended_by: str
+) -> None:
+    """The service stops (a rolling restart, or another replica takes over)
+    while LiveChat works on a send for longer than the service waited: the
+    process that retries it does not look for the message before LiveChat
+    can no longer store it, so the agent sees it once."""
+    env = {**NO_ANSWER[ended_by], "HITL_LIVECHAT_SERVER_TIMEOUT": "6", "HITL_REQUEST_BUDGET": "4s"}
+    first = await make_service(**env)
+    session = await first.start()
+    chat_id = session.external_chat_id
+    # LiveChat stores the event 5 s after the call (within its server timeout).
+    slow = first.fake.add_fault("send_event", api="customer", kind="delay", delay=5.0, times=1)
+    request_id = rid()
+    message = pb.Message(text="sent while LiveChat is slow")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await first.send(session.id, message, request_id, timeout=0.3)
+    await wait_for(lambda: slow.hits == 1, what="the slow send_event at the fake")
+    await first.app.stop(grace=5)  # the attempt ends unanswered, its retry left to the next
+    second = await make_service(register=False, **env)
+    sent, _ = await send_until_ok(second, session.id, message, request_id)
+    await wait_for(lambda: calls_finished(second), what="the fake to finish every send_event")
+    [event] = second.with_custom_id(chat_id, request_id)
+    assert sent.external_message_id == event["id"]
