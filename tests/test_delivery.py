@@ -729,7 +729,8 @@ class TestLease:
         timeout = ctx.settings.provider_timeout
         assert ctx.lease.total_seconds() == timeout * 2 + 1
         scripted.capabilities = replace(scripted.capabilities, settle_seconds=30.0)
-        assert ctx.lease.total_seconds() == 31.0
+        # The provider's last request may go out as late as the attempt's end.
+        assert ctx.lease.total_seconds() == timeout + 31.0
 
 
 class TestOverload:

@@ -42,9 +42,10 @@ class CoreContext:
 
         An attempt is bounded by the provider timeout; twice that plus a
         second leaves room for its store writes. It also outlasts the time the
-        provider may still act on an unanswered request (``settle_seconds``),
-        so a replica taking over a crashed one's claim cannot check for a
-        message too early and send it twice.
+        provider may still act on an unanswered request (``settle_seconds``)
+        made as late as the attempt's end, so a replica taking over a crashed
+        one's claim cannot check for a message too early and send it twice.
         """
-        settle = self.provider.capabilities.settle_seconds + 1
-        return timedelta(seconds=max(self.settings.provider_timeout * 2 + 1, settle))
+        timeout = self.settings.provider_timeout
+        settle = self.provider.capabilities.settle_seconds
+        return timedelta(seconds=max(timeout * 2 + 1, timeout + settle + 1))

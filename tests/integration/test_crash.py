@@ -201,7 +201,7 @@ async def test_kill_9_at_random_points_loses_and_doubles_nothing(tmp_path: Path)
         "HITL_HTTP_ADDR": f"127.0.0.1:{http_port}",
         "HITL_STORE_URL": f"sqlite:///{tmp_path}/hitl.db",
         "HITL_DATA_DIR": str(tmp_path / "data"),
-        "HITL_PROVIDER_TIMEOUT": "1s",  # leases of crashed attempts expire in 3 s
+        "HITL_PROVIDER_TIMEOUT": "1s",  # leases of crashed attempts expire in 4 s
         "HITL_LIVECHAT_SERVER_TIMEOUT": "2",  # the fake acts at once; no 15 s lease
         "HITL_REQUEST_BUDGET": "3s",
         "HITL_RECONCILE_INTERVAL": "1s",  # catch-up repairs webhooks lost while down

@@ -214,3 +214,38 @@ async def test_a_send_livechat_still_carries_out_is_not_sent_again_by_the_next_p
     await wait_for(lambda: calls_finished(second), what="the fake to finish every send_event")
     [event] = second.with_custom_id(chat_id, request_id)
     assert sent.external_message_id == event["id"]
+
+
+async def test_a_send_cut_off_late_in_its_attempt_is_not_sent_again_by_the_next_process(
+    make_service: MakeService,
+) -> None:
+    """The process dies (here: stopped without grace, its attempt cut off)
+    while LiveChat works on the second part of a split message, sent late in
+    the attempt: the process that takes the claim over finds that part
+    rather than sending it again (the claim outlasts the attempt plus the
+    time LiveChat may still work on its last call)."""
+    env = {
+        "HITL_PROVIDER_TIMEOUT": "3s",
+        "HITL_LIVECHAT_SERVER_TIMEOUT": "8",
+        "HITL_REQUEST_BUDGET": "4s",
+    }
+    first = await make_service(**env)
+    session = await first.start()
+    chat_id = session.external_chat_id
+    # Part one is answered after 2.5 s; part two, sent then, is stored
+    # 7.5 s later (within LiveChat's server timeout).
+    first.fake.add_fault("send_event", api="customer", kind="delay", delay=2.5, times=1)
+    slow = first.fake.add_fault("send_event", api="customer", kind="delay", delay=7.5, times=1)
+    text = "".join(f"paragraph {i}: " + "x" * 90 + "\n" for i in range(200))  # two parts
+    request_id = rid()
+    message = pb.Message(text=text)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await first.send(session.id, message, request_id, timeout=0.3)
+    await wait_for(lambda: slow.hits == 1, what="the second part at the fake")
+    await first.app.stop(grace=0)  # the attempt is cut off: its claim stays
+    second = await make_service(register=False, **env)
+    await send_until_ok(second, session.id, message, request_id)
+    await wait_for(lambda: calls_finished(second), what="the fake to finish every send_event")
+    events = second.fake.events(chat_id)
+    parts = [e for e in events if e.get("custom_id", "").startswith(request_id)]
+    assert [p["custom_id"] for p in parts] == [request_id, f"{request_id}#2"]

@@ -128,7 +128,7 @@ class TestReplicaKilledMidBurst:
     async def test_nothing_acknowledged_is_lost_or_duplicated(
         self, postgres_dsn: str, tmp_path: Path
     ) -> None:
-        # A short provider timeout makes short leases (2 x 1 s + 1 s).
+        # A short provider timeout makes short leases (1 s + 2 s + 1 s).
         async with deployment(
             postgres_dsn, tmp_path, HITL_PROVIDER_TIMEOUT="1s", HITL_REQUEST_BUDGET="4s"
         ) as d:
