@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -311,6 +312,33 @@ class TestTimeouts:
                 "hitl_session_timeouts_total", {"kind": "queue"}
             )
             assert value == 1
+
+    async def test_a_session_row_this_release_cannot_read_holds_no_timeout_back(
+        self, service_env: dict[str, str]
+    ) -> None:
+        """A newer release (or a hand edit) left an open session this one
+        cannot decode: the others still time out."""
+        service_env["HITL_QUEUE_TIMEOUT"] = "1s"
+        async with running(service_env) as (_app, stub):
+            db = sqlite3.connect(service_env["HITL_STORE_URL"].removeprefix("sqlite:///"))
+            try:
+                with db:
+                    db.execute(
+                        "INSERT INTO users (id, name, created_at, updated_at) "
+                        "VALUES ('usr_newer', 'N', '2026-01-01T00:00:00.000000Z', "
+                        "'2026-01-01T00:00:00.000000Z')"
+                    )
+                    db.execute(  # a state a newer release may add
+                        "INSERT INTO sessions (id, user_id, provider, state, created_at, "
+                        "updated_at) VALUES ('ses_newer', 'usr_newer', 'scripted', 'paused', "
+                        "'2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z')"
+                    )
+            finally:
+                db.close()
+            session = await start_session(stub, (await make_user(stub)).id)
+            async with EventCollector(stub, session_id=session.id) as events:
+                ended = await events.wait_for_kind("ended")
+            assert ended.ended.by == pb.ENDED_BY_TIMEOUT
 
     async def test_a_long_prune_holds_no_timeout_back(
         self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch

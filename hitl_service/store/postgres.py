@@ -34,6 +34,7 @@ from hitl_service.store.rows import (
     PENDING_NOW,
     SESSION_COLUMNS,
     event_from_row,
+    readable,
     session_from_row,
 )
 
@@ -397,7 +398,7 @@ class PostgresStore:
             after_id,
             limit,
         )
-        return [session_from_row(r) for r in rows]
+        return readable(rows, session_from_row, "sessions")
 
     async def read_events(
         self, *, after: int, limit: int, session_id: str = ""

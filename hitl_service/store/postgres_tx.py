@@ -33,6 +33,7 @@ from hitl_service.store.rows import (
     outbox_update_values,
     outbox_values,
     provider_user_from_row,
+    readable,
     session_from_row,
     session_values,
     user_from_row,
@@ -437,7 +438,8 @@ class PostgresTx(Queries):
             owner,
             ts(lease_until),
         )
-        return [outbox_from_row(r) for r in sorted(rows, key=lambda r: r["pos"])]
+        # Unreadable ones stay leased: looked at again, and logged, once a lease.
+        return readable(sorted(rows, key=lambda r: r["pos"]), outbox_from_row, "outbox")
 
     async def fail_pending_outbox(
         self, session_id: str, now: datetime, code: str, message: str

@@ -8,11 +8,12 @@ text or already-decoded values.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+import structlog
 
 from hitl_service.codec import (
     agent_from_json,
@@ -32,6 +33,9 @@ from hitl_service.domain import (
 from providers.types import EndedBy, InboundEvent, ProviderUser, Started
 
 Row = Mapping[str, Any]
+_T = TypeVar("_T")
+
+log = structlog.get_logger(__name__)
 
 SESSION_COLUMNS = (
     "id, user_id, provider, state, request_id, title, description, group_id, metadata, "
@@ -82,6 +86,22 @@ def utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value.astimezone(UTC)
+
+
+def readable(rows: Iterable[Row], decode: Callable[[Row], _T], table: str) -> list[_T]:
+    """``decode`` of each row, less the rows it cannot decode (a value a newer
+    release wrote, such as a session state or an outbox kind this one does
+    not know; a hand edit): each is logged as ``store.row_unreadable`` and
+    left out. For the reads of the background loops (timeouts, catch-up,
+    delivery), where one such row would otherwise stop the loop for every
+    session, at every pass."""
+    found: list[_T] = []
+    for row in rows:
+        try:
+            found.append(decode(row))
+        except Exception as exc:
+            log.error("store.row_unreadable", table=table, id=row["id"], error=str(exc))
+    return found
 
 
 def user_from_row(row: Row) -> User:

@@ -82,6 +82,7 @@ from hitl_service.store.rows import (
     outbox_update_values,
     outbox_values,
     provider_user_from_row,
+    readable,
     session_from_row,
     session_values,
     user_from_row,
@@ -551,14 +552,17 @@ class SqliteTx(_Queries):
             "AND p.status = 'pending' AND p.pos < o.pos) ORDER BY o.pos LIMIT :limit",
             {"now": _ts(now), "limit": limit},
         )
-        items = [outbox_from_row(r) for r in rows]
+        # Unreadable ones are leased too (as on PostgreSQL): looked at again,
+        # and logged, once a lease, not at every claim.
+        for row in rows:
+            await self._exec(
+                "UPDATE outbox SET lease_owner = ?, lease_until = ? WHERE id = ?",
+                (owner, _ts(lease_until), row["id"]),
+            )
+        items = readable(rows, outbox_from_row, "outbox")
         for item in items:
             item.lease_owner = owner
             item.lease_until = lease_until
-            await self._exec(
-                "UPDATE outbox SET lease_owner = ?, lease_until = ? WHERE id = ?",
-                (owner, _ts(lease_until), item.id),
-            )
         return items
 
     async def fail_pending_outbox(
@@ -1174,7 +1178,7 @@ class SqliteStore:
             "AND id > ? ORDER BY id LIMIT ?",
             (after_id, limit),
         )
-        return [session_from_row(r) for r in rows]
+        return readable(rows, session_from_row, "sessions")
 
     async def read_events(
         self, *, after: int, limit: int, session_id: str = ""

@@ -1,0 +1,59 @@
+"""Contract: a row this release cannot read (a value a newer release wrote, a
+hand edit) costs only that row in the background loops' reads; the others
+are still listed and claimed."""
+
+from __future__ import annotations
+
+from structlog.testing import capture_logs
+
+from hitl_service.store.base import Store
+from tests.store.conftest import Backend
+from tests.store.factories import at, make_outbox, make_session, make_user
+
+
+async def test_an_unreadable_open_session_is_left_out_of_the_listing(
+    store: Store, backend: Backend
+) -> None:
+    user = make_user()
+    sessions = [make_session(user.id, provider=f"p{n}") for n in range(3)]
+    async with store.transaction() as tx:
+        await tx.insert_user(user)
+        for session in sessions:
+            await tx.insert_session(session)
+    bad = sessions[1]
+    # A state a newer release may add: still open, in this release's terms.
+    await backend.execute(f"UPDATE sessions SET state = 'paused' WHERE id = '{bad.id}'")
+
+    with capture_logs() as logs:
+        listed = await store.list_open_sessions(after_id="", limit=10)
+
+    assert [s.id for s in listed] == [sessions[0].id, sessions[2].id]
+    assert [(e["event"], e["table"], e["id"]) for e in logs] == [
+        ("store.row_unreadable", "sessions", bad.id)
+    ]
+
+
+async def test_an_unreadable_outbox_item_does_not_hold_back_other_sessions(
+    store: Store, backend: Backend
+) -> None:
+    user = make_user()
+    first, second = make_session(user.id, provider="a"), make_session(user.id, provider="b")
+    bad, behind_bad, good = make_outbox(first.id), make_outbox(first.id), make_outbox(second.id)
+    async with store.transaction() as tx:
+        await tx.insert_user(user)
+        await tx.insert_session(first)
+        await tx.insert_session(second)
+        for item in (bad, behind_bad, good):
+            await tx.insert_outbox(item)
+    # An outbox kind a newer release may add.
+    await backend.execute(f"UPDATE outbox SET kind = 'recall' WHERE id = '{bad.id}'")
+
+    with capture_logs() as logs:
+        async with store.transaction() as tx:
+            claimed = await tx.claim_outbox("w1", at(0), at(30), 10)
+
+    # The session's own queue keeps its order: what is behind the item waits.
+    assert [i.id for i in claimed] == [good.id]
+    assert [(e["event"], e["table"], e["id"]) for e in logs] == [
+        ("store.row_unreadable", "outbox", bad.id)
+    ]
