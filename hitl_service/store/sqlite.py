@@ -773,6 +773,7 @@ class SqliteStore:
         self._commits = 0
         self._checkpoint: asyncio.Task[None] | None = None
         self._write_failed = False  # the last write failed: ping() tries one
+        self._file: tuple[int, int] | None = None  # (device, inode) of the file opened
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self._path)!r})"
@@ -806,6 +807,9 @@ class SqliteStore:
                 self._lock_key = _take_process_lock(self._path)
             _create_private(self._path)
         self._writer = self._connect(self._busy_timeout)
+        if str(self._path) != ":memory:":
+            opened = os.stat(self._path)
+            self._file = (opened.st_dev, opened.st_ino)
         self._migrate(self._writer)
         _check_writable(self._writer)
         self._writer.execute("PRAGMA busy_timeout = 0")  # waits are async (_retry_busy)
@@ -827,6 +831,32 @@ class SqliteStore:
         ):
             conn.execute(f"PRAGMA {pragma}")
         return conn
+
+    def _check_file(self) -> None:
+        """Fails once the file opened is no longer at its path.
+
+        Deleted, or replaced by another file (a restore by ``mv``), it still
+        takes writes, through the descriptors open on it; the next start
+        opens what the path holds then, without them.
+
+        Raises:
+            StoreUnavailable: The path holds no file, or another one.
+        """
+        if self._file is None:
+            return
+        try:
+            now = os.stat(self._path)
+        except OSError as exc:
+            now_at: tuple[int, int] | None = None
+            error = str(exc)
+        else:
+            now_at, error = (now.st_dev, now.st_ino), "another file is there"
+        if now_at != self._file:
+            raise StoreUnavailable(
+                f"the SQLite database file {self._path} was deleted or replaced while the "
+                f"service had it open ({error}): what it writes now would be lost at the next "
+                "start; restart the service"
+            )
 
     def _read_connection(self) -> sqlite3.Connection:
         """The writer while it has no transaction open (warm cache), else the reader.
@@ -917,7 +947,9 @@ class SqliteStore:
         A read answers even when the file takes no writes (full disk, I/O
         error, read-only mount), so once a write has failed, and until one
         succeeds, the ping is a write: one row rewritten with its own value.
+        A file deleted or replaced while open fails it too (``_check_file``).
         """
+        self._check_file()
         try:
             await self._queries()._one("SELECT 1 AS one", ())
         except sqlite3.Error as exc:
@@ -1079,6 +1111,14 @@ class SqliteStore:
         conn = self._writer
         if conn is None:
             batch.committed.set_exception(StoreUnavailable("the store is closed"))
+            return
+        try:
+            self._check_file()
+        except StoreUnavailable as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._write_failed = True
+            batch.committed.set_exception(exc)
             return
         try:
             conn.execute("COMMIT")
