@@ -117,6 +117,11 @@ WAL_SIZE_LIMIT = 256 * 1024 * 1024  # the WAL file is trimmed to this when it re
 # restart rewrites the WAL from its start; at 8192 frames webhook ingest
 # lost a quarter of its throughput).
 WAL_FORCE_FRAMES = 65536
+# The longest that restart waits for readers, writes held off meanwhile. Our
+# own reads last milliseconds; a reader that keeps a snapshot open (an online
+# backup, a report) pins the WAL for as long as it reads, and waiting for it
+# would stall every write (the busy timeout, at each checkpoint).
+RESTART_WAIT_MS = 200
 PRUNE_BATCH = 2000  # rows deleted per transaction when pruning
 _WAITING_PAYS = 1.5  # members a COMMIT that waits a turn must gather on average
 _PROBE_EVERY = 16  # otherwise every 16th COMMIT waits anyway, to notice load
@@ -818,7 +823,8 @@ class SqliteStore:
         self._reader = self._connect(0)
         self._reader.execute("PRAGMA query_only = ON")
         if str(self._path) != ":memory:":
-            self._checkpointer = self._connect(self._busy_timeout)
+            # Its waits are for readers only (PASSIVE never waits): see RESTART_WAIT_MS.
+            self._checkpointer = self._connect(RESTART_WAIT_MS / 1000)
 
     def _connect(self, busy_timeout: float) -> sqlite3.Connection:
         # check_same_thread=False: opened in a worker thread, used on the loop.
@@ -1154,7 +1160,9 @@ class SqliteStore:
         without end (seen: 1.2 GB in 95 s at 250 commits/s). So once the WAL
         holds ``WAL_FORCE_FRAMES`` frames, a RESTART checkpoint runs with
         writes held off (they wait asynchronously; reads go on). The PASSIVE
-        pass before it has copied the bulk, so writes wait only for the tail.
+        pass before it has copied the bulk, so writes wait only for the tail,
+        and for readers at most ``RESTART_WAIT_MS``: one holding an older
+        snapshot leaves the WAL as it is until a later checkpoint.
         """
         conn = self._checkpointer
         if conn is None:
