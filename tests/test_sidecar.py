@@ -9,13 +9,16 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import asyncpg
 import httpx
 import pytest
 import structlog
 from structlog.contextvars import merge_contextvars
 
+from hitl_service.clock import SystemClock
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from providers.types import Agent, AgentAssigned
+from tests.conftest import scripted_on_clock
 from tests.scripted import SECRET, Fault, ScriptedProvider
 from tests.support import TIMEOUT, EventCollector, make_user, start_session, wait_for
 
@@ -450,6 +453,65 @@ class TestStartRace:
         assert session.external_chat_id == "CHAT0001"
         assert session.state == pb.SESSION_STATE_ASSIGNED
         assert session.agent.name == "Jane"
+
+    @pytest.mark.postgres
+    async def test_an_event_parked_while_the_start_commits_is_not_left_behind(
+        self, service_env: dict[str, str], postgres_dsn: str
+    ) -> None:
+        """On PostgreSQL a webhook's transaction runs beside the start's: one
+        that read the chat as nobody's before the start committed must not
+        park its event after the start took the parked ones (nothing would
+        ever apply it, and its dedupe key is spent)."""
+        service_env["HITL_STORE_URL"] = postgres_dsn
+        observer = await asyncpg.connect(postgres_dsn)
+        holder = await asyncpg.connect(postgres_dsn)
+        try:
+            async with scripted_on_clock(service_env, SystemClock()) as (_, stub, scripted):
+                user = await make_user(stub)
+                gate = scripted.hold("start")
+                start = asyncio.create_task(start_session(stub, user.id))
+                await wait_for(
+                    lambda: scripted.waiting.get("start"), what="the start to reach the provider"
+                )
+                # Another transaction holds the event's dedupe key for now:
+                # the webhook's transaction, having found no session for the
+                # chat, waits there until this one rolls back.
+                held = holder.transaction()
+                await held.start()
+                await holder.execute(
+                    "INSERT INTO dedupe_keys (provider, key, created_at) "
+                    "VALUES ('scripted', 'early', now())"
+                )
+                push = asyncio.create_task(
+                    scripted.push(
+                        "CHAT0001", AgentAssigned(Agent("jane@acme.test", "Jane")), "early"
+                    )
+                )
+
+                async def waiting_on_locks(count: int) -> bool:
+                    found = await observer.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )
+                    return bool(found >= count)
+
+                await wait_for(lambda: waiting_on_locks(1), what="the webhook to wait")
+                gate.set()
+                # The start commits now, or waits for the webhook's transaction.
+                await wait_for(
+                    lambda: start.done() or waiting_on_locks(2), what="the start to commit or wait"
+                )
+                await held.rollback()
+                await push
+                session = await start
+                assert session.external_chat_id == "CHAT0001"
+                got = await stub.GetSession(pb.GetSessionRequest(session_id=session.id))
+                assert got.session.state == pb.SESSION_STATE_ASSIGNED
+                assert got.session.agent.name == "Jane"
+                assert await observer.fetchval("SELECT count(*) FROM parked_events") == 0
+        finally:
+            await holder.close()
+            await observer.close()
 
     async def test_a_failed_provider_call_does_not_leak_into_the_readiness(
         self, hook: httpx.AsyncClient, scripted: ScriptedProvider

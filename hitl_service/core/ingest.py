@@ -92,13 +92,7 @@ class Ingestor:
         if self._before_end is not None:
             await self._catch_up_before_ends(events, self._before_end)
         async with ctx.store.transaction() as tx:
-            # Lock every session of the batch first, in a fixed order, so two
-            # batches spanning the same chats cannot deadlock on PostgreSQL.
-            # Each is read once: the events of a chat change its one copy.
-            sessions = {
-                chat_id: await tx.find_session_by_chat(provider, chat_id)
-                for chat_id in sorted({event.external_chat_id for event in events})
-            }
+            sessions = await self._lock_sessions(tx, events)
             for event in events:
                 session = sessions[event.external_chat_id]
                 if session is None or other_thread(session, event):
@@ -134,6 +128,35 @@ class Ingestor:
         for kind in kinds:
             ctx.metrics.appended(kind)
         return result
+
+    async def _lock_sessions(self, tx: Tx, events: list[InboundEvent]) -> dict[str, Session | None]:
+        """The session of each chat of the batch, locked.
+
+        Every session is locked first, in a fixed order (by chat), so that
+        two batches spanning the same chats cannot deadlock on PostgreSQL;
+        each is read once: the events of a chat change its one copy.
+
+        A chat whose events may be another session's than the one read
+        (none, or one in another thread of the chat) is read again while a
+        start is in flight, after holding the chat (``Tx.lock_chat``): that
+        start may be recording the chat, its parked events taken already,
+        and what this batch parked would never be applied.
+        """
+        provider = self._ctx.provider_name
+        sessions: dict[str, Session | None] = {}
+        starting: bool | None = None
+        for chat_id in sorted({event.external_chat_id for event in events}):
+            found = await tx.find_session_by_chat(provider, chat_id)
+            if found is None or any(
+                other_thread(found, e) for e in events if e.external_chat_id == chat_id
+            ):
+                if starting is None:
+                    starting = await tx.has_starting_sessions(provider)
+                if starting:
+                    await tx.lock_chat(provider, chat_id)
+                    found = await tx.find_session_by_chat(provider, chat_id)
+            sessions[chat_id] = found
+        return sessions
 
     async def _catch_up_before_ends(
         self, events: list[InboundEvent], before_end: Callable[[Session], Awaitable[object]]

@@ -336,6 +336,9 @@ async def _commit_start(
                 f"the provider returned chat {result.chat.external_chat_id!r}, "
                 "which another open session holds"
             )
+        # Webhooks about the chat that found no session for it park their
+        # events before this takes them, or wait and find this session.
+        await tx.lock_chat(ctx.provider_name, result.chat.external_chat_id)
         current.state = SessionState.REQUESTED
         current.external_chat_id = result.chat.external_chat_id
         current.chat_state = dict(result.chat.state)

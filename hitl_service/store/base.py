@@ -123,6 +123,18 @@ class Tx(Protocol):
         """Keeps an event for a chat we may be about to learn (start in flight)."""
         ...
 
+    async def lock_chat(self, provider: str, external_chat_id: str) -> None:
+        """Holds the provider chat until this transaction ends: a concurrent
+        caller waits here until it has committed or rolled back.
+
+        A start recording its chat takes it before it takes the chat's
+        parked events; a batch about to park events for a chat nobody holds
+        takes it and then reads the chat's session again. So an event is
+        either parked before the start takes the parked events, or finds
+        the started session: never parked after the start has committed.
+        """
+        ...
+
     async def take_turn(self, job: str, now: datetime, until: datetime) -> bool:
         """Takes the turn of a periodic job the replicas share, until ``until``.
 

@@ -58,6 +58,8 @@ _OUTBOX_LOCK_SPACE = 0x4849_544C  # "HITL"
 # ... and for idempotency keys (scope and key), see ``get_idempotency``.
 _IDEMPOTENCY_LOCK_SPACE = 0x4944_454D  # "IDEM"
 _IDEMPOTENCY_LOCK_SQL = "SELECT pg_advisory_xact_lock($1, hashtext($2 || ':' || $3))"
+# ... and for provider chats (provider and chat id), see ``lock_chat``.
+_CHAT_LOCK_SPACE = 0x4348_4154  # "CHAT"
 # Insert attempts when an open-session conflict vanishes before we can name it.
 _INSERT_SESSION_TRIES = 3
 
@@ -333,6 +335,11 @@ class PostgresTx(Queries):
             inbound_to_json(event),
             ts(now),
         )
+
+    async def lock_chat(self, provider: str, external_chat_id: str) -> None:
+        """See base class (a transaction-scoped advisory lock; a hash
+        collision only makes two chats' transactions wait for each other)."""
+        await self._db.execute(_IDEMPOTENCY_LOCK_SQL, _CHAT_LOCK_SPACE, provider, external_chat_id)
 
     async def take_parked_events(self, provider: str, external_chat_id: str) -> list[InboundEvent]:
         """See base class."""

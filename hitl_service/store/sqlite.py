@@ -492,6 +492,9 @@ class SqliteTx(_Queries):
             (provider, event.external_chat_id, inbound_to_json(event), _ts(now)),
         )
 
+    async def lock_chat(self, provider: str, external_chat_id: str) -> None:
+        """See base class: transactions run one at a time here already."""
+
     async def take_parked_events(self, provider: str, external_chat_id: str) -> list[InboundEvent]:
         rows = await self._all(
             "SELECT id, event FROM parked_events WHERE provider = ? AND external_chat_id = ? "
