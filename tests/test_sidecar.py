@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -17,7 +17,16 @@ from structlog.contextvars import merge_contextvars
 
 from hitl_service.clock import SystemClock
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
-from providers.types import Agent, AgentAssigned
+from providers.types import (
+    Agent,
+    AgentAssigned,
+    InboundEvent,
+    ProviderChat,
+    ProviderUser,
+    StartRequest,
+    StartResult,
+    WebhookBatch,
+)
 from tests.conftest import scripted_on_clock
 from tests.scripted import SECRET, Fault, ScriptedProvider
 from tests.support import TIMEOUT, EventCollector, make_user, start_session, wait_for
@@ -509,6 +518,76 @@ class TestStartRace:
                 assert got.session.state == pb.SESSION_STATE_ASSIGNED
                 assert got.session.agent.name == "Jane"
                 assert await observer.fetchval("SELECT count(*) FROM parked_events") == 0
+        finally:
+            await holder.close()
+            await observer.close()
+
+    @pytest.mark.postgres
+    async def test_an_event_for_a_resumed_chat_finds_the_session_that_resumed_it(
+        self, service_env: dict[str, str], postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A returning user's handoff gets a new thread of the same chat. A
+        webhook about that thread that waited on the chat's previous session
+        while the start committed must find the new session (PostgreSQL
+        hands it the previous one, which it locked, after the wait)."""
+        service_env["HITL_STORE_URL"] = postgres_dsn
+        observer = await asyncpg.connect(postgres_dsn)
+        holder = await asyncpg.connect(postgres_dsn)
+        try:
+            async with scripted_on_clock(service_env, SystemClock()) as (_, stub, scripted):
+                threads = iter(["T1", "T2"])
+                plain = scripted.start
+
+                async def threaded(
+                    request: StartRequest, user: ProviderUser, *, timeout: float
+                ) -> StartResult:
+                    result = await plain(request, user, timeout=timeout)
+                    chat = ProviderChat(result.chat.external_chat_id, {"thread_id": next(threads)})
+                    return replace(result, chat=chat)
+
+                monkeypatch.setattr(scripted, "start", threaded)
+                user = await make_user(stub)
+                first = await start_session(stub, user.id)
+                await stub.StopHitl(pb.StopHitlRequest(session_id=first.id), timeout=TIMEOUT)
+                gate = scripted.hold("start")
+                start = asyncio.create_task(start_session(stub, user.id))
+                await wait_for(
+                    lambda: scripted.waiting.get("start"), what="the start to reach the provider"
+                )
+                # The start's commit will wait on the user's provider identity,
+                # holding the chat's previous session.
+                held = holder.transaction()
+                await held.start()
+                await holder.execute(
+                    "SELECT 1 FROM provider_users WHERE user_id = $1 FOR UPDATE", user.id
+                )
+
+                async def waiting_on_locks(count: int) -> bool:
+                    found = await observer.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )
+                    return bool(found >= count)
+
+                gate.set()
+                await wait_for(lambda: waiting_on_locks(1), what="the start to wait")
+                event = InboundEvent(
+                    first.external_chat_id,
+                    AgentAssigned(Agent("jane@acme.test", "Jane")),
+                    "T2-assigned",
+                    thread_id="T2",
+                )
+                push = asyncio.create_task(
+                    scripted.sink.deliver(WebhookBatch(action="push", events=(event,)))
+                )
+                await wait_for(lambda: waiting_on_locks(2), what="the webhook to wait")
+                await held.rollback()
+                await push
+                session = await start
+                assert session.external_chat_id == first.external_chat_id
+                got = await stub.GetSession(pb.GetSessionRequest(session_id=session.id))
+                assert got.session.state == pb.SESSION_STATE_ASSIGNED
+                assert got.session.agent.name == "Jane"
         finally:
             await holder.close()
             await observer.close()

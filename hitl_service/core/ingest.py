@@ -137,23 +137,30 @@ class Ingestor:
         each is read once: the events of a chat change its one copy.
 
         A chat whose events may be another session's than the one read
-        (none, or one in another thread of the chat) is read again while a
-        start is in flight, after holding the chat (``Tx.lock_chat``): that
-        start may be recording the chat, its parked events taken already,
-        and what this batch parked would never be applied.
+        (none, one that is over, or one in another thread of the chat) is
+        read again: while a start is in flight after holding the chat
+        (``Tx.lock_chat``), since that start may be recording the chat, its
+        parked events taken already (what this batch parked would never be
+        applied); and whenever a session was read, since a read that waited
+        on the lock of the chat's previous session, held by the start that
+        gave the chat a new one, returns the previous session (PostgreSQL
+        re-checks the row it had picked, not which row is now the newest).
         """
         provider = self._ctx.provider_name
         sessions: dict[str, Session | None] = {}
         starting: bool | None = None
         for chat_id in sorted({event.external_chat_id for event in events}):
             found = await tx.find_session_by_chat(provider, chat_id)
-            if found is None or any(
-                other_thread(found, e) for e in events if e.external_chat_id == chat_id
+            if (
+                found is None
+                or not found.state.is_open
+                or any(other_thread(found, e) for e in events if e.external_chat_id == chat_id)
             ):
                 if starting is None:
                     starting = await tx.has_starting_sessions(provider)
                 if starting:
                     await tx.lock_chat(provider, chat_id)
+                if starting or found is not None:
                     found = await tx.find_session_by_chat(provider, chat_id)
             sessions[chat_id] = found
         return sessions
