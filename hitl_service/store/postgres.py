@@ -380,6 +380,10 @@ class PostgresStore:
             if state is SessionState.REQUESTED:
                 states.append(SessionState.STARTING.value)
             where.append(f"state = ANY({arg(states)}::text[])")
+            if state.is_open:
+                # Lets the planner take the partial index sessions_open: open
+                # sessions are few, the ended ones pile up.
+                where.append("state NOT IN ('ended', 'failed')")
         if before is not None:
             where.append(f"(created_at, id) < ({arg(ts(before[0]))}, {arg(before[1])})")
         clause = f"WHERE {' AND '.join(where)}" if where else ""

@@ -1219,9 +1219,16 @@ class SqliteStore:
         if before is not None:
             where.append("(created_at < ? OR (created_at = ? AND id < ?))")
             params.extend([_ts(before[0]), _ts(before[0]), before[1]])
+        index = ""
+        if not user_id and state is not None and state.is_open:
+            # Open sessions are few, the ended ones pile up: through
+            # sessions_open (whose condition is repeated, so that it may),
+            # sorted after; by creation it would walk the whole history.
+            index = "INDEXED BY sessions_open"
+            where.append("state NOT IN ('ended', 'failed')")
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = await self._queries()._all(
-            f"SELECT {SESSION_COLUMNS} FROM sessions {clause} "
+            f"SELECT {SESSION_COLUMNS} FROM sessions {index} {clause} "
             "ORDER BY created_at DESC, id DESC LIMIT ?",
             (*params, limit),
         )
