@@ -103,7 +103,9 @@ class HitlServiceServicer:
         Retrying with the same request_id never sends twice. If the provider
         cannot be reached within the deadline the call fails with UNAVAILABLE
         (reason DELIVERY_PENDING, metadata message_id): the message stays queued
-        and is retried until 15 minutes after the first call, then given up
+        and is retried for up to 15 minutes after the first call (a retry that
+        would come later, after the backoff or the provider's Retry-After, is
+        not made), then given up
         (FAILED_PRECONDITION, reason DELIVERY_EXPIRED); retry with the same
         request_id to learn the outcome. Deadline: up to 30 s.
         """
