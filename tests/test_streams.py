@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hitl_service.app import App
 from hitl_service.clock import SystemClock
+from hitl_service.core.hub import PAGE_BYTES
+from hitl_service.domain import LogEvent
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from providers.types import (
     Agent,
@@ -147,6 +150,55 @@ class TestReplayAndFollow:
         finally:
             await app.stop(grace=1)
         assert [int(e.cursor) for e in events] == list(range(1, 104))
+
+    async def test_a_reader_behind_the_buffer_holds_a_short_page_of_the_store(
+        self, service_env: dict[str, str]
+    ) -> None:
+        """A stream behind the buffer writes out a page of the store, and a
+        client that stops reading keeps that page for as long as its stream
+        is open. Pages were read_batch (512) events whatever their size: a
+        Node client that replayed a log of long agent messages from "0" and
+        paused held 8 MB of the server per stream. A page is now about
+        PAGE_BYTES (and at least one event)."""
+        service_env["HITL_STREAM_BUFFER"] = "16"  # far smaller than the backlog
+        service_env["HITL_PROVIDER"] = "scripted"
+        app = await start_app(service_env, provider_factory=create)
+        try:
+            provider = app.provider
+            assert isinstance(provider, ScriptedProvider)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+                from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
+
+                stub = pb_grpc.HitlServiceStub(channel)
+                session = await start_session(stub, (await make_user(stub)).id)
+                long_text = "x" * 100_000
+                for i in range(60):
+                    await provider.push(session.external_chat_id, say(f"{i} {long_text}"), f"k{i}")
+                # A subscriber that took one long message and reads no more.
+                hub = app.core.hub
+                await wait_for(lambda: hub.head == 63)
+                floor = hub.head - 2 * 16  # the buffer holds at most this far back
+                stalled = hub.subscribe(0, session.id)
+                while not isinstance((await anext(stalled)).kind, AgentMessage):
+                    pass
+                gc.collect()
+                held = sum(
+                    len(o.kind.message.body)
+                    for o in gc.get_objects()
+                    if isinstance(o, LogEvent)
+                    and o.seq <= floor
+                    and isinstance(o.kind, AgentMessage)
+                    and isinstance(o.kind.message.body, str)
+                )
+                await stalled.aclose()
+                events = await read(stub, 63, session_id=session.id, after_cursor="0")
+        finally:
+            await app.stop(grace=1)
+        assert held <= PAGE_BYTES + 100_010, f"a stalled subscriber holds {held} characters"
+        assert [int(e.cursor) for e in events] == list(range(1, 64))  # all, in order
+        assert [e.agent_message.message.text.split()[0] for e in events[3:]] == [
+            str(i) for i in range(60)
+        ]
 
 
 class TestOrderWithinASession:

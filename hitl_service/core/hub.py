@@ -4,7 +4,9 @@ One reader per process follows the log by cursor and keeps the newest
 events in a bounded buffer; every subscriber reads the shared buffer from
 its own cursor and falls back to the store when it is further behind than
 the buffer reaches. Memory is bounded by the buffer, whatever the number or
-speed of subscribers, and a slow subscriber never blocks the others.
+speed of subscribers, and a slow subscriber never blocks the others: one
+behind the buffer holds only the page of the store it is writing out, cut to
+about ``PAGE_BYTES`` (a subscriber that stops reading keeps its page).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from hitl_service.errors import StoreUnavailable
+from providers.types import AgentMessage
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Sequence
@@ -27,6 +30,15 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+# A subscriber behind the buffer reads the store a page at a time and holds
+# that page until its client has read it: a client that stops reading keeps
+# it for as long as the stream stays open. So a page is cut to about this
+# many bytes of events (at least one event), and each read asks for as many
+# events as the last one kept (twice as many, up to read_batch, while they
+# take less than half of it): a read_batch page of long messages would be
+# megabytes per stream.
+PAGE_BYTES = 64 * 1024
+
 
 class HubClosed(Exception):
     """The hub shut down; subscribers should end their streams."""
@@ -34,6 +46,14 @@ class HubClosed(Exception):
 
 def _seq(event: LogEvent) -> int:
     return event.seq
+
+
+def _weight(event: LogEvent) -> int:
+    """About the bytes ``event`` holds: an agent's text, else its repr."""
+    kind = event.kind
+    if isinstance(kind, AgentMessage) and isinstance(kind.message.body, str):
+        return 256 + len(kind.message.body)
+    return len(repr(kind))
 
 
 class EventHub:
@@ -160,6 +180,7 @@ class EventHub:
         self, cursor: int, session_id: str, until: float | None
     ) -> AsyncGenerator[LogEvent]:
         self.subscribers += 1
+        limit = 1  # events per read of the store: grows while pages stay short
         try:
             while True:
                 if self._closed:
@@ -168,7 +189,7 @@ class EventHub:
                 # event: the reader resumes from its cursor, missing nothing),
                 # or a reader slower than the log would keep it forever.
                 if cursor < self._floor:
-                    cursor, events = await self._from_store(cursor, session_id)
+                    cursor, events, limit = await self._from_store(cursor, session_id, limit)
                     for event in events:
                         yield event
                         if self._expired(until):
@@ -207,14 +228,29 @@ class EventHub:
         finally:
             self.subscribers -= 1
 
-    async def _from_store(self, cursor: int, session_id: str) -> tuple[int, list[LogEvent]]:
-        """Reads a page behind the buffer; returns the new cursor and events."""
+    async def _from_store(
+        self, cursor: int, session_id: str, limit: int
+    ) -> tuple[int, list[LogEvent], int]:
+        """Reads a page behind the buffer, of at most ``limit`` events and
+        about ``PAGE_BYTES``; returns the new cursor, the events and the
+        limit for the next read."""
         head = self._head
         events = list(
-            await self._store.read_events(after=cursor, limit=self._batch, session_id=session_id)
+            await self._store.read_events(after=cursor, limit=limit, session_id=session_id)
         )
-        if events:
-            return events[-1].seq, events
-        # Nothing (for this session) up to the store's head, which is at
-        # least the head we noted before reading.
-        return max(cursor, head), []
+        if not events:
+            # Nothing (for this session) up to the store's head, which is at
+            # least the head we noted before reading.
+            return max(cursor, head), [], limit
+        kept, size = 0, 0
+        for event in events:
+            size += _weight(event)
+            if kept and size > PAGE_BYTES:
+                break
+            kept += 1
+        if kept < len(events):
+            del events[kept:]  # read again, with the next page
+            limit = kept
+        elif 2 * size <= PAGE_BYTES:
+            limit = min(self._batch, 2 * limit)
+        return events[-1].seq, events, limit
