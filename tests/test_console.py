@@ -106,6 +106,11 @@ async def test_agent_actions_reach_the_stream(http: httpx.AsyncClient, stub: Stu
         ended = await events.wait_for_kind("ended")
     assert reply.agent_message.message.text == "Hi, I'm Alex"
     assert reply.agent_message.agent.name == "Alex Agent"
+    # Message.id is "server-assigned on messages the service returns", and
+    # created_at says when it was written: the console's replies had neither.
+    assert reply.agent_message.message.id.startswith("msg_")
+    assert reply.agent_message.message.HasField("created_at")
+    assert reply.agent_message.message.created_at == reply.occurred_at
     assert transferred.transferred.to_group_id == "billing"
     assert transferred.transferred.from_agent.name == "Alex Agent"
     assert ended.ended.by == pb.ENDED_BY_AGENT

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from hitl_service.domain import Session, SessionState
+from hitl_service.domain import Session, SessionState, new_id
 from hitl_service.errors import provider_reason
 from providers.types import (
     Agent,
@@ -177,7 +177,15 @@ def _agent_message(
             name=agent.name or current.name,
             avatar_url=agent.avatar_url or current.avatar_url,
         )
-    message = replace(kind.message, author=Author.AGENT)
+    # The API promises a message id on what it returns (Message.id) and says
+    # when it was written; a provider may give neither (the local console
+    # gave none): the service gives them then.
+    message = replace(
+        kind.message,
+        author=Author.AGENT,
+        id=kind.message.id or new_id("msg"),
+        created_at=kind.message.created_at or written,
+    )
     out: list[EventKind] = []
     if (session.state is SessionState.ASSIGNED and current is not None) or _before_requeue(
         session, written
