@@ -390,3 +390,29 @@ async def test_health_watch_streams_the_serving_status(app: App) -> None:
         first = await call.read()
         assert first.status == health_pb2.HealthCheckResponse.SERVING
         call.cancel()
+
+
+def test_the_documented_keepalive_policy_is_the_servers() -> None:
+    """A client pinging more often than the server allows loses its connection
+    (GOAWAY too_many_pings), which grpc-js reports as RESOURCE_EXHAUSTED, a
+    code errors.md gave only to requests over 1 MiB. The proto and errors.md
+    must give the server's numbers."""
+    from pathlib import Path
+
+    from hitl_service.server import GRPC_OPTIONS
+
+    options = dict(GRPC_OPTIONS)
+    allowed = (
+        f"more often than every {options['grpc.http2.min_ping_interval_without_data_ms'] // 1000} s"
+    )
+    pings = f"pings idle connections every {options['grpc.keepalive_time_ms'] // 1000} s"
+    root = Path(__file__).resolve().parents[1]
+    proto = " ".join(
+        line.strip().removeprefix("//").strip()
+        for line in (root / "proto/hitl/v1/hitl_service.proto").read_text().splitlines()
+    )
+    errors = (root / "docs/errors.md").read_text()
+    assert allowed in proto
+    assert pings in proto
+    assert allowed in errors
+    assert pings in errors

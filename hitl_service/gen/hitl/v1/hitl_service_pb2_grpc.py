@@ -149,7 +149,10 @@ class HitlServiceServicer:
         (status OK) and on shutdown (status UNAVAILABLE); a new stream is
         refused with UNAVAILABLE (TOO_MANY_STREAMS) while the server has
         HITL_STREAM_MAX_OPEN open. Reconnect with the last cursor received to
-        miss nothing and see nothing twice. No deadline needed.
+        miss nothing and see nothing twice. No deadline needed, and no client
+        keepalive: the server pings idle connections every 30 s, and closes one
+        whose client pings more often than every 10 s while no data flows
+        (GOAWAY too_many_pings: grpc-js reports RESOURCE_EXHAUSTED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -101,7 +101,10 @@ class HitlServiceStub:
     (status OK) and on shutdown (status UNAVAILABLE); a new stream is
     refused with UNAVAILABLE (TOO_MANY_STREAMS) while the server has
     HITL_STREAM_MAX_OPEN open. Reconnect with the last cursor received to
-    miss nothing and see nothing twice. No deadline needed.
+    miss nothing and see nothing twice. No deadline needed, and no client
+    keepalive: the server pings idle connections every 30 s, and closes one
+    whose client pings more often than every 10 s while no data flows
+    (GOAWAY too_many_pings: grpc-js reports RESOURCE_EXHAUSTED).
     """
 
 @_typing.type_check_only
@@ -157,7 +160,10 @@ class HitlServiceAsyncStub(HitlServiceStub):
     (status OK) and on shutdown (status UNAVAILABLE); a new stream is
     refused with UNAVAILABLE (TOO_MANY_STREAMS) while the server has
     HITL_STREAM_MAX_OPEN open. Reconnect with the last cursor received to
-    miss nothing and see nothing twice. No deadline needed.
+    miss nothing and see nothing twice. No deadline needed, and no client
+    keepalive: the server pings idle connections every 30 s, and closes one
+    whose client pings more often than every 10 s while no data flows
+    (GOAWAY too_many_pings: grpc-js reports RESOURCE_EXHAUSTED).
     """
 
 class HitlServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -252,7 +258,10 @@ class HitlServiceServicer(metaclass=_abc_1.ABCMeta):
         (status OK) and on shutdown (status UNAVAILABLE); a new stream is
         refused with UNAVAILABLE (TOO_MANY_STREAMS) while the server has
         HITL_STREAM_MAX_OPEN open. Reconnect with the last cursor received to
-        miss nothing and see nothing twice. No deadline needed.
+        miss nothing and see nothing twice. No deadline needed, and no client
+        keepalive: the server pings idle connections every 30 s, and closes one
+        whose client pings more often than every 10 s while no data flows
+        (GOAWAY too_many_pings: grpc-js reports RESOURCE_EXHAUSTED).
         """
 
 def add_HitlServiceServicer_to_server(servicer: HitlServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
