@@ -66,7 +66,10 @@ class KnownServicesHealth(health.aio.HealthServicer):
     holds the stream open. For the same reason at most ``max_watches``
     ``Watch`` streams are open at once (about 20 KB each: without a cap,
     anyone reaching the port could open them until memory runs out); one
-    more is RESOURCE_EXHAUSTED."""
+    more is RESOURCE_EXHAUSTED. And a ``Watch`` ends (status OK) once it has
+    sent NOT_SERVING for the shutdown: the reference one runs until it is
+    cancelled, so a client with health checking held every shutdown for all
+    of HITL_GRACE_SECONDS, as StreamEvents would without its own end."""
 
     KNOWN = frozenset({"", SERVICE_NAME})
 
@@ -74,6 +77,12 @@ class KnownServicesHealth(health.aio.HealthServicer):
         super().__init__()
         self._max_watches = max_watches
         self._watches = 0
+        self.stopping = False
+
+    async def enter_graceful_shutdown(self) -> None:
+        """See base class; open ``Watch`` streams end once told NOT_SERVING."""
+        self.stopping = True
+        await super().enter_graceful_shutdown()
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
         """See base class."""
@@ -87,9 +96,32 @@ class KnownServicesHealth(health.aio.HealthServicer):
             )
         self._watches += 1
         try:
-            await super().Watch(request, context)
+            # It only writes to its context: this one ends it at the shutdown.
+            await super().Watch(request, cast("Any", _EndsAtShutdown(self, context)))
+        except _WatchOver:
+            pass
         finally:
             self._watches -= 1
+
+
+class _WatchOver(Exception):
+    """A Watch told its client NOT_SERVING for the shutdown: it is over."""
+
+
+class _EndsAtShutdown:
+    """The context the reference ``Watch`` writes to: ends it (``_WatchOver``)
+    once it has written NOT_SERVING while the server is stopping."""
+
+    __slots__ = ("_context", "_health")
+
+    def __init__(self, health_servicer: KnownServicesHealth, context: Any) -> None:
+        self._health = health_servicer
+        self._context = context
+
+    async def write(self, response: health_pb2.HealthCheckResponse) -> None:
+        await self._context.write(response)
+        if self._health.stopping and response.status == NOT_SERVING:
+            raise _WatchOver
 
 
 def event_serializer(event: pb.Event | bytes) -> bytes:

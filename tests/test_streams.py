@@ -392,6 +392,25 @@ async def test_health_watch_streams_the_serving_status(app: App) -> None:
         call.cancel()
 
 
+async def test_health_watch_ends_after_telling_the_shutdown(service_env: dict[str, str]) -> None:
+    """A client with health checking keeps a Watch open; at shutdown it must
+    get NOT_SERVING and then the end of its stream, as StreamEvents streams
+    end, not hold the server until HITL_GRACE_SECONDS cancels it."""
+    app = await start_app(service_env)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            health: Any = health_pb2_grpc.HealthStub(channel)  # the stubs' types lack Watch
+            call = health.Watch(health_pb2.HealthCheckRequest(service="hitl.v1.HitlService"))
+            assert (await call.read()).status == health_pb2.HealthCheckResponse.SERVING
+            stopping = asyncio.create_task(app.stop(grace=3 * TIMEOUT))
+            assert (await call.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert await call.read() is grpc.aio.EOF
+            assert await call.code() == grpc.StatusCode.OK
+            await stopping
+    finally:
+        await app.stop(grace=1)
+
+
 def test_the_documented_keepalive_policy_is_the_servers() -> None:
     """A client pinging more often than the server allows loses its connection
     (GOAWAY too_many_pings), which grpc-js reports as RESOURCE_EXHAUSTED, a
