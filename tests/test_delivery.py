@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -35,6 +36,8 @@ from tests.support import (
     start_session,
     wait_for,
 )
+
+_PROTO = Path(__file__).resolve().parents[1] / "proto" / "hitl" / "v1" / "hitl_service.proto"
 
 if TYPE_CHECKING:
     from hitl_service.app import App
@@ -653,6 +656,43 @@ class TestCancelledStart:
         retried = await scripted_stub.StartHitl(request, timeout=TIMEOUT)
         assert retried.session.external_chat_id  # started, not stuck STARTING
         assert len(scripted.calls.starts) == 1
+
+    async def test_a_start_under_way_reads_as_requested_without_a_chat(
+        self, scripted_app: App, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        """A caller that lists or gets a session while its StartHitl waits for
+        the provider sees REQUESTED with no chat, and its sends and stops are
+        SESSION_STARTING. The proto said REQUESTED meant the provider had
+        accepted the handoff; it says this now."""
+        user = await make_user(scripted_stub)
+        gate = scripted.hold("start")
+        request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="t")
+        call = scripted_stub.StartHitl(request, timeout=TIMEOUT)
+        await wait_for(lambda: scripted.waiting.get("start") == 1, what="the held start")
+        listed = await scripted_stub.ListSessions(
+            pb.ListSessionsRequest(user_id=user.id), timeout=TIMEOUT
+        )
+        (starting,) = listed.sessions
+        assert starting.state == pb.SESSION_STATE_REQUESTED
+        assert starting.external_chat_id == ""
+        send = pb.SendMessageRequest(
+            session_id=starting.id, message=pb.Message(text="hi"), request_id=rid()
+        )
+        error = await expect_error(
+            scripted_stub.SendMessage(send, timeout=TIMEOUT), grpc.StatusCode.FAILED_PRECONDITION
+        )
+        assert error.reason == "SESSION_STARTING"
+        stop = pb.StopHitlRequest(session_id=starting.id)
+        error = await expect_error(
+            scripted_stub.StopHitl(stop, timeout=TIMEOUT), grpc.StatusCode.FAILED_PRECONDITION
+        )
+        assert error.reason == "SESSION_STARTING"
+        gate.set()
+        assert (await call).session.external_chat_id
+        before = _PROTO.read_text().split("SESSION_STATE_REQUESTED = ")[0].splitlines()
+        documented = " ".join(line.strip().removeprefix("//").strip() for line in before[-5:])
+        assert "empty external_chat_id" in documented
+        assert "SESSION_STARTING" in documented
 
 
 class TestStartFailures:

@@ -51,7 +51,11 @@ class _SessionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionS
     "any state".
     """
     SESSION_STATE_REQUESTED: _SessionState.ValueType  # 1
-    """The provider accepted the handoff; nobody has taken it yet."""
+    """The provider accepted the handoff; nobody has taken it yet. A session
+    whose StartHitl still waits for the provider's answer reads so too, with
+    an empty external_chat_id: SendMessage and StopHitl fail for it with
+    FAILED_PRECONDITION (reason SESSION_STARTING) until StartHitl returned.
+    """
     SESSION_STATE_QUEUED: _SessionState.ValueType  # 2
     """The provider reports the handoff waiting in a queue."""
     SESSION_STATE_ASSIGNED: _SessionState.ValueType  # 3
@@ -72,7 +76,11 @@ SESSION_STATE_UNSPECIFIED: SessionState.ValueType  # 0
 "any state".
 """
 SESSION_STATE_REQUESTED: SessionState.ValueType  # 1
-"""The provider accepted the handoff; nobody has taken it yet."""
+"""The provider accepted the handoff; nobody has taken it yet. A session
+whose StartHitl still waits for the provider's answer reads so too, with
+an empty external_chat_id: SendMessage and StopHitl fail for it with
+FAILED_PRECONDITION (reason SESSION_STARTING) until StartHitl returned.
+"""
 SESSION_STATE_QUEUED: SessionState.ValueType  # 2
 """The provider reports the handoff waiting in a queue."""
 SESSION_STATE_ASSIGNED: SessionState.ValueType  # 3
