@@ -49,11 +49,14 @@ def _seq(event: LogEvent) -> int:
 
 
 def _weight(event: LogEvent) -> int:
-    """About the bytes ``event`` holds: an agent's text, else its repr."""
+    """About the bytes ``event`` holds: an agent's message is what can be
+    long (its text, else its media or card by their repr); other kinds hold
+    a few short fields."""
     kind = event.kind
-    if isinstance(kind, AgentMessage) and isinstance(kind.message.body, str):
-        return 256 + len(kind.message.body)
-    return len(repr(kind))
+    if not isinstance(kind, AgentMessage):
+        return 512
+    body = kind.message.body
+    return 256 + len(body if isinstance(body, str) else repr(body))
 
 
 class EventHub:
