@@ -97,7 +97,10 @@ class HitlServiceStub:
     """Streams events in cursor order: first every stored event after
     after_cursor, then live ones as they are committed. The initial metadata
     is sent once the subscription is registered: a client that received it
-    can miss no later event. The server ends a stream after a bounded time
+    can miss no later event. It carries x-stream-head, the cursor the live
+    part starts after: a client that asked for live events only (no
+    after_cursor) resumes from it if the stream breaks before its first
+    event. The server ends a stream after a bounded time
     (status OK) and on shutdown (status UNAVAILABLE); a new stream is
     refused with UNAVAILABLE (TOO_MANY_STREAMS) while the server has
     HITL_STREAM_MAX_OPEN open. Reconnect with the last cursor received to
@@ -156,7 +159,10 @@ class HitlServiceAsyncStub(HitlServiceStub):
     """Streams events in cursor order: first every stored event after
     after_cursor, then live ones as they are committed. The initial metadata
     is sent once the subscription is registered: a client that received it
-    can miss no later event. The server ends a stream after a bounded time
+    can miss no later event. It carries x-stream-head, the cursor the live
+    part starts after: a client that asked for live events only (no
+    after_cursor) resumes from it if the stream breaks before its first
+    event. The server ends a stream after a bounded time
     (status OK) and on shutdown (status UNAVAILABLE); a new stream is
     refused with UNAVAILABLE (TOO_MANY_STREAMS) while the server has
     HITL_STREAM_MAX_OPEN open. Reconnect with the last cursor received to
@@ -254,7 +260,10 @@ class HitlServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams events in cursor order: first every stored event after
         after_cursor, then live ones as they are committed. The initial metadata
         is sent once the subscription is registered: a client that received it
-        can miss no later event. The server ends a stream after a bounded time
+        can miss no later event. It carries x-stream-head, the cursor the live
+        part starts after: a client that asked for live events only (no
+        after_cursor) resumes from it if the stream breaks before its first
+        event. The server ends a stream after a bounded time
         (status OK) and on shutdown (status UNAVAILABLE); a new stream is
         refused with UNAVAILABLE (TOO_MANY_STREAMS) while the server has
         HITL_STREAM_MAX_OPEN open. Reconnect with the last cursor received to
