@@ -340,6 +340,49 @@ class TestTimeouts:
                 ended = await events.wait_for_kind("ended")
             assert ended.ended.by == pb.ENDED_BY_TIMEOUT
 
+    async def test_a_session_row_this_release_cannot_read_cuts_no_sweep_short(
+        self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The sweeps read the open sessions a page at a time and stop at a
+        short page. An unreadable row left out of a page made it short: every
+        open session after that page (beyond the first 500) got no timeout
+        and no catch-up, at every sweep."""
+        monkeypatch.setattr("hitl_service.core.maintenance._PAGE", 2)
+        service_env["HITL_QUEUE_TIMEOUT"] = "1s"
+        async with running(service_env) as (_app, stub):
+            db = sqlite3.connect(service_env["HITL_STORE_URL"].removeprefix("sqlite:///"))
+            try:
+                with db:
+                    db.execute(
+                        "INSERT INTO users (id, name, created_at, updated_at) "
+                        "VALUES ('usr_newer', 'N', '2026-01-01T00:00:00.000000Z', "
+                        "'2026-01-01T00:00:00.000000Z')"
+                    )
+                    db.execute(
+                        "INSERT INTO users (id, name, created_at, updated_at) "
+                        "VALUES ('usr_held', 'H', '2026-01-01T00:00:00.000000Z', "
+                        "'2026-01-01T00:00:00.000000Z')"
+                    )
+                    # First in id order: in a state a newer release may add,
+                    # then a handoff an agent holds (it does not time out).
+                    for n, (user, state) in enumerate(
+                        [("usr_newer", "paused"), ("usr_held", "assigned")]
+                    ):
+                        db.execute(
+                            "INSERT INTO sessions (id, user_id, provider, state, created_at, "
+                            "updated_at) VALUES (?, ?, 'scripted', ?, "
+                            "'2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z')",
+                            (f"ses_{n:024d}", user, state),
+                        )
+            finally:
+                db.close()
+            # The first page held the bad row: the sweeps went no further.
+            sessions = [await start_session(stub, (await make_user(stub)).id) for _ in range(3)]
+            for session in sessions:
+                async with EventCollector(stub, session_id=session.id) as events:
+                    ended = await events.wait_for_kind("ended")
+                assert ended.ended.by == pb.ENDED_BY_TIMEOUT
+
     async def test_a_long_prune_holds_no_timeout_back(
         self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -272,7 +272,12 @@ class Store(Protocol):
         ...
 
     async def list_open_sessions(self, *, after_id: str, limit: int) -> list[Session]:
-        """Open sessions ordered by id, after ``after_id`` (for sweeps)."""
+        """Open sessions ordered by id, after ``after_id`` (for sweeps).
+
+        Up to ``limit``; fewer only at the end of the listing (callers page
+        until a short page): a row left out as unreadable (``rows.readable``)
+        is made up for by the rows after it.
+        """
         ...
 
     async def read_events(

@@ -57,3 +57,25 @@ async def test_an_unreadable_outbox_item_does_not_hold_back_other_sessions(
     assert [(e["event"], e["table"], e["id"]) for e in logs] == [
         ("store.row_unreadable", "outbox", bad.id)
     ]
+
+
+async def test_a_page_of_open_sessions_makes_up_for_an_unreadable_row(
+    store: Store, backend: Backend
+) -> None:
+    """The sweeps page until a short page: a page an unreadable row made
+    short ended the sweep before the open sessions after it."""
+    user = make_user()
+    sessions = [make_session(user.id, provider=f"p{n}") for n in range(4)]
+    sessions.sort(key=lambda s: s.id)
+    async with store.transaction() as tx:
+        await tx.insert_user(user)
+        for session in sessions:
+            await tx.insert_session(session)
+    bad = sessions[1]
+    await backend.execute(f"UPDATE sessions SET state = 'paused' WHERE id = '{bad.id}'")
+
+    first = await store.list_open_sessions(after_id="", limit=2)
+    rest = await store.list_open_sessions(after_id=first[-1].id, limit=2)
+
+    assert [s.id for s in first] == [sessions[0].id, sessions[2].id]
+    assert [s.id for s in rest] == [sessions[3].id]
