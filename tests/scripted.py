@@ -112,7 +112,9 @@ class ScriptedProvider:
         if fault.kind == "uncertain":
             if fault.after_effect and effect is not None:
                 effect()
-            raise ProviderUnavailable("scripted lost response", uncertain=True)
+            raise ProviderUnavailable(
+                "scripted lost response", retry_after=fault.retry_after, uncertain=True
+            )
         if fault.kind == "rejected":
             raise ProviderRejected("SCRIPTED_REFUSAL", "scripted refusal")
         if fault.kind == "auth":

@@ -203,6 +203,29 @@ class TestPending:
         assert response.message_id == message_id
         assert list(scripted.calls.delivered) == [request.request_id]
 
+    async def test_a_send_the_provider_may_still_carry_out_is_not_retried_sooner(
+        self, scripted_app: App, scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        # An uncertain failure's retry_after is how long the provider may
+        # still act (LiveChat: HITL_LIVECHAT_SERVER_TIMEOUT), not a wish the
+        # backoff may cap at 120 s: a retry before it could send twice.
+        session = await open_session(scripted_stub)
+        scripted.fail("send", Fault("uncertain", retry_after=300))
+        request = send_request(session, "still at the provider")
+        started = datetime.now(UTC)
+        error = await expect_error(
+            scripted_stub.SendMessage(request, timeout=1.0), grpc.StatusCode.UNAVAILABLE
+        )
+        assert error.reason == "DELIVERY_PENDING"
+
+        async def retry_stored() -> OutboxItem | None:
+            found = await scripted_app.store.get_outbox(error.metadata["message_id"])
+            return found if found is not None and found.last_error else None
+
+        stored = await wait_for(retry_stored, what="the retry stored")
+        assert stored.status is OutboxStatus.PENDING
+        assert stored.next_attempt_at >= started + timedelta(seconds=300)
+
     async def test_messages_of_one_session_are_delivered_in_order(
         self, scripted_stub: Stub, scripted: ScriptedProvider
     ) -> None:

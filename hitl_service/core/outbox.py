@@ -474,6 +474,10 @@ class Outbox:
         now = ctx.clock.now()
         ttl = _ttl(item)
         delay = ctx.calls.backoff.delay(item.attempts, retry_after)
+        if uncertain and retry_after:
+            # Not the backend's wish, which the backoff caps, but how long it
+            # may still carry the request out: no retry looks for it sooner.
+            delay = max(delay, retry_after)
         if now + timedelta(seconds=delay) > item.created_at + ttl:
             detail = _expired(item, ttl, error, uncertain=uncertain)
             return await self._settle_failed(item, "DELIVERY_EXPIRED", detail)
