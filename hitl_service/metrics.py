@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
+
+from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 
 _M = TypeVar("_M", bound=MetricWrapperBase)
 
@@ -38,6 +41,9 @@ WEBHOOK_OUTCOMES = (
     *("timeout", "disconnected", "unavailable", "overloaded", "failed"),
 )
 PROVIDER_OPERATIONS = ("upsert_user", "start", "send", "stop", "catch_up")
+OUTBOX_KINDS = ("send", "stop")
+OUTBOX_OUTCOMES = ("done", "retry", "failed")
+TIMEOUT_KINDS = ("queue", "idle")
 
 
 class Metrics:
@@ -145,11 +151,25 @@ class Metrics:
         """Exports the series alerts compare at 0 from the start: Prometheus's
         ``increase()`` cannot see the first count of a series that appears
         with it (after every restart), so a rule like "starts done, yet no
-        webhook" would misjudge its first window."""
+        webhook" would misjudge its first window, and one like "a delivery
+        failed" or "catch-up recovered an event" would miss the first such
+        incident of each process. Every status code of every HitlService
+        method too, as go-grpc-prometheus does (the first INTERNAL answer)."""
         for outcome in WEBHOOK_OUTCOMES:
             self.child(self.webhooks, provider, outcome)
         for operation in PROVIDER_OPERATIONS:
             self.child(self.provider_seconds, provider, operation, "ok")
+        for kind in OUTBOX_KINDS:
+            for outcome in OUTBOX_OUTCOMES:
+                self.child(self.outbox_outcomes, kind, outcome)
+        for kind in TIMEOUT_KINDS:
+            self.child(self.timeouts, kind)
+        self.child(self.catch_up_events, provider)
+        service = pb.DESCRIPTOR.services_by_name["HitlService"]
+        for method in service.methods:
+            grpc_type = "server_stream" if method.server_streaming else "unary"
+            for code in grpc.StatusCode:
+                self.child(self.grpc_handled, grpc_type, service.full_name, method.name, code.name)
 
     def child(self, metric: _M, *labels: str) -> _M:
         """``metric.labels(*labels)``, looked up once: ``labels()`` takes a

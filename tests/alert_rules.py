@@ -112,3 +112,30 @@ def total(samples: Scrape, selector: Selector) -> float:
         for name, labels, value in samples
         if name == selector.name and selector.matches(labels)
     )
+
+
+_INCREASE = re.compile(r"\bincrease\(\s*([a-zA-Z_:][\w:]*\s*(?:\{[^}]*\})?)\s*\[")
+
+
+def increased(expr: str) -> list[Selector]:
+    """The selectors ``expr`` takes an ``increase()`` of."""
+    return [selectors(match.group(1))[0] for match in _INCREASE.finditer(expr)]
+
+
+def increase(before: Scrape, after: Scrape, selector: Selector) -> float:
+    """``increase()`` over the window between two scrapes, as Prometheus
+    computes it: a series absent from ``before`` appeared within the window,
+    and its first sample is its first known value, so the count it appeared
+    with is not an increase."""
+    earlier = {
+        (name, tuple(sorted(labels.items()))): value
+        for name, labels, value in before
+        if name == selector.name and selector.matches(labels)
+    }
+    return sum(
+        value - earlier[key]
+        for name, labels, value in after
+        if name == selector.name
+        and selector.matches(labels)
+        and (key := (name, tuple(sorted(labels.items())))) in earlier
+    )

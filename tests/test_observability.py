@@ -17,7 +17,15 @@ from prometheus_client.metrics import MetricWrapperBase
 from hitl_service.app import App
 from hitl_service.errors import StoreUnavailable
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
-from tests.alert_rules import OPERATIONS, alert_rules, scrape, selectors, total
+from tests.alert_rules import (
+    OPERATIONS,
+    Selector,
+    alert_rules,
+    increased,
+    scrape,
+    selectors,
+    total,
+)
 from tests.scripted import Fault
 from tests.support import TIMEOUT, expect_error, make_user, rid, wait_for
 from tests.test_restart_and_upkeep import with_session
@@ -188,6 +196,50 @@ async def test_alerted_series_are_exported_at_zero_from_the_start(
         if name == "hitl_provider_request_duration_seconds_count" and labels["outcome"] == "ok"
     }
     assert calls == dict.fromkeys(("upsert_user", "start", "send", "stop", "catch_up"), 0.0)
+
+
+async def test_every_series_an_alert_takes_the_increase_of_is_there_before_its_first_count(
+    app: App, http: httpx.AsyncClient
+) -> None:
+    """A rule like ``increase(x{outcome="failed"}[15m]) > 0`` misses the first
+    count of a series that appears with it: the first delivery failed for
+    good, the first event catch-up recovered, the first INTERNAL answer of a
+    method, after each restart, would page nobody. Every series such a rule
+    selects is exported at 0 from the start."""
+    samples = scrape((await http.get("/metrics")).text)
+    service = pb.DESCRIPTOR.services_by_name["HitlService"]
+    missing = []
+    for alert, expr in alert_rules().items():
+        for selector in increased(expr):
+            # This service runs the local provider; LiveChat's rules name theirs.
+            matchers = tuple(m for m in selector.matchers if m[0] != "provider")
+            mine = Selector(selector.name, matchers)
+            present = [labels for name, labels, _ in samples if name == selector.name]
+            if not any(mine.matches(labels) for labels in present):
+                missing.append(f"{alert}: {selector.name} {selector.matchers}")
+    assert not missing, "selected by increase() but not exported at start:\n" + "\n".join(missing)
+    handled = {
+        (labels["grpc_method"], labels["grpc_code"])
+        for name, labels, _ in samples
+        if name == "grpc_server_handled_total" and labels["grpc_service"] == service.full_name
+    }
+    assert {(m.name, code.name) for m in service.methods for code in grpc.StatusCode} <= handled
+    counters = ("hitl_outbox_attempts_total", "hitl_session_timeouts_total")
+    at_zero = {
+        (name, tuple(sorted(labels.items())))
+        for name, labels, value in samples
+        if value == 0 and name in (*counters, "hitl_catch_up_events_total")
+    }
+    expected = {
+        *(
+            ("hitl_outbox_attempts_total", (("kind", kind), ("outcome", outcome)))
+            for kind in ("send", "stop")
+            for outcome in ("done", "retry", "failed")
+        ),
+        *(("hitl_session_timeouts_total", (("kind", kind),)) for kind in ("queue", "idle")),
+        ("hitl_catch_up_events_total", (("provider", app.provider.name),)),
+    }
+    assert at_zero == expected
 
 
 async def test_the_pages_tell_a_store_outage_from_a_provider_outage(

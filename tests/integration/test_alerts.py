@@ -4,9 +4,13 @@ handoff nobody answers, and fire once the webhooks are gone."""
 
 from __future__ import annotations
 
+import contextlib
+
+import grpc
+
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
-from tests.alert_rules import Scrape, alert_rules, scrape, selectors, total
-from tests.integration.conftest import MakeService, Out
+from tests.alert_rules import Scrape, alert_rules, increase, increased, scrape, selectors, total
+from tests.integration.conftest import JANE, MakeService, Out
 from tests.support import TIMEOUT, wait_for
 
 
@@ -69,3 +73,54 @@ async def test_webhooks_missing_fires_on_unanswered_starts_not_on_quiet_handoffs
     window = await metrics()
     await lc.start()
     assert await fires(window), "a start with no webhook registered"
+
+
+async def test_the_first_lost_webhook_and_the_first_failed_delivery_of_a_process_fire(
+    make_service: MakeService,
+) -> None:
+    """HitlWebhooksLost and HitlOutboxDeliveriesFailed take the
+    ``increase()`` of counters. Prometheus cannot count the value a series
+    appears with, so a counter exported only at its first count hides the
+    first incident of each process: here a webhook secret rotated on
+    LiveChat's side only (every webhook refused, one agent message caught up)
+    and a message LiveChat refuses, each the first since the start."""
+    rules = alert_rules()
+    (lost,) = increased(rules["HitlWebhooksLost"])
+    (failed,) = increased(rules["HitlOutboxDeliveriesFailed"])
+    lc = await make_service(HITL_RECONCILE_INTERVAL="1s")
+    session = await lc.start()
+    chat_id = session.external_chat_id
+    lc.fake.agent_join(chat_id, JANE[0])
+    await lc.delivered()
+
+    async def metrics() -> Scrape:
+        return scrape((await lc.http.get("/metrics")).text)
+
+    window = await metrics()
+    # LiveChat's stored secret no longer matches ours: every webhook is 401.
+    for hook in lc.fake.state.webhooks.values():
+        hook.secret_key = "whsec-rotated-on-livechat-only"
+    lc.fake.agent_message(chat_id, JANE[0], text="sent while webhooks are refused")
+    await lc.delivered()
+
+    def recovered() -> bool:
+        value = lc.app.metrics.registry.get_sample_value(
+            "hitl_catch_up_events_total", {"provider": "livechat"}
+        )
+        return value is not None and value >= 1
+
+    await wait_for(recovered, what="the agent's message caught up")
+    lc.fake.add_fault("send_event", api="customer", error_type="validation")
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await lc.send(session.id, "refused by LiveChat")
+
+    def delivery_failed() -> bool:
+        value = lc.app.metrics.registry.get_sample_value(
+            "hitl_outbox_attempts_total", {"kind": "send", "outcome": "failed"}
+        )
+        return value is not None and value >= 1
+
+    await wait_for(delivery_failed, what="the refused send failed for good")
+    after = await metrics()
+    assert increase(window, after, lost) >= 1, "HitlWebhooksLost would not fire"
+    assert increase(window, after, failed) >= 1, "HitlOutboxDeliveriesFailed would not fire"
