@@ -369,6 +369,10 @@ def build_sidecar(
             batch = provider.parse_webhook(request.headers, body)
         except WebhookRejected as exc:
             outcome[0] = "rejected"
+            # Why (a wrong secret, the wrong organization, a payload this
+            # release cannot read): each has another fix, and only the
+            # sender would otherwise see the answer.
+            bind_contextvars(status=exc.status, rejected=exc.reason[:200])
             return error(exc.status, exc.reason)
         try:
             result = await core.ingest(batch)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 
 import grpc
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
 
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from tests.alert_rules import Scrape, alert_rules, increase, increased, scrape, selectors, total
@@ -124,3 +126,28 @@ async def test_the_first_lost_webhook_and_the_first_failed_delivery_of_a_process
     after = await metrics()
     assert increase(window, after, lost) >= 1, "HitlWebhooksLost would not fire"
     assert increase(window, after, failed) >= 1, "HitlOutboxDeliveriesFailed would not fire"
+
+
+async def test_a_rejected_webhook_is_logged_with_why(make_service: MakeService) -> None:
+    """HitlWebhooksRejected says "wrong secret (rotation?) or a payload
+    change", and LiveChat's troubleshooting starts from "webhooks answered
+    401": the webhook.done line of each refused delivery says which, as only
+    LiveChat sees the answer."""
+    lc = await make_service()
+    session = await lc.start()
+    for hook in lc.fake.state.webhooks.values():
+        hook.secret_key = "whsec-rotated-on-livechat-only"
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        lc.fake.agent_join(session.external_chat_id, JANE[0])
+        await lc.delivered()
+        answer = await lc.http.post("/webhooks/livechat", content=b"[]")
+    assert answer.status_code == 400
+    rejected = [
+        (line.get("status"), line.get("rejected"))
+        for line in logs
+        if line["event"] == "webhook.done" and line["outcome"] == "rejected"
+    ]
+    assert rejected[0] == (401, "secret_key is missing or wrong"), rejected
+    assert rejected[-1] == (400, "the body is not a JSON object"), rejected
+    assert lc.fake.state.webhooks  # LiveChat still has them: the secret differs
+    assert all("whsec" not in str(line) for line in logs)
