@@ -320,21 +320,8 @@ class TestTimeouts:
         cannot decode: the others still time out."""
         service_env["HITL_QUEUE_TIMEOUT"] = "1s"
         async with running(service_env) as (_app, stub):
-            db = sqlite3.connect(service_env["HITL_STORE_URL"].removeprefix("sqlite:///"))
-            try:
-                with db:
-                    db.execute(
-                        "INSERT INTO users (id, name, created_at, updated_at) "
-                        "VALUES ('usr_newer', 'N', '2026-01-01T00:00:00.000000Z', "
-                        "'2026-01-01T00:00:00.000000Z')"
-                    )
-                    db.execute(  # a state a newer release may add
-                        "INSERT INTO sessions (id, user_id, provider, state, created_at, "
-                        "updated_at) VALUES ('ses_newer', 'usr_newer', 'scripted', 'paused', "
-                        "'2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z')"
-                    )
-            finally:
-                db.close()
+            # A state a newer release may add.
+            _insert_sessions(service_env, ("ses_newer", "paused"))
             session = await start_session(stub, (await make_user(stub)).id)
             async with EventCollector(stub, session_id=session.id) as events:
                 ended = await events.wait_for_kind("ended")
@@ -350,32 +337,11 @@ class TestTimeouts:
         monkeypatch.setattr("hitl_service.core.maintenance._PAGE", 2)
         service_env["HITL_QUEUE_TIMEOUT"] = "1s"
         async with running(service_env) as (_app, stub):
-            db = sqlite3.connect(service_env["HITL_STORE_URL"].removeprefix("sqlite:///"))
-            try:
-                with db:
-                    db.execute(
-                        "INSERT INTO users (id, name, created_at, updated_at) "
-                        "VALUES ('usr_newer', 'N', '2026-01-01T00:00:00.000000Z', "
-                        "'2026-01-01T00:00:00.000000Z')"
-                    )
-                    db.execute(
-                        "INSERT INTO users (id, name, created_at, updated_at) "
-                        "VALUES ('usr_held', 'H', '2026-01-01T00:00:00.000000Z', "
-                        "'2026-01-01T00:00:00.000000Z')"
-                    )
-                    # First in id order: in a state a newer release may add,
-                    # then a handoff an agent holds (it does not time out).
-                    for n, (user, state) in enumerate(
-                        [("usr_newer", "paused"), ("usr_held", "assigned")]
-                    ):
-                        db.execute(
-                            "INSERT INTO sessions (id, user_id, provider, state, created_at, "
-                            "updated_at) VALUES (?, ?, 'scripted', ?, "
-                            "'2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z')",
-                            (f"ses_{n:024d}", user, state),
-                        )
-            finally:
-                db.close()
+            # First in id order: in a state a newer release may add, then a
+            # handoff an agent holds (it does not time out).
+            _insert_sessions(
+                service_env, (f"ses_{0:024d}", "paused"), (f"ses_{1:024d}", "assigned")
+            )
             # The first page held the bad row: the sweeps went no further.
             sessions = [await start_session(stub, (await make_user(stub)).id) for _ in range(3)]
             for session in sessions:
@@ -904,3 +870,26 @@ class TestRetention:
             assert retried.state != pb.SESSION_STATE_FAILED
             again = (await stub.StartHitl(request, timeout=TIMEOUT)).session
             assert again.id == retried.id  # the new record answers from now on
+
+
+def _insert_sessions(service_env: dict[str, str], *sessions: tuple[str, str]) -> None:
+    """Writes open sessions (id, state) straight into the service's SQLite
+    file, each with a user of its own, as another release or a hand edit
+    would."""
+    db = sqlite3.connect(service_env["HITL_STORE_URL"].removeprefix("sqlite:///"))
+    at = "2026-01-01T00:00:00.000000Z"
+    try:
+        with db:
+            for session_id, state in sessions:
+                user_id = f"usr_{session_id}"
+                db.execute(
+                    "INSERT INTO users (id, name, created_at, updated_at) VALUES (?, 'N', ?, ?)",
+                    (user_id, at, at),
+                )
+                db.execute(
+                    "INSERT INTO sessions (id, user_id, provider, state, created_at, updated_at) "
+                    "VALUES (?, ?, 'scripted', ?, ?, ?)",
+                    (session_id, user_id, state, at, at),
+                )
+    finally:
+        db.close()
