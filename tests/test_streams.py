@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +17,7 @@ from hitl_service.clock import SystemClock
 from hitl_service.core.hub import PAGE_BYTES
 from hitl_service.domain import LogEvent
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from providers.types import (
     Agent,
     AgentAssigned,
@@ -133,22 +136,10 @@ class TestReplayAndFollow:
     async def test_slow_reader_behind_the_buffer_still_gets_everything_in_order(
         self, service_env: dict[str, str]
     ) -> None:
-        service_env["HITL_STREAM_BUFFER"] = "16"  # far smaller than the backlog
-        service_env["HITL_PROVIDER"] = "scripted"
-        app = await start_app(service_env, provider_factory=create)
-        try:
-            provider = app.provider
-            assert isinstance(provider, ScriptedProvider)
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
-                from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
-
-                stub = pb_grpc.HitlServiceStub(channel)
-                session = await start_session(stub, (await make_user(stub)).id)
-                for i in range(100):
-                    await provider.push(session.external_chat_id, say(f"m{i}"), f"k{i}")
-                events = await read(stub, 103, after_cursor="0")
-        finally:
-            await app.stop(grace=1)
+        async with _behind_a_small_buffer(service_env) as (_app, provider, stub, session):
+            for i in range(100):
+                await provider.push(session.external_chat_id, say(f"m{i}"), f"k{i}")
+            events = await read(stub, 103, after_cursor="0")
         assert [int(e.cursor) for e in events] == list(range(1, 104))
 
     async def test_a_reader_behind_the_buffer_holds_a_short_page_of_the_store(
@@ -160,40 +151,28 @@ class TestReplayAndFollow:
         Node client that replayed a log of long agent messages from "0" and
         paused held 8 MB of the server per stream. A page is now about
         PAGE_BYTES (and at least one event)."""
-        service_env["HITL_STREAM_BUFFER"] = "16"  # far smaller than the backlog
-        service_env["HITL_PROVIDER"] = "scripted"
-        app = await start_app(service_env, provider_factory=create)
-        try:
-            provider = app.provider
-            assert isinstance(provider, ScriptedProvider)
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
-                from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
-
-                stub = pb_grpc.HitlServiceStub(channel)
-                session = await start_session(stub, (await make_user(stub)).id)
-                long_text = "x" * 100_000
-                for i in range(60):
-                    await provider.push(session.external_chat_id, say(f"{i} {long_text}"), f"k{i}")
-                # A subscriber that took one long message and reads no more.
-                hub = app.core.hub
-                await wait_for(lambda: hub.head == 63)
-                floor = hub.head - 2 * 16  # the buffer holds at most this far back
-                stalled = hub.subscribe(0, session.id)
-                while not isinstance((await anext(stalled)).kind, AgentMessage):
-                    pass
-                gc.collect()
-                held = sum(
-                    len(o.kind.message.body)
-                    for o in gc.get_objects()
-                    if isinstance(o, LogEvent)
-                    and o.seq <= floor
-                    and isinstance(o.kind, AgentMessage)
-                    and isinstance(o.kind.message.body, str)
-                )
-                await stalled.aclose()
-                events = await read(stub, 63, session_id=session.id, after_cursor="0")
-        finally:
-            await app.stop(grace=1)
+        async with _behind_a_small_buffer(service_env) as (app, provider, stub, session):
+            long_text = "x" * 100_000
+            for i in range(60):
+                await provider.push(session.external_chat_id, say(f"{i} {long_text}"), f"k{i}")
+            # A subscriber that took one long message and reads no more.
+            hub = app.core.hub
+            await wait_for(lambda: hub.head == 63)
+            floor = hub.head - 2 * 16  # the buffer holds at most this far back
+            stalled = hub.subscribe(0, session.id)
+            while not isinstance((await anext(stalled)).kind, AgentMessage):
+                pass
+            gc.collect()
+            held = sum(
+                len(o.kind.message.body)
+                for o in gc.get_objects()
+                if isinstance(o, LogEvent)
+                and o.seq <= floor
+                and isinstance(o.kind, AgentMessage)
+                and isinstance(o.kind.message.body, str)
+            )
+            await stalled.aclose()
+            events = await read(stub, 63, session_id=session.id, after_cursor="0")
         assert held <= PAGE_BYTES + 100_010, f"a stalled subscriber holds {held} characters"
         assert [int(e.cursor) for e in events] == list(range(1, 64))  # all, in order
         assert [e.agent_message.message.text.split()[0] for e in events[3:]] == [
@@ -274,8 +253,6 @@ class TestLifetime:
         service_env["HITL_PROVIDER"] = "scripted"
         app = await start_app(service_env, provider_factory=create)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
-            from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
-
             stub = pb_grpc.HitlServiceStub(channel)
             session = await start_session(stub, (await make_user(stub)).id)
             collector = EventCollector(stub, after="0")
@@ -435,3 +412,23 @@ def test_the_documented_keepalive_policy_is_the_servers() -> None:
     assert pings in proto
     assert allowed in errors
     assert pings in errors
+
+
+@asynccontextmanager
+async def _behind_a_small_buffer(
+    service_env: dict[str, str],
+) -> AsyncIterator[tuple[App, ScriptedProvider, Stub, pb.Session]]:
+    """A service on the scripted provider whose stream buffer (16 events) is
+    far smaller than the backlogs the tests write, a stub, and a session."""
+    service_env["HITL_STREAM_BUFFER"] = "16"
+    service_env["HITL_PROVIDER"] = "scripted"
+    app = await start_app(service_env, provider_factory=create)
+    try:
+        provider = app.provider
+        assert isinstance(provider, ScriptedProvider)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            stub = pb_grpc.HitlServiceStub(channel)
+            session = await start_session(stub, (await make_user(stub)).id)
+            yield app, provider, stub, session
+    finally:
+        await app.stop(grace=1)
