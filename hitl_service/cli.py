@@ -336,7 +336,11 @@ async def _check(settings: Settings, out: TextIO) -> int:
                 "is not a writable directory\n"
             )
     else:
-        store = open_store(settings)
+        try:
+            store = open_store(settings)
+        except ConfigError as exc:
+            out.write(f"store: PROBLEM: {exc}\n")
+            return EXIT_CONFIG
         try:
             await store.open()
             version = await store.schema_version()

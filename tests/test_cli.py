@@ -167,6 +167,33 @@ async def test_check_names_an_unreachable_store(
     assert "store: PROBLEM (HITL_STORE_URL)" in out
 
 
+async def test_a_postgresql_url_without_the_postgres_extra_is_one_line(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    """asyncpg comes with the ``postgres`` extra only: a wheel installed
+    without it, pointed at PostgreSQL, stopped ``serve`` and ``check`` with a
+    ModuleNotFoundError traceback."""
+    site = tmp_path / "no-asyncpg"
+    site.mkdir()
+    (site / "asyncpg.py").write_text(  # as if not installed
+        "raise ModuleNotFoundError(\"No module named 'asyncpg'\", name='asyncpg')\n"
+    )
+    env = {
+        **service_env,
+        "HITL_STORE_URL": "postgresql://hitl:hunter2@127.0.0.1:1/hitl",
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+    }
+    code, _, err = await run(["serve"], {**env, "HITL_LOG_FORMAT": "console"}, tmp_path)
+    assert code == 2, err
+    line = one_line(err, "hitl-service: configuration error: HITL_STORE_URL")
+    assert "hitl-service[postgres]" in line
+    code, out, err = await run(["check"], env, tmp_path)
+    assert code == 2, out + err
+    assert "Traceback" not in out + err
+    assert "store: PROBLEM: HITL_STORE_URL" in out
+    assert "hunter2" not in out + err
+
+
 async def test_check_refuses_the_event_loop_serve_refuses(
     service_env: dict[str, str], tmp_path: Path
 ) -> None:

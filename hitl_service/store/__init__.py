@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from hitl_service.config import ConfigError
 from hitl_service.store.base import DuplicateKey, OpenSessionExists, Store, Tx
 
 if TYPE_CHECKING:
@@ -19,6 +20,9 @@ def open_store(
     ``activity``: the process's requests in progress (the SQLite store
     groups COMMITs while there are several). ``exclusive``: a serving
     process; an SQLite file another process serves from is refused.
+
+    Raises:
+        ConfigError: A PostgreSQL URL without asyncpg (the ``postgres`` extra).
     """
     url = settings.store_url
     if url.scheme == "sqlite":
@@ -31,7 +35,16 @@ def open_store(
             synchronous=settings.sqlite_synchronous,
             exclusive=exclusive,
         )
-    from hitl_service.store.postgres import PostgresStore  # needs the postgres extra
+    try:
+        from hitl_service.store.postgres import PostgresStore  # needs the postgres extra
+    except ModuleNotFoundError as exc:
+        if exc.name != "asyncpg":
+            raise
+        raise ConfigError(
+            "HITL_STORE_URL",
+            "a postgresql:// URL needs the postgres extra, which is not installed "
+            "(pip install 'hitl-service[postgres]')",
+        ) from None
 
     return PostgresStore(
         url.dsn,
