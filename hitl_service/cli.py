@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -269,8 +270,26 @@ def _print_banner(app: object, out: TextIO) -> None:
     paths = {getattr(route, "path", "") for route in app.sidecar.routes}
     if "/console" in paths:
         lines.append(f"  console  {http}/console  <- open this to act as the agent")
-    lines.append("  try it:  .venv/bin/hitl-service demo   (in another terminal)")
+    demo = _demo_command(f"{grpc_host}:{app.grpc_port}")
+    lines.append(f"  try it:  {demo}   (in another terminal)")
     print("\n".join(lines), file=out, flush=True)
+
+
+def _demo_command(target: str) -> str:
+    """The demo against this process: the ``hitl-service`` it was started as
+    (``.venv/bin/hitl-service`` under ``make run``, wherever pip put it
+    otherwise) or ``python -m hitl_service``, with ``--target`` unless the
+    gRPC address is the default the demo reads (a ``--grpc-addr`` flag or
+    port 0 gives another)."""
+    script = sys.argv[0]
+    if os.path.basename(script) == "hitl-service":
+        command = shlex.quote(script)
+    else:
+        command = f"{shlex.quote(sys.executable)} -m hitl_service"
+    command += " demo"
+    if target != Settings.grpc_addr:
+        command += f" --target {shlex.quote(target)}"
+    return command
 
 
 class _NoService:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -263,6 +264,44 @@ async def test_serve_then_sigterm_drains_and_exits_cleanly(
         assert await asyncio.wait_for(proc.wait(), 30) == 0
         assert "service.stopped" in rest
         assert "Traceback" not in rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_the_banner_s_demo_command_reaches_the_service(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The banner's "try it" line, run as printed in the same environment,
+    talks to this service. It said ``.venv/bin/hitl-service demo`` whatever
+    the install (no such file outside a checkout's ``make run``) and whatever
+    the gRPC address (port 0 here; a ``--grpc-addr`` flag the demo never
+    sees): the demo called an address nothing served."""
+    env = {**service_env, "HITL_LOG_FORMAT": "console"}
+    proc = await spawn(["serve"], env, tmp_path, stdout=asyncio.subprocess.DEVNULL)
+    assert proc.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                line = (await proc.stderr.readline()).decode()
+                assert line, "the service exited before serving"
+                if "try it:" in line:
+                    break
+        command = line.split("try it:", 1)[1].split("(in another terminal)", 1)[0]
+        demo = await asyncio.create_subprocess_exec(
+            *shlex.split(command),
+            "--message",
+            "hello from the banner",
+            "--exit-after-send",
+            env={**os.environ, **service_env, "PYTHONUNBUFFERED": "1"},
+            cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(demo.communicate(), 60)
+        assert demo.returncode == 0, out.decode()
+        assert "you: hello from the banner" in out.decode()
     finally:
         if proc.returncode is None:
             proc.kill()
