@@ -149,7 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_check(settings, sys.stdout))
     from hitl_service.demo import run_demo
 
-    return asyncio.run(run_demo(args, settings, sys.stdout))
+    try:
+        return asyncio.run(run_demo(args, settings, sys.stdout))
+    except KeyboardInterrupt:  # Ctrl-C: leave as --exit-after-send does
+        print("demo: interrupted; the handoff stays open (Ctrl-D ends it)", file=sys.stderr)
+        return 130
 
 
 def _configure_logs(settings: Settings) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import sys
+import threading
 import uuid
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import grpc
 
@@ -176,6 +178,29 @@ async def _send(
     out.write("not confirmed yet; it stays queued and will be delivered\n")
 
 
+def _read_line() -> asyncio.Future[str]:
+    """The next line of stdin ("" at its end), read in a daemon thread.
+
+    Not the loop's default executor: ``asyncio.run`` waits for that one's
+    threads before it returns, and a thread blocked reading the terminal
+    held a Ctrl-C until the next Enter. A daemon thread is let go.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[str] = loop.create_future()
+
+    def settle(line: str) -> None:
+        if not future.done():
+            future.set_result(line)
+
+    def read() -> None:
+        line = sys.stdin.readline()
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(settle, line)
+
+    threading.Thread(target=read, name="demo-stdin", daemon=True).start()
+    return future
+
+
 async def _read_lines(
     stub: pb_grpc.HitlServiceAsyncStub,
     session_id: str,
@@ -184,13 +209,10 @@ async def _read_lines(
     ended: asyncio.Event,
 ) -> int:
     """Sends typed lines until the handoff ends or input does; the exit status."""
-    loop = asyncio.get_running_loop()
     while not ended.is_set():
-        reader = loop.run_in_executor(None, sys.stdin.readline)
-        await asyncio.wait(
-            {asyncio.ensure_future(reader), asyncio.ensure_future(ended.wait())},
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        reader = _read_line()
+        waiting: set[asyncio.Future[Any]] = {reader, asyncio.ensure_future(ended.wait())}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if ended.is_set():
             return 0
         line = reader.result()

@@ -503,6 +503,29 @@ async def test_demo_ctrl_d_after_the_server_went_away(app: App, tmp_path: Path) 
     assert proc.returncode == 1
 
 
+async def test_demo_ctrl_c_exits_at_once_leaving_the_handoff_open(
+    app: App, stub: pb_grpc.HitlServiceAsyncStub, tmp_path: Path
+) -> None:
+    """Ctrl-C while the demo waits for a line: it hung until Enter or Ctrl-D
+    (asyncio's shutdown waited for the thread blocked reading the
+    terminal), a second Ctrl-C printed two tracebacks, and only a third let
+    it exit."""
+    proc = await demo_started(app, tmp_path)
+    assert proc.stdin is not None  # left open: the terminal, nothing typed
+    try:
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 130
+    assert "Traceback" not in err.decode(), err.decode()
+    assert "stays open" in err.decode()
+    listed = await stub.ListSessions(pb.ListSessionsRequest(), timeout=TIMEOUT)
+    assert [s.state for s in listed.sessions] == [pb.SESSION_STATE_QUEUED]
+
+
 async def test_the_demo_prints_what_the_agent_writes_without_its_control_characters(
     app: App, tmp_path: Path
 ) -> None:
@@ -532,6 +555,28 @@ async def test_the_demo_prints_what_the_agent_writes_without_its_control_charact
     shown = printed.decode()
     assert "Al: \\x1b]52;c;b3duZWQ=\\x07hi\\x0d\\x9b2J\nsecond line" in shown, shown
     assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", shown), shown
+
+
+async def test_the_demo_exits_when_the_agent_ends_the_handoff(app: App, tmp_path: Path) -> None:
+    """The agent closing the chat ends the demo, nothing typed: it printed
+    "handoff ended" and then hung until Enter (the same wait on the thread
+    reading the terminal)."""
+    proc = await demo_started(app, tmp_path)
+    assert proc.stdin is not None  # left open: the terminal, nothing typed
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as http:
+            (conv,) = (await http.get("/console/api/state")).json()["conversations"]
+            path = f"/console/api/conversations/{conv['id']}"
+            for action in ("take", "end"):
+                answer = await http.post(f"{path}/{action}", json={"agent": "Al"})
+                assert answer.status_code == 200
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    assert "handoff ended" in out.decode()
 
 
 async def test_a_second_process_on_one_sqlite_file_stops_at_start(
