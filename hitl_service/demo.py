@@ -211,8 +211,10 @@ async def _read_lines(
     """Sends typed lines until the handoff ends or input does; the exit status."""
     while not ended.is_set():
         reader = _read_line()
-        waiting: set[asyncio.Future[Any]] = {reader, asyncio.ensure_future(ended.wait())}
+        end = asyncio.ensure_future(ended.wait())
+        waiting: set[asyncio.Future[Any]] = {reader, end}
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        end.cancel()  # one waiter per line otherwise, all left pending
         if ended.is_set():
             return 0
         line = reader.result()
