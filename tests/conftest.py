@@ -12,6 +12,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,6 +34,14 @@ if TYPE_CHECKING:
     from providers.base import ProviderFactory
 
 pytest_plugins = ["tests.postgres_fixture", "tests.pgbouncer_fixture"]
+
+# The service's settings exported in the developer's shell (HITL_API_TOKENS,
+# say) would reach every service the tests start as a process, which inherit
+# this environment: each test says what it runs with. The tests' own knobs
+# (HITL_TEST_*, HITL_REQUIRE_*) stay.
+for _name in [n for n in os.environ if n.startswith("HITL_")]:
+    if not _name.startswith(("HITL_TEST_", "HITL_REQUIRE_")):
+        del os.environ[_name]
 
 
 @pytest.fixture(autouse=True)
