@@ -4,8 +4,9 @@ For internal Python services; other languages use stubs generated from
 ``proto/`` (see ``examples/``). What it adds to the generated stub:
 
 * a deadline on every unary call (``default_timeout``, or ``timeout=``);
-* retries with jittered exponential backoff on ``UNAVAILABLE`` and
-  ``DEADLINE_EXCEEDED`` for calls that are safe to repeat: ``GetSession``,
+* retries with jittered exponential backoff on ``UNAVAILABLE``,
+  ``DEADLINE_EXCEEDED`` and the server's ``CANCELLED`` (a replica short of
+  CPU drops calls it has not handled yet so) for calls that are safe to repeat: ``GetSession``,
   ``ListSessions``, ``StopHitl`` (stopping an ended session is a no-op),
   ``CreateUser`` when it has an ``external_id`` (an upsert), and
   ``StartHitl``/``SendMessage``, which always carry a ``request_id`` (one is
@@ -66,7 +67,17 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 30.0  # the longest deadline the proto documents (StartHitl, SendMessage)
-_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        # Never this client's own cancellation (that raises CancelledError,
+        # and a closed stream ends): the server's gRPC core drops calls it
+        # has not handed to the service yet once about 1000 wait (a replica
+        # short of CPU, or thousands of streams reconnecting at once).
+        grpc.StatusCode.CANCELLED,
+    }
+)
 _CHANNEL_OPTIONS = (
     # StreamEvents can be idle for long: keep the connection alive through NATs.
     ("grpc.keepalive_time_ms", 30_000),

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -12,10 +13,11 @@ import pytest
 from hitl_service.app import App
 from hitl_service.client import HitlClient, InvalidArgumentError, RetryPolicy
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from tests.conftest import start_app
 from tests.e2e.helpers import free_port
 from tests.support import wait_for
-from tests.test_client import Follower
+from tests.test_client import Follower, Recorder
 
 FAST = RetryPolicy(attempts=50, initial_backoff=0.02, max_backoff=0.2)
 QUICK_RECONNECT = (
@@ -181,3 +183,141 @@ async def test_a_bad_request_id_is_the_services_invalid_argument(app: App) -> No
         with pytest.raises(InvalidArgumentError) as caught:
             await client.start_hitl(user.id, request_id="refund-Åsa-1")
         assert "request_id" in caught.value.fields
+
+
+class _Backlogged:
+    """A HitlService on its own thread and event loop whose gRPC core drops
+    calls it has not handed to the service yet, as that of a replica short
+    of CPU does once about 1000 wait (``grpc.server.max_pending_requests``;
+    here 0 and a queue of one): while a call holds the loop, a new call gets
+    CANCELLED from the core itself, never reaching a handler."""
+
+    def __init__(self) -> None:
+        self.held = threading.Event()  # a call is blocking the server's loop
+        self.release = threading.Event()
+        self.port = 0
+        self.handled: list[str] = []  # the request_ids that reached SendMessage
+        self._started = threading.Event()
+        self._done: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
+
+    def __enter__(self) -> _Backlogged:
+        self._thread.start()
+        self._started.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        if self._loop is not None and self._done is not None:
+            self._loop.call_soon_threadsafe(self._done.set_result, None)
+        self._thread.join(10)
+
+    async def _serve(self) -> None:
+        backlogged = self
+
+        class Servicer(pb_grpc.HitlServiceServicer):
+            async def SendMessage(self, request: Any, context: Any) -> pb.SendMessageResponse:
+                if request.request_id == "hold":
+                    backlogged.held.set()
+                    backlogged.release.wait(10)  # the loop does nothing else meanwhile
+                backlogged.handled.append(request.request_id)
+                return pb.SendMessageResponse(message_id="msg_1")
+
+            async def StreamEvents(self, request: Any, context: Any) -> AsyncIterator[pb.Event]:
+                yield pb.Event(cursor="7", session_id="ses_1")
+                await asyncio.Event().wait()  # open until the client goes
+
+        server = grpc.aio.server(
+            options=(
+                ("grpc.server.max_pending_requests", 0),
+                ("grpc.server.max_pending_requests_hard_limit", 0),
+            )
+        )
+        # Only SendMessage: the others answer UNIMPLEMENTED, as the base class does.
+        servicer: Any = Servicer
+        pb_grpc.add_HitlServiceServicer_to_server(servicer(), server)
+        self.port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        self._loop = asyncio.get_running_loop()
+        self._done = self._loop.create_future()
+        self._started.set()
+        await self._done
+        await server.stop(0)
+
+    async def hold(self, stub: pb_grpc.HitlServiceAsyncStub) -> Awaitable[Any]:
+        """Blocks the server's loop and fills the core's queue, until a call
+        is dropped; returns the calls that hold them."""
+        held = stub.SendMessage(pb.SendMessageRequest(request_id="hold"), timeout=20)
+        await wait_for(self.held.is_set, what="the server's loop held")
+        queued = stub.SendMessage(pb.SendMessageRequest(request_id="queued"), timeout=20)
+
+        async def dropped() -> bool:
+            try:
+                await stub.SendMessage(pb.SendMessageRequest(request_id="probe"), timeout=0.2)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code() is grpc.StatusCode.CANCELLED
+            return False
+
+        await wait_for(dropped, what="a call the gRPC core dropped")
+        return asyncio.gather(held, queued)
+
+
+async def test_calls_the_servers_grpc_core_drops_are_retried() -> None:
+    """A replica whose loop cannot keep up leaves calls in its gRPC core,
+    which drops them (CANCELLED, before the service saw them) beyond about
+    1000: 1800 concurrent SendMessage calls on one replica had a third
+    answered so at once, far below HITL_RPC_MAX_IN_FLIGHT, and HitlClient
+    raised HitlRpcError(CANCELLED) for them instead of retrying them as it
+    does UNAVAILABLE."""
+    recorder = Recorder()
+    with _Backlogged() as server:
+        target = f"127.0.0.1:{server.port}"
+        async with (
+            grpc.aio.insecure_channel(target) as channel,
+            HitlClient(target, retry=FAST, interceptors=[recorder]) as client,
+        ):
+            stub: pb_grpc.HitlServiceAsyncStub = pb_grpc.HitlServiceStub(channel)
+            holding = await server.hold(stub)
+            sending = asyncio.create_task(client.send_message("ses_1", "hi", request_id="r-1"))
+            await wait_for(
+                lambda: recorder.of("SendMessage") or sending.done(), what="a dropped send"
+            )
+            server.release.set()
+            sent = await asyncio.wait_for(sending, 10)
+            await holding
+    attempts = recorder.of("SendMessage")
+    assert attempts[0].code == grpc.StatusCode.CANCELLED
+    assert attempts[-1].code == grpc.StatusCode.OK
+    assert {a.request_id for a in attempts} == {"r-1"}
+    assert sent.message_id == "msg_1"
+    assert server.handled.count("r-1") == 1
+
+
+async def test_streams_the_servers_grpc_core_drops_reconnect() -> None:
+    """The same for event iterators, which "never end by themselves": of
+    3500 streams opened together on one replica (as after a restart, when
+    its streams all reconnect), 362 were dropped so, and each such
+    iterator raised HitlRpcError(CANCELLED)."""
+    with _Backlogged() as server:
+        target = f"127.0.0.1:{server.port}"
+        async with (
+            grpc.aio.insecure_channel(target) as channel,
+            HitlClient(target, retry=FAST) as client,
+        ):
+            stub: pb_grpc.HitlServiceAsyncStub = pb_grpc.HitlServiceStub(channel)
+            holding = await server.hold(stub)
+            # Some wait in the core's queue; the others are dropped.
+            streams = [client.events(session_id="ses_1", after="0") for _ in range(5)]
+            reading = [asyncio.create_task(anext(stream)) for stream in streams]
+            await wait_for(
+                lambda: any(s.reconnects for s in streams) or any(r.done() for r in reading),
+                what="a dropped stream",
+            )
+            server.release.set()
+            events = await asyncio.wait_for(asyncio.gather(*reading), 10)
+            for stream in streams:
+                await stream.aclose()
+            await holding
+    assert [event.cursor for event in events] == ["7"] * 5
+    assert any(stream.reconnects for stream in streams)
