@@ -96,12 +96,25 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _version() -> str:
+    """The installed distribution's version ("unknown" when run from a tree
+    that was never installed). Looked up only when asked: it reads the
+    installed distributions' metadata, which ``serve`` has no use for."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("hitl-service")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used for ``--help``)."""
     parser = argparse.ArgumentParser(
         prog="hitl-service",
         description="Hand a chatbot conversation to a human agent and back.",
     )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the service")
     _add_overrides(serve)
@@ -127,11 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hitl-service`` command."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # Ctrl-C in check or a provider command: no traceback
+        print("hitl-service: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
-    if argv and argv[0] not in ("serve", "check", "demo", "-h", "--help"):
+    if argv and argv[0] not in ("serve", "check", "demo", "-h", "--help", "--version"):
         return _provider_command(argv)
     args = parser.parse_args(argv)
+    if args.version:
+        print(f"hitl-service {_version()}")
+        return 0
     if args.command is None:
         parser.print_help()
         return EXIT_CONFIG

@@ -705,3 +705,28 @@ async def test_in_json_a_start_stopped_by_sigterm_writes_only_json_lines(
     events = [json.loads(line)["event"] for line in err.decode().splitlines() if line.strip()]
     assert "service.stopped_before_serving" in events
     assert "service.ready" not in events
+
+
+async def test_version_prints_the_installed_distribution_s(tmp_path: Path) -> None:
+    from importlib import metadata
+
+    code, out, err = await run(["--version"], {}, tmp_path)
+    assert (code, err) == (0, "")
+    assert out.strip() == f"hitl-service {metadata.version('hitl-service')}"
+
+
+def test_ctrl_c_in_check_exits_130_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Ctrl-C while ``check`` (or a provider command) waits on a slow store or
+    provider: one line and the shell's status for SIGINT, not a traceback."""
+    from hitl_service import cli
+
+    async def interrupted(*_: Any) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_check", interrupted)
+    monkeypatch.setenv("HITL_STORE_URL", f"sqlite:///{tmp_path}/hitl.db")
+    monkeypatch.setenv("HITL_DATA_DIR", str(tmp_path / "data"))
+    assert cli.main(["check"]) == 130
+    assert capsys.readouterr().err == "hitl-service: interrupted\n"
