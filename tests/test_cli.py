@@ -49,14 +49,20 @@ async def spawn(
     )
 
 
+async def reap(proc: asyncio.subprocess.Process) -> None:
+    """Kills ``proc`` if it still runs (a test that failed or timed out) and
+    waits for it: no command outlives its test."""
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
 async def run(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
     proc = await spawn(args, env, cwd)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 60)
     finally:
-        if proc.returncode is None:  # a failed test leaves no service running
-            proc.kill()
-            await proc.wait()
+        await reap(proc)  # a failed test leaves no service running
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
@@ -265,9 +271,7 @@ async def test_serve_then_sigterm_drains_and_exits_cleanly(
         assert "service.stopped" in rest
         assert "Traceback" not in rest
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await reap(proc)
 
 
 async def test_the_banner_s_demo_command_reaches_the_service(
@@ -303,9 +307,7 @@ async def test_the_banner_s_demo_command_reaches_the_service(
         assert demo.returncode == 0, out.decode()
         assert "you: hello from the banner" in out.decode()
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await reap(proc)
 
 
 async def test_in_json_every_line_serve_writes_is_a_json_object(
@@ -324,9 +326,7 @@ async def test_in_json_every_line_serve_writes_is_a_json_object(
         proc.send_signal(signal.SIGTERM)
         out, rest = await asyncio.wait_for(proc.communicate(), 30)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await reap(proc)
     assert proc.returncode == 0
     assert out == b""
     logged = [json.loads(line) for line in [*lines, *rest.decode().splitlines()] if line.strip()]
@@ -495,9 +495,7 @@ async def test_demo_ctrl_d_after_the_server_went_away(app: App, tmp_path: Path) 
         proc.stdin.close()  # Ctrl-D
         out, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await reap(proc)
     assert "Traceback" not in err.decode(), err.decode()
     assert "could not end the handoff: UNAVAILABLE" in out.decode()
     assert proc.returncode == 1
@@ -516,9 +514,7 @@ async def test_demo_ctrl_c_exits_at_once_leaving_the_handoff_open(
         proc.send_signal(signal.SIGINT)
         _, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await reap(proc)
     assert proc.returncode == 130
     assert "Traceback" not in err.decode(), err.decode()
     assert "stays open" in err.decode()
@@ -549,9 +545,7 @@ async def test_the_demo_prints_what_the_agent_writes_without_its_control_charact
         proc.stdin.close()  # Ctrl-D: ends the handoff
         await asyncio.wait_for(proc.communicate(), 30)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await reap(proc)
     shown = printed.decode()
     assert "Al: \\x1b]52;c;b3duZWQ=\\x07hi\\x0d\\x9b2J\nsecond line" in shown, shown
     assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", shown), shown
@@ -572,9 +566,7 @@ async def test_the_demo_exits_when_the_agent_ends_the_handoff(app: App, tmp_path
                 assert answer.status_code == 200
         out, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await reap(proc)
     assert proc.returncode == 0, err.decode()
     assert "handoff ended" in out.decode()
 
@@ -695,9 +687,7 @@ async def test_in_json_a_start_stopped_by_sigterm_writes_only_json_lines(
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 15)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await reap(proc)
         for peer in peers:
             peer.close()
         server.close()
