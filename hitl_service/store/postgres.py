@@ -33,8 +33,9 @@ from hitl_service.store.postgres_wakeup import EventWakeup
 from hitl_service.store.rows import (
     PENDING_NOW,
     SESSION_COLUMNS,
+    Row,
     event_from_row,
-    readable,
+    open_sessions_page,
     session_from_row,
 )
 
@@ -396,19 +397,16 @@ class PostgresStore:
 
     async def list_open_sessions(self, *, after_id: str, limit: int) -> list[Session]:
         """See base class."""
-        sessions: list[Session] = []
-        while True:  # unreadable rows left out are made up for: see base class
-            wanted = limit - len(sessions)
-            rows = await self._database().fetch(
+
+        async def fetch(after: str, count: int) -> Sequence[Row]:
+            return await self._database().fetch(
                 f"SELECT {SESSION_COLUMNS} FROM sessions WHERE state NOT IN ('ended', 'failed') "
                 "AND id > $1 ORDER BY id LIMIT $2",
-                after_id,
-                wanted,
+                after,
+                count,
             )
-            sessions.extend(readable(rows, session_from_row, "sessions"))
-            if len(rows) < wanted or len(sessions) >= limit:
-                return sessions
-            after_id = rows[-1]["id"]
+
+        return await open_sessions_page(fetch, after_id, limit)
 
     async def read_events(
         self, *, after: int, limit: int, session_id: str = ""

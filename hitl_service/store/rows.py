@@ -8,7 +8,7 @@ text or already-decoded values.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -102,6 +102,23 @@ def readable(rows: Iterable[Row], decode: Callable[[Row], _T], table: str) -> li
         except Exception as exc:
             log.error("store.row_unreadable", table=table, id=row["id"], error=str(exc))
     return found
+
+
+async def open_sessions_page(
+    fetch: Callable[[str, int], Awaitable[Sequence[Row]]], after_id: str, limit: int
+) -> list[Session]:
+    """Up to ``limit`` readable open sessions after ``after_id``, by id, from
+    ``fetch(after_id, count)`` (a backend's query for up to ``count`` open
+    session rows after an id, in id order). A row left out as unreadable is
+    made up for by the rows after it: the sweeps page until a short page."""
+    sessions: list[Session] = []
+    while True:
+        wanted = limit - len(sessions)
+        rows = await fetch(after_id, wanted)
+        sessions.extend(readable(rows, session_from_row, "sessions"))
+        if len(rows) < wanted or len(sessions) >= limit:
+            return sessions
+        after_id = rows[-1]["id"]
 
 
 def user_from_row(row: Row) -> User:

@@ -74,10 +74,12 @@ from hitl_service.store.rows import (
     PENDING_NOW,
     SESSION_COLUMNS,
     USER_COLUMNS,
+    Row,
     dumps,
     event_from_row,
     inbound_from_json,
     inbound_to_json,
+    open_sessions_page,
     outbox_from_row,
     outbox_update_values,
     outbox_values,
@@ -1236,18 +1238,15 @@ class SqliteStore:
 
     async def list_open_sessions(self, *, after_id: str, limit: int) -> list[Session]:
         """See base class."""
-        sessions: list[Session] = []
-        while True:  # unreadable rows left out are made up for: see base class
-            wanted = limit - len(sessions)
-            rows = await self._queries()._all(
+
+        async def fetch(after: str, count: int) -> Sequence[Row]:
+            return await self._queries()._all(
                 f"SELECT {SESSION_COLUMNS} FROM sessions WHERE state NOT IN ('ended', 'failed') "
                 "AND id > ? ORDER BY id LIMIT ?",
-                (after_id, wanted),
+                (after, count),
             )
-            sessions.extend(readable(rows, session_from_row, "sessions"))
-            if len(rows) < wanted or len(sessions) >= limit:
-                return sessions
-            after_id = rows[-1]["id"]
+
+        return await open_sessions_page(fetch, after_id, limit)
 
     async def read_events(
         self, *, after: int, limit: int, session_id: str = ""
