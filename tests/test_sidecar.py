@@ -497,18 +497,12 @@ class TestStartRace:
                     )
                 )
 
-                async def waiting_on_locks(count: int) -> bool:
-                    found = await observer.fetchval(
-                        "SELECT count(*) FROM pg_stat_activity "
-                        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                    )
-                    return bool(found >= count)
-
-                await wait_for(lambda: waiting_on_locks(1), what="the webhook to wait")
+                await wait_for(lambda: _waiting_on_locks(observer, 1), what="the webhook to wait")
                 gate.set()
                 # The start commits now, or waits for the webhook's transaction.
                 await wait_for(
-                    lambda: start.done() or waiting_on_locks(2), what="the start to commit or wait"
+                    lambda: start.done() or _waiting_on_locks(observer, 2),
+                    what="the start to commit or wait",
                 )
                 await held.rollback()
                 await push
@@ -562,15 +556,8 @@ class TestStartRace:
                     "SELECT 1 FROM provider_users WHERE user_id = $1 FOR UPDATE", user.id
                 )
 
-                async def waiting_on_locks(count: int) -> bool:
-                    found = await observer.fetchval(
-                        "SELECT count(*) FROM pg_stat_activity "
-                        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                    )
-                    return bool(found >= count)
-
                 gate.set()
-                await wait_for(lambda: waiting_on_locks(1), what="the start to wait")
+                await wait_for(lambda: _waiting_on_locks(observer, 1), what="the start to wait")
                 event = InboundEvent(
                     first.external_chat_id,
                     AgentAssigned(Agent("jane@acme.test", "Jane")),
@@ -580,7 +567,7 @@ class TestStartRace:
                 push = asyncio.create_task(
                     scripted.sink.deliver(WebhookBatch(action="push", events=(event,)))
                 )
-                await wait_for(lambda: waiting_on_locks(2), what="the webhook to wait")
+                await wait_for(lambda: _waiting_on_locks(observer, 2), what="the webhook to wait")
                 await held.rollback()
                 await push
                 session = await start
@@ -599,3 +586,12 @@ class TestStartRace:
         response = await hook.get("/readyz")
         assert response.status_code == 503
         assert "cannot reach the provider" in response.json()["problems"]["provider"]
+
+
+async def _waiting_on_locks(observer: asyncpg.Connection, count: int) -> bool:
+    """Whether at least ``count`` sessions of this database wait on a lock."""
+    found = await observer.fetchval(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    return bool(found >= count)
