@@ -56,6 +56,9 @@ STOP_TTL = timedelta(hours=24)
 """A stop keeps being retried this long."""
 LATE_CLAIM = timedelta(minutes=1)
 """Claimed this long after it was due and past its TTL, an item is given up."""
+UNQUEUE_EVERY = 60.0
+"""Seconds between looks for queued items with nothing pending ahead of them
+any more, which only an older release leaves (``unqueue_stranded_outbox``)."""
 
 
 class Outbox:
@@ -571,12 +574,25 @@ class Outbox:
     async def run(self) -> None:
         """Claims due items and attempts them until ``stop()``."""
         ctx = self._ctx
+        counted_at = unqueued_at = float("-inf")  # monotonic
         while not self._stopping:
             self._wake.clear()
             claimed = 0
             pending: int | None = None  # unknown while the store cannot be read
             try:
-                pending, next_due = await ctx.store.outbox_stats()
+                looked_at = ctx.clock.monotonic()
+                if looked_at - unqueued_at >= UNQUEUE_EVERY:
+                    unqueued_at = looked_at
+                    freed = await ctx.store.unqueue_stranded_outbox()
+                    if freed:
+                        log.info("outbox.unqueued", items=freed)
+                # The count (the depth gauge) reads every pending item: once
+                # a poll interval, not once per settle of a long backlog.
+                if looked_at - counted_at >= self.poll_interval:
+                    counted_at = looked_at
+                    pending, next_due = await ctx.store.outbox_stats()
+                else:
+                    next_due = await ctx.store.outbox_next_due()
                 now = ctx.clock.now()
                 if next_due is not None and next_due <= now:
                     claimed = await self._claim_and_start()

@@ -170,7 +170,12 @@ class Tx(Protocol):
     # --- outbox ------------------------------------------------------------
     async def insert_outbox(self, item: OutboxItem) -> bool:
         """Adds an item. Returns True if it is the head of its session's queue
-        (no earlier pending item), i.e. it may be delivered right away."""
+        (no earlier pending item), i.e. it may be delivered right away.
+
+        An item behind a pending one is stored *queued*: claims pass over
+        it without reading it, until the item ahead of it leaves the
+        pending state (``update_outbox``, ``fail_pending_outbox``), so a
+        long queue in one session costs a claim nothing."""
         ...
 
     async def get_outbox(self, item_id: str) -> OutboxItem | None:
@@ -182,7 +187,8 @@ class Tx(Protocol):
 
         With ``leased_by``, only while that owner still holds the item's
         lease: an attempt that outlived its lease must not overwrite the
-        replica that has taken the item over since.
+        replica that has taken the item over since. An item that leaves the
+        pending state lets its session's next one out of the queue.
         """
         ...
 
@@ -295,6 +301,19 @@ class Store(Protocol):
 
         A wake-up only: callers re-read by cursor. Spurious wake-ups are fine.
         """
+        ...
+
+    async def outbox_next_due(self) -> datetime | None:
+        """The earliest time an item may be claimed (``outbox_stats``'s), at
+        a cost that grows with the sessions that have pending items, not
+        with the items queued behind their heads."""
+        ...
+
+    async def unqueue_stranded_outbox(self) -> int:
+        """Lets out of the queue the items that have no pending item ahead
+        of them any more; returns how many. Only an older release (a
+        rollback, or a rolling upgrade) leaves such items: it settles a head
+        without letting the next one out. Reads every queued item."""
         ...
 
     async def outbox_stats(self) -> tuple[int, datetime | None]:

@@ -449,6 +449,26 @@ class PostgresStore:
             return 0, None
         return int(row["n"]), row["next_attempt_at"]
 
+    async def outbox_next_due(self) -> datetime | None:
+        """See base class: the heads from ``outbox_due``, and the first
+        queued item in time order."""
+        due: datetime | None = await self._database().fetchval(
+            "SELECT LEAST((SELECT MIN(GREATEST(next_attempt_at, "
+            "COALESCE(lease_until, next_attempt_at))) FROM outbox "
+            "WHERE status = 'pending' AND NOT queued), (SELECT MIN(next_attempt_at) "
+            "FROM outbox WHERE status = 'pending' AND queued))"
+        )
+        return due
+
+    async def unqueue_stranded_outbox(self) -> int:
+        """See base class."""
+        async with self.transaction() as tx:
+            return await tx._db.execute(
+                "UPDATE outbox SET queued = false WHERE status = 'pending' AND queued "
+                "AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.session_id = outbox.session_id "
+                "AND p.status = 'pending' AND p.pos < outbox.pos)"
+            )
+
     async def list_dead_letters(self, limit: int) -> list[DeadLetter]:
         """See base class."""
         rows = await self._database().fetch(

@@ -17,6 +17,7 @@ from hitl_service.domain import (
     DeadLetter,
     IdempotencyRecord,
     OutboxItem,
+    OutboxStatus,
     Session,
     User,
 )
@@ -102,6 +103,20 @@ _OUTBOX_UPDATE_COLUMNS = list(OUTBOX_MUTABLE)
 _SQL_UPDATE_OUTBOX = _update("outbox", _OUTBOX_UPDATE_COLUMNS)
 _SQL_UPDATE_LEASED_OUTBOX = (
     f"{_SQL_UPDATE_OUTBOX} AND lease_owner = ${len(_OUTBOX_UPDATE_COLUMNS) + 2}"
+)
+_SQL_INSERT_OUTBOX = (
+    # $2 is the session (``OUTBOX_COLUMNS``); see ``insert_outbox``.
+    "WITH ahead AS (SELECT 1 FROM outbox WHERE session_id = $2 AND status = 'pending' "
+    "ORDER BY pos DESC LIMIT 1 FOR SHARE) "
+    f"INSERT INTO outbox ({OUTBOX_COLUMNS}, queued) VALUES "
+    f"({', '.join(f'${i}' for i in range(1, len(_columns(OUTBOX_COLUMNS)) + 1))}, "
+    "EXISTS (SELECT 1 FROM ahead)) RETURNING NOT EXISTS (SELECT 1 FROM outbox p "
+    "WHERE p.session_id = outbox.session_id AND p.status = 'pending' AND p.pos < outbox.pos)"
+)
+# The session's first pending item leaves the queue: see ``insert_outbox``.
+_SQL_UNQUEUE_HEAD = (
+    "UPDATE outbox SET queued = false WHERE pos = (SELECT MIN(pos) FROM outbox "
+    "WHERE session_id = $1 AND status = 'pending') AND queued"
 )
 _OUTBOX_RETURNING = ", ".join(f"outbox.{c}" for c in _columns(OUTBOX_COLUMNS))
 
@@ -404,15 +419,18 @@ class PostgresTx(Queries):
         Inserts for one session are serialized by a transaction-scoped
         advisory lock, so positions within a session follow commit order
         (otherwise a later position could commit, and be claimed, first).
+
+        The last pending item ahead is locked (``FOR SHARE``) until this
+        transaction ends: a settle of it, which lets the next item out of
+        the queue, waits, and then finds this one. One being settled as we
+        look is waited for and then no longer found: the item is stored
+        unqueued, which the claim's order check makes safe.
         """
         await self._db.execute(
             "SELECT pg_advisory_xact_lock($1, hashtext($2))", _OUTBOX_LOCK_SPACE, item.session_id
         )
         head = await self._db.fetchval(
-            _insert("outbox", OUTBOX_COLUMNS) + " RETURNING NOT EXISTS (SELECT 1 FROM outbox p "
-            "WHERE p.session_id = outbox.session_id AND p.status = 'pending' "
-            "AND p.pos < outbox.pos)",
-            *_args(OUTBOX_COLUMNS, outbox_values(item)),
+            _SQL_INSERT_OUTBOX, *_args(OUTBOX_COLUMNS, outbox_values(item))
         )
         return bool(head)
 
@@ -420,8 +438,12 @@ class PostgresTx(Queries):
         """See base class."""
         args = (item.id, *_args(_OUTBOX_UPDATE_COLUMNS, outbox_update_values(item)))
         if not leased_by:
-            return await self._db.execute(_SQL_UPDATE_OUTBOX, *args) == 1
-        return await self._db.execute(_SQL_UPDATE_LEASED_OUTBOX, *args, leased_by) == 1
+            updated = await self._db.execute(_SQL_UPDATE_OUTBOX, *args) == 1
+        else:
+            updated = await self._db.execute(_SQL_UPDATE_LEASED_OUTBOX, *args, leased_by) == 1
+        if updated and item.status is not OutboxStatus.PENDING:
+            await self._db.execute(_SQL_UNQUEUE_HEAD, item.session_id)
+        return updated
 
     async def claim_outbox(
         self, owner: str, now: datetime, lease_until: datetime, limit: int
@@ -433,8 +455,11 @@ class PostgresTx(Queries):
         its session never qualifies, since that item is still pending.
         """
         rows = await self._db.fetch(
+            # Queued items are left out (index ``outbox_due``); the order
+            # check still guards those an older release stored.
             "WITH due AS (SELECT o.pos FROM outbox o WHERE o.status = 'pending' "
-            "AND o.next_attempt_at <= $1 AND (o.lease_until IS NULL OR o.lease_until <= $1) "
+            "AND NOT o.queued AND o.next_attempt_at <= $1 "
+            "AND (o.lease_until IS NULL OR o.lease_until <= $1) "
             "AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.session_id = o.session_id "
             "AND p.status = 'pending' AND p.pos < o.pos) "
             "ORDER BY o.pos LIMIT $2 FOR UPDATE OF o SKIP LOCKED) "
@@ -464,6 +489,8 @@ class PostgresTx(Queries):
             message,
             ts(now),
         )
+        if rows:
+            await self._db.execute(_SQL_UNQUEUE_HEAD, session_id)
         return [r["id"] for r in sorted(rows, key=lambda r: r["pos"])]
 
     # --- inspection ----------------------------------------------------------------

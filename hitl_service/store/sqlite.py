@@ -61,6 +61,7 @@ from hitl_service.domain import (
     IdempotencyRecord,
     LogEvent,
     OutboxItem,
+    OutboxStatus,
     Session,
     SessionState,
     User,
@@ -239,7 +240,19 @@ _SQL_INSERT_SESSION = (
 )
 _SQL_UPDATE_SESSION = f"UPDATE sessions SET {_assignments(_SESSION_UPDATE)} WHERE id = :id"
 _SQL_INSERT_OUTBOX = (
-    f"INSERT INTO outbox ({OUTBOX_COLUMNS}) VALUES ({_placeholders(OUTBOX_COLUMNS)})"
+    f"INSERT INTO outbox ({OUTBOX_COLUMNS}, queued) "
+    f"VALUES ({_placeholders(OUTBOX_COLUMNS)}, :queued)"
+)
+# The session's first pending item leaves the queue (``Tx.insert_outbox``):
+# the one ahead of it is no longer pending.
+_SQL_UNQUEUE_HEAD = (
+    "UPDATE outbox SET queued = 0 WHERE pos = (SELECT MIN(pos) FROM outbox "
+    "WHERE session_id = ? AND status = 'pending') AND queued = 1"
+)
+_SQL_UNQUEUE_STRANDED = (
+    "UPDATE outbox SET queued = 0 WHERE status = 'pending' AND queued = 1 "
+    "AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.session_id = outbox.session_id "
+    "AND p.status = 'pending' AND p.pos < outbox.pos)"
 )
 _SQL_UPDATE_OUTBOX = f"UPDATE outbox SET {_assignments(OUTBOX_MUTABLE)} WHERE id = :id"
 _SQL_UPDATE_LEASED_OUTBOX = f"{_SQL_UPDATE_OUTBOX} AND lease_owner = :leased_by"
@@ -544,24 +557,32 @@ class SqliteTx(_Queries):
             "SELECT 1 AS one FROM outbox WHERE session_id = ? AND status = 'pending' LIMIT 1",
             (item.session_id,),
         )
-        await self._exec(_SQL_INSERT_OUTBOX, _params(outbox_values(item)))
+        values = _params(outbox_values(item))
+        values["queued"] = ahead is not None
+        await self._exec(_SQL_INSERT_OUTBOX, values)
         return ahead is None
 
     async def update_outbox(self, item: OutboxItem, *, leased_by: str = "") -> bool:
         values = _params(outbox_update_values(item))
         if not leased_by:
-            return await self._exec(_SQL_UPDATE_OUTBOX, values) == 1
-        values["leased_by"] = leased_by
-        return await self._exec(_SQL_UPDATE_LEASED_OUTBOX, values) == 1
+            updated = await self._exec(_SQL_UPDATE_OUTBOX, values) == 1
+        else:
+            values["leased_by"] = leased_by
+            updated = await self._exec(_SQL_UPDATE_LEASED_OUTBOX, values) == 1
+        if updated and item.status is not OutboxStatus.PENDING:
+            await self._exec(_SQL_UNQUEUE_HEAD, (item.session_id,))
+        return updated
 
     async def claim_outbox(
         self, owner: str, now: datetime, lease_until: datetime, limit: int
     ) -> list[OutboxItem]:
         rows = await self._all(
             # INDEXED BY: without it SQLite walks the whole table in pos
-            # order (done items included) to avoid a sort of a few rows.
-            f"SELECT {OUTBOX_COLUMNS} FROM outbox o INDEXED BY outbox_pending "
-            "WHERE o.status = 'pending' "
+            # order (done items included) to avoid a sort of a few rows. The
+            # index leaves queued items out; the order check still guards
+            # those an older release stored (never marked queued).
+            f"SELECT {OUTBOX_COLUMNS} FROM outbox o INDEXED BY outbox_due "
+            "WHERE o.status = 'pending' AND o.queued = 0 "
             "AND o.next_attempt_at <= :now AND (o.lease_until IS NULL OR o.lease_until <= :now) "
             "AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.session_id = o.session_id "
             "AND p.status = 'pending' AND p.pos < o.pos) ORDER BY o.pos LIMIT :limit",
@@ -599,6 +620,7 @@ class SqliteTx(_Queries):
                 "AND attempts <= attempts_settled",
                 (code, message, _ts(now), session_id),
             )
+            await self._exec(_SQL_UNQUEUE_HEAD, (session_id,))
         return ids
 
     async def add_dead_letter(self, letter: DeadLetter) -> None:
@@ -1304,6 +1326,26 @@ class SqliteStore:
         if row is None:
             return 0, None
         return int(row["n"] or 0), row["next_attempt_at"]
+
+    async def outbox_next_due(self) -> datetime | None:
+        """See base class. Reads the heads (``outbox_due``) and the first
+        queued item in time order: what the claim walks, not the backlog."""
+        row = await self._queries()._one(
+            "SELECT MIN(next_attempt_at) AS next_attempt_at FROM ("
+            "SELECT MIN(MAX(next_attempt_at, COALESCE(lease_until, next_attempt_at))) "
+            "AS next_attempt_at FROM outbox INDEXED BY outbox_due "
+            "WHERE status = 'pending' AND queued = 0 UNION ALL "
+            "SELECT next_attempt_at FROM (SELECT next_attempt_at FROM outbox "
+            "INDEXED BY outbox_pending WHERE status = 'pending' AND queued = 1 "
+            "ORDER BY next_attempt_at LIMIT 1))",
+            (),
+        )
+        return None if row is None else row["next_attempt_at"]
+
+    async def unqueue_stranded_outbox(self) -> int:
+        """See base class."""
+        async with self.transaction() as tx:
+            return await tx._exec(_SQL_UNQUEUE_STRANDED, ())
 
     async def list_dead_letters(self, limit: int) -> list[DeadLetter]:
         """See base class."""

@@ -8,6 +8,7 @@ import pytest
 
 from hitl_service.domain import IdempotencyRecord, OutboxItem, OutboxKind, OutboxStatus
 from hitl_service.store.base import DuplicateKey, Store, Tx
+from tests.store.conftest import Backend
 from tests.store.factories import T0, at, make_outbox
 from tests.store.helpers import Boom, rolled_back
 
@@ -102,6 +103,59 @@ class TestClaim:
         with pytest.raises(Boom):
             await rolled_back(store, claim)
         assert await store.get_outbox(item.id) == item
+
+
+class TestQueue:
+    """Items behind a pending one wait out of the claims' sight until it settles."""
+
+    async def test_a_failed_head_lets_the_next_one_out(self, store: Store) -> None:
+        a1, a2, a3 = make_outbox("A"), make_outbox("A"), make_outbox("A")
+        await _insert(store, a1, a2, a3)
+        assert [i.id for i in await _claim(store)] == [a1.id]
+        await _finish(store, a1, OutboxStatus.FAILED)
+        assert [i.id for i in await _claim(store)] == [a2.id]
+
+    async def test_an_ended_session_lets_its_stop_out(self, store: Store) -> None:
+        send = make_outbox("A")
+        stop = make_outbox("A", kind=OutboxKind.STOP)
+        await _insert(store, send, make_outbox("A"), stop)
+        async with store.transaction() as tx:
+            assert len(await tx.fail_pending_outbox("A", at(5), "SESSION_ENDED", "ended")) == 2
+        assert [i.id for i in await _claim(store)] == [stop.id]
+
+    async def test_a_send_in_flight_stays_ahead_of_what_an_end_leaves(self, store: Store) -> None:
+        flying, queued = make_outbox("A", attempts=1), make_outbox("A", kind=OutboxKind.STOP)
+        await _insert(store, flying, make_outbox("A"), queued)
+        async with store.transaction() as tx:
+            await tx.fail_pending_outbox("A", at(5), "SESSION_ENDED", "ended")
+        assert [i.id for i in await _claim(store)] == [flying.id]
+        await _finish(store, flying)
+        assert [i.id for i in await _claim(store, now=1)] == [queued.id]
+
+    async def test_items_an_older_release_left_queued_are_let_out(
+        self, store: Store, backend: Backend
+    ) -> None:
+        head, behind = make_outbox("A"), make_outbox("A")
+        await _insert(store, head, behind, make_outbox("B"))
+        # An older release settles the head without letting the next one out.
+        await backend.execute(f"UPDATE outbox SET status = 'done' WHERE id = '{head.id}'")
+        assert [i.session_id for i in await _claim(store)] == ["B"]
+        assert await store.unqueue_stranded_outbox() == 1
+        assert [i.id for i in await _claim(store)] == [behind.id]
+        assert await store.unqueue_stranded_outbox() == 0
+
+    async def test_queued_items_count_as_due_for_the_loop(self, store: Store) -> None:
+        assert await store.outbox_next_due() is None
+        head, behind = make_outbox("A"), make_outbox("A", next_attempt_at=at(3))
+        await _insert(store, head)
+        await _claim(store, now=1, lease=30)
+        assert await store.outbox_next_due() == at(31)  # the lease's end
+        await _insert(store, behind)
+        # Due, though not claimable: the head's settle must wake the loop.
+        assert await store.outbox_next_due() == at(3)
+        assert (await store.outbox_stats())[1] == at(3)
+        await _insert(store, make_outbox("B", next_attempt_at=at(2), attempts=1))
+        assert await store.outbox_next_due() == at(2)
 
 
 class TestUpdate:

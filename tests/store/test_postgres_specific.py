@@ -294,6 +294,49 @@ class TestOutboxAcrossReplicas:
             claimed = await tx.claim_outbox("w", at(0), at(60), 10)
         assert [i.id for i in claimed] == [first.id]
 
+    async def test_an_item_stored_while_the_one_ahead_settles_is_let_out(
+        self, make: Make, monitor: asyncpg.Connection
+    ) -> None:
+        a, b = await opened(make), await opened(make)
+        ahead, item = make_outbox("S"), make_outbox("S")
+        async with a.transaction() as tx:
+            await tx.insert_outbox(ahead)
+
+        async def insert_in_b() -> bool:
+            async with b.transaction() as tx:
+                return await tx.insert_outbox(item)
+
+        # The settle lets out what it sees queued: it cannot see B's item yet.
+        async with a.transaction() as tx:
+            await tx.update_outbox(dataclasses.replace(ahead, status=OutboxStatus.DONE))
+            task = asyncio.create_task(insert_in_b())
+            await until_blocked(monitor, task, "B's insert")
+        assert not await task  # stored while the one ahead still looked pending
+        async with a.transaction() as tx:
+            claimed = await tx.claim_outbox("w", at(0), at(60), 10)
+        assert [i.id for i in claimed] == [item.id]  # not left queued
+
+    async def test_a_settle_waits_for_an_item_being_stored_behind_it(
+        self, make: Make, monitor: asyncpg.Connection
+    ) -> None:
+        a, b = await opened(make), await opened(make)
+        ahead, item = make_outbox("S"), make_outbox("S")
+        async with a.transaction() as tx:
+            await tx.insert_outbox(ahead)
+
+        async def settle_in_b() -> None:
+            async with b.transaction() as tx:
+                await tx.update_outbox(dataclasses.replace(ahead, status=OutboxStatus.DONE))
+
+        async with a.transaction() as tx:
+            assert not await tx.insert_outbox(item)  # queued behind ``ahead``
+            task = asyncio.create_task(settle_in_b())
+            await until_blocked(monitor, task, "B's settle")
+        await task  # then lets out the item it now sees
+        async with a.transaction() as tx:
+            claimed = await tx.claim_outbox("w", at(0), at(60), 10)
+        assert [i.id for i in claimed] == [item.id]
+
 
 class TestLocksAcrossReplicas:
     @pytest.mark.parametrize("lookup", ["get_session", "find_session_by_chat"])

@@ -1,5 +1,6 @@
 """SQLite: what every webhook, claim or open-state listing reads does not grow
-with the history kept (ended sessions), only with what is open."""
+with the history kept (ended sessions), only with what is open; what a claim
+reads does not grow with the items queued behind their session's head."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from hitl_service.domain import SessionState
 from hitl_service.store.sqlite import SqliteStore
-from tests.store.factories import T0, make_session, make_user
+from tests.store.factories import T0, at, make_outbox, make_session, make_user
 
 
 async def _end_sessions(store: SqliteStore, count: int) -> None:
@@ -100,3 +101,35 @@ async def test_listing_sessions_in_an_open_state_reads_open_sessions_only(
     before = await _steps_of_listing(store, SessionState.QUEUED)
     await _end_sessions(store, 2000)
     assert await _steps_of_listing(store, SessionState.QUEUED) == before
+
+
+async def test_claims_read_the_heads_not_the_queue_behind_them(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "hitl.db")
+    await store.open()
+
+    async def queue(session_id: str, count: int) -> None:
+        async with store.transaction() as tx:
+            for _ in range(count):
+                await tx.insert_outbox(make_outbox(session_id))
+
+    async def steps_of_a_pass() -> tuple[int, int]:
+        """What the outbox loop reads per wake-up: the next due time, a claim."""
+        with _steps(store._writer, store._reader) as due:
+            assert await store.outbox_next_due() == T0  # the queued ones
+        async with store.transaction() as tx:
+            with _steps(tx.connection) as claim:
+                assert await tx.claim_outbox("w", at(1), at(60), 64) == []
+        return due[0], claim[0]
+
+    try:
+        await queue("busy", 10)
+        await queue("quiet", 1)
+        async with store.transaction() as tx:  # both heads in flight
+            assert len(await tx.claim_outbox("w", T0, at(60), 64)) == 2
+        before = await steps_of_a_pass()
+        # Each settle of the head wakes the loop: with 20,000 sends behind one
+        # head, every pass walked them all (~23 sends/s drained).
+        await queue("busy", 2000)
+        assert await steps_of_a_pass() == before
+    finally:
+        await store.close()

@@ -27,6 +27,9 @@ async def test_version_2_keeps_idempotency_and_the_outbox_queue(
     v1_insert = sqlite_module._SQL_INSERT_SESSION.replace(", waiting_since", "")
     v1_insert = v1_insert.replace(", :waiting_since", "")
     monkeypatch.setattr(sqlite_module, "_SQL_INSERT_SESSION", v1_insert)
+    # ... nor outbox.queued (version 7).
+    v1_outbox = sqlite_module._SQL_INSERT_OUTBOX.replace(", queued", "").replace(", :queued", "")
+    monkeypatch.setattr(sqlite_module, "_SQL_INSERT_OUTBOX", v1_outbox)
     old = SqliteStore(path)
     await old.open()
     user = make_user()
@@ -63,6 +66,9 @@ async def test_version_2_keeps_idempotency_and_the_outbox_queue(
             assert "WITHOUT ROWID" in ddl[0]
             positions = [r[0] for r in conn.execute("SELECT pos FROM outbox ORDER BY pos")]
             assert len(positions) == 4
+            # Version 7 marked the one behind the head: claims pass over it.
+            queued = conn.execute("SELECT id, queued FROM outbox WHERE status = 'pending'")
+            assert sorted(queued) == sorted([(head.id, 0), (behind.id, 1), (later.id, 1)])
             assert not list(conn.execute("SELECT * FROM sqlite_sequence WHERE name = 'outbox'"))
         finally:
             conn.close()

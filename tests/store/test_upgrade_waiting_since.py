@@ -18,6 +18,8 @@ async def back_to_version_3(backend: Backend) -> None:
     if backend.name == "sqlite":  # PostgreSQL has had this one since version 1
         await backend.execute("DROP INDEX dead_letters_by_received")  # version 6
     await backend.execute(
+        "DROP INDEX outbox_due",  # version 7
+        "ALTER TABLE outbox DROP COLUMN queued",
         "DROP INDEX sessions_ended",  # version 6
         "ALTER TABLE sessions DROP COLUMN waiting_since",
         "DELETE FROM schema_version WHERE version >= 4",

@@ -1,0 +1,13 @@
+-- hitl-service schema, version 7 (PostgreSQL): items queued behind their
+-- session's head are marked, and the claim's index holds only the others.
+-- Before, every claim walked every due item and skipped those behind a
+-- head one by one: a backlog of N sends to one session cost O(N) per
+-- claim, O(N^2) to drain. An item is queued when stored behind a pending
+-- one, and unqueued when the item ahead of it leaves the pending state.
+-- Older releases ignore the column (their claim checks the order itself).
+-- The column has a constant default: adding it rewrites no rows.
+ALTER TABLE outbox ADD COLUMN queued boolean NOT NULL DEFAULT false;
+UPDATE outbox SET queued = true WHERE status = 'pending' AND EXISTS (
+    SELECT 1 FROM outbox p WHERE p.session_id = outbox.session_id
+    AND p.status = 'pending' AND p.pos < outbox.pos);
+CREATE INDEX outbox_due ON outbox (next_attempt_at) WHERE status = 'pending' AND NOT queued;
