@@ -126,6 +126,17 @@ class Settings:
     # ~60 KB until its deadline; with the provider hung and callers
     # retrying, nothing else would bound them.
     rpc_max_in_flight: int = 1000
+    # Open gRPC connections (one file descriptor each, ~9 KB): beyond the
+    # cap a new one is closed at once, so a flood of them on the gRPC port
+    # cannot take the descriptors the store, the sidecar and provider calls
+    # need (20,000 idle ones exhausted a 20,000 limit: nothing else opened).
+    grpc_max_connections: int = 10_000
+    # A connection with no call for this long is told GOAWAY and closed
+    # (clients reconnect on their next call; an open stream is a call);
+    # one that has not finished its TLS and HTTP/2 handshake in
+    # grpc_handshake_timeout is closed.
+    grpc_idle_timeout: float = 300.0
+    grpc_handshake_timeout: float = 20.0
     # Each buffered event is a few objects every full garbage collection
     # scans: 4096 (up to twice that held) cost 7-10 ms pauses under webhook
     # load, 1024 cost 3-5 ms (bench/README.md).
@@ -235,6 +246,13 @@ class Settings:
             stream_max_open=_int(env, "HITL_STREAM_MAX_OPEN", cls.stream_max_open, minimum=1),
             stream_buffer=_int(env, "HITL_STREAM_BUFFER", cls.stream_buffer, minimum=16),
             rpc_max_in_flight=_int(env, "HITL_RPC_MAX_IN_FLIGHT", cls.rpc_max_in_flight, minimum=1),
+            grpc_max_connections=_int(
+                env, "HITL_GRPC_MAX_CONNECTIONS", cls.grpc_max_connections, minimum=1
+            ),
+            grpc_idle_timeout=_duration(env, "HITL_GRPC_IDLE_TIMEOUT", cls.grpc_idle_timeout, 0.0),
+            grpc_handshake_timeout=_duration(
+                env, "HITL_GRPC_HANDSHAKE_TIMEOUT", cls.grpc_handshake_timeout, 0.1
+            ),
             queue_timeout=_duration(env, "HITL_QUEUE_TIMEOUT", 0.0, 0.0),
             idle_timeout=_duration(env, "HITL_IDLE_TIMEOUT", 0.0, 0.0),
             reconcile_interval=_duration(

@@ -11,11 +11,11 @@ from grpc_reflection.v1alpha import reflection
 from hitl_service.activity import Activity
 from hitl_service.api.interceptor import ServiceInterceptor
 from hitl_service.api.servicer import MAX_MESSAGE_BYTES, HitlServicer
+from hitl_service.config import Settings
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from hitl_service.config import Settings
     from hitl_service.core import HitlCore
     from hitl_service.metrics import Metrics
 
@@ -31,7 +31,33 @@ GRPC_OPTIONS = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.so_reuseport", 0),
+    # What connections may hold (HITL_GRPC_*; these are the defaults,
+    # ``grpc_options`` the configured values). Beyond the cap a new
+    # connection is closed as soon as it is accepted (the client sees
+    # UNAVAILABLE), whatever it is: each holds a file descriptor, and
+    # idle ones were never closed, so a flood of them took every descriptor
+    # the process had. A connection with no call open for the idle time
+    # gets GOAWAY (a client reconnects on its next call; an open stream is
+    # a call, so StreamEvents is never cut); one that has not finished its
+    # handshake (TLS, the HTTP/2 preface) in time is closed.
+    ("grpc.max_allowed_incoming_connections", Settings.grpc_max_connections),
+    ("grpc.max_connection_idle_ms", round(Settings.grpc_idle_timeout * 1000)),
+    ("grpc.server_handshake_timeout_ms", round(Settings.grpc_handshake_timeout * 1000)),
 )
+# grpc.max_connection_idle_ms for HITL_GRPC_IDLE_TIMEOUT=0: never.
+_NEVER_MS = 2**31 - 1
+
+
+def grpc_options(settings: Settings) -> tuple[tuple[str, int], ...]:
+    """``GRPC_OPTIONS`` with the connection limits ``settings`` give."""
+    options = dict(GRPC_OPTIONS)
+    options["grpc.max_allowed_incoming_connections"] = settings.grpc_max_connections
+    idle_ms = round(settings.grpc_idle_timeout * 1000)
+    options["grpc.max_connection_idle_ms"] = min(idle_ms, _NEVER_MS) or _NEVER_MS
+    options["grpc.server_handshake_timeout_ms"] = min(
+        round(settings.grpc_handshake_timeout * 1000), _NEVER_MS
+    )
+    return tuple(options.items())
 
 
 def build_grpc_server(
@@ -47,7 +73,7 @@ def build_grpc_server(
                 max_in_flight=settings.rpc_max_in_flight,
             )
         ],
-        options=GRPC_OPTIONS,
+        options=grpc_options(settings),
     )
     add_hitl_service(HitlServicer(core), server)
     health_servicer = KnownServicesHealth(max_watches=settings.stream_max_open)

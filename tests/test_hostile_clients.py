@@ -17,6 +17,7 @@ from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from hitl_service.sidecar import MAX_HEAD_BYTES
 from tests.conftest import start_app
+from tests.support import EventCollector, make_user, start_session, wait_for
 
 WAIT = 20.0  # a generous bound on waiting for a state, never asserted on
 
@@ -241,5 +242,169 @@ async def test_one_client_cannot_open_health_watches_without_end(
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
             for watch in watches:
                 watch.cancel()
+    finally:
+        await app.stop(grace=1)
+
+
+# A client's HTTP/2 preface and an empty SETTINGS frame: a connection that
+# has finished its handshake and then opens no call.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+async def _closed_by_server(reader: asyncio.StreamReader) -> bool:
+    """Reads (a GOAWAY, say) until the server closes the connection."""
+    try:
+        while await reader.read(65536):
+            pass
+    except ConnectionError:
+        pass
+    return True
+
+
+def _fresh_channel(port: int) -> grpc.aio.Channel:
+    """A channel with a connection of its own (channels in one process share
+    connections to the same target otherwise)."""
+    return grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+    )
+
+
+async def test_a_connection_flood_on_the_grpc_port_takes_only_that_port(
+    service_env: dict[str, str],
+) -> None:
+    """Idle connections to the gRPC port were never closed or counted:
+    20,000 of them took every file descriptor the process had (ulimit -n
+    20000), and then no webhook, database file or provider call could open
+    one. Beyond HITL_GRPC_MAX_CONNECTIONS a new connection is closed at
+    once: the flood degrades the gRPC port only, and the sidecar, the store
+    and a stream already open go on."""
+    service_env["HITL_GRPC_MAX_CONNECTIONS"] = "20"
+    service_env["HITL_GRPC_HANDSHAKE_TIMEOUT"] = "1h"  # the flood stays
+    app = await start_app(service_env)
+    flood: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    watchers: list[asyncio.Task[bool]] = []
+    try:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as http,
+        ):
+            stub: Any = pb_grpc.HitlServiceStub(channel)
+            session = await start_session(stub, (await make_user(stub)).id)
+            async with EventCollector(stub, session_id=session.id) as stream:
+                for _ in range(40):  # one connection is the stream's
+                    flood.append(await asyncio.open_connection("127.0.0.1", app.grpc_port))
+                    flood[-1][1].write(H2_PREFACE)
+                watchers = [asyncio.create_task(_closed_by_server(r)) for r, _ in flood]
+                await wait_for(
+                    lambda: sum(w.done() for w in watchers) >= 21,
+                    timeout=WAIT,
+                    what="the connections beyond the cap closed",
+                )
+                async with _fresh_channel(app.grpc_port) as extra:
+                    extra_health: Any = health_pb2_grpc.HealthStub(extra)
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await extra_health.Check(health_pb2.HealthCheckRequest(), timeout=WAIT)
+                    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+                # The rest of the process: the sidecar, the store, the stream.
+                assert (await http.get("/readyz")).status_code == 200
+                chat = session.external_chat_id
+                for action, body in (("take", {}), ("reply", {"text": "still here"})):
+                    answer = await http.post(
+                        f"/console/api/conversations/{chat}/{action}",
+                        json={"agent": "Alex", **body},
+                    )
+                    assert answer.status_code == 200, answer.text
+                message = await stream.wait_for_kind("agent_message", session.id)
+                assert message.agent_message.message.text == "still here"
+                assert stream.error is None
+            assert sum(w.done() for w in watchers) == 21, "the cap let more in"
+
+            for _, writer in flood:
+                writer.close()
+
+            async def served() -> bool:
+                async with _fresh_channel(app.grpc_port) as again:
+                    health: Any = health_pb2_grpc.HealthStub(again)
+                    try:
+                        await health.Check(health_pb2.HealthCheckRequest(), timeout=WAIT)
+                    except grpc.aio.AioRpcError:
+                        return False  # the server has not seen every close yet
+                    return True
+
+            await wait_for(served, timeout=WAIT, what="a new connection once the flood left")
+    finally:
+        for task in watchers:
+            task.cancel()
+        for _, writer in flood:
+            writer.close()
+        await app.stop(grace=1)
+
+
+@pytest.mark.parametrize(
+    "sent", [pytest.param(b"", id="nothing"), pytest.param(H2_PREFACE[:10], id="part-preface")]
+)
+async def test_a_connection_that_never_speaks_http2_is_closed(
+    service_env: dict[str, str], sent: bytes
+) -> None:
+    """A connection that never finishes its handshake holds a descriptor
+    and a place under HITL_GRPC_MAX_CONNECTIONS: it is closed after
+    HITL_GRPC_HANDSHAKE_TIMEOUT (it stayed a minute)."""
+    service_env["HITL_GRPC_HANDSHAKE_TIMEOUT"] = "0.5s"
+    app = await start_app(service_env)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.grpc_port)
+        writer.write(sent)
+        try:
+            closed = await asyncio.wait_for(_closed_by_server(reader), WAIT)
+        except TimeoutError:
+            closed = False
+        finally:
+            writer.close()
+        assert closed, "the server still holds the silent connection"
+    finally:
+        await app.stop(grace=1)
+
+
+async def test_an_idle_grpc_connection_is_closed_and_its_client_reconnects(
+    service_env: dict[str, str],
+) -> None:
+    """A connection with no call open for HITL_GRPC_IDLE_TIMEOUT is told
+    GOAWAY and closed (they stayed for good, each holding a descriptor and a
+    place under the cap): a client's next call reconnects by itself, and a
+    stream open on a connection is a call, so the stream goes on."""
+    service_env["HITL_GRPC_IDLE_TIMEOUT"] = "0.5s"
+    app = await start_app(service_env)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            stub: Any = pb_grpc.HitlServiceStub(channel)
+            session = await start_session(stub, (await make_user(stub)).id)
+            async with EventCollector(stub, session_id=session.id) as stream:
+                # Opened after the stream's: its idle time ends later.
+                async with _fresh_channel(app.grpc_port) as idle:
+                    health: Any = health_pb2_grpc.HealthStub(idle)
+                    await health.Check(health_pb2.HealthCheckRequest(), timeout=WAIT)
+                    reader, writer = await asyncio.open_connection("127.0.0.1", app.grpc_port)
+                    writer.write(H2_PREFACE)
+                    try:
+                        await asyncio.wait_for(_closed_by_server(reader), WAIT)
+                    finally:
+                        writer.close()
+                    await wait_for(
+                        lambda: idle.get_state() == grpc.ChannelConnectivity.IDLE,
+                        timeout=WAIT,
+                        what="the idle channel's connection closed by the server",
+                    )
+                    answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=WAIT)
+                    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as http:
+                    chat = session.external_chat_id
+                    taken = await http.post(
+                        f"/console/api/conversations/{chat}/take", json={"agent": "Alex"}
+                    )
+                    assert taken.status_code == 200, taken.text
+                await stream.wait_for_kind("agent_assigned", session.id)
+                assert stream.error is None
     finally:
         await app.stop(grace=1)
