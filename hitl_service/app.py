@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import os
 import socket
+import sys
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -177,13 +178,28 @@ class App:
         self._started.append("http")
         await self.health.set(SERVICE_NAME, SERVING)
         await self.health.set("", SERVING)
+        open_files = open_files_limit()
         log.info(
             "service.ready",
             provider=self.provider.name,
             store=self.store.backend,
             grpc_port=self.grpc_port,
             http_port=self.http_port,
+            open_files_limit=open_files,
         )
+        cap = self.settings.grpc_max_connections
+        if open_files is not None and open_files < cap + OPEN_FILES_BESIDES_GRPC:
+            log.warning(
+                "service.open_files_low",
+                open_files_limit=open_files,
+                grpc_max_connections=cap,
+                problem=(
+                    f"HITL_GRPC_MAX_CONNECTIONS ({cap}) gRPC connections leave fewer than "
+                    f"{OPEN_FILES_BESIDES_GRPC} of the {open_files} files this process may open "
+                    "for webhooks, the store and provider calls: raise the limit "
+                    "(ulimit -n, LimitNOFILE) or lower HITL_GRPC_MAX_CONNECTIONS"
+                ),
+            )
         exposure = api_exposure(self.settings)
         if exposure:
             log.warning("service.api_exposed", grpc_addr=self.settings.grpc_addr, problem=exposure)
@@ -291,6 +307,23 @@ def build_app(
         sidecar=sidecar,
         activity=activity,
     )
+
+
+# Open files a process needs beside its gRPC connections: the sidecar's
+# connections (up to HITL_HTTP_MAX_IN_FLIGHT being handled, and idle ones),
+# the store's (PostgreSQL's pool and LISTEN, or SQLite's files) and
+# provider calls.
+OPEN_FILES_BESIDES_GRPC = 1024
+
+
+def open_files_limit() -> int | None:
+    """This process's soft limit on open files; None where there is none."""
+    if sys.platform == "win32":
+        return None
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def api_exposure(settings: Settings) -> str:

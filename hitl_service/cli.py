@@ -198,6 +198,7 @@ async def _serve(settings: Settings) -> int:
     # In JSON, every line is a log line: ``service.ready`` has the ports.
     console = settings.log_format == "console"
     scrub = _scrubber(settings)
+    raise_open_files_limit()
     try:
         app = build_app(settings)
     except ConfigError as exc:
@@ -263,6 +264,23 @@ async def _start_unless_stopped(start: Coroutine[Any, Any, None], stop: asyncio.
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await starting
     return False
+
+
+def raise_open_files_limit() -> None:
+    """Raises this process's soft limit on open files to its hard limit, as
+    servers commonly do: the soft one is often 1024 (systemd's default, with
+    a hard limit of 524288), which a few hundred gRPC and webhook
+    connections use up long before HITL_GRPC_MAX_CONNECTIONS. An infinite
+    hard limit, or one the system refuses, leaves the soft one as it is."""
+    if sys.platform == "win32":
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft >= hard:
+        return
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def freeze_startup_heap() -> None:

@@ -338,6 +338,60 @@ async def test_in_json_every_line_serve_writes_is_a_json_object(
     assert ready["http_port"] > 0
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+async def test_serve_raises_its_open_files_limit_and_says_when_it_is_short(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    """HITL_GRPC_MAX_CONNECTIONS keeps a gRPC connection flood from taking
+    every file descriptor only below the process's limit, and the soft one
+    is often 1024 (systemd's default) under a far higher hard one: serve
+    raises it to the hard limit, logs it, and warns when the cap leaves too
+    few descriptors for the rest of the process."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 512:
+        pytest.skip(f"needs a finite hard limit above 512, not {hard}")
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+
+    env = {**service_env, "HITL_LOG_FORMAT": "json", "HITL_GRPC_MAX_CONNECTIONS": str(hard)}
+    proc = await asyncio.create_subprocess_exec(
+        *HITL,
+        "serve",
+        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=low_soft_limit,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(30):
+            while not any('"service.ready"' in line for line in lines):
+                line = (await proc.stderr.readline()).decode()
+                assert line, "the service exited before serving"
+                lines.append(line)
+        limits = await asyncio.to_thread(Path(f"/proc/{proc.pid}/limits").read_text)
+        proc.send_signal(signal.SIGTERM)
+        _, rest = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        await reap(proc)
+    (open_files,) = [line.split()[3:5] for line in limits.splitlines() if "open files" in line]
+    assert open_files == [str(hard), str(hard)], limits
+    logged = {
+        entry["event"]: entry
+        for entry in map(json.loads, [*lines, *rest.decode().splitlines()])
+        if entry["event"] in ("service.ready", "service.open_files_low")
+    }
+    assert logged["service.ready"]["open_files_limit"] == hard
+    low = logged["service.open_files_low"]
+    assert (low["open_files_limit"], low["grpc_max_connections"]) == (hard, hard)
+    assert "HITL_GRPC_MAX_CONNECTIONS" in low["problem"]
+
+
 def test_the_startup_heap_is_frozen_out_of_full_collections() -> None:
     import gc
 
