@@ -190,7 +190,7 @@ def _configure_logs(settings: Settings) -> None:
 
 
 async def _serve(settings: Settings) -> int:
-    from hitl_service.app import build_app
+    from hitl_service.app import OPEN_FILES_BESIDES_GRPC, build_app
     from hitl_service.errors import StoreUnavailable
     from providers.errors import ProviderConfigError, ProviderError
 
@@ -198,7 +198,7 @@ async def _serve(settings: Settings) -> int:
     # In JSON, every line is a log line: ``service.ready`` has the ports.
     console = settings.log_format == "console"
     scrub = _scrubber(settings)
-    raise_open_files_limit()
+    raise_open_files_limit(settings.grpc_max_connections + OPEN_FILES_BESIDES_GRPC)
     try:
         app = build_app(settings)
     except ConfigError as exc:
@@ -266,21 +266,24 @@ async def _start_unless_stopped(start: Coroutine[Any, Any, None], stop: asyncio.
     return False
 
 
-def raise_open_files_limit() -> None:
+def raise_open_files_limit(wanted: int) -> None:
     """Raises this process's soft limit on open files to its hard limit, as
     servers commonly do: the soft one is often 1024 (systemd's default, with
     a hard limit of 524288), which a few hundred gRPC and webhook
-    connections use up long before HITL_GRPC_MAX_CONNECTIONS. An infinite
-    hard limit, or one the system refuses, leaves the soft one as it is."""
+    connections use up long before HITL_GRPC_MAX_CONNECTIONS. Under an
+    infinite hard limit (macOS) it asks for ``wanted``, since the kernel
+    refuses an infinite soft one; a limit the system refuses leaves the
+    soft one as it is."""
     if sys.platform == "win32":
         return
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft >= hard:
+    target = wanted if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
         return
     with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def freeze_startup_heap() -> None:
