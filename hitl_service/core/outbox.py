@@ -592,7 +592,7 @@ class Outbox:
                     counted_at = looked_at
                     pending, next_due = await ctx.store.outbox_stats()
                 else:
-                    next_due = await ctx.store.outbox_next_due()
+                    next_due = await ctx.store.outbox_next_due(ctx.clock.now())
                 now = ctx.clock.now()
                 if next_due is not None and next_due <= now:
                     claimed = await self._claim_and_start()

@@ -303,10 +303,15 @@ class Store(Protocol):
         """
         ...
 
-    async def outbox_next_due(self) -> datetime | None:
-        """The earliest time an item may be claimed (``outbox_stats``'s), at
-        a cost that grows with the sessions that have pending items, not
-        with the items queued behind their heads."""
+    async def outbox_next_due(self, now: datetime) -> datetime | None:
+        """The earliest time an item may be claimed, as ``outbox_stats``
+        says, read from indexes: its cost grows with the items in flight,
+        not with the sessions waiting for a retry nor the items queued
+        behind their heads.
+
+        A lease is seen only on an item due by ``now``: one a replica whose
+        clock runs ahead claimed before it was due here is seen once it is
+        (the loop looks at least every poll interval anyway)."""
         ...
 
     async def unqueue_stranded_outbox(self) -> int:

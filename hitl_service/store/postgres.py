@@ -449,14 +449,17 @@ class PostgresStore:
             return 0, None
         return int(row["n"]), row["next_attempt_at"]
 
-    async def outbox_next_due(self) -> datetime | None:
-        """See base class: the heads from ``outbox_due``, and the first
-        queued item in time order."""
+    async def outbox_next_due(self, now: datetime) -> datetime | None:
+        """See base class: three reads in index order, as on SQLite."""
         due: datetime | None = await self._database().fetchval(
-            "SELECT LEAST((SELECT MIN(GREATEST(next_attempt_at, "
-            "COALESCE(lease_until, next_attempt_at))) FROM outbox "
-            "WHERE status = 'pending' AND NOT queued), (SELECT MIN(next_attempt_at) "
-            "FROM outbox WHERE status = 'pending' AND queued))"
+            "SELECT LEAST((SELECT next_attempt_at FROM outbox "
+            "WHERE status = 'pending' AND NOT queued "
+            "AND (lease_until IS NULL OR lease_until <= next_attempt_at) "
+            "ORDER BY next_attempt_at LIMIT 1), (SELECT MIN(lease_until) FROM outbox "
+            "WHERE status = 'pending' AND NOT queued AND next_attempt_at <= $1 "
+            "AND lease_until > next_attempt_at), (SELECT MIN(next_attempt_at) "
+            "FROM outbox WHERE status = 'pending' AND queued))",
+            ts(now),
         )
         return due
 

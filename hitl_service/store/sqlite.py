@@ -249,6 +249,21 @@ _SQL_UNQUEUE_HEAD = (
     "UPDATE outbox SET queued = 0 WHERE pos = (SELECT MIN(pos) FROM outbox "
     "WHERE session_id = ? AND status = 'pending') AND queued = 1"
 )
+# Three reads in index order (``Store.outbox_next_due``): the first unleased
+# head; the end of the first lease among items already due (those in
+# flight); the first queued item.
+_SQL_NEXT_DUE = (
+    "SELECT MIN(next_attempt_at) AS next_attempt_at FROM ("
+    "SELECT * FROM (SELECT next_attempt_at FROM outbox INDEXED BY outbox_due "
+    "WHERE status = 'pending' AND queued = 0 "
+    "AND (lease_until IS NULL OR lease_until <= next_attempt_at) "
+    "ORDER BY next_attempt_at LIMIT 1) UNION ALL "
+    "SELECT MIN(lease_until) FROM outbox INDEXED BY outbox_due "
+    "WHERE status = 'pending' AND queued = 0 AND next_attempt_at <= :now "
+    "AND lease_until > next_attempt_at UNION ALL "
+    "SELECT MIN(next_attempt_at) FROM outbox INDEXED BY outbox_queued "
+    "WHERE status = 'pending' AND queued = 1)"
+)
 _SQL_UNQUEUE_STRANDED = (
     "UPDATE outbox SET queued = 0 WHERE status = 'pending' AND queued = 1 "
     "AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.session_id = outbox.session_id "
@@ -1327,19 +1342,9 @@ class SqliteStore:
             return 0, None
         return int(row["n"] or 0), row["next_attempt_at"]
 
-    async def outbox_next_due(self) -> datetime | None:
-        """See base class. Reads the heads (``outbox_due``) and the first
-        queued item in time order: what the claim walks, not the backlog."""
-        row = await self._queries()._one(
-            "SELECT MIN(next_attempt_at) AS next_attempt_at FROM ("
-            "SELECT MIN(MAX(next_attempt_at, COALESCE(lease_until, next_attempt_at))) "
-            "AS next_attempt_at FROM outbox INDEXED BY outbox_due "
-            "WHERE status = 'pending' AND queued = 0 UNION ALL "
-            "SELECT next_attempt_at FROM (SELECT next_attempt_at FROM outbox "
-            "INDEXED BY outbox_pending WHERE status = 'pending' AND queued = 1 "
-            "ORDER BY next_attempt_at LIMIT 1))",
-            (),
-        )
+    async def outbox_next_due(self, now: datetime) -> datetime | None:
+        """See base class."""
+        row = await self._queries()._one(_SQL_NEXT_DUE, {"now": _ts(now)})
         return None if row is None else row["next_attempt_at"]
 
     async def unqueue_stranded_outbox(self) -> int:

@@ -53,11 +53,15 @@ async def test_webhooks_missing_fires_on_unanswered_starts_not_on_quiet_handoffs
     window = await metrics()
     for text in ("hello?", "anyone there?"):
         await lc.send(session.id, text)
-    assert (
-        lc.app.metrics.registry.get_sample_value(
-            "hitl_outbox_attempts_total", {"kind": "send", "outcome": "done"}
-        )
-        == 2
+    # Counted once settled, which the answer does not wait for.
+    await wait_for(
+        lambda: (
+            lc.app.metrics.registry.get_sample_value(
+                "hitl_outbox_attempts_total", {"kind": "send", "outcome": "done"}
+            )
+            == 2
+        ),
+        what="both sends counted",
     )
     # No webhook at all, with a handoff open: what the earlier rule
     # ("open handoffs, no webhook for 30 minutes") paged on.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime
 
 import pytest
 
@@ -144,18 +145,24 @@ class TestQueue:
         assert [i.id for i in await _claim(store)] == [behind.id]
         assert await store.unqueue_stranded_outbox() == 0
 
-    async def test_queued_items_count_as_due_for_the_loop(self, store: Store) -> None:
-        assert await store.outbox_next_due() is None
+    async def test_the_next_due_time_is_the_stats_one(self, store: Store) -> None:
+        async def both(now: float) -> datetime | None:
+            due = await store.outbox_next_due(at(now))
+            assert due == (await store.outbox_stats())[1]
+            return due
+
+        assert await both(0) is None
         head, behind = make_outbox("A"), make_outbox("A", next_attempt_at=at(3))
         await _insert(store, head)
         await _claim(store, now=1, lease=30)
-        assert await store.outbox_next_due() == at(31)  # the lease's end
+        assert await both(1) == at(31)  # the lease's end
         await _insert(store, behind)
         # Due, though not claimable: the head's settle must wake the loop.
-        assert await store.outbox_next_due() == at(3)
-        assert (await store.outbox_stats())[1] == at(3)
+        assert await both(1) == at(3)
         await _insert(store, make_outbox("B", next_attempt_at=at(2), attempts=1))
-        assert await store.outbox_next_due() == at(2)
+        assert await both(1) == at(2)
+        await _insert(store, make_outbox("C", next_attempt_at=at(600), attempts=1))
+        assert await both(1) == at(2)
 
 
 class TestUpdate:

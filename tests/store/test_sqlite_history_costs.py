@@ -115,7 +115,7 @@ async def test_claims_read_the_heads_not_the_queue_behind_them(tmp_path: Path) -
     async def steps_of_a_pass() -> tuple[int, int]:
         """What the outbox loop reads per wake-up: the next due time, a claim."""
         with _steps(store._writer, store._reader) as due:
-            assert await store.outbox_next_due() == T0  # the queued ones
+            assert await store.outbox_next_due(at(1)) == T0  # the queued ones
         async with store.transaction() as tx:
             with _steps(tx.connection) as claim:
                 assert await tx.claim_outbox("w", at(1), at(60), 64) == []
@@ -126,10 +126,17 @@ async def test_claims_read_the_heads_not_the_queue_behind_them(tmp_path: Path) -
         await queue("quiet", 1)
         async with store.transaction() as tx:  # both heads in flight
             assert len(await tx.claim_outbox("w", T0, at(60), 64)) == 2
+        async with store.transaction() as tx:  # sessions waiting for a retry
+            for n in range(10):
+                await tx.insert_outbox(make_outbox(f"later{n}", next_attempt_at=at(600)))
         before = await steps_of_a_pass()
         # Each settle of the head wakes the loop: with 20,000 sends behind one
-        # head, every pass walked them all (~23 sends/s drained).
+        # head, every pass walked them all (~23 sends/s drained); so it did
+        # every session waiting for a retry (an outage's recovery).
         await queue("busy", 2000)
+        async with store.transaction() as tx:
+            for n in range(2000):
+                await tx.insert_outbox(make_outbox(f"more{n}", next_attempt_at=at(600 + n)))
         assert await steps_of_a_pass() == before
     finally:
         await store.close()

@@ -11,3 +11,5 @@ UPDATE outbox SET queued = true WHERE status = 'pending' AND EXISTS (
     SELECT 1 FROM outbox p WHERE p.session_id = outbox.session_id
     AND p.status = 'pending' AND p.pos < outbox.pos);
 CREATE INDEX outbox_due ON outbox (next_attempt_at) WHERE status = 'pending' AND NOT queued;
+-- Whether (and from when) items wait behind a head: the loop's wake-ups.
+CREATE INDEX outbox_queued ON outbox (next_attempt_at) WHERE status = 'pending' AND queued;
