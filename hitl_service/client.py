@@ -528,14 +528,18 @@ class EventStream:
                     pb.StreamEventsRequest(session_id=self._session_id, after_cursor=self.cursor),
                     metadata=self._client._metadata,
                 )
+            # Held here: aclose() from another task drops ``self._call``
+            # while this one awaits, and the read then raises on the
+            # cancelled call instead of on None.
+            call = self._call
             try:
                 if not self.cursor:
                     # Live only: the server names the head its subscription
                     # starts after; resuming from it loses nothing.
-                    head = (await self._call.initial_metadata()).get("x-stream-head")
+                    head = (await call.initial_metadata()).get("x-stream-head")
                     if isinstance(head, str) and head.isdigit():
                         self.cursor = head
-                event = await self._call.read()
+                event = await call.read()
             except asyncio.CancelledError:
                 # aclose() from another task cancels the call, and grpc raises
                 # CancelledError in the reader: that is the end of iteration,

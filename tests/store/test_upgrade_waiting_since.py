@@ -19,6 +19,7 @@ async def back_to_version_3(backend: Backend) -> None:
         await backend.execute("DROP INDEX dead_letters_by_received")  # version 6
     await backend.execute(
         "DROP INDEX outbox_due",  # version 7
+        "DROP INDEX outbox_queued",
         "ALTER TABLE outbox DROP COLUMN queued",
         "DROP INDEX sessions_ended",  # version 6
         "ALTER TABLE sessions DROP COLUMN waiting_since",
