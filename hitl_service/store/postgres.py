@@ -385,6 +385,8 @@ class PostgresStore:
                 # Lets the planner take the partial index sessions_open: open
                 # sessions are few, the ended ones pile up.
                 where.append("state NOT IN ('ended', 'failed')")
+            elif state is SessionState.FAILED:
+                where.append("state = 'failed'")  # ... and sessions_failed
         if before is not None:
             where.append(f"(created_at, id) < ({arg(ts(before[0]))}, {arg(before[1])})")
         clause = f"WHERE {' AND '.join(where)}" if where else ""

@@ -1265,6 +1265,11 @@ class SqliteStore:
             # sorted after; by creation it would walk the whole history.
             index = "INDEXED BY sessions_open"
             where.append("state NOT IN ('ended', 'failed')")
+        elif not user_id and state is SessionState.FAILED:
+            # Few among the ended ones: through their own index (its
+            # condition repeated, so that it may).
+            index = "INDEXED BY sessions_failed"
+            where.append("state = 'failed'")
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = await self._queries()._all(
             f"SELECT {SESSION_COLUMNS} FROM sessions {index} {clause} "

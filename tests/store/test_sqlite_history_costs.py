@@ -103,6 +103,21 @@ async def test_listing_sessions_in_an_open_state_reads_open_sessions_only(
     assert await _steps_of_listing(store, SessionState.QUEUED) == before
 
 
+async def test_listing_failed_sessions_reads_failed_sessions_only(kept: SqliteStore) -> None:
+    store = kept
+    user = make_user()
+    async with store.transaction() as tx:
+        await tx.insert_user(user)
+        await tx.insert_session(
+            make_session(user.id, state=SessionState.FAILED, ended_at=T0, external_chat_id="c")
+        )
+    # "Which handoffs failed?": a page of them walked every session kept by
+    # creation time, most of them ended.
+    before = await _steps_of_listing(store, SessionState.FAILED)
+    await _end_sessions(store, 2000)
+    assert await _steps_of_listing(store, SessionState.FAILED) == before
+
+
 async def test_claims_read_the_heads_not_the_queue_behind_them(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "hitl.db")
     await store.open()
