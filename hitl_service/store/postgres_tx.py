@@ -113,10 +113,11 @@ _SQL_INSERT_OUTBOX = (
     "EXISTS (SELECT 1 FROM ahead)) RETURNING NOT EXISTS (SELECT 1 FROM outbox p "
     "WHERE p.session_id = outbox.session_id AND p.status = 'pending' AND p.pos < outbox.pos)"
 )
-# The session's first pending item leaves the queue: see ``insert_outbox``.
+# The session's first pending item leaves the queue: see ``insert_outbox``
+# and ``_unqueue_head``. True: the item let out was no longer pending.
 _SQL_UNQUEUE_HEAD = (
     "UPDATE outbox SET queued = false WHERE pos = (SELECT MIN(pos) FROM outbox "
-    "WHERE session_id = $1 AND status = 'pending') AND queued"
+    "WHERE session_id = $1 AND status = 'pending') AND queued RETURNING status <> 'pending'"
 )
 _OUTBOX_RETURNING = ", ".join(f"outbox.{c}" for c in _columns(OUTBOX_COLUMNS))
 
@@ -442,8 +443,20 @@ class PostgresTx(Queries):
         else:
             updated = await self._db.execute(_SQL_UPDATE_LEASED_OUTBOX, *args, leased_by) == 1
         if updated and item.status is not OutboxStatus.PENDING:
-            await self._db.execute(_SQL_UNQUEUE_HEAD, item.session_id)
+            await self._unqueue_head(item.session_id)
         return updated
+
+    async def _unqueue_head(self, session_id: str) -> None:
+        """Lets the session's first pending item out of the queue.
+
+        Looks again when the item it let out was no longer pending once its
+        lock was free: an end (``fail_pending_outbox``) failed it meanwhile,
+        in a transaction that saw the item this one settled still pending,
+        so neither would let out what the end left (a stop) otherwise. The
+        next statement sees what that transaction committed.
+        """
+        while await self._db.fetchval(_SQL_UNQUEUE_HEAD, session_id):
+            pass
 
     async def claim_outbox(
         self, owner: str, now: datetime, lease_until: datetime, limit: int
@@ -490,7 +503,7 @@ class PostgresTx(Queries):
             ts(now),
         )
         if rows:
-            await self._db.execute(_SQL_UNQUEUE_HEAD, session_id)
+            await self._unqueue_head(session_id)
         return [r["id"] for r in sorted(rows, key=lambda r: r["pos"])]
 
     # --- inspection ----------------------------------------------------------------

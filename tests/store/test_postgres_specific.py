@@ -17,6 +17,7 @@ from hitl_service.config import parse_store_url
 from hitl_service.domain import (
     IdempotencyRecord,
     OutboxItem,
+    OutboxKind,
     OutboxStatus,
     Session,
     SessionState,
@@ -336,6 +337,32 @@ class TestOutboxAcrossReplicas:
         async with a.transaction() as tx:
             claimed = await tx.claim_outbox("w", at(0), at(60), 10)
         assert [i.id for i in claimed] == [item.id]
+
+    async def test_a_settle_racing_an_end_lets_out_what_the_end_left(
+        self, make: Make, monitor: asyncpg.Connection
+    ) -> None:
+        a, b = await opened(make), await opened(make)
+        # The head is in flight; a send and a stop queue behind it.
+        head = make_outbox("S", attempts=1)
+        send, stop = make_outbox("S"), make_outbox("S", kind=OutboxKind.STOP)
+        async with a.transaction() as tx:
+            for item in (head, send, stop):
+                await tx.insert_outbox(item)
+
+        async def settle_in_a() -> None:
+            async with a.transaction() as tx:
+                await tx.update_outbox(dataclasses.replace(head, status=OutboxStatus.DONE))
+
+        # The session ends (B) while the head's settle (A) lets out the send
+        # the end is failing: each saw the other's item still pending.
+        async with b.transaction() as tx:
+            assert await tx.fail_pending_outbox("S", at(1), "SESSION_ENDED", "ended") == [send.id]
+            task = asyncio.create_task(settle_in_a())
+            await until_blocked(monitor, task, "A's settle")
+        await task
+        async with a.transaction() as tx:
+            claimed = await tx.claim_outbox("w", at(2), at(60), 10)
+        assert [i.id for i in claimed] == [stop.id]  # not left queued
 
 
 class TestLocksAcrossReplicas:
