@@ -466,12 +466,15 @@ class PostgresStore:
         return due
 
     async def unqueue_stranded_outbox(self) -> int:
-        """See base class."""
+        """See base class. Rows another transaction holds are skipped (it
+        lets them out, or the next sweep does): two replicas sweeping at
+        once would otherwise lock many rows in different orders."""
         async with self.transaction() as tx:
             return await tx._db.execute(
-                "UPDATE outbox SET queued = false WHERE status = 'pending' AND queued "
-                "AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.session_id = outbox.session_id "
-                "AND p.status = 'pending' AND p.pos < outbox.pos)"
+                "UPDATE outbox SET queued = false WHERE pos IN (SELECT o.pos FROM outbox o "
+                "WHERE o.status = 'pending' AND o.queued AND NOT EXISTS (SELECT 1 FROM outbox p "
+                "WHERE p.session_id = o.session_id AND p.status = 'pending' AND p.pos < o.pos) "
+                "FOR UPDATE SKIP LOCKED)"
             )
 
     async def list_dead_letters(self, limit: int) -> list[DeadLetter]:
