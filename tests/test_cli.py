@@ -57,6 +57,18 @@ async def reap(proc: asyncio.subprocess.Process) -> None:
         await proc.wait()
 
 
+async def _lines_until_ready(proc: asyncio.subprocess.Process) -> list[str]:
+    """The JSON lines ``serve`` writes up to and with ``service.ready``."""
+    assert proc.stderr is not None
+    lines: list[str] = []
+    async with asyncio.timeout(30):
+        while not any('"service.ready"' in line for line in lines):
+            line = (await proc.stderr.readline()).decode()
+            assert line, "the service exited before serving"
+            lines.append(line)
+    return lines
+
+
 async def run(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
     proc = await spawn(args, env, cwd)
     try:
@@ -316,13 +328,8 @@ async def test_in_json_every_line_serve_writes_is_a_json_object(
     # A log shipper reads stderr line by line: no banner, no plain "stopping".
     proc = await spawn(["serve"], {**service_env, "HITL_LOG_FORMAT": "json"}, tmp_path)
     assert proc.stderr is not None
-    lines: list[str] = []
     try:
-        async with asyncio.timeout(30):
-            while not any('"service.ready"' in line for line in lines):
-                line = (await proc.stderr.readline()).decode()
-                assert line, "the service exited before serving"
-                lines.append(line)
+        lines = await _lines_until_ready(proc)
         proc.send_signal(signal.SIGTERM)
         out, rest = await asyncio.wait_for(proc.communicate(), 30)
     finally:
@@ -367,13 +374,8 @@ async def test_serve_raises_its_open_files_limit_and_says_when_it_is_short(
         preexec_fn=low_soft_limit,
     )
     assert proc.stderr is not None
-    lines: list[str] = []
     try:
-        async with asyncio.timeout(30):
-            while not any('"service.ready"' in line for line in lines):
-                line = (await proc.stderr.readline()).decode()
-                assert line, "the service exited before serving"
-                lines.append(line)
+        lines = await _lines_until_ready(proc)
         limits = await asyncio.to_thread(Path(f"/proc/{proc.pid}/limits").read_text)
         proc.send_signal(signal.SIGTERM)
         _, rest = await asyncio.wait_for(proc.communicate(), 30)

@@ -74,6 +74,18 @@ async def _session(store: PostgresStore, **fields: Any) -> Session:
 NEWEST = max(version for version, _ in migrations("postgres"))
 
 
+async def _one_pending_and_another(
+    make: Make,
+) -> tuple[PostgresStore, PostgresStore, OutboxItem, OutboxItem]:
+    """Two replicas, a pending item of session S stored, and the next one
+    (not stored yet)."""
+    a, b = await opened(make), await opened(make)
+    ahead, item = make_outbox("S"), make_outbox("S")
+    async with a.transaction() as tx:
+        await tx.insert_outbox(ahead)
+    return a, b, ahead, item
+
+
 class TestMigrations:
     async def test_replicas_starting_together_migrate_once(
         self, make: Make, monitor: asyncpg.Connection
@@ -298,10 +310,7 @@ class TestOutboxAcrossReplicas:
     async def test_an_item_stored_while_the_one_ahead_settles_is_let_out(
         self, make: Make, monitor: asyncpg.Connection
     ) -> None:
-        a, b = await opened(make), await opened(make)
-        ahead, item = make_outbox("S"), make_outbox("S")
-        async with a.transaction() as tx:
-            await tx.insert_outbox(ahead)
+        a, b, ahead, item = await _one_pending_and_another(make)
 
         async def insert_in_b() -> bool:
             async with b.transaction() as tx:
@@ -320,10 +329,7 @@ class TestOutboxAcrossReplicas:
     async def test_a_settle_waits_for_an_item_being_stored_behind_it(
         self, make: Make, monitor: asyncpg.Connection
     ) -> None:
-        a, b = await opened(make), await opened(make)
-        ahead, item = make_outbox("S"), make_outbox("S")
-        async with a.transaction() as tx:
-            await tx.insert_outbox(ahead)
+        a, b, ahead, item = await _one_pending_and_another(make)
 
         async def settle_in_b() -> None:
             async with b.transaction() as tx:
