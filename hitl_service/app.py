@@ -31,6 +31,7 @@ from hitl_service.metrics import Metrics
 from hitl_service.provider_calls import close_provider, open_provider
 from hitl_service.server import NOT_SERVING, SERVICE_NAME, SERVING, bind, build_grpc_server
 from hitl_service.sidecar import (
+    ConnectionLimit,
     EmbeddedServer,
     ProviderRoutesError,
     build_http_server,
@@ -173,6 +174,7 @@ class App:
             host.strip("[]"),
             self.http_port,
             request_timeout=self.settings.http_request_timeout,
+            connections=ConnectionLimit(self.settings.http_max_connections, self.metrics),
         )
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]), name="sidecar")
         self._started.append("http")
@@ -187,17 +189,19 @@ class App:
             http_port=self.http_port,
             open_files_limit=open_files,
         )
-        cap = self.settings.grpc_max_connections
-        if open_files is not None and open_files < cap + OPEN_FILES_BESIDES_GRPC:
+        cap, http_cap = self.settings.grpc_max_connections, self.settings.http_max_connections
+        if open_files is not None and open_files < open_files_wanted(self.settings):
             log.warning(
                 "service.open_files_low",
                 open_files_limit=open_files,
                 grpc_max_connections=cap,
+                http_max_connections=http_cap,
                 problem=(
-                    f"HITL_GRPC_MAX_CONNECTIONS ({cap}) gRPC connections leave fewer than "
-                    f"{OPEN_FILES_BESIDES_GRPC} of the {open_files} files this process may open "
-                    "for webhooks, the store and provider calls: raise the limit "
-                    "(ulimit -n, LimitNOFILE) or lower HITL_GRPC_MAX_CONNECTIONS"
+                    f"HITL_GRPC_MAX_CONNECTIONS ({cap}) gRPC and HITL_HTTP_MAX_CONNECTIONS "
+                    f"({http_cap}) sidecar connections leave fewer than "
+                    f"{OPEN_FILES_BESIDES_CONNECTIONS} of the {open_files} files this process "
+                    "may open for the store and provider calls: raise the limit "
+                    "(ulimit -n, LimitNOFILE) or lower the caps"
                 ),
             )
         exposure = api_exposure(self.settings)
@@ -309,11 +313,22 @@ def build_app(
     )
 
 
-# Open files a process needs beside its gRPC connections: the sidecar's
-# connections (up to HITL_HTTP_MAX_IN_FLIGHT being handled, and idle ones),
-# the store's (PostgreSQL's pool and LISTEN, or SQLite's files) and
-# provider calls.
-OPEN_FILES_BESIDES_GRPC = 1024
+# Open files a process needs beside its gRPC and sidecar connections (each
+# capped: HITL_GRPC_MAX_CONNECTIONS, HITL_HTTP_MAX_CONNECTIONS): the
+# store's (PostgreSQL's pool and LISTEN, or SQLite's files), provider calls,
+# the process's own, and sidecar connections just accepted beyond the cap
+# (up to its listen backlog at once, until they are closed).
+OPEN_FILES_BESIDES_CONNECTIONS = 512
+
+
+def open_files_wanted(settings: Settings) -> int:
+    """The open files the process should be allowed: both connection caps
+    and ``OPEN_FILES_BESIDES_CONNECTIONS`` (11,024 by default)."""
+    return (
+        settings.grpc_max_connections
+        + settings.http_max_connections
+        + OPEN_FILES_BESIDES_CONNECTIONS
+    )
 
 
 def open_files_limit() -> int | None:

@@ -190,7 +190,7 @@ def _configure_logs(settings: Settings) -> None:
 
 
 async def _serve(settings: Settings) -> int:
-    from hitl_service.app import OPEN_FILES_BESIDES_GRPC, build_app
+    from hitl_service.app import build_app, open_files_wanted
     from hitl_service.errors import StoreUnavailable
     from providers.errors import ProviderConfigError, ProviderError
 
@@ -198,7 +198,7 @@ async def _serve(settings: Settings) -> int:
     # In JSON, every line is a log line: ``service.ready`` has the ports.
     console = settings.log_format == "console"
     scrub = _scrubber(settings)
-    raise_open_files_limit(settings.grpc_max_connections + OPEN_FILES_BESIDES_GRPC)
+    raise_open_files_limit(open_files_wanted(settings))
     try:
         app = build_app(settings)
     except ConfigError as exc:

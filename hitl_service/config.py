@@ -118,6 +118,13 @@ class Settings:
     # up to http_max_body until it is answered, so 256 of them hold at most
     # 256 MiB at the default body limit (LiveChat's webhooks are a few KB).
     http_max_in_flight: int = 256
+    # Open sidecar connections (one file descriptor each): at the cap, the
+    # oldest one with no request in progress is closed to make room for a
+    # new one (the new one, when every open one has a request in progress),
+    # so a flood of them on the webhook port cannot take the descriptors
+    # gRPC, the store and provider calls need (2,500 idle ones took all of
+    # a 2,000 limit). Counted in open_files_wanted (app.py).
+    http_max_connections: int = 512
     provider_timeout: float = 10.0
     request_budget: float = 25.0
     stream_max_seconds: float = 3600.0
@@ -239,6 +246,9 @@ class Settings:
             ),
             http_max_in_flight=_int(
                 env, "HITL_HTTP_MAX_IN_FLIGHT", cls.http_max_in_flight, minimum=1
+            ),
+            http_max_connections=_int(
+                env, "HITL_HTTP_MAX_CONNECTIONS", cls.http_max_connections, minimum=1
             ),
             provider_timeout=_duration(env, "HITL_PROVIDER_TIMEOUT", cls.provider_timeout, 0.1),
             request_budget=_duration(env, "HITL_REQUEST_BUDGET", cls.request_budget, 0.1),

@@ -83,6 +83,14 @@ class Metrics:
             ("provider", "outcome"),
             registry=registry,
         )
+        self.http_connections_shed = Counter(
+            "hitl_http_connections_shed_total",
+            "Sidecar connections closed because HITL_HTTP_MAX_CONNECTIONS were open: "
+            "idle (an open one with no request in progress, to make room), "
+            "new (the new one: every open one had a request in progress).",
+            ("closed",),
+            registry=registry,
+        )
         self.webhook_seconds = Histogram(
             "hitl_webhook_duration_seconds",
             "Time from receiving a webhook to answering it.",
@@ -164,6 +172,8 @@ class Metrics:
                 self.child(self.outbox_outcomes, kind, outcome)
         for kind in TIMEOUT_KINDS:
             self.child(self.timeouts, kind)
+        for closed in ("idle", "new"):
+            self.child(self.http_connections_shed, closed)
         self.child(self.catch_up_events, provider)
         service = pb.DESCRIPTOR.services_by_name["HitlService"]
         for method in service.methods:

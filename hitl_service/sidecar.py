@@ -13,7 +13,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 import uvicorn
@@ -28,6 +28,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from hitl_service.activity import Activity
 from hitl_service.codec import kind_to_json
+from hitl_service.config import Settings
 from hitl_service.domain import DeadLetter, new_id
 from hitl_service.errors import StoreUnavailable
 from hitl_service.logs import SecretRedactor
@@ -36,7 +37,6 @@ from hitl_service.store.rows import dumps
 from providers.errors import WebhookRejected
 
 if TYPE_CHECKING:
-    from hitl_service.config import Settings
     from hitl_service.core import HitlCore
     from hitl_service.metrics import Metrics
     from hitl_service.store.base import Store
@@ -500,7 +500,92 @@ def _raw_error(status: bytes, reason: str) -> bytes:
     )
 
 
-def _timed_protocol(timeout: float, max_head: int = MAX_HEAD_BYTES) -> type[asyncio.Protocol]:
+class ConnectionLimit:
+    """At most ``HITL_HTTP_MAX_CONNECTIONS`` sidecar connections open at
+    once, counted from their accept to their close. Each holds a file
+    descriptor, and the process shares its descriptors with gRPC, the store
+    and provider calls: 2,500 connections to the webhook port took all of a
+    2,000 limit, and gRPC stopped accepting until they went away.
+
+    A new connection at the limit closes the oldest open one with no request
+    in progress (an idle keep-alive one, or one still sending its request's
+    head), so idle connections, a flood's or anyone's, cannot lock probes
+    and webhooks out: only connections with a request in progress keep their
+    place. When every open one has, the new one is closed at once instead.
+    Either is counted in ``hitl_http_connections_shed_total`` and warned as
+    ``http.connections_full`` at most once a minute. The cost is one dict
+    insertion and removal per connection; requests cost nothing more.
+    """
+
+    def __init__(
+        self, limit: int, metrics: Metrics | None = None, *, warn_every: float = 60.0
+    ) -> None:
+        self.limit = limit
+        # Open connections, oldest first (a dict keeps insertion order).
+        self.open: dict[_Connection, None] = {}
+        self._shed = (
+            None
+            if metrics is None
+            else (
+                metrics.child(metrics.http_connections_shed, "idle"),
+                metrics.child(metrics.http_connections_shed, "new"),
+            )
+        )
+        self._warn_every = warn_every
+        self._warned_at = float("-inf")
+        self._closed_idle = 0  # since the last warning
+        self._refused = 0
+
+    def admit(self, connection: _Connection) -> bool:
+        """Counts a new connection in, closing the oldest idle one if the
+        limit is reached; False: every open one has a request in progress,
+        and the caller closes the new one (it is not counted)."""
+        open_ = self.open
+        if len(open_) >= self.limit:
+            victim = next((c for c in open_ if c.idle()), None)
+            if victim is None:
+                self._shedding(refused=True)
+                return False
+            del open_[victim]
+            victim.transport.close()
+            self._shedding(refused=False)
+        open_[connection] = None
+        return True
+
+    def release(self, connection: _Connection) -> None:
+        """Counts a connection out (one closed to make room already is)."""
+        self.open.pop(connection, None)
+
+    def _shedding(self, *, refused: bool) -> None:
+        if refused:
+            self._refused += 1
+        else:
+            self._closed_idle += 1
+        if self._shed is not None:
+            self._shed[refused].inc()
+        now = time.monotonic()
+        if now - self._warned_at >= self._warn_every:
+            log.warning(
+                "http.connections_full",
+                limit=self.limit,
+                closed_idle=self._closed_idle,
+                refused=self._refused,
+            )
+            self._warned_at = now
+            self._closed_idle = self._refused = 0
+
+
+class _Connection(Protocol):
+    """What ``ConnectionLimit`` needs of a connection's protocol."""
+
+    transport: asyncio.Transport
+
+    def idle(self) -> bool: ...
+
+
+def _timed_protocol(
+    timeout: float, max_head: int = MAX_HEAD_BYTES, limit: ConnectionLimit | None = None
+) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol, closing a connection on which no request is
     being handled ``timeout`` seconds after it opened or after its last
     response: uvicorn has no timeout for a request's headers, so a client
@@ -513,7 +598,10 @@ def _timed_protocol(timeout: float, max_head: int = MAX_HEAD_BYTES) -> type[asyn
     the process by 400 MB in a second, and each header is joined piece by
     piece). h11 has a limit of its own, which ``build_http_server`` sets to
     ``MAX_HEAD_BYTES`` too (beyond it: a 400). A request the parser refuses
-    is answered 400 with a JSON reason."""
+    is answered 400 with a JSON reason.
+
+    With ``limit``, connections beyond it are shed (``ConnectionLimit``);
+    one closed at once never reaches uvicorn's protocol."""
     base: Any = AutoHTTPProtocol
     refusal = _raw_error(
         b"431 Request Header Fields Too Large",
@@ -524,10 +612,21 @@ def _timed_protocol(timeout: float, max_head: int = MAX_HEAD_BYTES) -> type[asyn
         _request_timer: asyncio.TimerHandle | None = None
         _head_bytes = -1  # received since the request began; -1: not in its head
         _head_began = False  # in the chunk being parsed
+        _refused = False  # closed at once by the connection limit
 
         def connection_made(self, transport: asyncio.Transport) -> None:
+            if limit is not None:
+                self.transport = transport  # read if it is shed later
+                if not limit.admit(self):
+                    self._refused = True
+                    transport.close()
+                    return
             super().connection_made(transport)
             self._arm_request_timer()
+
+        def idle(self) -> bool:
+            """No request in progress: none yet, or the last one answered."""
+            return self.cycle is None or bool(self.cycle.response_complete)
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
@@ -565,6 +664,10 @@ def _timed_protocol(timeout: float, max_head: int = MAX_HEAD_BYTES) -> type[asyn
             self._arm_request_timer()
 
         def connection_lost(self, exc: Exception | None) -> None:
+            if self._refused:
+                return
+            if limit is not None:
+                limit.release(self)
             if self._request_timer is not None:
                 self._request_timer.cancel()
             super().connection_lost(exc)
@@ -583,14 +686,23 @@ def _timed_protocol(timeout: float, max_head: int = MAX_HEAD_BYTES) -> type[asyn
 
 
 def build_http_server(
-    app: Starlette, host: str, port: int, *, request_timeout: float = 30.0
+    app: Starlette,
+    host: str,
+    port: int,
+    *,
+    request_timeout: float = 30.0,
+    connections: ConnectionLimit | None = None,
 ) -> EmbeddedServer:
-    """A uvicorn server for the sidecar, with our logging and no lifespan."""
+    """A uvicorn server for the sidecar, with our logging and no lifespan;
+    at most ``connections.limit`` connections open (by default
+    ``HITL_HTTP_MAX_CONNECTIONS``' default, without metrics)."""
+    if connections is None:
+        connections = ConnectionLimit(Settings.http_max_connections)
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
-        http=_timed_protocol(request_timeout),
+        http=_timed_protocol(request_timeout, limit=connections),
         # Without httptools (the ``speed`` extra), h11 parses: its own limit
         # (16 KiB by default) made the same head limit.
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,

@@ -155,6 +155,15 @@ def test_http_max_in_flight_is_a_whole_number_from_one() -> None:
         assert "HITL_HTTP_MAX_IN_FLIGHT" in str(refused.value)
 
 
+def test_http_max_connections_is_a_whole_number_from_one() -> None:
+    assert Settings.from_env({}).http_max_connections == 512
+    assert Settings.from_env({"HITL_HTTP_MAX_CONNECTIONS": " 3 "}).http_max_connections == 3
+    for bad in ("0", "-5", "many"):
+        with pytest.raises(ConfigError) as refused:
+            Settings.from_env({"HITL_HTTP_MAX_CONNECTIONS": bad})
+        assert "HITL_HTTP_MAX_CONNECTIONS" in str(refused.value)
+
+
 async def test_a_password_in_a_bad_store_url_is_not_repeated(
     service_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -391,6 +400,7 @@ async def test_serve_raises_its_open_files_limit_and_says_when_it_is_short(
     assert logged["service.ready"]["open_files_limit"] == hard
     low = logged["service.open_files_low"]
     assert (low["open_files_limit"], low["grpc_max_connections"]) == (hard, hard)
+    assert low["http_max_connections"] == 512
     assert "HITL_GRPC_MAX_CONNECTIONS" in low["problem"]
 
 

@@ -408,3 +408,105 @@ async def test_an_idle_grpc_connection_is_closed_and_its_client_reconnects(
                 assert stream.error is None
     finally:
         await app.stop(grace=1)
+
+
+def _shed(app: Any, closed: str) -> float:
+    value = app.metrics.registry.get_sample_value(
+        "hitl_http_connections_shed_total", {"closed": closed}
+    )
+    return float(value or 0.0)
+
+
+@pytest.mark.parametrize("parser", ["auto", "h11"])
+async def test_a_connection_flood_on_the_http_port_takes_only_that_port(
+    service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, parser: str
+) -> None:
+    """Connections to the sidecar were not counted, and an idle one stayed
+    HITL_HTTP_REQUEST_TIMEOUT: 2,500 of them took every descriptor of a
+    2,000 limit, and gRPC, the store and provider calls could open none.
+    At HITL_HTTP_MAX_CONNECTIONS a new connection closes the oldest idle
+    one (so a flood of idle ones cannot lock probes out), or, when every
+    open one has a request in progress, is closed itself: the flood
+    degrades the webhook port only."""
+    if parser == "h11":  # without the speed extra's httptools
+        monkeypatch.setattr(sidecar, "AutoHTTPProtocol", H11Protocol)
+    cap = 6
+    service_env["HITL_HTTP_MAX_CONNECTIONS"] = str(cap)
+    service_env["HITL_HTTP_REQUEST_TIMEOUT"] = "1h"  # the flood stays
+    app = await start_app(service_env)
+    flood: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    watchers: list[asyncio.Task[bool]] = []
+    try:
+        assert (_shed(app, "idle"), _shed(app, "new")) == (0.0, 0.0)  # exported at zero
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            stub: Any = pb_grpc.HitlServiceStub(channel)
+            session = await start_session(stub, (await make_user(stub)).id)
+            async with EventCollector(stub, session_id=session.id) as stream:
+                for _ in range(3 * cap):
+                    flood.append(await asyncio.open_connection("127.0.0.1", app.http_port))
+                watchers = [asyncio.create_task(_closed_by_server(r)) for r, _ in flood]
+                await wait_for(
+                    lambda: all(w.done() for w in watchers[: 2 * cap]),
+                    timeout=WAIT,
+                    what="the oldest idle connections closed for the newer ones",
+                )
+                # A probe in the flood is served: it closes the oldest idle one.
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as http:
+                    assert (await http.get("/readyz")).status_code == 200
+                await wait_for(
+                    lambda: watchers[2 * cap].done(), timeout=WAIT, what="room for the probe"
+                )
+                assert not any(w.done() for w in watchers[2 * cap + 1 :]), "closed too many"
+                assert _shed(app, "idle") == 2 * cap + 1
+
+                # The rest of the process: gRPC calls, a new gRPC connection, the stream.
+                async with _fresh_channel(app.grpc_port) as extra:
+                    health: Any = health_pb2_grpc.HealthStub(extra)
+                    answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=WAIT)
+                    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+                await stub.StopHitl(pb.StopHitlRequest(session_id=session.id), timeout=WAIT)
+                await stream.wait_for_kind("ended", session.id)
+                assert stream.error is None
+            for _, writer in flood:
+                writer.close()
+            flood.clear()
+
+            # Every connection busy (webhooks whose body has not come): a new
+            # one is closed at once, without taking a busy one's place.
+            for _ in range(cap):
+                reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
+                writer.write(
+                    b"POST /webhooks/local HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                )
+                flood.append((reader, writer))
+            await wait_for(
+                lambda: app.activity.http == cap, timeout=WAIT, what="every connection busy"
+            )
+            reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
+            try:
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert await asyncio.wait_for(reader.read(), WAIT) == b""
+            finally:
+                writer.close()
+            assert _shed(app, "new") == 1
+            assert app.activity.http == cap  # the busy ones go on
+
+            for _, writer in flood:
+                writer.close()
+
+            async def served() -> bool:
+                try:
+                    async with httpx.AsyncClient() as http:
+                        url = f"http://127.0.0.1:{app.http_port}/healthz"
+                        return (await http.get(url)).status_code == 200
+                except httpx.TransportError:
+                    return False  # the server has not seen every close yet
+
+            await wait_for(served, timeout=WAIT, what="a new connection once the flood left")
+    finally:
+        for task in watchers:
+            task.cancel()
+        for _, writer in flood:
+            writer.close()
+        await app.stop(grace=1)
