@@ -489,6 +489,9 @@ class EmbeddedServer(uvicorn.Server):
 MAX_HEAD_BYTES = 64 * 1024
 """The most a request line and headers may take together (431 beyond it)."""
 
+HTTP_BACKLOG = 128
+"""The sidecar's listen backlog: connections the kernel queues for it."""
+
 
 def _raw_error(status: bytes, reason: str) -> bytes:
     """A whole HTTP/1.1 answer with a JSON reason, for the protocol to write
@@ -703,6 +706,13 @@ def build_http_server(
         host=host,
         port=port,
         http=_timed_protocol(request_timeout, limit=connections),
+        # Connections accepted at once: the event loop accepts all that wait
+        # (asyncio up to this many) each time the port is readable, and each
+        # holds a descriptor until the connection limit closes it a few loop
+        # turns later, so uvicorn's 2048 let a burst of 2,500 reach a 2,000
+        # descriptor limit in spite of the limit (128 kept it under 750).
+        # Linux's own cap on it was 128 until 5.4; beyond it, clients retry.
+        backlog=HTTP_BACKLOG,
         # Without httptools (the ``speed`` extra), h11 parses: its own limit
         # (16 KiB by default) made the same head limit.
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,

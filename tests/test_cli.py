@@ -404,6 +404,92 @@ async def test_serve_raises_its_open_files_limit_and_says_when_it_is_short(
     assert "HITL_GRPC_MAX_CONNECTIONS" in low["problem"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sets the process's limits")
+async def test_a_burst_of_webhook_connections_stays_within_the_open_files_limit(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    """HITL_HTTP_MAX_CONNECTIONS closes the connections beyond it, but only
+    once they are accepted, and asyncio accepts as many at once as the
+    listen backlog lets wait: with uvicorn's 2048, 1,200 connections that
+    came while the loop was busy took every descriptor of a 1,000 limit at
+    once ("socket.accept() out of system resource"), so gRPC, the store and
+    provider calls could open none for a moment in spite of the cap. The
+    sidecar listens with a backlog of 128; clients beyond it retry."""
+    import resource
+    import socket
+
+    limit = 1000
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2 * limit:
+        pytest.skip(f"needs a hard limit of {2 * limit} open files, not {hard}")
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2 * limit:
+        pytest.skip(f"the test process itself needs {2 * limit} open files")
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))  # serve cannot raise it
+
+    env = {
+        **service_env,
+        "HITL_LOG_FORMAT": "json",
+        "HITL_EVENT_LOOP": "asyncio",  # uvloop's accept leaves no line to look for
+        "HITL_GRPC_MAX_CONNECTIONS": "100",
+        "HITL_HTTP_MAX_CONNECTIONS": "100",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        *HITL,
+        "serve",
+        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=low_limit,
+    )
+    stderr = proc.stderr
+    assert stderr is not None
+    burst: list[socket.socket] = []
+    lines: list[str] = []
+
+    async def read_log() -> None:  # never left to fill the pipe and block the service
+        while line := (await stderr.readline()).decode():
+            lines.append(line)
+
+    reading: asyncio.Task[None] | None = None
+    try:
+        lines = await _lines_until_ready(proc)
+        ready = json.loads(lines[-1])
+        reading = asyncio.create_task(read_log())
+        async with asyncio.timeout(60):
+            # Stopped, the service accepts nothing: the burst waits in the
+            # kernel, as it does behind a loop busy with other work.
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                for _ in range(1200):
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    burst.append(sock)
+                    sock.setblocking(False)
+                    sock.connect_ex(("127.0.0.1", ready["http_port"]))
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            # Answered by the loop that took the burst in first.
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ready['grpc_port']}") as channel:
+                health: Any = health_pb2_grpc.HealthStub(channel)
+                answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=30)
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            proc.send_signal(signal.SIGTERM)
+            await proc.wait()
+            await reading
+    finally:
+        for sock in burst:
+            sock.close()
+        if reading is not None:
+            reading.cancel()
+        await reap(proc)
+    logged = "".join(lines)
+    assert "out of system resource" not in logged
+    assert "Too many open files" not in logged
+    assert "descriptor limit reached" not in logged.lower()
+
+
 def test_the_startup_heap_is_frozen_out_of_full_collections() -> None:
     import gc
 
