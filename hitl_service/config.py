@@ -31,6 +31,11 @@ MIN_RETENTION = 2 * 86400.0
 # beyond them every sweep raised.
 MAX_RETENTION = 36500 * 86400.0
 MAX_ABANDON_AFTER = 12 * 3600.0
+# HITL_GRPC_MAX_CONNECTIONS's ceiling: gRPC's core takes its connection
+# quota as a C int below INT_MAX, and aborts the process (SIGABRT, a failed
+# check) on 2**31 - 1, or raises OverflowError beyond it, when the server
+# is built.
+MAX_GRPC_CONNECTIONS = 2**31 - 2
 
 
 MIN_API_TOKEN_LENGTH = 16
@@ -257,7 +262,11 @@ class Settings:
             stream_buffer=_int(env, "HITL_STREAM_BUFFER", cls.stream_buffer, minimum=16),
             rpc_max_in_flight=_int(env, "HITL_RPC_MAX_IN_FLIGHT", cls.rpc_max_in_flight, minimum=1),
             grpc_max_connections=_int(
-                env, "HITL_GRPC_MAX_CONNECTIONS", cls.grpc_max_connections, minimum=1
+                env,
+                "HITL_GRPC_MAX_CONNECTIONS",
+                cls.grpc_max_connections,
+                minimum=1,
+                maximum=MAX_GRPC_CONNECTIONS,
             ),
             grpc_idle_timeout=_duration(env, "HITL_GRPC_IDLE_TIMEOUT", cls.grpc_idle_timeout, 0.0),
             grpc_handshake_timeout=_duration(
@@ -343,7 +352,14 @@ def parse_addr(variable: str, raw: str) -> str:
     return raw.strip()
 
 
-def _int(env: Mapping[str, str], variable: str, default: int, *, minimum: int) -> int:
+def _int(
+    env: Mapping[str, str],
+    variable: str,
+    default: int,
+    *,
+    minimum: int,
+    maximum: int | None = None,
+) -> int:
     raw = env.get(variable)
     if raw is None or raw.strip() == "":
         return default
@@ -353,6 +369,8 @@ def _int(env: Mapping[str, str], variable: str, default: int, *, minimum: int) -
         raise ConfigError(variable, f"expected a whole number, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(variable, f"must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(variable, f"must be at most {maximum}")
     return value
 
 

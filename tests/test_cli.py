@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hitl_service.config import ConfigError, Settings, load_environment
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
+from hitl_service.server import grpc_options
 from tests.support import TIMEOUT, install_providers, make_user, start_session, wait_for
 
 if TYPE_CHECKING:
@@ -162,6 +163,26 @@ def test_http_max_connections_is_a_whole_number_from_one() -> None:
         with pytest.raises(ConfigError) as refused:
             Settings.from_env({"HITL_HTTP_MAX_CONNECTIONS": bad})
         assert "HITL_HTTP_MAX_CONNECTIONS" in str(refused.value)
+
+
+async def test_grpc_max_connections_stays_within_what_grpc_takes() -> None:
+    """gRPC's core takes the connection cap as a C int below INT_MAX: 2**31 - 1
+    was accepted, and building the server aborted the process (SIGABRT, a
+    failed check in connection_quota.cc, exit 134); a larger value ended the
+    start with an OverflowError traceback. Refused as a setting instead."""
+    for bad in ("2147483647", "3000000000", "99999999999999999999"):
+        with pytest.raises(ConfigError, match="HITL_GRPC_MAX_CONNECTIONS"):
+            Settings.from_env({"HITL_GRPC_MAX_CONNECTIONS": bad})
+    largest = Settings.from_env({"HITL_GRPC_MAX_CONNECTIONS": str(2**31 - 2)})
+    # The largest one accepted builds a server, which serves.
+    server = grpc.aio.server(options=grpc_options(largest))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await asyncio.wait_for(channel.channel_ready(), TIMEOUT)
+    finally:
+        await server.stop(None)
 
 
 async def test_a_password_in_a_bad_store_url_is_not_repeated(
