@@ -36,6 +36,7 @@ MAX_ABANDON_AFTER = 12 * 3600.0
 # check) on 2**31 - 1, or raises OverflowError beyond it, when the server
 # is built.
 MAX_GRPC_CONNECTIONS = 2**31 - 2
+MIN_GRPC_IDLE_TIMEOUT = 0.1
 
 
 MIN_API_TOKEN_LENGTH = 16
@@ -268,7 +269,7 @@ class Settings:
                 minimum=1,
                 maximum=MAX_GRPC_CONNECTIONS,
             ),
-            grpc_idle_timeout=_duration(env, "HITL_GRPC_IDLE_TIMEOUT", cls.grpc_idle_timeout, 0.0),
+            grpc_idle_timeout=_grpc_idle_timeout(env),
             grpc_handshake_timeout=_duration(
                 env, "HITL_GRPC_HANDSHAKE_TIMEOUT", cls.grpc_handshake_timeout, 0.1
             ),
@@ -403,6 +404,20 @@ def _retention(env: Mapping[str, str]) -> float:
             "the 48 h idempotency window must still find its session",
         )
     return value  # at most MAX_RETENTION, as every duration (``_duration``)
+
+
+def _grpc_idle_timeout(env: Mapping[str, str]) -> float:
+    value = _duration(env, "HITL_GRPC_IDLE_TIMEOUT", Settings.grpc_idle_timeout, 0.0)
+    if 0 < value < MIN_GRPC_IDLE_TIMEOUT:
+        # 1ms: every new connection was told GOAWAY ("connection idle")
+        # before its first call, and every call ran into its deadline;
+        # under 0.5ms it rounded to 0 ms, which gRPC took as never.
+        raise ConfigError(
+            "HITL_GRPC_IDLE_TIMEOUT",
+            "must be 0 (never) or at least 100ms: shorter, a connection is closed "
+            "before its first call",
+        )
+    return value
 
 
 def _abandon_after(env: Mapping[str, str]) -> float:

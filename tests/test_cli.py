@@ -185,6 +185,19 @@ async def test_grpc_max_connections_stays_within_what_grpc_takes() -> None:
         await server.stop(None)
 
 
+@pytest.mark.parametrize(("value", "seconds"), [("0", 0.0), ("100ms", 0.1), ("5m", 300.0)])
+def test_grpc_idle_timeout_is_off_or_long_enough_for_a_first_call(
+    value: str, seconds: float
+) -> None:
+    """1ms was accepted, and then every new gRPC connection was told GOAWAY
+    (connection idle) before its first call reached the server: every call
+    ran into its deadline. Under 0.5ms it rounded to 0 ms: never, silently."""
+    assert Settings.from_env({"HITL_GRPC_IDLE_TIMEOUT": value}).grpc_idle_timeout == seconds
+    for bad in ("1ms", "0.0004", "99ms"):
+        with pytest.raises(ConfigError, match="HITL_GRPC_IDLE_TIMEOUT"):
+            Settings.from_env({"HITL_GRPC_IDLE_TIMEOUT": bad})
+
+
 async def test_a_password_in_a_bad_store_url_is_not_repeated(
     service_env: dict[str, str], tmp_path: Path
 ) -> None:
