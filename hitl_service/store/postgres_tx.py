@@ -120,6 +120,23 @@ _SQL_UNQUEUE_HEAD = (
     "WHERE session_id = $1 AND status = 'pending') AND queued RETURNING status <> 'pending'"
 )
 _OUTBOX_RETURNING = ", ".join(f"outbox.{c}" for c in _columns(OUTBOX_COLUMNS))
+_SQL_CLAIM_OUTBOX = (
+    # Queued items are left out (index ``outbox_due``). The order check
+    # still guards those an older release stored; it is a scalar subquery
+    # (an index probe per due item) on purpose: written as NOT EXISTS, the
+    # planner turned it into a hash anti-join over every pending item, or
+    # walked the primary key in ``pos`` order through the done items kept
+    # (48 h of them) to the first pending one: 24 ms per claim with 200,000
+    # done and 20,000 queued, against 0.4 ms this way.
+    "WITH due AS (SELECT o.pos FROM outbox o WHERE o.status = 'pending' "
+    "AND NOT o.queued AND o.next_attempt_at <= $1 "
+    "AND (o.lease_until IS NULL OR o.lease_until <= $1) "
+    "AND o.pos = (SELECT MIN(p.pos) FROM outbox p WHERE p.session_id = o.session_id "
+    "AND p.status = 'pending') "
+    "ORDER BY o.pos LIMIT $2 FOR UPDATE OF o SKIP LOCKED) "
+    "UPDATE outbox SET lease_owner = $3, lease_until = $4 FROM due "
+    f"WHERE outbox.pos = due.pos RETURNING outbox.pos, {_OUTBOX_RETURNING}"
+)
 
 
 class Queries:
@@ -468,16 +485,7 @@ class PostgresTx(Queries):
         its session never qualifies, since that item is still pending.
         """
         rows = await self._db.fetch(
-            # Queued items are left out (index ``outbox_due``); the order
-            # check still guards those an older release stored.
-            "WITH due AS (SELECT o.pos FROM outbox o WHERE o.status = 'pending' "
-            "AND NOT o.queued AND o.next_attempt_at <= $1 "
-            "AND (o.lease_until IS NULL OR o.lease_until <= $1) "
-            "AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.session_id = o.session_id "
-            "AND p.status = 'pending' AND p.pos < o.pos) "
-            "ORDER BY o.pos LIMIT $2 FOR UPDATE OF o SKIP LOCKED) "
-            "UPDATE outbox SET lease_owner = $3, lease_until = $4 FROM due "
-            f"WHERE outbox.pos = due.pos RETURNING outbox.pos, {_OUTBOX_RETURNING}",
+            _SQL_CLAIM_OUTBOX,
             ts(now),
             limit,
             owner,
