@@ -25,6 +25,8 @@ from hitl_service.server import grpc_options
 from tests.support import TIMEOUT, install_providers, make_user, start_session, wait_for
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from hitl_service.app import App
 
 HITL = [sys.executable, "-m", "hitl_service"]
@@ -37,9 +39,15 @@ async def drain(stream: object) -> None:
 
 
 async def spawn(
-    args: list[str], env: dict[str, str], cwd: Path, *, stdout: int = asyncio.subprocess.PIPE
+    args: list[str],
+    env: dict[str, str],
+    cwd: Path,
+    *,
+    stdout: int = asyncio.subprocess.PIPE,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> asyncio.subprocess.Process:
-    """``hitl-service <args>`` with ``env`` over this process's; stderr piped."""
+    """``hitl-service <args>`` with ``env`` over this process's; stderr piped;
+    ``preexec_fn`` runs in the child before it starts (its limits, say)."""
     return await asyncio.create_subprocess_exec(
         *HITL,
         *args,
@@ -47,6 +55,7 @@ async def spawn(
         cwd=cwd,
         stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
+        preexec_fn=preexec_fn,
     )
 
 
@@ -407,14 +416,8 @@ async def test_serve_raises_its_open_files_limit_and_says_when_it_is_short(
         resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
 
     env = {**service_env, "HITL_LOG_FORMAT": "json", "HITL_GRPC_MAX_CONNECTIONS": str(hard)}
-    proc = await asyncio.create_subprocess_exec(
-        *HITL,
-        "serve",
-        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        preexec_fn=low_soft_limit,
+    proc = await spawn(
+        ["serve"], env, tmp_path, stdout=asyncio.subprocess.DEVNULL, preexec_fn=low_soft_limit
     )
     assert proc.stderr is not None
     try:
@@ -469,14 +472,8 @@ async def test_a_burst_of_webhook_connections_stays_within_the_open_files_limit(
         "HITL_GRPC_MAX_CONNECTIONS": "100",
         "HITL_HTTP_MAX_CONNECTIONS": "100",
     }
-    proc = await asyncio.create_subprocess_exec(
-        *HITL,
-        "serve",
-        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        preexec_fn=low_limit,
+    proc = await spawn(
+        ["serve"], env, tmp_path, stdout=asyncio.subprocess.DEVNULL, preexec_fn=low_limit
     )
     stderr = proc.stderr
     assert stderr is not None
