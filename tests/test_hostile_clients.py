@@ -261,6 +261,32 @@ async def _closed_by_server(reader: asyncio.StreamReader) -> bool:
     return True
 
 
+class _Flood:
+    """Raw TCP connections to one port, each watched until the server closes
+    it: ``closed[i]`` is done once the i-th connection opened is."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._writers: list[asyncio.StreamWriter] = []
+        self.closed: list[asyncio.Task[bool]] = []
+
+    async def open(self, count: int, first: bytes = b"") -> None:
+        """Opens ``count`` more connections, each sending ``first``."""
+        for _ in range(count):
+            reader, writer = await asyncio.open_connection("127.0.0.1", self._port)
+            writer.write(first)
+            self._writers.append(writer)
+            self.closed.append(asyncio.create_task(_closed_by_server(reader)))
+
+    def close(self) -> None:
+        """Closes them all, from the client's side."""
+        for task in self.closed:
+            task.cancel()
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+
+
 def _fresh_channel(port: int) -> grpc.aio.Channel:
     """A channel with a connection of its own (channels in one process share
     connections to the same target otherwise)."""
@@ -281,8 +307,7 @@ async def test_a_connection_flood_on_the_grpc_port_takes_only_that_port(
     service_env["HITL_GRPC_MAX_CONNECTIONS"] = "20"
     service_env["HITL_GRPC_HANDSHAKE_TIMEOUT"] = "1h"  # the flood stays
     app = await start_app(service_env)
-    flood: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    watchers: list[asyncio.Task[bool]] = []
+    flood = _Flood(app.grpc_port)
     try:
         async with (
             grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel,
@@ -291,12 +316,9 @@ async def test_a_connection_flood_on_the_grpc_port_takes_only_that_port(
             stub: Any = pb_grpc.HitlServiceStub(channel)
             session = await start_session(stub, (await make_user(stub)).id)
             async with EventCollector(stub, session_id=session.id) as stream:
-                for _ in range(40):  # one connection is the stream's
-                    flood.append(await asyncio.open_connection("127.0.0.1", app.grpc_port))
-                    flood[-1][1].write(H2_PREFACE)
-                watchers = [asyncio.create_task(_closed_by_server(r)) for r, _ in flood]
+                await flood.open(40, H2_PREFACE)  # one connection is the stream's
                 await wait_for(
-                    lambda: sum(w.done() for w in watchers) >= 21,
+                    lambda: sum(w.done() for w in flood.closed) >= 21,
                     timeout=WAIT,
                     what="the connections beyond the cap closed",
                 )
@@ -318,10 +340,9 @@ async def test_a_connection_flood_on_the_grpc_port_takes_only_that_port(
                 message = await stream.wait_for_kind("agent_message", session.id)
                 assert message.agent_message.message.text == "still here"
                 assert stream.error is None
-            assert sum(w.done() for w in watchers) == 21, "the cap let more in"
+            assert sum(w.done() for w in flood.closed) == 21, "the cap let more in"
 
-            for _, writer in flood:
-                writer.close()
+            flood.close()
 
             async def served() -> bool:
                 async with _fresh_channel(app.grpc_port) as again:
@@ -334,10 +355,7 @@ async def test_a_connection_flood_on_the_grpc_port_takes_only_that_port(
 
             await wait_for(served, timeout=WAIT, what="a new connection once the flood left")
     finally:
-        for task in watchers:
-            task.cancel()
-        for _, writer in flood:
-            writer.close()
+        flood.close()
         await app.stop(grace=1)
 
 
@@ -434,19 +452,16 @@ async def test_a_connection_flood_on_the_http_port_takes_only_that_port(
     service_env["HITL_HTTP_MAX_CONNECTIONS"] = str(cap)
     service_env["HITL_HTTP_REQUEST_TIMEOUT"] = "1h"  # the flood stays
     app = await start_app(service_env)
-    flood: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    watchers: list[asyncio.Task[bool]] = []
+    flood = _Flood(app.http_port)
     try:
         assert (_shed(app, "idle"), _shed(app, "new")) == (0.0, 0.0)  # exported at zero
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
             stub: Any = pb_grpc.HitlServiceStub(channel)
             session = await start_session(stub, (await make_user(stub)).id)
             async with EventCollector(stub, session_id=session.id) as stream:
-                for _ in range(3 * cap):
-                    flood.append(await asyncio.open_connection("127.0.0.1", app.http_port))
-                watchers = [asyncio.create_task(_closed_by_server(r)) for r, _ in flood]
+                await flood.open(3 * cap)
                 await wait_for(
-                    lambda: all(w.done() for w in watchers[: 2 * cap]),
+                    lambda: all(w.done() for w in flood.closed[: 2 * cap]),
                     timeout=WAIT,
                     what="the oldest idle connections closed for the newer ones",
                 )
@@ -454,9 +469,9 @@ async def test_a_connection_flood_on_the_http_port_takes_only_that_port(
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as http:
                     assert (await http.get("/readyz")).status_code == 200
                 await wait_for(
-                    lambda: watchers[2 * cap].done(), timeout=WAIT, what="room for the probe"
+                    lambda: flood.closed[2 * cap].done(), timeout=WAIT, what="room for the probe"
                 )
-                assert not any(w.done() for w in watchers[2 * cap + 1 :]), "closed too many"
+                assert not any(w.done() for w in flood.closed[2 * cap + 1 :]), "closed too many"
                 assert _shed(app, "idle") == 2 * cap + 1
 
                 # The rest of the process: gRPC calls, a new gRPC connection, the stream.
@@ -467,19 +482,15 @@ async def test_a_connection_flood_on_the_http_port_takes_only_that_port(
                 await stub.StopHitl(pb.StopHitlRequest(session_id=session.id), timeout=WAIT)
                 await stream.wait_for_kind("ended", session.id)
                 assert stream.error is None
-            for _, writer in flood:
-                writer.close()
-            flood.clear()
+            flood.close()
 
             # Every connection busy (webhooks whose body has not come): a new
             # one is closed at once, without taking a busy one's place.
-            for _ in range(cap):
-                reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
-                writer.write(
-                    b"POST /webhooks/local HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                    b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
-                )
-                flood.append((reader, writer))
+            await flood.open(
+                cap,
+                b"POST /webhooks/local HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n",
+            )
             await wait_for(
                 lambda: app.activity.http == cap, timeout=WAIT, what="every connection busy"
             )
@@ -492,8 +503,7 @@ async def test_a_connection_flood_on_the_http_port_takes_only_that_port(
             assert _shed(app, "new") == 1
             assert app.activity.http == cap  # the busy ones go on
 
-            for _, writer in flood:
-                writer.close()
+            flood.close()
 
             async def served() -> bool:
                 try:
@@ -505,8 +515,5 @@ async def test_a_connection_flood_on_the_http_port_takes_only_that_port(
 
             await wait_for(served, timeout=WAIT, what="a new connection once the flood left")
     finally:
-        for task in watchers:
-            task.cancel()
-        for _, writer in flood:
-            writer.close()
+        flood.close()
         await app.stop(grace=1)
