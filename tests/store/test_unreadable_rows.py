@@ -6,23 +6,34 @@ from __future__ import annotations
 
 from structlog.testing import capture_logs
 
+from hitl_service.domain import Session
 from hitl_service.store.base import Store
 from tests.store.conftest import Backend
 from tests.store.factories import at, make_outbox, make_session, make_user
 
 
-async def test_an_unreadable_open_session_is_left_out_of_the_listing(
-    store: Store, backend: Backend
-) -> None:
+async def _open_sessions_the_second_unreadable(
+    store: Store, backend: Backend, count: int
+) -> list[Session]:
+    """``count`` open sessions of one user, in id order; the second one is
+    in a state a newer release may add (still open, in this release's terms)."""
     user = make_user()
-    sessions = [make_session(user.id, provider=f"p{n}") for n in range(3)]
+    sessions = sorted(
+        (make_session(user.id, provider=f"p{n}") for n in range(count)), key=lambda s: s.id
+    )
     async with store.transaction() as tx:
         await tx.insert_user(user)
         for session in sessions:
             await tx.insert_session(session)
+    await backend.execute(f"UPDATE sessions SET state = 'paused' WHERE id = '{sessions[1].id}'")
+    return sessions
+
+
+async def test_an_unreadable_open_session_is_left_out_of_the_listing(
+    store: Store, backend: Backend
+) -> None:
+    sessions = await _open_sessions_the_second_unreadable(store, backend, 3)
     bad = sessions[1]
-    # A state a newer release may add: still open, in this release's terms.
-    await backend.execute(f"UPDATE sessions SET state = 'paused' WHERE id = '{bad.id}'")
 
     with capture_logs() as logs:
         listed = await store.list_open_sessions(after_id="", limit=10)
@@ -64,15 +75,7 @@ async def test_a_page_of_open_sessions_makes_up_for_an_unreadable_row(
 ) -> None:
     """The sweeps page until a short page: a page an unreadable row made
     short ended the sweep before the open sessions after it."""
-    user = make_user()
-    sessions = [make_session(user.id, provider=f"p{n}") for n in range(4)]
-    sessions.sort(key=lambda s: s.id)
-    async with store.transaction() as tx:
-        await tx.insert_user(user)
-        for session in sessions:
-            await tx.insert_session(session)
-    bad = sessions[1]
-    await backend.execute(f"UPDATE sessions SET state = 'paused' WHERE id = '{bad.id}'")
+    sessions = await _open_sessions_the_second_unreadable(store, backend, 4)
 
     first = await store.list_open_sessions(after_id="", limit=2)
     rest = await store.list_open_sessions(after_id=first[-1].id, limit=2)
