@@ -447,11 +447,7 @@ class TestStartRace:
     ) -> None:
         """The provider may report on a new chat before StartHitl has stored its id."""
         user = await make_user(scripted_stub)
-        gate = scripted.hold("start")
-        start = asyncio.create_task(start_session(scripted_stub, user.id))
-        await wait_for(
-            lambda: scripted.waiting.get("start"), what="the start to reach the provider"
-        )
+        gate, start = await _start_held_at_the_provider(scripted_stub, scripted, user.id)
         # While the start is held, the chat CHAT0001 gets an agent.
         added = await scripted.push(
             "CHAT0001", AgentAssigned(Agent("jane@acme.test", "Jane")), "early"
@@ -477,11 +473,7 @@ class TestStartRace:
         try:
             async with scripted_on_clock(service_env, SystemClock()) as (_, stub, scripted):
                 user = await make_user(stub)
-                gate = scripted.hold("start")
-                start = asyncio.create_task(start_session(stub, user.id))
-                await wait_for(
-                    lambda: scripted.waiting.get("start"), what="the start to reach the provider"
-                )
+                gate, start = await _start_held_at_the_provider(stub, scripted, user.id)
                 # Another transaction holds the event's dedupe key for now:
                 # the webhook's transaction, having found no session for the
                 # chat, waits there until this one rolls back.
@@ -543,11 +535,7 @@ class TestStartRace:
                 user = await make_user(stub)
                 first = await start_session(stub, user.id)
                 await stub.StopHitl(pb.StopHitlRequest(session_id=first.id), timeout=TIMEOUT)
-                gate = scripted.hold("start")
-                start = asyncio.create_task(start_session(stub, user.id))
-                await wait_for(
-                    lambda: scripted.waiting.get("start"), what="the start to reach the provider"
-                )
+                gate, start = await _start_held_at_the_provider(stub, scripted, user.id)
                 # The start's commit will wait on the user's provider identity,
                 # holding the chat's previous session.
                 held = holder.transaction()
@@ -586,6 +574,17 @@ class TestStartRace:
         response = await hook.get("/readyz")
         assert response.status_code == 503
         assert "cannot reach the provider" in response.json()["problems"]["provider"]
+
+
+async def _start_held_at_the_provider(
+    stub: Stub, scripted: ScriptedProvider, user_id: str
+) -> tuple[asyncio.Event, asyncio.Task[pb.Session]]:
+    """A StartHitl of ``user_id`` that has reached the provider, which holds
+    it until the returned gate is set."""
+    gate = scripted.hold("start")
+    start = asyncio.create_task(start_session(stub, user_id))
+    await wait_for(lambda: scripted.waiting.get("start"), what="the start to reach the provider")
+    return gate, start
 
 
 async def _waiting_on_locks(observer: asyncpg.Connection, count: int) -> bool:
