@@ -21,43 +21,52 @@ if TYPE_CHECKING:
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HitlService"].full_name
 
-GRPC_OPTIONS = (
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # Keep idle StreamEvents connections alive through proxies and NATs.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.so_reuseport", 0),
-    # What connections may hold (HITL_GRPC_*; these are the defaults,
-    # ``grpc_options`` the configured values). Beyond the cap a new
-    # connection is closed as soon as it is accepted (the client sees
-    # UNAVAILABLE), whatever it is: each holds a file descriptor, and
-    # idle ones were never closed, so a flood of them took every descriptor
-    # the process had. A connection with no call open for the idle time
-    # gets GOAWAY (a client reconnects on its next call; an open stream is
-    # a call, so StreamEvents is never cut); one that has not finished its
-    # handshake (TLS, the HTTP/2 preface) in time is closed.
-    ("grpc.max_allowed_incoming_connections", Settings.grpc_max_connections),
-    ("grpc.max_connection_idle_ms", round(Settings.grpc_idle_timeout * 1000)),
-    ("grpc.server_handshake_timeout_ms", round(Settings.grpc_handshake_timeout * 1000)),
-)
 # grpc.max_connection_idle_ms for HITL_GRPC_IDLE_TIMEOUT=0: never.
 _NEVER_MS = 2**31 - 1
 
 
-def grpc_options(settings: Settings) -> tuple[tuple[str, int], ...]:
-    """``GRPC_OPTIONS`` with the connection limits ``settings`` give."""
-    options = dict(GRPC_OPTIONS)
-    options["grpc.max_allowed_incoming_connections"] = settings.grpc_max_connections
-    idle_ms = round(settings.grpc_idle_timeout * 1000)
-    options["grpc.max_connection_idle_ms"] = min(idle_ms, _NEVER_MS) or _NEVER_MS
-    options["grpc.server_handshake_timeout_ms"] = min(
-        round(settings.grpc_handshake_timeout * 1000), _NEVER_MS
+def _options(
+    max_connections: int, idle_timeout: float, handshake_timeout: float
+) -> tuple[tuple[str, int], ...]:
+    def ms(seconds: float) -> int:
+        return min(round(seconds * 1000), _NEVER_MS)
+
+    return (
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        # Keep idle StreamEvents connections alive through proxies and NATs.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.so_reuseport", 0),
+        # What connections may hold (HITL_GRPC_*). Beyond the cap a new
+        # connection is closed as soon as it is accepted (the client sees
+        # UNAVAILABLE), whatever it is: each holds a file descriptor, and
+        # idle ones were never closed, so a flood of them took every
+        # descriptor the process had. A connection with no call open for the
+        # idle time gets GOAWAY (a client reconnects on its next call; an
+        # open stream is a call, so StreamEvents is never cut); one that has
+        # not finished its handshake (TLS, the HTTP/2 preface) in time is
+        # closed.
+        ("grpc.max_allowed_incoming_connections", max_connections),
+        ("grpc.max_connection_idle_ms", ms(idle_timeout) or _NEVER_MS),
+        ("grpc.server_handshake_timeout_ms", ms(handshake_timeout)),
     )
-    return tuple(options.items())
+
+
+GRPC_OPTIONS = _options(
+    Settings.grpc_max_connections, Settings.grpc_idle_timeout, Settings.grpc_handshake_timeout
+)
+"""The server's options with the default settings (the bench's floor uses them)."""
+
+
+def grpc_options(settings: Settings) -> tuple[tuple[str, int], ...]:
+    """The server's options with the connection limits ``settings`` give."""
+    return _options(
+        settings.grpc_max_connections, settings.grpc_idle_timeout, settings.grpc_handshake_timeout
+    )
 
 
 def build_grpc_server(
