@@ -93,9 +93,14 @@ const backoff = (failures) => {
   return bound / 2 + Math.random() * (bound / 2); // jittered
 };
 
-// One unary call with a deadline. Retries UNAVAILABLE and DEADLINE_EXCEEDED:
-// only pass retry=true for calls that are safe to repeat (the request carries
-// a request_id, or the call only reads).
+// Codes worth a retry (docs/errors.md). CANCELLED here is never our own
+// (nothing in this client cancels a unary call): a replica's gRPC core drops
+// calls it has not handed to the service yet when too many wait.
+const TRANSIENT = [grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDED, grpc.status.CANCELLED];
+
+// One unary call with a deadline. Retries the TRANSIENT codes: only pass
+// retry=true for calls that are safe to repeat (the request carries a
+// request_id, or the call only reads).
 async function call(method, request, { retry = false, seconds = 30 } = {}) {
   for (let failures = 1; ; failures++) {
     try {
@@ -105,8 +110,7 @@ async function call(method, request, { retry = false, seconds = 30 } = {}) {
         ),
       );
     } catch (err) {
-      const transient = [grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDED].includes(err.code);
-      if (!retry || !transient || failures >= 5) throw Object.assign(err, { rich: richError(err) });
+      if (!retry || !TRANSIENT.includes(err.code) || failures >= 5) throw Object.assign(err, { rich: richError(err) });
       await sleep(backoff(failures));
     }
   }
@@ -158,8 +162,11 @@ async function follow(sessionId) {
       }
       why = "the server ended the stream";
     } catch (err) {
-      if (err.code !== grpc.status.UNAVAILABLE) throw Object.assign(err, { rich: richError(err) });
-      why = `UNAVAILABLE: ${err.details}`;
+      // A stream is cancelled by us only after its last event (above), so a
+      // CANCELLED here is the server's, as UNAVAILABLE is a restart's.
+      const reconnect = [grpc.status.UNAVAILABLE, grpc.status.CANCELLED].includes(err.code);
+      if (!reconnect) throw Object.assign(err, { rich: richError(err) });
+      why = `${grpc.status[err.code]}: ${err.details}`;
       failures++;
     }
     const wait = failures ? backoff(failures) : 0;

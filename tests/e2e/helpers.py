@@ -5,6 +5,7 @@ API, and line-by-line reading of a client process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.e2e.cancelling_proxy import CancellingProxy
 from tests.support import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -228,7 +230,12 @@ class ProcessOutput:
 
 
 async def run_handoff_scenario(
-    tmp_path: Path, command: list[str], *, cwd: Path, prints_reconnects: bool
+    tmp_path: Path,
+    command: list[str],
+    *,
+    cwd: Path,
+    prints_reconnects: bool,
+    cancel_first: frozenset[str] = frozenset(),
 ) -> ProcessOutput:
     """A client example against the real service, through a restart.
 
@@ -236,14 +243,30 @@ async def run_handoff_scenario(
     the events; the agent (console API) takes it and replies; the service
     ends every stream after a second and is then restarted; the agent
     replies again and ends the handoff; the client must print every event
-    once, in cursor order, and exit 0.
+    once, in cursor order, and exit 0. With ``cancel_first`` (full method
+    names), the client goes through a proxy that answers the first call of
+    each with CANCELLED, and each must have come.
     """
     service = ServiceProcess(tmp_path / "service", {"HITL_STREAM_MAX_SECONDS": "1s"})
     await service.start()
+    async with contextlib.AsyncExitStack() as stack:
+        target = service.target
+        if cancel_first:
+            proxy = await stack.enter_async_context(CancellingProxy(target, set(cancel_first)))
+            target = proxy.target
+        output = await _run_client(service, command, cwd, target, prints_reconnects)
+        if cancel_first:
+            assert set(proxy.cancelled) == cancel_first, proxy.cancelled
+    return output
+
+
+async def _run_client(
+    service: ServiceProcess, command: list[str], cwd: Path, target: str, prints_reconnects: bool
+) -> ProcessOutput:
     process = await asyncio.create_subprocess_exec(
         *command,
         "--target",
-        service.target,
+        target,
         "--message",
         "Hello, my parcel never arrived.",
         "--max-seconds",

@@ -26,8 +26,17 @@ async def test_node_client_follows_a_handoff_across_reconnects(tmp_path: Path) -
         (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir(),
         "the Node example's dependencies are missing (run: cd examples/node && npm ci)",
     )
+    # The first CreateUser and the first StreamEvents are answered CANCELLED,
+    # as a replica's gRPC core does under load: the client retries the one
+    # and reconnects the other.
     output = await run_handoff_scenario(
-        tmp_path, [node, str(NODE_DIR / "client.js")], cwd=NODE_DIR, prints_reconnects=True
+        tmp_path,
+        [node, str(NODE_DIR / "client.js")],
+        cwd=NODE_DIR,
+        prints_reconnects=True,
+        cancel_first=frozenset(
+            {"/hitl.v1.HitlService/CreateUser", "/hitl.v1.HitlService/StreamEvents"}
+        ),
     )
     events = output.events()
     assert [cursor for cursor, _, _ in events] == [1, 2, 3, 4, 5, 6]  # no gap, no repeat
@@ -45,4 +54,5 @@ async def test_node_client_follows_a_handoff_across_reconnects(tmp_path: Path) -
     reconnects = [line for line in output.lines if line.startswith("reconnecting after cursor")]
     assert any("the server ended the stream" in line for line in reconnects)
     assert any("UNAVAILABLE" in line for line in reconnects)
+    assert reconnects[0].startswith("reconnecting after cursor 0 (CANCELLED"), reconnects
     assert output.lines[-1] == "handoff over (ended)"
