@@ -42,6 +42,37 @@ TRANSIENT_TYPES: Final = frozenset(
     {"too_many_requests", "internal", "service_unavailable", "request_timeout"}
 )
 _SERVER_SIDE_TYPES: Final = frozenset({"internal", "service_unavailable", "request_timeout"})
+# Types that are an answer whatever HTTP status carries them (livechat-api.md
+# §10: statuses are undocumented, so decide by type): a 5xx does not make
+# them worth retrying. An unknown type on a 5xx still counts as trouble.
+PERMANENT_TYPES: Final = frozenset(
+    {
+        "authentication",
+        "authorization",
+        "missing_access",
+        "validation",
+        "chat_inactive",
+        "not_found",
+        "group_not_found",
+        "customer_not_found",
+        "chat_not_found",
+        "entity_too_large",
+        "misdirected_request",
+        "agent_offline",
+        "license_expired",
+        "license_not_found",
+        "limit_reached",
+        "unsupported_version",
+        "wrong_product_version",
+        "already_exists",
+        "customer_banned",
+        "group_offline",
+        "group_unavailable",
+        "groups_offline",
+        "greeting_not_found",
+        "chat_anonymized",
+    }
+)
 # LiveChat gave up waiting, which the docs do not say stops the work itself.
 _STILL_RUNNING_TYPES: Final = frozenset({"request_timeout"})
 _COOKIE_NAME_RE: Final = re.compile(r"^__lc[A-Za-z0-9_]*$")
@@ -468,7 +499,9 @@ class LiveChatClient:
             error_type=error_type,
             debug_id=debug_id,
         )
-        transient = error_type in TRANSIENT_TYPES or status >= 500
+        transient = error_type in TRANSIENT_TYPES or (
+            status >= 500 and error_type not in PERMANENT_TYPES
+        )
         self._requests.labels(api, method, "unavailable" if transient else "refused").inc()
         if still_running:
             raise ProviderUnavailable(
@@ -529,9 +562,11 @@ class LiveChatClient:
             outcome = "unavailable"
         self._requests.labels("accounts", "customer_token", outcome).inc()
         if outcome == "unavailable":
+            retry_after = _retry_after(response.headers)
+            if status == 429 and retry_after is None:
+                retry_after = _RATE_LIMIT_FLOOR
             raise ProviderUnavailable(
-                f"LiveChat accounts customer token: HTTP {status}",
-                retry_after=_retry_after(response.headers),
+                f"LiveChat accounts customer token: HTTP {status}", retry_after=retry_after
             )
         if not 200 <= status < 300:
             kind = as_str(payload.get("oauth_exception")) or as_str(

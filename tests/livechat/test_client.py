@@ -11,7 +11,12 @@ import pytest
 import respx
 import structlog
 
-from providers.errors import ProviderAuthError, ProviderRejected, ProviderUnavailable
+from providers.errors import (
+    ChatInactive,
+    ProviderAuthError,
+    ProviderRejected,
+    ProviderUnavailable,
+)
 from providers.livechat import LiveChatProvider, media_guard
 from providers.types import Message
 from tests.fake_livechat import FakeLiveChat
@@ -80,6 +85,17 @@ async def test_rate_limit_without_retry_after_asks_for_at_least_a_second(
     assert info.value.retry_after == 1.0
 
 
+@pytest.mark.parametrize(("header", "wait"), [(None, 1.0), ("5", 5.0)])
+async def test_a_rate_limited_customer_token_backs_off_like_the_chat_apis(
+    provider: LiveChatProvider, fake: FakeLiveChat, header: str | None, wait: float
+) -> None:
+    """The accounts host has its own error format, but the same advice holds."""
+    fake.add_fault("customer_token", kind="status", status=429, retry_after=header)
+    with pytest.raises(ProviderUnavailable) as info:
+        await start_session(provider)
+    assert info.value.retry_after == wait
+
+
 @pytest.mark.parametrize("error_type", ["internal", "service_unavailable", "request_timeout"])
 async def test_server_errors_on_a_send_are_uncertain(
     provider: LiveChatProvider, fake: FakeLiveChat, error_type: str
@@ -111,6 +127,45 @@ async def test_error_type_decides_not_status(
     # Statuses are undocumented: a 400-coded rate limit is still a rate limit.
     fake.state.config.status_map["too_many_requests"] = 400
     fake.add_fault("send_event", error_type="too_many_requests")
+    with pytest.raises(ProviderUnavailable):
+        await provider.send(
+            session.chat, session.user, Message("hi"), request_id="m1", uncertain=False, timeout=5
+        )
+
+
+async def test_a_closed_chat_is_closed_whatever_status_livechat_gives_it(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    # The other way round: a permanent type on a 5xx is no outage to retry
+    # (the core would retry it until the caller's deadline: UNAVAILABLE
+    # instead of "the chat has ended").
+    session = await start_session(provider)
+    fake.state.config.status_map["chat_inactive"] = 500
+    fake.agent_close(session.chat_id)
+    with pytest.raises(ChatInactive):
+        await provider.send(
+            session.chat, session.user, Message("hi"), request_id="m1", uncertain=False, timeout=5
+        )
+
+
+async def test_an_expired_token_is_renewed_whatever_status_livechat_gives_it(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    session = await start_session(provider)
+    fake.state.config.status_map["authentication"] = 500
+    fake.state.expire_customer_tokens()
+    result = await provider.send(
+        session.chat, session.user, Message("hi"), request_id="m1", uncertain=False, timeout=5
+    )
+    assert result.external_message_id
+    assert [c.error_type for c in fake.calls("send_event")] == ["authentication", ""]
+
+
+async def test_an_unknown_type_on_a_5xx_is_still_worth_retrying(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    session = await start_session(provider)
+    fake.add_fault("send_event", error_type="brand_new_trouble", status=503)
     with pytest.raises(ProviderUnavailable):
         await provider.send(
             session.chat, session.user, Message("hi"), request_id="m1", uncertain=False, timeout=5
