@@ -209,7 +209,9 @@ class WebhookParser:
 
     def _chat_transferred(self, payload: dict[str, Any]) -> WebhookBatch:
         chat_id = _require_str(payload, "chat_id")
-        target = payload.get("transferred_to", {})
+        target = payload.get("transferred_to")
+        if target is None:  # absent or null: a router transfer with nowhere named
+            target = {}
         if not isinstance(target, dict):
             raise _bad("payload.transferred_to is not an object")
         events, why = normalize.transferred(

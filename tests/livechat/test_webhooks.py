@@ -431,6 +431,18 @@ class TestTransfers:
         assert to_agent is not None
         assert to_agent.id == "jane@acme.com"
 
+    def test_null_optional_fields_are_absent_ones(self, provider: LiveChatProvider) -> None:
+        # A 400 here is no small thing: LiveChat retries a few times, then
+        # the transfer is lost for good.
+        [inbound] = self.transferred(
+            provider,
+            requester_id=None,
+            reason="unassigned",
+            transferred_to=None,
+            queue=None,
+        ).events
+        assert inbound.kind == Transferred(to_group_id="", reason="unassigned")
+
     def test_own_start_transfer_is_only_a_queue_position(self, provider: LiveChatProvider) -> None:
         events = self.transferred(
             provider,
