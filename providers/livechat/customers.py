@@ -10,8 +10,10 @@ State keys: ``customer_id``, ``access_token``, ``expires_at`` (Unix seconds),
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
@@ -23,6 +25,7 @@ from providers.livechat import settings as names
 from providers.livechat.budget import Budget
 from providers.livechat.client import ApiError, LiveChatClient, TokenGrant
 from providers.livechat.failures import token_error
+from providers.livechat.memory import Lru
 from providers.livechat.models import as_dict, as_str
 from providers.types import ProviderUser, UserProfile
 
@@ -30,6 +33,19 @@ log = structlog.get_logger(__name__)
 
 REFRESH_MARGIN: Final = 15 * 60
 """Renew a customer token this many seconds before it expires."""
+RECENT_GRANT: Final = 60.0
+"""How long a renewal serves calls that waited for it (or read the user's
+state before it was saved) instead of a grant of their own."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Renewal:
+    """A token the cookie grant gave for a customer, and when."""
+
+    at: float  # monotonic
+    access_token: str
+    expires_at: float  # Unix seconds
+    cookies: dict[str, str]
 
 
 class Customers:
@@ -45,6 +61,10 @@ class Customers:
         self._client = client
         self._clock = clock
         self._organization_id = organization_id
+        # One renewal at a time per customer, and the latest one: calls that
+        # find the token expired (or refused) together renew it once.
+        self._renewing: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._renewed: Lru[str, _Renewal] = Lru(4096)
 
     async def _grant(self, cookies: Mapping[str, str], budget: Budget) -> TokenGrant:
         try:
@@ -64,6 +84,15 @@ class Customers:
         state["access_token"] = grant.access_token.reveal()
         state["expires_at"] = self._clock.now().timestamp() + grant.expires_in
         state["cookies"] = dict(grant.cookies)
+        self._renewed.put(
+            grant.customer_id,
+            _Renewal(
+                self._clock.monotonic(),
+                state["access_token"],
+                state["expires_at"],
+                dict(grant.cookies),
+            ),
+        )
 
     async def create(self, budget: Budget) -> ProviderUser:
         """A new customer (the cookie grant without cookies)."""
@@ -76,6 +105,11 @@ class Customers:
     async def refresh(self, user: ProviderUser, budget: Budget, *, adopt: bool = False) -> None:
         """Renews the token by replaying the user's cookies; updates the state.
 
+        Concurrent renewals of one customer make one grant: a call that
+        waited for another's renewal (or holds a token older than one made a
+        moment ago) takes that token. A renewal that failed is not one: the
+        next call asks again.
+
         Args:
             user: The identity to renew (state updated in place).
             budget: Time left.
@@ -86,6 +120,41 @@ class Customers:
             ProviderRejected: ``CUSTOMER_IDENTITY_LOST``: LiveChat answered
                 for another customer and ``adopt`` is False.
         """
+        customer_id = user.external_user_id
+        held = as_str(user.state.get("access_token"))
+        lock, users = self._renewing.get(customer_id) or (asyncio.Lock(), 0)
+        self._renewing[customer_id] = (lock, users + 1)
+        try:
+            async with lock:
+                if self._take_recent(user, held):
+                    return
+                await self._renew(user, budget, adopt=adopt)
+        finally:
+            lock, users = self._renewing[customer_id]
+            if users > 1:
+                self._renewing[customer_id] = (lock, users - 1)
+            else:
+                del self._renewing[customer_id]
+
+    def _take_recent(self, user: ProviderUser, held: str) -> bool:
+        """Takes a renewal made a moment ago for this customer, if it is not
+        the token ``held`` (the one found stale or refused)."""
+        recent = self._renewed.get(user.external_user_id)
+        if (
+            recent is None
+            or recent.access_token == held
+            or self._clock.monotonic() - recent.at > RECENT_GRANT
+            or recent.expires_at - self._clock.now().timestamp() < REFRESH_MARGIN
+        ):
+            return False
+        user.state["customer_id"] = user.external_user_id
+        user.state["access_token"] = recent.access_token
+        user.state["expires_at"] = recent.expires_at
+        user.state["cookies"] = dict(recent.cookies)
+        log.info("livechat.customer_token_shared", customer_id=user.external_user_id)
+        return True
+
+    async def _renew(self, user: ProviderUser, budget: Budget, *, adopt: bool) -> None:
         cookies = {k: as_str(v) for k, v in as_dict(user.state.get("cookies")).items()}
         grant = await self._grant(cookies, budget)
         if grant.customer_id != user.external_user_id:

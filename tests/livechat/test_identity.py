@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import copy
+
 import pytest
 
-from providers.errors import ProviderAuthError, ProviderRejected
+from providers.errors import ProviderAuthError, ProviderRejected, ProviderUnavailable
 from providers.livechat import LiveChatProvider
 from providers.types import Message, ProviderUser, UserProfile
 from tests.fake_livechat import FakeClock, FakeLiveChat
-from tests.livechat.conftest import MakeProvider, start_session
+from tests.livechat.conftest import MakeProvider, Session, start_session
 
 ADA = UserProfile(
     id="u-1", name="Ada Lovelace", email="ada@example.com", picture_url="https://x/ada.png"
@@ -97,6 +100,90 @@ async def test_persistent_authentication_error_is_not_retried_forever(
             session.chat, session.user, Message("hi"), request_id="m1", uncertain=False, timeout=5
         )
     assert len(fake.calls("send_event")) == 2
+
+
+def _copies(user: ProviderUser, n: int) -> list[ProviderUser]:
+    """What concurrent core operations hold: each its own copy from the store."""
+    return [copy.deepcopy(user) for _ in range(n)]
+
+
+async def _send_all(
+    provider: LiveChatProvider, session: Session, users: list[ProviderUser]
+) -> list[str]:
+    results = await asyncio.gather(
+        *(
+            provider.send(
+                session.chat, u, Message(f"m{i}"), request_id=f"m{i}", uncertain=False, timeout=5
+            )
+            for i, u in enumerate(users)
+        )
+    )
+    return [r.external_message_id for r in results]
+
+
+async def test_concurrent_calls_of_an_expired_token_renew_it_once(
+    provider: LiveChatProvider, fake: FakeLiveChat, clock: FakeClock
+) -> None:
+    session = await start_session(provider)
+    clock.advance(9 * 3600)
+    grants = len(fake.calls("customer_token"))
+    users = _copies(session.user, 4)
+    assert all(await _send_all(provider, session, users))
+    assert len(fake.calls("customer_token")) == grants + 1
+    # Every copy carries the one new token (the core saves each).
+    assert len({u.state["access_token"] for u in users}) == 1
+    assert users[0].state["access_token"] != session.user.state["access_token"]
+
+
+async def test_concurrent_calls_refused_mid_call_renew_the_token_once(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    session = await start_session(provider)
+    fake.state.expire_customer_tokens()  # revoked early: every call is refused
+    grants = len(fake.calls("customer_token"))
+    assert all(await _send_all(provider, session, _copies(session.user, 4)))
+    assert len(fake.calls("customer_token")) == grants + 1
+    assert len(fake.state.customers) == 1
+
+
+async def test_a_failed_renewal_fails_each_waiting_call_clearly(
+    provider: LiveChatProvider, fake: FakeLiveChat, clock: FakeClock
+) -> None:
+    session = await start_session(provider)
+    clock.advance(9 * 3600)
+    fake.add_fault("customer_token", kind="status", status=503, times=None)
+    outcomes = await asyncio.gather(
+        *(
+            provider.send(
+                session.chat, u, Message("x"), request_id=f"m{i}", uncertain=False, timeout=5
+            )
+            for i, u in enumerate(_copies(session.user, 3))
+        ),
+        return_exceptions=True,
+    )
+    assert all(isinstance(o, ProviderUnavailable) for o in outcomes), outcomes
+    assert all("customer token" in str(o) for o in outcomes)
+    assert fake.calls("send_event") == []  # nothing went out with the dead token
+    fake.clear_faults()
+    # The next call renews it (a failure is not remembered as a renewal).
+    result = await provider.send(
+        session.chat, session.user, Message("y"), request_id="m9", uncertain=False, timeout=5
+    )
+    assert result.external_message_id
+
+
+async def test_a_new_handoff_still_checks_the_identity_after_a_recent_renewal(
+    provider: LiveChatProvider, fake: FakeLiveChat, clock: FakeClock
+) -> None:
+    session = await start_session(provider)
+    clock.advance(9 * 3600)
+    await provider.send(
+        session.chat, session.user, Message("x"), request_id="m1", uncertain=False, timeout=5
+    )
+    grants = len(fake.calls("customer_token"))
+    # A copy holding the renewed token: nothing to take over, so it asks.
+    await provider.upsert_user(ADA, copy.deepcopy(session.user), timeout=5)
+    assert len(fake.calls("customer_token")) == grants + 1
 
 
 async def test_upsert_refreshes_an_expired_identity(
