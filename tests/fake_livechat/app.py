@@ -63,10 +63,15 @@ async def _pre_fault(fake: FakeLiveChat, fault: Fault | None, call: Call) -> Res
     if fault.kind == "status":
         call.status = fault.status or 500
         return Response("upstream trouble", status_code=call.status, headers=headers)
+    if fault.kind == "error" and call.api == "accounts":
+        # The accounts host has its own error format (livechat-api.md §4.3).
+        oauth = OAuthError(fault.error_type, fault.message, fault.status or 401)
+        call.status, call.error_type = oauth.status, oauth.kind
+        return JSONResponse(oauth.body(), status_code=oauth.status, headers=headers)
     if fault.kind == "error":
         status = fault.status or fake.state.config.status_for(fault.error_type)
         call.status, call.error_type = status, fault.error_type
-        return error_response(LcError(fault.error_type, fault.message), status, headers)
+        return error_response(LcError(fault.error_type, fault.message, fault.data), status, headers)
     return None
 
 
@@ -208,7 +213,7 @@ async def customer_token(request: Request) -> Response:
 
 async def cdn(request: Request) -> Response:
     """``GET /cdn/<id>/<name>``: files uploaded with ``upload_file``."""
-    stored = request.app.state.fake.state.files.get(request.path_params["file_id"])
+    stored = request.app.state.fake.state.file(request.path_params["file_id"])
     if stored is None:
         return Response(status_code=404)
     content, _, content_type, _ = stored

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -20,8 +21,10 @@ class Fault:
             (answer ``status`` with a non-JSON body, the action does not run).
         api: Restrict to ``agent``, ``customer``, ``configuration`` or
             ``accounts``; None for any.
-        error_type: For ``error``: the LiveChat error type.
+        error_type: For ``error``: the LiveChat error type (accounts: the
+            ``oauth_exception``, answered in that API's format, 401 by default).
         message: For ``error``: the message.
+        data: For ``error``: ``error.data`` (e.g. ``{"region": "fra"}``).
         status: HTTP status override (``error``/``status``).
         retry_after: ``Retry-After`` header value, if any.
         delay: For ``delay``: seconds (released early when the fake stops).
@@ -34,6 +37,7 @@ class Fault:
     api: str | None = None
     error_type: str = "internal"
     message: str = "Injected failure"
+    data: dict[str, Any] | None = None
     status: int | None = None
     retry_after: str | None = None
     delay: float = 0.0

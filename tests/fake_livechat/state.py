@@ -41,6 +41,8 @@ def obj(value: object) -> dict[str, Any]:
 
 
 _EVENT_TYPES = {"message", "file", "rich_message", "system_message", "custom", "filled_form"}
+_BUTTON_TYPES = {"webview", "message", "url", "phone"}
+_URL_LIFETIME = 24 * 3600  # an uploaded file's URL, unless used in an event
 
 
 @dataclass
@@ -76,6 +78,7 @@ class FakeState:
     chats: dict[str, Chat] = field(default_factory=dict)
     webhooks: dict[str, Webhook] = field(default_factory=dict)
     files: dict[str, tuple[bytes, str, str, float]] = field(default_factory=dict)
+    sent_files: set[str] = field(default_factory=set)  # used in an event: never expire
     calls: list[Call] = field(default_factory=list)
     emitted: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     emit: Emit | None = None
@@ -214,6 +217,16 @@ class FakeState:
                 buttons = element.get("buttons", []) if isinstance(element, dict) else None
                 if not isinstance(buttons, list) or len(buttons) > 13:
                     raise LcError("validation", "at most 13 buttons per element")
+                for button in buttons:
+                    if (
+                        not isinstance(button, dict)
+                        or not isinstance(button.get("text"), str)
+                        or button.get("type") not in _BUTTON_TYPES
+                    ):
+                        raise LcError(
+                            "validation",
+                            "a button needs a text and a type (webview, message, url or phone)",
+                        )
             event.update(template_id=raw["template_id"], elements=elements)
         else:
             for key in ("content", "form_id", "fields"):
@@ -242,11 +255,29 @@ class FakeState:
             "visibility": "all",
         }
 
-    def _cdn_file(self, url: object) -> tuple[bytes, str, str, float] | None:
+    def _file_id(self, url: object) -> str:
         prefix = f"{self.base_url}/cdn/"
         if not isinstance(url, str) or not url.startswith(prefix):
+            return ""
+        return url[len(prefix) :].split("/", 1)[0]
+
+    def _cdn_file(self, url: object) -> tuple[bytes, str, str, float] | None:
+        return self.file(self._file_id(url))
+
+    def file(self, file_id: str) -> tuple[bytes, str, str, float] | None:
+        """An uploaded file; gone 24 h after the upload unless used in an event."""
+        stored = self.files.get(file_id)
+        if stored is None:
             return None
-        return self.files.get(url[len(prefix) :].split("/", 1)[0])
+        if file_id not in self.sent_files and self.clock.monotonic() - stored[3] > _URL_LIFETIME:
+            return None
+        return stored
+
+    def _keep_files(self, events: list[dict[str, Any]]) -> None:
+        """Files used in stored events keep their URLs for good."""
+        for event in events:
+            if event.get("type") == "file" and (file_id := self._file_id(event.get("url"))):
+                self.sent_files.add(file_id)
 
     def _new_thread(self, chat: Chat, group_ids: list[int]) -> Thread:
         previous = chat.threads[-1] if chat.threads else None
@@ -429,6 +460,7 @@ class FakeState:
         self._join(chat, customer.id, "customer")
         self._join(chat, agent.id, "agent")
         chat.thread.events.extend(events)
+        self._keep_files(events)
         if body.get("active") is False:
             chat.thread.active = False
         self._announce_chat(chat, events)
@@ -467,18 +499,25 @@ class FakeState:
         if chat.active:
             raise LcError(self.config.resume_active_error, "Chat is already active")
         group_ids = self._group_ids(spec) if "access" in spec else list(chat.group_ids)
+        thread_spec = obj(spec.get("thread"))
+        raw_events = thread_spec.get("events", [])
+        if not isinstance(raw_events, list):
+            raise LcError("validation", "thread.events must be an array")
+        # A refused event refuses the whole call, which changes nothing.
+        scratch = Thread(id="CHECK", created_at="")
+        for raw in raw_events:
+            self._event(scratch, self.author_id(agent), raw, force_all=True)
         chat.group_ids = group_ids
         for member in chat.users.values():
             member.present = member.type == "customer"
         self._new_thread(chat, group_ids)
-        thread_spec = obj(spec.get("thread"))
         events = [
-            self._event(chat.thread, self.author_id(agent), e, force_all=True)
-            for e in thread_spec.get("events", [])
+            self._event(chat.thread, self.author_id(agent), e, force_all=True) for e in raw_events
         ]
         self._join(chat, chat.customer_id, "customer")
         self._join(chat, agent.id, "agent")
         chat.thread.events.extend(events)
+        self._keep_files(events)
         self._announce_chat(chat, events)
         return {"thread_id": chat.thread.id, "event_ids": [e["id"] for e in events]}
 
@@ -499,6 +538,7 @@ class FakeState:
     def add_event(self, chat: Chat, event: dict[str, Any], author_type: str) -> str:
         """Appends an event to the active thread and fires ``incoming_event``."""
         chat.thread.events.append(event)
+        self._keep_files([event])
         self._emit(
             "incoming_event",
             {"chat_id": chat.id, "thread_id": chat.thread.id, "event": dict(event)},

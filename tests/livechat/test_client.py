@@ -252,10 +252,11 @@ async def test_missing_scope_is_an_auth_error(
 async def test_misdirected_request_names_the_region(
     provider: LiveChatProvider, fake: FakeLiveChat
 ) -> None:
-    fake.add_fault("get_customer", error_type="misdirected_request")
+    fake.add_fault("get_customer", error_type="misdirected_request", data={"region": "fra"})
     with pytest.raises(ProviderAuthError) as info:
         await start_session(provider)
     assert info.value.setting == "HITL_LIVECHAT_REGION"
+    assert "HITL_LIVECHAT_REGION=fra" in str(info.value)  # error.data.region
 
 
 async def test_other_refusals_get_a_stable_code(

@@ -127,6 +127,15 @@ class TestAccounts:
         fake.set_config(require_response_type=False)
         assert (await http.post("/v2/customer/token", json=body)).status_code == 200
 
+    async def test_scripted_errors_use_the_oauth_format(self, http, fake) -> None:
+        fake.add_fault("customer_token", error_type="invalid_grant", message="Cookies expired")
+        _, response = await customer(http, fake)
+        assert response.status_code == 401
+        assert response.json() == {
+            "oauth_exception": "invalid_grant",
+            "exception_description": "Cookies expired",
+        }
+
     async def test_agent_token_grant_refuses_a_pat(self, http, fake) -> None:
         seed = fake.state.seed
         body = {"grant_type": "agent_token", "client_id": seed.client_id, "response_type": "token"}
@@ -327,6 +336,81 @@ class TestChatRules:
         assert groups.status_code == 404
         fake.set_config(unknown_method_error="validation", status_map={"validation": 422})
         assert (await agent(http, fake, "close_chat", {})).status_code == 422
+
+    async def test_a_refused_resume_leaves_the_chat_as_it_was(self, http, fake) -> None:
+        chat_id, _, _ = await started_chat(http, fake)
+        await agent(http, fake, "deactivate_chat", {"id": chat_id})
+        threads = [t.id for t in fake.chat(chat_id).threads]
+        refused = await agent(
+            http,
+            fake,
+            "resume_chat",
+            {
+                "chat": {
+                    "id": chat_id,
+                    "thread": {"events": [{"type": "message", "text": "x" * 16385}]},
+                }
+            },
+        )
+        assert refused.json()["error"]["type"] == "validation"
+        chat = fake.chat(chat_id)
+        assert [t.id for t in chat.threads] == threads  # no half-opened thread
+        assert not chat.active
+        assert chat.thread.next_thread_id is None
+
+    async def test_an_uploaded_url_expires_after_a_day_unless_sent(self, http, fake) -> None:
+        chat_id, token, _ = await started_chat(http, fake)
+        params = {"organization_id": fake.state.seed.organization_id}
+        headers = {"Authorization": f"Bearer {token}"}
+
+        async def upload(name: str) -> str:
+            answer = await http.post(
+                "/v3.6/customer/action/upload_file",
+                params=params,
+                headers=headers,
+                files={"file": (name, b"bytes", "text/plain")},
+            )
+            return str(answer.json()["url"])
+
+        sent, unsent = await upload("sent.txt"), await upload("unsent.txt")
+        ok = await cust(
+            http,
+            fake,
+            token,
+            "send_event",
+            {"chat_id": chat_id, "event": {"type": "file", "url": sent}},
+        )
+        assert ok.status_code == 200
+        fake.advance_clock(24 * 3600 + 1)
+        token = (await customer(http, fake))[0]["access_token"]  # the old one expired too
+        assert (await http.get(sent)).status_code == 200  # used in an event: kept
+        assert (await http.get(unsent)).status_code == 404
+        late = await cust(
+            http,
+            fake,
+            token,
+            "send_event",
+            {"chat_id": chat_id, "event": {"type": "file", "url": unsent}},
+        )
+        assert late.json()["error"]["type"] in ("validation", "not_found")
+
+    @pytest.mark.parametrize(
+        "button",
+        [
+            {"type": "postback", "text": "A", "value": "a"},
+            {"type": "message", "value": "a"},
+            "A",
+        ],
+    )
+    async def test_rich_message_buttons_are_checked(self, http, fake, button: Any) -> None:
+        chat_id, token, _ = await started_chat(http, fake)
+        event = {
+            "type": "rich_message",
+            "template_id": "cards",
+            "elements": [{"buttons": [button]}],
+        }
+        refused = await cust(http, fake, token, "send_event", {"chat_id": chat_id, "event": event})
+        assert refused.json()["error"]["type"] == "validation"
 
     async def test_v3_5_answers_carry_legacy(self, http, fake) -> None:
         response = await http.post("/v3.5/agent/action/list_chats", json={}, headers=basic(fake))

@@ -172,6 +172,33 @@ async def test_a_failed_renewal_fails_each_waiting_call_clearly(
     assert result.external_message_id
 
 
+@pytest.mark.parametrize(
+    ("oauth_exception", "code", "setting"),
+    [
+        ("invalid_grant", "CUSTOMER_TOKEN_REFUSED", None),
+        ("access_denied", "PROVIDER_CREDENTIALS", "HITL_LIVECHAT_CLIENT_ID"),
+    ],
+)
+async def test_a_renewal_refused_mid_call_is_reported_not_retried_with_the_dead_token(
+    provider: LiveChatProvider,
+    fake: FakeLiveChat,
+    oauth_exception: str,
+    code: str,
+    setting: str | None,
+) -> None:
+    session = await start_session(provider)
+    fake.state.expire_customer_tokens()  # refused mid-call ...
+    fake.add_fault("customer_token", error_type=oauth_exception, message="Refused")  # ... for good
+    with pytest.raises(ProviderRejected) as info:
+        await provider.send(
+            session.chat, session.user, Message("hi"), request_id="m1", uncertain=False, timeout=5
+        )
+    assert info.value.code == code
+    assert getattr(info.value, "setting", None) == setting
+    assert oauth_exception in str(info.value) or setting
+    assert [c.error_type for c in fake.calls("send_event")] == ["authentication"]
+
+
 async def test_a_new_handoff_still_checks_the_identity_after_a_recent_renewal(
     provider: LiveChatProvider, fake: FakeLiveChat, clock: FakeClock
 ) -> None:
