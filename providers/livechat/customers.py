@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import structlog
@@ -43,9 +43,9 @@ class _Renewal:
     """A token the cookie grant gave for a customer, and when."""
 
     at: float  # monotonic
-    access_token: str
-    expires_at: float  # Unix seconds
-    cookies: dict[str, str]
+    access_token: str = field(repr=False)  # credentials
+    expires_at: float = 0.0  # Unix seconds
+    cookies: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 class Customers:
