@@ -78,8 +78,10 @@ _STILL_RUNNING_TYPES: Final = frozenset({"request_timeout"})
 _COOKIE_NAME_RE: Final = re.compile(r"^__lc[A-Za-z0-9_]*$")
 _COOKIE_VALUE_RE: Final = re.compile(r"^[A-Za-z0-9._~+/=:-]*$")
 _USER_AGENT: Final = "hitl-service-livechat/1"
-# livechat-api.md §10: back off from 1 s when rate limited without Retry-After.
+# livechat-api.md §10: rate limited without Retry-After, back off exponentially
+# from 1 s (1, 2, 4 ... capped at 30 s) while the limit lasts.
 _RATE_LIMIT_FLOOR: Final = 1.0
+_RATE_LIMIT_CAP: Final = 30.0
 _MAX_REDIRECTS: Final = 3  # for media URLs
 
 
@@ -276,6 +278,17 @@ class LiveChatClient:
         )
         self._http: httpx.AsyncClient | None = None
         self._warned_lifecycle: set[tuple[str, str]] = set()
+        # Rate-limit answers since the last other answer: the limit is the
+        # account's, so every call backs off further while it lasts.
+        self._rate_limited = 0
+
+    def _rate_limit_wait(self, retry_after: float | None) -> float:
+        """The wait for a rate-limit answer: LiveChat's ``Retry-After`` if it
+        gave one, else 1 s doubled per rate-limit answer in a row."""
+        streak, self._rate_limited = self._rate_limited, min(self._rate_limited + 1, 16)
+        if retry_after is not None:
+            return retry_after
+        return min(_RATE_LIMIT_CAP, _RATE_LIMIT_FLOOR * 2.0**streak)
 
     async def open(self) -> None:
         """Creates the HTTP client."""
@@ -480,6 +493,7 @@ class LiveChatClient:
                     f"LiveChat {api} {method}: the answer is not JSON", uncertain=not idempotent
                 )
             self._requests.labels(api, method, "ok").inc()
+            self._rate_limited = 0  # an answer: the limit is over
             return body
         error = as_dict(as_dict(body).get("error"))
         error_type = as_str(error.get("type"))
@@ -490,6 +504,8 @@ class LiveChatClient:
             error_type = (
                 "too_many_requests" if status == 429 else "internal" if status >= 500 else "unknown"
             )
+        if error_type != "too_many_requests":
+            self._rate_limited = 0
         detail = _short(as_str(error.get("message")) or f"HTTP {status}")
         log.warning(
             "livechat.error",
@@ -512,8 +528,8 @@ class LiveChatClient:
         if transient:
             server_side = error_type in _SERVER_SIDE_TYPES or status >= 500
             retry_after = _retry_after(response.headers)
-            if error_type == "too_many_requests" and retry_after is None:
-                retry_after = _RATE_LIMIT_FLOOR
+            if error_type == "too_many_requests":
+                retry_after = self._rate_limit_wait(retry_after)
             raise AnsweredUnavailable(
                 f"LiveChat {api} {method} failed: {error_type}: {detail}",
                 retry_after=retry_after,
@@ -558,13 +574,15 @@ class LiveChatClient:
         except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError
             payload = {}
         outcome = "ok" if 200 <= status < 300 else "refused"
+        if status != 429:
+            self._rate_limited = 0
         if status == 429 or status >= 500:
             outcome = "unavailable"
         self._requests.labels("accounts", "customer_token", outcome).inc()
         if outcome == "unavailable":
             retry_after = _retry_after(response.headers)
-            if status == 429 and retry_after is None:
-                retry_after = _RATE_LIMIT_FLOOR
+            if status == 429:
+                retry_after = self._rate_limit_wait(retry_after)
             raise ProviderUnavailable(
                 f"LiveChat accounts customer token: HTTP {status}", retry_after=retry_after
             )

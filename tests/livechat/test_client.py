@@ -85,6 +85,37 @@ async def test_rate_limit_without_retry_after_asks_for_at_least_a_second(
     assert info.value.retry_after == 1.0
 
 
+async def test_a_rate_limit_that_persists_backs_off_exponentially_until_an_answer(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    """livechat-api.md §10: 1 s, 2 s, 4 s ... capped at about 30 s. The
+    limit is the account's, so the streak is the client's, not one call's."""
+    session = await start_session(provider)
+    fake.add_fault("send_event", error_type="too_many_requests", times=7)
+    waits = []
+    for n in range(7):
+        with pytest.raises(ProviderUnavailable) as info:
+            await provider.send(
+                session.chat,
+                session.user,
+                Message("hi"),
+                request_id=f"m{n}",
+                uncertain=False,
+                timeout=5,
+            )
+        waits.append(info.value.retry_after)
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    await provider.send(
+        session.chat, session.user, Message("hi"), request_id="ok", uncertain=False, timeout=5
+    )
+    fake.add_fault("send_event", error_type="too_many_requests")
+    with pytest.raises(ProviderUnavailable) as info:
+        await provider.send(
+            session.chat, session.user, Message("hi"), request_id="m9", uncertain=False, timeout=5
+        )
+    assert info.value.retry_after == 1.0  # an answer ended the streak
+
+
 @pytest.mark.parametrize(("header", "wait"), [(None, 1.0), ("5", 5.0)])
 async def test_a_rate_limited_customer_token_backs_off_like_the_chat_apis(
     provider: LiveChatProvider, fake: FakeLiveChat, header: str | None, wait: float
