@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -142,7 +143,7 @@ class Customers:
         recent = self._renewed.get(user.external_user_id)
         if (
             recent is None
-            or recent.access_token == held
+            or hmac.compare_digest(recent.access_token.encode(), held.encode())
             or self._clock.monotonic() - recent.at > RECENT_GRANT
             or recent.expires_at - self._clock.now().timestamp() < REFRESH_MARGIN
         ):
