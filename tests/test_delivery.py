@@ -680,6 +680,38 @@ class TestCancelledStart:
         assert retried.session.external_chat_id  # started, not stuck STARTING
         assert len(scripted.calls.starts) == 1
 
+    async def test_a_start_still_running_when_the_drain_ends_is_cut_before_the_provider_closes(
+        self,
+        scripted_app: App,
+        scripted_stub: Stub,
+        scripted: ScriptedProvider,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Shutdown gives starts up to the grace period, then closes the
+        provider and the store. A start still at the provider then ran on
+        under them: its HTTP calls failed on the closed clients
+        (``livechat.connection_lost`` warnings at every such shutdown, a
+        retry on a closed client failing as our bug) until the event loop
+        ended. It is cut off at the end of the grace period, as the
+        operations guide says, and the next replica's upkeep fails it
+        (START_INTERRUPTED)."""
+        user = await make_user(scripted_stub)
+        scripted.hold("start")  # never let go
+        starts_at_close: list[int] = []
+
+        async def close() -> None:
+            starts_at_close.append(scripted.waiting.get("start", 0))
+
+        monkeypatch.setattr(scripted, "close", close)
+        request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="t")
+        call = scripted_stub.StartHitl(request, timeout=TIMEOUT)
+        await wait_for(lambda: scripted.waiting.get("start") == 1, what="the held start")
+        await scripted_app.stop(grace=0.2)
+        assert starts_at_close == [0]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
     async def test_a_start_under_way_reads_as_requested_without_a_chat(
         self, scripted_app: App, scripted_stub: Stub, scripted: ScriptedProvider
     ) -> None:

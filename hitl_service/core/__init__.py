@@ -65,11 +65,20 @@ class HitlCore:
 
     async def stop(self, grace: float) -> None:
         """Lets starts and outbox attempts in flight finish (up to ``grace``
-        in all), then stops."""
+        in all), cuts off the rest, then stops.
+
+        A start cut off stays STARTING: the upkeep of whichever replica runs
+        next fails it (START_INTERRUPTED). Left running, it went on with the
+        provider and the store closed under it.
+        """
         self.hub.close()
         deadline = self.ctx.clock.monotonic() + grace
         if self._starts:
-            await asyncio.wait(self._starts, timeout=grace)
+            _, running = await asyncio.wait(self._starts, timeout=grace)
+            for start in running:
+                start.cancel()
+            if running:
+                await asyncio.wait(running)
         await self.outbox.stop(max(0.0, deadline - self.ctx.clock.monotonic()))
         for task in self._tasks:
             task.cancel()
