@@ -215,8 +215,7 @@ class App:
             await self.health.enter_graceful_shutdown()
         if self._http is not None and self._http_task is not None:
             self.sidecar.state.draining.set()  # streamed answers end now
-            self._http.should_exit = True
-            await self._http_task
+            await self._http.drain(self._http_task)
             self._http = self._http_task = None
         self.core.close_streams()
         if "grpc" in self._started:

@@ -19,6 +19,7 @@ import structlog
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -202,6 +203,48 @@ def _bounded_body(app: ASGIApp, settings: Settings, admission: Admission) -> ASG
     return bounded
 
 
+class _AnsweredAtShutdown:
+    """Middleware around every route: a request the shutdown cuts short is answered.
+
+    The sidecar gives requests in progress ``HTTP_DRAIN_SECONDS`` to finish
+    (``EmbeddedServer.drain``), then cancels the rest. Let through, that
+    cancellation reached uvicorn, which logged it with a traceback at error
+    level and answered a plain 500. Here the request is answered 503 with
+    ``Retry-After`` instead (the sender retries it on another replica or
+    after the restart; whatever it did is in the store or undone), or, if
+    its answer had started, that answer is ended.
+    """
+
+    def __init__(self, app: ASGIApp, draining: asyncio.Event) -> None:
+        self.app = app
+        self.draining = draining
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self.draining.is_set() or task is None:
+                raise
+            task.uncancel()  # the drain's cancel, answered here
+            if started:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            response = error(503, "the service is shutting down; retry later")
+            response.headers["Retry-After"] = "1"
+            await response(scope, receive, send)
+
+
 def _with_bounded_bodies(
     routes: Sequence[BaseRoute], settings: Settings, admission: Admission
 ) -> list[BaseRoute]:
@@ -310,6 +353,9 @@ def build_sidecar(
     admission = Admission(activity, settings.http_max_in_flight)
     readiness = Readiness(core.ctx.store, provider)
     scrub = SecretRedactor(settings.secrets()).scrub
+    # Set when the service starts shutting down (``App.stop``): provider routes with streamed answers end them (``Provider.routes``),
+    # and requests the drain cuts short are answered (``_AnsweredAtShutdown``).
+    draining = asyncio.Event()
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -346,6 +392,9 @@ def build_sidecar(
                 response = admission.refusal()
             response.headers["X-Request-Id"] = request_id
             return response
+        except asyncio.CancelledError:
+            outcome[0] = "unavailable"  # cut by the shutdown: answered 503
+            raise
         finally:
             activity.current -= 1
             if admitted:
@@ -427,10 +476,9 @@ def build_sidecar(
     app = Starlette(
         routes=routes,
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
+        middleware=[Middleware(_AnsweredAtShutdown, draining=draining)],
     )
-    # Set when the service starts shutting down (``App.stop``): provider
-    # routes with streamed answers end them (``Provider.routes``).
-    app.state.draining = asyncio.Event()
+    app.state.draining = draining
     return app
 
 
@@ -471,6 +519,10 @@ def _describe(kind: object) -> object:
         return {"unencodable": type(kind).__name__}
 
 
+HTTP_DRAIN_SECONDS = 5
+"""How long requests in progress may take to finish at shutdown."""
+
+
 class EmbeddedServer(uvicorn.Server):
     """uvicorn inside our event loop: ``hitl-service serve`` owns the signals."""
 
@@ -484,6 +536,22 @@ class EmbeddedServer(uvicorn.Server):
         """The bound port (useful with port 0)."""
         sockets = self.servers[0].sockets if self.servers else ()
         return int(sockets[0].getsockname()[1]) if sockets else 0
+
+    async def drain(self, serving: asyncio.Task[None], timeout: float = HTTP_DRAIN_SECONDS) -> None:
+        """Stops ``serving`` (the task running ``serve``): no new connections,
+        requests in progress get ``timeout`` seconds to finish, and those
+        still running then are cancelled, which answers them 503
+        (``_AnsweredAtShutdown``). uvicorn's own limit, a second later, is
+        only a backstop: it would log each one with a traceback."""
+        self.should_exit = True
+        await asyncio.wait({serving}, timeout=timeout)
+        if not serving.done():
+            cut = [task for task in self.server_state.tasks if not task.done()]
+            if cut:
+                log.warning("http.requests_cut", requests=len(cut), after_seconds=timeout)
+            for task in cut:
+                task.cancel()
+        await serving
 
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -720,6 +788,8 @@ def build_http_server(
         access_log=False,
         lifespan="off",
         server_header=False,
-        timeout_graceful_shutdown=5,
+        # EmbeddedServer.drain cuts requests at HTTP_DRAIN_SECONDS; this is
+        # uvicorn's backstop (whatever ``serve`` was stopped by).
+        timeout_graceful_shutdown=HTTP_DRAIN_SECONDS + 1,
     )
     return EmbeddedServer(config)

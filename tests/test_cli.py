@@ -397,6 +397,52 @@ async def test_in_json_every_line_serve_writes_is_a_json_object(
     assert ready["http_port"] > 0
 
 
+async def test_a_webhook_still_arriving_when_the_drain_ends_is_answered_503_without_a_traceback(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The sidecar gives requests in progress 5 s at shutdown. One still
+    running then (here a webhook whose body is slow to come, as on a bad
+    network) was cancelled by uvicorn, which logged "Exception in ASGI
+    application" with the CancelledError's traceback, and its "Cancel 1
+    running task(s)" line, both at error level, and answered a plain-text
+    500. It is answered 503 with Retry-After now (the sender retries it on
+    another replica or after the restart), with one warning."""
+    proc = await spawn(["serve"], {**service_env, "HITL_LOG_FORMAT": "json"}, tmp_path)
+    assert proc.stderr is not None
+    writer: asyncio.StreamWriter | None = None
+    try:
+        lines = await _lines_until_ready(proc)
+        port = json.loads(lines[-1])["http_port"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /webhooks/local HTTP/1.1\r\nHost: hitl\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
+        )
+        await writer.drain()
+        rest = asyncio.create_task(proc.stderr.read())
+        # "100 Continue" comes once the webhook reads its body: in progress.
+        go_on = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert go_on.startswith(b"HTTP/1.1 100 ")
+        writer.write(b"{")
+        await writer.drain()
+        proc.send_signal(signal.SIGTERM)
+        answer = await asyncio.wait_for(reader.read(), 30)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        logged = [json.loads(line) for line in (await rest).decode().splitlines() if line]
+    finally:
+        if writer is not None:
+            writer.close()
+        await reap(proc)
+    head = answer.decode().split("\r\n\r\n", 1)[0].lower()
+    assert head.startswith("http/1.1 503 "), answer
+    assert "retry-after: 1" in head
+    assert not [entry for entry in logged if "exception" in entry or entry["level"] == "error"]
+    (cut,) = [entry for entry in logged if entry["event"] == "http.requests_cut"]
+    assert cut["level"] == "warning"
+    assert cut["requests"] == 1
+    assert logged[-1]["event"] == "service.stopped"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 async def test_serve_raises_its_open_files_limit_and_says_when_it_is_short(
     service_env: dict[str, str], tmp_path: Path
