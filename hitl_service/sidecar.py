@@ -353,7 +353,8 @@ def build_sidecar(
     admission = Admission(activity, settings.http_max_in_flight)
     readiness = Readiness(core.ctx.store, provider)
     scrub = SecretRedactor(settings.secrets()).scrub
-    # Set when the service starts shutting down (``App.stop``): provider routes with streamed answers end them (``Provider.routes``),
+    # Set when the service starts shutting down (``App.stop``): /readyz says
+    # so, provider routes with streamed answers end them (``Provider.routes``),
     # and requests the drain cuts short are answered (``_AnsweredAtShutdown``).
     draining = asyncio.Event()
 
@@ -361,6 +362,11 @@ def build_sidecar(
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
+        if draining.is_set():
+            # Until the listener closes, a moment later: gRPC health says
+            # NOT_SERVING from the same moment.
+            problems = {"service": "shutting down"}
+            return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
         problems = await readiness.check(timeout=min(5.0, settings.provider_timeout))
         if problems:
             # A provider's error may carry its own secrets (a library error

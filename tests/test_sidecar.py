@@ -10,9 +10,11 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import grpc
 import httpx
 import pytest
 import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from structlog.contextvars import merge_contextvars
 
 from hitl_service.clock import SystemClock
@@ -65,6 +67,51 @@ class TestHealth:
         assert metrics.status_code == 200
         assert "grpc_server_handled_total" in metrics.text
         assert "hitl_outbox_pending" in metrics.text
+
+    async def test_readyz_is_not_ready_from_the_first_moment_of_the_shutdown(
+        self, app: App
+    ) -> None:
+        """gRPC health says NOT_SERVING as the shutdown begins; /readyz
+        answered 200 until the sidecar's listener closed (0.1-0.2 s later
+        under load, measured), telling a probe or a load balancer to send
+        more to a replica on its way out. It answers 503 from then on. Here a
+        webhook in progress keeps the sidecar draining, and /readyz is asked
+        behind the listener."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
+        sidecar = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app.sidecar), base_url="http://sidecar"
+        )
+        stopping: asyncio.Task[None] | None = None
+        try:
+            assert (await sidecar.get("/readyz")).status_code == 200
+            writer.write(
+                b"POST /webhooks/local HTTP/1.1\r\nHost: hitl\r\nContent-Length: 2\r\n"
+                b"Expect: 100-continue\r\n\r\n"
+            )
+            await writer.drain()
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100 ")
+            stopping = asyncio.create_task(app.stop(grace=1))
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+                health: Any = health_pb2_grpc.HealthStub(channel)
+
+                async def not_serving() -> bool:
+                    answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
+                    return bool(answer.status == health_pb2.HealthCheckResponse.NOT_SERVING)
+
+                await wait_for(not_serving, what="the shutdown to begin")
+            response = await sidecar.get("/readyz")
+            assert response.status_code == 503
+            assert response.json() == {
+                "status": "unavailable",
+                "problems": {"service": "shutting down"},
+            }
+            assert not stopping.done()  # the sidecar still serves the webhook
+        finally:
+            writer.write(b"{}")
+            writer.close()
+            await sidecar.aclose()
+            if stopping is not None:
+                await stopping
 
     async def test_readyz_reports_provider_problems(
         self, hook: httpx.AsyncClient, scripted: ScriptedProvider
