@@ -712,6 +712,46 @@ class TestCancelledStart:
             await call
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
+    async def test_a_start_cut_off_by_the_shutdown_is_failed_so_its_retry_starts_at_once(
+        self,
+        service_env: dict[str, str],
+        scripted_app: App,
+        scripted_stub: Stub,
+        scripted: ScriptedProvider,
+    ) -> None:
+        """A start the shutdown cut off stayed STARTING until some replica's
+        upkeep failed it, twice HITL_REQUEST_BUDGET + HITL_PROVIDER_TIMEOUT
+        after it began (a minute by default): through a rolling restart, the
+        caller's retry with the same request_id was answered
+        START_IN_PROGRESS all that time (the Python client gives up long
+        before). The stopping process fails it itself (START_INTERRUPTED,
+        as the upkeep would), so the retry on the next replica starts afresh."""
+        user = await make_user(scripted_stub)
+        scripted.hold("start")  # never let go
+        request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="t")
+        call = scripted_stub.StartHitl(request, timeout=TIMEOUT)
+        await wait_for(lambda: scripted.waiting.get("start") == 1, what="the held start")
+        await scripted_app.stop(grace=0.2)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call
+        async with scripted_on_clock(service_env, SystemClock()) as (_, stub, _scripted):
+            retried = await stub.StartHitl(request, timeout=TIMEOUT)
+            assert retried.session.external_chat_id
+            failed = [
+                s
+                for s in (
+                    await stub.ListSessions(
+                        pb.ListSessionsRequest(user_id=user.id), timeout=TIMEOUT
+                    )
+                ).sessions
+                if s.state == pb.SESSION_STATE_FAILED
+            ]
+            assert len(failed) == 1
+            assert failed[0].id != retried.session.id
+            async with EventCollector(stub, session_id=failed[0].id) as events:
+                event = await events.wait_for_kind("failed")
+            assert event.failed.code == "START_INTERRUPTED"
+
     async def test_a_start_under_way_reads_as_requested_without_a_chat(
         self, scripted_app: App, scripted_stub: Stub, scripted: ScriptedProvider
     ) -> None:

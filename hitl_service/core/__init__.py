@@ -47,7 +47,8 @@ class HitlCore:
         self.ingestor = Ingestor(ctx, self.outbox, before_end=before_end)
         self.outbox.before_end = before_end
         self._tasks: list[asyncio.Task[None]] = []
-        self._starts: set[asyncio.Task[Session]] = set()  # see start_handoff
+        # Starts running (see start_handoff), each with its session's id once stored.
+        self._starts: dict[asyncio.Task[Session], list[str]] = {}
 
     async def start(self) -> None:
         """Starts the background work: fan-out, outbox, maintenance."""
@@ -67,18 +68,26 @@ class HitlCore:
         """Lets starts and outbox attempts in flight finish (up to ``grace``
         in all), cuts off the rest, then stops.
 
-        A start cut off stays STARTING: the upkeep of whichever replica runs
-        next fails it (START_INTERRUPTED). Left running, it went on with the
-        provider and the store closed under it.
+        A start cut off is failed (START_INTERRUPTED) here, as the upkeep
+        would fail it a minute later: the caller's retry with its request id
+        then starts afresh on the next replica at once, instead of being
+        told START_IN_PROGRESS meanwhile. (Left running, a start went on with
+        the provider and the store closed under it.)
         """
         self.hub.close()
         deadline = self.ctx.clock.monotonic() + grace
         if self._starts:
             _, running = await asyncio.wait(self._starts, timeout=grace)
+            cut = [session_id for start in running for session_id in self._starts[start]]
             for start in running:
                 start.cancel()
             if running:
                 await asyncio.wait(running)
+            for session_id in cut:
+                try:
+                    await self.maintenance.fail_interrupted_start(session_id)
+                except StoreUnavailable:
+                    break  # the upkeep of the next replica fails them
         await self.outbox.stop(max(0.0, deadline - self.ctx.clock.monotonic()))
         for task in self._tasks:
             task.cancel()
@@ -99,8 +108,11 @@ class HitlCore:
         chat opened at the provider. The start finishes or fails as if the
         caller had waited, and a retry with the same request id gets that.
         """
-        task = asyncio.create_task(sessions.start_handoff(self.ctx, cmd, budget))
-        self._starts.add(task)
+        stored: list[str] = []
+        task = asyncio.create_task(
+            sessions.start_handoff(self.ctx, cmd, budget, stored=stored.append)
+        )
+        self._starts[task] = stored
         task.add_done_callback(_forget_start(self._starts))
         return await asyncio.shield(task)
 
@@ -159,9 +171,11 @@ class HitlCore:
             return 0
 
 
-def _forget_start(starts: set[asyncio.Task[Session]]) -> Callable[[asyncio.Task[Session]], None]:
+def _forget_start(
+    starts: dict[asyncio.Task[Session], list[str]],
+) -> Callable[[asyncio.Task[Session]], None]:
     def done(task: asyncio.Task[Session]) -> None:
-        starts.discard(task)
+        starts.pop(task, None)
         if not task.cancelled():
             task.exception()  # its caller may be gone: retrieved here, not reported as lost
 

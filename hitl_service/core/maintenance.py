@@ -221,7 +221,7 @@ class Maintenance:
         if session.state is SessionState.STARTING:
             limit = settings.request_budget * 2 + settings.provider_timeout
             if age > limit:
-                await self._fail_interrupted_start(session, now)
+                await self.fail_interrupted_start(session.id, now)
             return
         due = self._due(session, now)
         if due is not None:
@@ -268,11 +268,14 @@ class Maintenance:
             log.info("session.timeout", session_id=session.id, kind=kind)
         self._outbox.dispatch(item, head)
 
-    async def _fail_interrupted_start(self, session: Session, now: datetime) -> None:
+    async def fail_interrupted_start(self, session_id: str, now: datetime | None = None) -> None:
+        """Fails a start that no process carries on with any more (its
+        process died, or stopped and cut it off), if it is still STARTING."""
         ctx = self._ctx
+        now = now or ctx.clock.now()
         detail = "the service stopped while the handoff was starting"
         async with ctx.store.transaction() as tx:
-            current = await tx.get_session(session.id)
+            current = await tx.get_session(session_id)
             if current is None or current.state is not SessionState.STARTING:
                 return
             finish(current, SessionState.FAILED, detail, EndedBy.UNSPECIFIED, now)
@@ -287,7 +290,7 @@ class Maintenance:
                 await tx.delete_idempotency(START_SCOPE, current.request_id)
             await abandon_later(tx, ctx, current, now)
         ctx.metrics.appended("failed")
-        log.warning("session.start_interrupted", session_id=session.id)
+        log.warning("session.start_interrupted", session_id=session_id)
 
     async def catch_up(
         self,

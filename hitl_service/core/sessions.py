@@ -99,8 +99,17 @@ async def list_sessions(
     return SessionPage(page, (page[-1].created_at, page[-1].id) if more and page else None)
 
 
-async def start_handoff(ctx: CoreContext, cmd: StartHandoff, budget: float) -> Session:
+async def start_handoff(
+    ctx: CoreContext,
+    cmd: StartHandoff,
+    budget: float,
+    *,
+    stored: Callable[[str], None] | None = None,
+) -> Session:
     """Opens a handoff at the provider; idempotent by ``request_id``.
+
+    ``stored`` is told the new session's id once it is committed (STARTING),
+    before the provider is called.
 
     Raises:
         NotFound: Unknown user.
@@ -124,6 +133,8 @@ async def start_handoff(ctx: CoreContext, cmd: StartHandoff, budget: float) -> S
         user, session = await _insert_session(tx, ctx, cmd, request_hash)
         provider_user = await tx.get_provider_user(cmd.user_id, ctx.provider_name)
         previous = await tx.last_session_with_chat(cmd.user_id, ctx.provider_name)
+    if stored is not None:
+        stored(session.id)
     # Once the provider's start was called, a chat may be open: a start
     # given up without an answer also schedules closing it (``abandon_later``).
     called = False
