@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 CATCH_UP_BEFORE_END_BUDGET = 4.0  # seconds
+FAIL_CUT_STARTS_SECONDS = 5.0
+"""The most a shutdown spends failing the starts it cut off (a slow store)."""
 
 
 class HitlCore:
@@ -83,11 +85,12 @@ class HitlCore:
                 start.cancel()
             if running:
                 await asyncio.wait(running)
-            for session_id in cut:
-                try:
-                    await self.maintenance.fail_interrupted_start(session_id)
-                except StoreUnavailable:
-                    break  # the upkeep of the next replica fails them
+            try:
+                async with asyncio.timeout(FAIL_CUT_STARTS_SECONDS):
+                    for session_id in cut:
+                        await self.maintenance.fail_interrupted_start(session_id)
+            except (StoreUnavailable, TimeoutError):
+                pass  # the upkeep of the next replica fails them
         await self.outbox.stop(max(0.0, deadline - self.ctx.clock.monotonic()))
         for task in self._tasks:
             task.cancel()

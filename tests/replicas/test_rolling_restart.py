@@ -47,9 +47,9 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.timeout(300)]
 SESSIONS = 4
 GRACE = 1.0  # HITL_GRACE_SECONDS
 PROVIDER_TIMEOUT = 2.0  # replica_env's HITL_PROVIDER_TIMEOUT
-# docs/operations.md: 5 s + 2 x HITL_GRACE_SECONDS, then up to
-# HITL_PROVIDER_TIMEOUT for the provider and 10 s for the store.
-DRAIN_BOUND = 5 + 2 * GRACE + PROVIDER_TIMEOUT + 10
+# docs/operations.md: 5 s + 2 x HITL_GRACE_SECONDS, 5 s to fail cut-off
+# starts, then up to HITL_PROVIDER_TIMEOUT for the provider and 10 s for the store.
+DRAIN_BOUND = 5 + 2 * GRACE + 5 + PROVIDER_TIMEOUT + 10
 
 
 def free_port() -> int:
