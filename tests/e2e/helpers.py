@@ -26,6 +26,12 @@ ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 TIMEOUT = 30.0
 EVENT_LINE = re.compile(r"^\[(\d+)\] (\w+): (.*)$")
+# What the examples call on a first run: a replica's gRPC core can answer
+# any of them CANCELLED (docs/errors.md), which the examples must ride out.
+EXAMPLE_METHODS = frozenset(
+    f"/hitl.v1.HitlService/{name}"
+    for name in ("CreateUser", "StartHitl", "SendMessage", "StreamEvents")
+)
 
 
 def required() -> bool:

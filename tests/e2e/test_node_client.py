@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import ROOT, need, run_handoff_scenario
+from tests.e2e.helpers import EXAMPLE_METHODS, ROOT, need, run_handoff_scenario
 
 NODE_DIR = ROOT / "examples" / "node"
 
@@ -26,17 +26,15 @@ async def test_node_client_follows_a_handoff_across_reconnects(tmp_path: Path) -
         (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir(),
         "the Node example's dependencies are missing (run: cd examples/node && npm ci)",
     )
-    # The first CreateUser and the first StreamEvents are answered CANCELLED,
-    # as a replica's gRPC core does under load: the client retries the one
-    # and reconnects the other.
+    # The first call of each method is answered CANCELLED, as a replica's
+    # gRPC core does under load or when it begins to stop: the client
+    # retries the unary calls and reconnects the stream.
     output = await run_handoff_scenario(
         tmp_path,
         [node, str(NODE_DIR / "client.js")],
         cwd=NODE_DIR,
         prints_reconnects=True,
-        cancel_first=frozenset(
-            {"/hitl.v1.HitlService/CreateUser", "/hitl.v1.HitlService/StreamEvents"}
-        ),
+        cancel_first=EXAMPLE_METHODS,
     )
     events = output.events()
     assert [cursor for cursor, _, _ in events] == [1, 2, 3, 4, 5, 6]  # no gap, no repeat

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import ROOT, run_handoff_scenario
+from tests.e2e.helpers import EXAMPLE_METHODS, ROOT, run_handoff_scenario
 
 pytestmark = pytest.mark.e2e
 
@@ -28,4 +28,21 @@ async def test_python_example_follows_a_handoff_across_a_restart(tmp_path: Path)
         "ended",
     ]
     assert events[4][2] == "Jane Agent: Found it: it arrives tomorrow."
+    assert output.lines[-1] == "handoff over (ended)"
+
+
+async def test_python_example_retries_the_cancelled_a_stopping_replica_answers(
+    tmp_path: Path,
+) -> None:
+    """See the Node example's test of the same name: the Python client
+    retries a server's CANCELLED (the service never saw the call)."""
+    script = ROOT / "examples" / "python" / "handoff.py"
+    output = await run_handoff_scenario(
+        tmp_path,
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        prints_reconnects=False,
+        cancel_first=EXAMPLE_METHODS,
+    )
+    assert [cursor for cursor, _, _ in output.events()] == [1, 2, 3, 4, 5, 6]
     assert output.lines[-1] == "handoff over (ended)"
