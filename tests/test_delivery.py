@@ -660,17 +660,26 @@ class TestStop:
         assert stopped.session.state == pb.SESSION_STATE_ENDED
 
 
+async def _start_held_at_the_provider(
+    stub: Stub, scripted: ScriptedProvider
+) -> tuple[asyncio.Event, pb.StartHitlRequest, Any]:
+    """A new user's StartHitl (its request and call) that has reached the
+    provider, which holds it until the returned gate is set."""
+    user = await make_user(stub)
+    gate = scripted.hold("start")
+    request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="t")
+    call = stub.StartHitl(request, timeout=TIMEOUT)
+    await wait_for(lambda: scripted.waiting.get("start") == 1, what="the held start")
+    return gate, request, call
+
+
 class TestCancelledStart:
     async def test_a_start_whose_caller_went_away_finishes_for_the_retry(
         self, scripted_app: App, scripted_stub: Stub, scripted: ScriptedProvider
     ) -> None:
         """The provider may have opened the chat: the start runs to its end,
         and the caller's retry with the same request id gets the session."""
-        user = await make_user(scripted_stub)
-        gate = scripted.hold("start")
-        request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="t")
-        call = scripted_stub.StartHitl(request, timeout=TIMEOUT)
-        await wait_for(lambda: scripted.waiting.get("start") == 1, what="the held start")
+        gate, request, call = await _start_held_at_the_provider(scripted_stub, scripted)
         call.cancel()  # the caller goes away mid-start
         with pytest.raises(asyncio.CancelledError):
             await call
@@ -693,19 +702,14 @@ class TestCancelledStart:
         (``livechat.connection_lost`` warnings at every such shutdown, a
         retry on a closed client failing as our bug) until the event loop
         ended. It is cut off at the end of the grace period, as the
-        operations guide says, and the next replica's upkeep fails it
-        (START_INTERRUPTED)."""
-        user = await make_user(scripted_stub)
-        scripted.hold("start")  # never let go
+        operations guide says."""
+        _, _, call = await _start_held_at_the_provider(scripted_stub, scripted)  # never let go
         starts_at_close: list[int] = []
 
         async def close() -> None:
             starts_at_close.append(scripted.waiting.get("start", 0))
 
         monkeypatch.setattr(scripted, "close", close)
-        request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="t")
-        call = scripted_stub.StartHitl(request, timeout=TIMEOUT)
-        await wait_for(lambda: scripted.waiting.get("start") == 1, what="the held start")
         await scripted_app.stop(grace=0.2)
         assert starts_at_close == [0]
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -726,11 +730,7 @@ class TestCancelledStart:
         START_IN_PROGRESS all that time (the Python client gives up long
         before). The stopping process fails it itself (START_INTERRUPTED,
         as the upkeep would), so the retry on the next replica starts afresh."""
-        user = await make_user(scripted_stub)
-        scripted.hold("start")  # never let go
-        request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="t")
-        call = scripted_stub.StartHitl(request, timeout=TIMEOUT)
-        await wait_for(lambda: scripted.waiting.get("start") == 1, what="the held start")
+        _, request, call = await _start_held_at_the_provider(scripted_stub, scripted)
         await scripted_app.stop(grace=0.2)
         with pytest.raises(grpc.aio.AioRpcError):
             await call
@@ -741,7 +741,7 @@ class TestCancelledStart:
                 s
                 for s in (
                     await stub.ListSessions(
-                        pb.ListSessionsRequest(user_id=user.id), timeout=TIMEOUT
+                        pb.ListSessionsRequest(user_id=request.user_id), timeout=TIMEOUT
                     )
                 ).sessions
                 if s.state == pb.SESSION_STATE_FAILED
@@ -759,13 +759,9 @@ class TestCancelledStart:
         the provider sees REQUESTED with no chat, and its sends and stops are
         SESSION_STARTING. The proto said REQUESTED meant the provider had
         accepted the handoff; it says this now."""
-        user = await make_user(scripted_stub)
-        gate = scripted.hold("start")
-        request = pb.StartHitlRequest(user_id=user.id, request_id=rid(), title="t")
-        call = scripted_stub.StartHitl(request, timeout=TIMEOUT)
-        await wait_for(lambda: scripted.waiting.get("start") == 1, what="the held start")
+        gate, request, call = await _start_held_at_the_provider(scripted_stub, scripted)
         listed = await scripted_stub.ListSessions(
-            pb.ListSessionsRequest(user_id=user.id), timeout=TIMEOUT
+            pb.ListSessionsRequest(user_id=request.user_id), timeout=TIMEOUT
         )
         (starting,) = listed.sessions
         assert starting.state == pb.SESSION_STATE_REQUESTED

@@ -194,7 +194,7 @@ class Load:
             text = f"agent {number}"
             await self.fake.control("agent_message", chat_id=chat_id, text=text)
             self.agent_texts.append(text)
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # an agent's pace, not synchronization
 
     async def churn(self) -> None:
         """Handoffs started and stopped again."""
