@@ -17,6 +17,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import hitl_service.core as core_module
 from hitl_service.clock import SystemClock
 from hitl_service.codec import message_to_json
 from hitl_service.core import outbox as outbox_module
@@ -751,6 +752,28 @@ class TestCancelledStart:
             async with EventCollector(stub, session_id=failed[0].id) as events:
                 event = await events.wait_for_kind("failed")
             assert event.failed.code == "START_INTERRUPTED"
+
+    async def test_a_store_that_hangs_while_cut_off_starts_are_failed_holds_the_shutdown_briefly(
+        self,
+        scripted_app: App,
+        scripted_stub: Stub,
+        scripted: ScriptedProvider,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Failing the starts a shutdown cut off is bounded (5 s; shortened
+        here): a store that does not answer leaves them to the next
+        replica's upkeep, and the shutdown goes on to close it."""
+        await _start_held_at_the_provider(scripted_stub, scripted)
+        hung = asyncio.Event()
+
+        async def hang(session_id: str) -> None:
+            hung.set()
+            await asyncio.Event().wait()
+
+        monkeypatch.setattr(scripted_app.core.maintenance, "fail_interrupted_start", hang)
+        monkeypatch.setattr(core_module, "FAIL_CUT_STARTS_SECONDS", 0.2)
+        await asyncio.wait_for(scripted_app.stop(grace=0.2), TIMEOUT)
+        assert hung.is_set()
 
     async def test_a_start_under_way_reads_as_requested_without_a_chat(
         self, scripted_app: App, scripted_stub: Stub, scripted: ScriptedProvider
