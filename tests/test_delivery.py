@@ -509,6 +509,24 @@ class TestWaiters:
         assert (await waiter).status is OutboxStatus.DONE
         assert item.id not in outbox._finished
 
+    async def test_a_waiter_whose_caller_goes_away_leaves_nothing_behind(
+        self, scripted_app: App, scripted_stub: Stub
+    ) -> None:
+        """An RPC cancelled (its caller gave up) while it waits on an item
+        another replica holds must not leave its wake-up event behind: that
+        replica settles the item, so nothing here would ever drop it (one
+        entry per message whose caller went away, for the process's life)."""
+        store, outbox = scripted_app.store, scripted_app.core.outbox
+        session = await open_session(scripted_stub)
+        async with store.transaction() as tx:
+            item = await _item_held_elsewhere(tx, session.id)
+        waiter = asyncio.create_task(outbox.wait(item, TIMEOUT))
+        await wait_for(lambda: item.id in outbox._finished, what="the waiter")
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert item.id not in outbox._finished
+
 
 async def _item_held_elsewhere(tx: Tx, session_id: str) -> OutboxItem:
     """An item another replica holds (its lease lasts), in ``session_id``."""

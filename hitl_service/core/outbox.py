@@ -541,33 +541,37 @@ class Outbox:
         ctx = self._ctx
         deadline = ctx.clock.monotonic() + timeout
         seen: _Attempt | None = None
-        while item.status is OutboxStatus.PENDING:
-            remaining = deadline - ctx.clock.monotonic()
-            if remaining <= 0:
-                break
-            attempt = self._inflight.get(item.id)
-            if attempt is not None and attempt is not seen:
-                # Take each attempt's outcome once, then wait for the next one.
-                seen = attempt
-                outcome = await attempt.outcome(min(remaining, self.poll_interval))
-                if outcome is not None:
-                    item = outcome
-                    continue  # settled, or rescheduled: then wait for the retry
-            else:
-                event = self._finished.setdefault(item.id, asyncio.Event())
-                try:
-                    async with asyncio.timeout(min(remaining, self.poll_interval)):
-                        await event.wait()
-                except TimeoutError:
-                    pass
-            latest = await ctx.store.get_outbox(item.id)
-            if latest is None:
-                break
-            item = latest
-        # The item's event is dropped here too, not only by a local settle:
-        # one settled elsewhere (another replica) would leave it forever.
-        # Other RPCs waiting on it are woken to re-read and make a new one.
-        self._signal(item.id)
+        try:
+            while item.status is OutboxStatus.PENDING:
+                remaining = deadline - ctx.clock.monotonic()
+                if remaining <= 0:
+                    break
+                attempt = self._inflight.get(item.id)
+                if attempt is not None and attempt is not seen:
+                    # Take each attempt's outcome once, then wait for the next one.
+                    seen = attempt
+                    outcome = await attempt.outcome(min(remaining, self.poll_interval))
+                    if outcome is not None:
+                        item = outcome
+                        continue  # settled, or rescheduled: then wait for the retry
+                else:
+                    event = self._finished.setdefault(item.id, asyncio.Event())
+                    try:
+                        async with asyncio.timeout(min(remaining, self.poll_interval)):
+                            await event.wait()
+                    except TimeoutError:
+                        pass
+                latest = await ctx.store.get_outbox(item.id)
+                if latest is None:
+                    break
+                item = latest
+        finally:
+            # The item's event is dropped here too, not only by a local
+            # settle: one settled elsewhere (another replica), or before this
+            # waiter made its event, would leave it forever, and so would an
+            # RPC cancelled while it waits (its caller went away). Other RPCs
+            # waiting on it are woken to re-read and make a new one.
+            self._signal(item.id)
         return item
 
     # --- background loop ---------------------------------------------------------
