@@ -106,3 +106,15 @@ proto-breaking: setup
 .PHONY: soak-livechat
 soak-livechat: setup
 	$(BIN)/python scripts/soak.py $(SOAK_ARGS)
+
+# Churn run (scripts/churn.py), about 14 minutes: sessions started and ended
+# every way (stops, agent/customer/router closes, timeouts, abandoned starts),
+# streams opened and cancelled, client processes killed or left half-open,
+# provider failures and expired tokens, and clock jumps past HITL_RETENTION;
+# samples RSS, open files, threads, asyncio tasks, every in-memory container
+# the service holds (scripts/churn_probe.py), the provider's connection pool,
+# metric series and the store, and fails on anything that keeps growing.
+# CHURN_ARGS="--store postgres --replicas 2" runs two replicas on PostgreSQL.
+.PHONY: churn
+churn: setup
+	$(BIN)/python scripts/churn.py $(CHURN_ARGS)

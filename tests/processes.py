@@ -30,8 +30,16 @@ START_TIMEOUT = 60.0
 class ServiceProcess:
     """One ``hitl-service serve`` process."""
 
-    def __init__(self, env: dict[str, str], *, cwd: Path, name: str = "service") -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        *,
+        cwd: Path,
+        name: str = "service",
+        command: tuple[str, ...] = ("-m", "hitl_service", "serve"),
+    ) -> None:
         self.env = dict(env)
+        self.command = command  # the interpreter's arguments
         self.cwd = cwd
         self.name = name
         self.proc: asyncio.subprocess.Process | None = None
@@ -58,9 +66,7 @@ class ServiceProcess:
         self._log = self.log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-m",
-            "hitl_service",
-            "serve",
+            *self.command,
             env=env,
             cwd=self.cwd,
             stdout=asyncio.subprocess.DEVNULL,
