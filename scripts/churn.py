@@ -346,6 +346,7 @@ class Churn:
         self.idle = asyncio.Event()
         self.stop = asyncio.Event()
         self.number = 0
+        self.killed_streams = 0  # streams opened by client processes since killed
 
     @property
     def stub(self) -> Any:
@@ -580,14 +581,11 @@ class Churn:
                 victim = children.pop(self.rng.randrange(len(children)))
                 await victim.end()
                 self.tally.stream_processes_killed += 1
-                self.tally.streams_in_process += 0
                 self.killed_streams += victim.opened()
         finally:
             for child in children:
                 await child.end()
                 self.killed_streams += child.opened()
-
-    killed_streams = 0
 
     async def half_open(self, target: str, pid: int, deadline: float) -> None:
         """Clients that vanish behind a frozen relay: the service's side stays open."""
