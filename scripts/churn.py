@@ -29,8 +29,21 @@ descriptors (by kind), threads, TCP connections, asyncio tasks, the length
 of every in-memory container the probe reaches (by attribute path), the
 httpx pool to the provider, stream subscribers, the Prometheus series
 count, the SQLite files and each table's rows. The report lists first and
-last samples and every quantity that grew; exit status 1 on growth past
-``--max-growth`` of a structure that should be flat.
+last samples and every quantity that grew; the exit status is 1 when the
+run saw an error of the service, or when something is suspicious:
+
+- an in-memory container above its size before any traffic once the churn
+  is over (every session ended, every stream closed), unless it is a cache
+  with a capacity (an LRU, the stream buffer) or keyed by the code itself
+  (log keys, metric label combinations, open connections: ``KEYED_BY_CODE``);
+- a process quantity (tasks, open files, threads, connections) grown past
+  ``--max-growth``, or rising at every idle checkpoint (the clock jumps and
+  the end), and objects of one type grown by half the sessions or more;
+- a metric series with a label value shaped like an id (session, message,
+  user, chat): label cardinality that grows with sessions.
+
+The store is judged after each jump (every table back to what retention
+keeps), RSS by its samples.
 
     .venv/bin/python scripts/churn.py --minutes 12
     .venv/bin/python scripts/churn.py --minutes 12 --store postgres   # needs initdb
@@ -296,6 +309,15 @@ async def postgres_state(dsn: str) -> dict[str, int]:
         await conn.close()
 
 
+ID_LIKE = re.compile(r'="(ses_|msg_|usr_|[0-9A-Z]{10}"|[0-9a-f]{16,}|[0-9a-f-]{36})')
+
+
+def id_labels(text: str) -> list[str]:
+    """Series whose label values look like ids (sessions, messages, users,
+    LiveChat chats, uuids): label cardinality that grows with sessions."""
+    return [line for line in text.splitlines() if not line.startswith("#") and ID_LIKE.search(line)]
+
+
 def metric_series(text: str) -> dict[str, int]:
     """Series per metric family in a /metrics answer (and the total)."""
     families: Counter[str] = Counter()
@@ -347,6 +369,7 @@ class Churn:
         self.stop = asyncio.Event()
         self.number = 0
         self.killed_streams = 0  # streams opened by client processes since killed
+        self.id_labels: list[str] = []  # metric series labelled with an id
 
     @property
     def stub(self) -> Any:
@@ -829,6 +852,16 @@ async def main(args: argparse.Namespace) -> int:
                     flush=True,
                 )
 
+            # The baseline: every replica idle, before any traffic (but the
+            # users and a first request to each sidecar, whose middleware
+            # Starlette builds then), in a probe line written after that.
+            for n, one in enumerate(sidecars):
+                await one.get("/readyz")
+                probe = run_dir / f"probe{n}.jsonl"
+                lines = len(probe.read_text().splitlines()) if probe.exists() else 0
+                while not probe.exists() or len(probe.read_text().splitlines()) <= lines:  # noqa: ASYNC110
+                    await asyncio.sleep(0.5)  # the probe writes its next line
+            await sample("baseline")
             deadline = time.monotonic() + args.minutes * 60
             background = [
                 asyncio.create_task(sampler()),
@@ -846,7 +879,9 @@ async def main(args: argparse.Namespace) -> int:
             await asyncio.sleep(max(args.queue_timeout, args.idle_timeout) + 15)
             await sample("end")
             for n, one in enumerate(sidecars):  # the series themselves, to read their labels
-                (run_dir / f"metrics{n}.txt").write_text((await one.get("/metrics")).text)
+                text = (await one.get("/metrics")).text
+                (run_dir / f"metrics{n}.txt").write_text(text)
+                churn.id_labels += id_labels(text)
             churn.stop.set()
             for task in background:
                 task.cancel()
@@ -892,6 +927,21 @@ def _flatten(sample: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
+# Structures whose keys are written in the code (log keys, metric label
+# combinations of bounded enums) or that hold open connections (bounded by
+# their caps, and checked through open files): they may end above baseline.
+KEYED_BY_CODE = (
+    "metrics._children",
+    "SecretRedactor._secret_key",
+    "_warned_types",
+    "_warned_lifecycle",
+    "ServiceInterceptor._wrapped",
+    "server_state.connections",
+    "_pool._connections",
+    "_pool._requests",
+    "sqlite:_COLUMNS_OF",  # by SQL text, at most 256 (store/sqlite.py)
+)
+
 # Quantities that legitimately grow during the run: the store keeps what is
 # within HITL_RETENTION (checked after each jump instead), and the SQLite
 # files grow until freed pages are reused.
@@ -929,12 +979,24 @@ def report(
     warm = [s for s in samples if s["t"] >= args.warmup] or samples
     first, last = flatten(warm[0]), flatten(warm[-1])
     keys = sorted(set(first) | set(last))
-    idle = [s for s in samples if s["tag"]]
+    idle = [s for s in samples if s["tag"] and s["tag"] != "baseline"]
+    baseline = next((flatten(s) for s in samples if s["tag"] == "baseline"), {})
     idle_flat = [flatten(s) for s in idle]
 
     def bounded(key: str, value: float) -> bool:
         cap = bound_of(key, last)
-        return cap is not None and value <= cap
+        if cap is not None and value <= cap:
+            return True
+        # An item of a bounded cache (``lru._data[*].agents``) is bounded with it.
+        replica, _, path = key.rpartition("size.")
+        return any(
+            bound_of(f"{replica}size.{path[:i]}", last) is not None
+            for i in range(len(path))
+            if path.startswith("[*]", i)
+        )
+
+    def unprefixed(key: str) -> str:
+        return re.sub(r"^r\d+\.", "", key)
 
     grown = []
     for key in keys:
@@ -948,10 +1010,33 @@ def report(
             steps = [y - x for x, y in itertools.pairwise(values)]
             if all(d > 0 for d in steps) and values[-1] - values[0] > args.min_growth:
                 rising.append((key, values[0], values[-1], "at every idle checkpoint"))
+    # After the churn (every session ended, every stream closed), what is
+    # kept per session, stream, connection or item must be back where it was
+    # before any traffic: anything left behind is kept for good.
+    left_behind = [
+        (key, baseline.get(key, 0), value, "left behind after the churn")
+        for key, value in last.items()
+        if "size." in key
+        and "#" not in key
+        and value > baseline.get(key, 0)
+        and not bounded(key, value)
+        and not any(part in key for part in KEYED_BY_CODE)
+    ]
+    sessions = max(1, tally.sessions_started)
     suspicious = [
         g
         for g in grown + rising
-        if not re.sub(r"^r\d+\.", "", g[0]).startswith(GROWS_BY_DESIGN) and not bounded(g[0], g[2])
+        if not unprefixed(g[0]).startswith(GROWS_BY_DESIGN)
+        and "size." not in g[0]  # judged by left_behind, against the baseline
+        # Objects by type: a leak per session would add about one per session
+        # (prometheus children, pooled connections and the like add a few).
+        and not (unprefixed(g[0]).startswith("gc.") and g[2] - g[1] < sessions / 2)
+        and unprefixed(g[0]) != "metrics.series"  # judged by its labels, below
+    ]
+    suspicious += left_behind
+    suspicious += [
+        (f"metrics: {line}", 0, 0, "a label value that names one session, chat or user")
+        for line in churn.id_labels
     ]
     flat_keys = [k for k in keys if "gc." not in k and "size." not in k]
     watched = [k for k in keys if "size." in k and "#" not in k]
@@ -992,6 +1077,8 @@ def report(
             if bound_of(k, last) is not None
         },
         "grown": [{"what": k, "first": a, "last": b, "how": how} for k, a, b, how in grown],
+        "rising_at_idle_checkpoints": [{"what": k, "first": a, "last": b} for k, a, b, _ in rising],
+        "baseline": {k: v for k, v in baseline.items() if "gc." not in k},
         "suspicious": [
             {"what": k, "first": a, "last": b, "how": how} for k, a, b, how in suspicious
         ],

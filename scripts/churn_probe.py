@@ -129,7 +129,10 @@ def sizes(roots: list[tuple[str, object]], max_depth: int = 8) -> dict[str, int]
                 if isinstance(value, CONTAINERS) and not name.startswith("__"):
                     note(f"{module_name}:{name}", len(value))
                 elif hasattr(value, "cache_info"):  # functools.lru_cache
-                    note(f"{module_name}:{name}()", value.cache_info().currsize)
+                    info = value.cache_info()
+                    note(f"{module_name}:{name}()", info.currsize)
+                    if info.maxsize is not None:
+                        note(f"{module_name}:{name}()#_capacity", info.maxsize)
     return out
 
 
