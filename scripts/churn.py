@@ -80,6 +80,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb  # noqa: E402
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc  # noqa: E402
+from scripts.soak import register_webhooks  # noqa: E402 - the soak's, as it is
 from tests.processes import FakeLiveChatProcess, ServiceProcess  # noqa: E402
 
 AGENTS = ("jane@acme.example", "joe@acme.example")
@@ -676,25 +677,6 @@ class Churn:
 
 
 # --- the run ------------------------------------------------------------------------
-
-
-async def register_webhooks(env: dict[str, str], cwd: Path, url: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "hitl_service",
-        "livechat",
-        "register-webhooks",
-        "--url",
-        url,
-        env={**os.environ, **env},
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"register-webhooks failed:\n{out.decode()}")
 
 
 def last_line(path: Path) -> dict[str, Any]:
