@@ -838,8 +838,8 @@ async def main(args: argparse.Namespace) -> int:
             # The baseline: every replica idle, before any traffic (but the
             # users and a first request to each sidecar, whose middleware
             # Starlette builds then), in a probe line written after that.
-            for n, one in enumerate(sidecars):
-                await one.get("/readyz")
+            for n, sidecar in enumerate(sidecars):
+                await sidecar.get("/readyz")
                 probe = run_dir / f"probe{n}.jsonl"
                 lines = len(probe.read_text().splitlines()) if probe.exists() else 0
                 while not probe.exists() or len(probe.read_text().splitlines()) <= lines:  # noqa: ASYNC110
@@ -861,8 +861,8 @@ async def main(args: argparse.Namespace) -> int:
             await asyncio.gather(*background[1:4])
             await asyncio.sleep(max(args.queue_timeout, args.idle_timeout) + 15)
             await sample("end")
-            for n, one in enumerate(sidecars):  # the series themselves, to read their labels
-                text = (await one.get("/metrics")).text
+            for n, sidecar in enumerate(sidecars):  # the series themselves, to read their labels
+                text = (await sidecar.get("/metrics")).text
                 (run_dir / f"metrics{n}.txt").write_text(text)
                 churn.id_labels += id_labels(text)
             churn.stop.set()

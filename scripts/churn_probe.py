@@ -54,6 +54,7 @@ from hitl_service.clock import SystemClock  # noqa: E402
 
 OURS = ("hitl_service", "providers", "grpc_health", "httpx", "httpcore", "starlette", "uvicorn")
 CONTAINERS = (dict, set, frozenset, list, collections.deque)
+_SAMPLERS: set[asyncio.Task[None]] = set()
 _FOLD = re.compile(r"[0-9a-f]{6,}|\d+")
 
 
@@ -207,7 +208,8 @@ def install() -> None:
         task = asyncio.get_running_loop().create_task(
             sampler(app, roots, clock), name="churn-probe"
         )
-        app._churn_probe = task  # keeps a reference for as long as the app lives
+        _SAMPLERS.add(task)  # a reference, for as long as it runs
+        task.add_done_callback(_SAMPLERS.discard)
         return app
 
     app_module.build_app = build_app
