@@ -92,13 +92,17 @@ class Session:
 
 @dataclass(frozen=True, slots=True)
 class LogEvent:
-    """One committed entry of the event log; ``seq`` is its cursor."""
+    """One committed entry of the event log; ``seq`` is its cursor.
+
+    ``kind`` is None for an entry this release cannot read (a kind a newer
+    release added, before a rollback; a hand edit): it is streamed with no
+    kind set, so the log's order and every cursor stay whole."""
 
     seq: int
     session_id: str
     user_id: str
     occurred_at: datetime
-    kind: LogKind
+    kind: LogKind | None
 
 
 class OutboxKind(enum.Enum):

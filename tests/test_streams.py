@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -120,6 +121,39 @@ class TestReplayAndFollow:
         assert [int(e.cursor) for e in whole] == list(range(1, 19))
         texts = [e.agent_message.message.text for e in whole if e.HasField("agent_message")]
         assert texts == [f"m{i}" for i in range(15)]
+
+    async def test_an_event_of_a_newer_release_is_streamed_with_no_kind_and_stops_nothing(
+        self, service_env: dict[str, str], scripted_stub: Stub, scripted: ScriptedProvider
+    ) -> None:
+        """A kind this release cannot read (a newer one wrote it, then a
+        rollback) stopped the hub at that row: no stream got another live
+        event, on any session."""
+        user = await make_user(scripted_stub)
+        session = await start_session(scripted_stub, user.id)
+        async with EventCollector(scripted_stub, session_id=session.id, after="0") as live:
+            db = sqlite3.connect(service_env["HITL_STORE_URL"].removeprefix("sqlite:///"))
+            try:
+                with db:
+                    db.execute(
+                        "INSERT INTO events (session_id, user_id, occurred_at, kind, data) "
+                        "VALUES (?, ?, '2026-01-01T00:00:00.000000Z', 'recalled', '{}')",
+                        (session.id, user.id),
+                    )
+            finally:
+                db.close()
+            await scripted.push(session.external_chat_id, say("after it"), "m1")
+            await wait_for(lambda: len(live.events) >= 5, what="live events")
+        replayed = await read(scripted_stub, 5, after_cursor="0", session_id=session.id)
+        for events in (live.events, replayed):
+            assert [e.WhichOneof("kind") for e in events] == [
+                "started",
+                "queued",
+                None,
+                "agent_assigned",
+                "agent_message",
+            ]
+            assert (events[2].session_id, events[2].user_id) == (session.id, user.id)
+            assert [int(e.cursor) for e in events] == sorted(int(e.cursor) for e in events)
 
     async def test_session_filter(self, scripted_stub: Stub, scripted: ScriptedProvider) -> None:
         a = await start_session(scripted_stub, (await make_user(scripted_stub)).id)

@@ -154,7 +154,8 @@ async function follow(sessionId) {
         failures = 0;
         if (BigInt(event.cursor) <= BigInt(cursor)) continue;
         cursor = event.cursor;
-        console.log(`[${event.cursor}] ${event.kind}: ${describe(event)}`);
+        // No kind: one newer than this client's proto; skip it.
+        console.log(`[${event.cursor}] ${event.kind ?? "unknown"}: ${describe(event)}`);
         if (event.kind === "ended" || event.kind === "failed") {
           stream.cancel();
           return event;

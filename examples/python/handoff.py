@@ -88,7 +88,8 @@ async def handoff(args: argparse.Namespace) -> int:
         async with hitl.events(session_id=session.id, after="0") as events:
             async for event in events:
                 kind = event.WhichOneof("kind")
-                print(f"[{event.cursor}] {kind}: {describe(event)}", flush=True)
+                # No kind: one newer than this client's proto; skip it.
+                print(f"[{event.cursor}] {kind or 'unknown'}: {describe(event)}", flush=True)
                 if kind in ("ended", "failed"):
                     print(f"handoff over ({kind})")
                     return 0

@@ -30,7 +30,7 @@ from hitl_service.domain import (
     SessionState,
     User,
 )
-from providers.types import EndedBy, InboundEvent, ProviderUser, Started
+from providers.types import EndedBy, InboundEvent, LogKind, ProviderUser, Started
 
 Row = Mapping[str, Any]
 _T = TypeVar("_T")
@@ -194,13 +194,22 @@ def session_values(session: Session) -> dict[str, Any]:
 
 
 def event_from_row(row: Row) -> LogEvent:
-    """An events row → LogEvent."""
+    """An events row → LogEvent; one whose kind this release cannot decode
+    keeps its place with no kind (``store.row_unreadable``). Raised, it
+    stopped the hub at that row: no stream got another live event."""
+    seq = int(row["seq"])
+    kind: LogKind | None
+    try:
+        kind = kind_from_json(row["kind"], loads(row["data"]))
+    except Exception as exc:
+        log.error("store.row_unreadable", table="events", id=seq, error=str(exc))
+        kind = None
     return LogEvent(
-        seq=int(row["seq"]),
+        seq=seq,
         session_id=row["session_id"],
         user_id=row["user_id"],
         occurred_at=row["occurred_at"],
-        kind=kind_from_json(row["kind"], loads(row["data"])),
+        kind=kind,
     )
 
 

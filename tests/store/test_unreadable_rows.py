@@ -1,6 +1,7 @@
 """Contract: a row this release cannot read (a value a newer release wrote, a
 hand edit) costs only that row in the background loops' reads; the others
-are still listed and claimed."""
+are still listed and claimed. An event of the log keeps its place, with no
+kind."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from structlog.testing import capture_logs
 
 from hitl_service.domain import Session
 from hitl_service.store.base import Store
+from providers.types import Queued
 from tests.store.conftest import Backend
-from tests.store.factories import at, make_outbox, make_session, make_user
+from tests.store.factories import T0, at, make_outbox, make_session, make_user
 
 
 async def _open_sessions_the_second_unreadable(
@@ -82,3 +84,21 @@ async def test_a_page_of_open_sessions_makes_up_for_an_unreadable_row(
 
     assert [s.id for s in first] == [sessions[0].id, sessions[2].id]
     assert [s.id for s in rest] == [sessions[3].id]
+
+
+async def test_an_unreadable_event_keeps_its_place_in_the_log_with_no_kind(
+    store: Store, backend: Backend
+) -> None:
+    """An event of a kind a newer release added: raised, it stopped the hub
+    at that row, and no stream got another live event."""
+    async with store.transaction() as tx:
+        first, bad, last = [await tx.append_event("s", "u", T0, Queued()) for _ in range(3)]
+    await backend.execute(f"UPDATE events SET kind = 'recalled' WHERE seq = {bad}")
+
+    with capture_logs() as logs:
+        events = await store.read_events(after=0, limit=10)
+
+    assert [(e.seq, e.kind) for e in events] == [(first, Queued()), (bad, None), (last, Queued())]
+    assert [(e["event"], e["table"], e["id"]) for e in logs] == [
+        ("store.row_unreadable", "events", bad)
+    ]
