@@ -28,11 +28,11 @@ from hitl_service.store.rows import (
     SESSION_COLUMNS,
     USER_COLUMNS,
     dumps,
-    inbound_from_json,
     inbound_to_json,
     outbox_from_row,
     outbox_update_values,
     outbox_values,
+    parked_from_row,
     provider_user_from_row,
     readable,
     session_from_row,
@@ -382,7 +382,7 @@ class PostgresTx(Queries):
             provider,
             external_chat_id,
         )
-        return [inbound_from_json(r["event"]) for r in sorted(rows, key=lambda r: r["id"])]
+        return readable(sorted(rows, key=lambda r: r["id"]), parked_from_row, "parked_events")
 
     # --- idempotency -----------------------------------------------------------
     async def get_idempotency(self, scope: str, key: str) -> IdempotencyRecord | None:

@@ -305,9 +305,9 @@ def inbound_to_json(event: InboundEvent) -> str:
     )
 
 
-def inbound_from_json(text: Any) -> InboundEvent:
-    """JSON text → parked InboundEvent."""
-    data = loads(text)
+def parked_from_row(row: Row) -> InboundEvent:
+    """A parked_events row → InboundEvent."""
+    data = loads(row["event"])
     kind = kind_from_json(data["kind"], data["data"])
     if isinstance(kind, Started):
         raise ValueError("a started event is never parked")

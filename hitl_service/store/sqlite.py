@@ -78,12 +78,12 @@ from hitl_service.store.rows import (
     Row,
     dumps,
     event_from_row,
-    inbound_from_json,
     inbound_to_json,
     open_sessions_page,
     outbox_from_row,
     outbox_update_values,
     outbox_values,
+    parked_from_row,
     provider_user_from_row,
     readable,
     session_from_row,
@@ -536,7 +536,7 @@ class SqliteTx(_Queries):
                 "DELETE FROM parked_events WHERE provider = ? AND external_chat_id = ?",
                 (provider, external_chat_id),
             )
-        return [inbound_from_json(r["event"]) for r in rows]
+        return readable(rows, parked_from_row, "parked_events")
 
     # --- idempotency -----------------------------------------------------------
     async def get_idempotency(self, scope: str, key: str) -> IdempotencyRecord | None:

@@ -9,7 +9,7 @@ from structlog.testing import capture_logs
 
 from hitl_service.domain import Session
 from hitl_service.store.base import Store
-from providers.types import Queued
+from providers.types import InboundEvent, Queued
 from tests.store.conftest import Backend
 from tests.store.factories import T0, at, make_outbox, make_session, make_user
 
@@ -102,3 +102,24 @@ async def test_an_unreadable_event_keeps_its_place_in_the_log_with_no_kind(
     assert [(e["event"], e["table"], e["id"]) for e in logs] == [
         ("store.row_unreadable", "events", bad)
     ]
+
+
+async def test_an_unreadable_parked_event_costs_only_itself(store: Store, backend: Backend) -> None:
+    """The start that takes its chat's parked events failed on one of a kind
+    a newer release parked, and so did every retry of that start."""
+    async with store.transaction() as tx:
+        for key in ("d1", "d2", "d3"):
+            await tx.park_event("p", InboundEvent("C1", Queued(position=1), key), T0)
+    sqlite = backend.name == "sqlite"
+    text = "event" if sqlite else "event::text"
+    renamed = f"REPLACE({text}, 'queued', 'recalled')" + ("" if sqlite else "::json")
+    await backend.execute(f"UPDATE parked_events SET event = {renamed} WHERE {text} LIKE '%d2%'")
+
+    with capture_logs() as logs:
+        async with store.transaction() as tx:
+            taken = await tx.take_parked_events("p", "C1")
+
+    assert [e.dedupe_key for e in taken] == ["d1", "d3"]
+    assert [(e["event"], e["table"]) for e in logs] == [("store.row_unreadable", "parked_events")]
+    async with store.transaction() as tx:
+        assert await tx.take_parked_events("p", "C1") == []
