@@ -31,10 +31,12 @@ if TYPE_CHECKING:
     from providers.types import (
         Capabilities,
         CatchUp,
+        InvalidField,
         Message,
         ProviderChat,
         ProviderUser,
         SendResult,
+        StartFields,
         StartRequest,
         StartResult,
         UserProfile,
@@ -271,6 +273,39 @@ class SupportsAbandon(Protocol):
 
 
 @runtime_checkable
+class SupportsValidation(Protocol):
+    """A provider with rules of its own for StartHitl's fields (LiveChat:
+    group ids are numbers).
+
+    ``start`` runs after the session is stored and the user's identity is
+    upserted at the backend, so a refusal there leaves a FAILED session and
+    reaches the caller as FAILED_PRECONDITION. A field the provider can
+    judge from its value alone is refused here instead: the core calls
+    ``validate_start`` with the service's own checks, before anything is
+    stored, idempotency records included, or sent, and the caller gets one
+    INVALID_ARGUMENT with every violation. A retry of the refused request
+    (the same ``request_id``) is refused the same way; the corrected
+    request may reuse the id. ``start`` should still refuse what this
+    refuses (``ProviderRejected``): a service older than this hook does not
+    call it.
+    """
+
+    def validate_start(self, fields: StartFields) -> Sequence[InvalidField]:
+        """The fields the provider cannot take; empty when it can.
+
+        Synchronous, fast and free of side effects: it runs on the event
+        loop for every StartHitl, before the idempotency lookup, so its
+        answer must depend only on the fields and the provider's settings
+        (no network, nothing it learned since). An exception, or an answer
+        other than ``InvalidField`` items whose ``field`` starts with a name
+        of ``StartFields``, is taken for a provider bug: StartHitl answers
+        INTERNAL, with nothing stored. Descriptions over 300 characters are
+        cut.
+        """
+        ...
+
+
+@runtime_checkable
 class SupportsCommands(Protocol):
     """A provider with its own CLI subcommands (``hitl-service <name> ...``).
 
@@ -306,4 +341,5 @@ __all__ = [
     "ProviderFactory",
     "SupportsAbandon",
     "SupportsCommands",
+    "SupportsValidation",
 ]

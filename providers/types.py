@@ -362,6 +362,41 @@ class StartRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class StartFields:
+    """A StartHitl request's fields a provider interprets, as the caller sent
+    them, before anything is stored: what ``SupportsValidation`` checks.
+
+    A field the service's own checks refused arrives empty (its violation
+    is the service's), so the provider sees only values in the service's
+    bounds; ``history`` holds the messages as sent, not yet turned into
+    text the provider's ``Capabilities`` carry, so ``history[i]`` is the
+    caller's i-th message.
+    """
+
+    title: str = ""
+    description: str = ""
+    history: Sequence[Message] = ()
+    group_id: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidField:
+    """A request field the provider cannot take, reported to the caller as a
+    ``google.rpc.BadRequest`` field violation.
+
+    Attributes:
+        field: The request's field path, rooted at one of ``StartFields``'
+            names: ``group_id``, ``metadata['plan']``, ``history[3].text``.
+        description: What is wrong, in plain words for the caller (no
+            secrets, no end-user text).
+    """
+
+    field: str
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
 class StartResult:
     """What a provider returns when it accepted a handoff.
 

@@ -21,7 +21,7 @@ from hitl_service.config import Settings
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from hitl_service.logs import SecretRedactor
-from providers import types
+from providers import SupportsValidation, types
 from providers.errors import ProviderUnavailable
 from providers.types import Card, Location, Media, ProviderChat, ProviderUser
 from tests.conftest import start_app
@@ -114,6 +114,15 @@ class TestContract:
             session = await start_session(stub, (await make_user(stub)).id)
             await send(stub, session, text="hi")
             assert [state["refresh"] for state, _message in provider.sends] == ["r0", "r1"]
+
+    async def test_validation_is_optional(self, env: dict[str, str]) -> None:
+        """A provider without ``validate_start`` gets every group id the
+        service's own checks let through, LiveChat's numbers or not."""
+        async with zendesk(env) as (_app, provider, stub, _http):
+            assert not isinstance(provider, SupportsValidation)
+            session = await start_session(stub, (await make_user(stub)).id, group_id="vip")
+            assert session.state == pb.SESSION_STATE_REQUESTED
+            assert provider.groups == ["vip"]
 
     def test_every_event_kind_is_importable_from_providers(self) -> None:
         kinds = typing.get_args(types.EventKind)

@@ -48,6 +48,7 @@ class ZendeskProvider:
             raise ValueError(f"malformed API key {key!r}")
         self.sends: list[tuple[dict[str, str], Message]] = []  # user state seen, message
         self.histories: list[Sequence[Message]] = []
+        self.groups: list[str] = []  # the group id of each start
         self.send_steps: list[SendStep] = []  # run by the next sends, first to last
         self.probe_hook: Callable[[float], Awaitable[list[str]]] | None = None
 
@@ -84,6 +85,7 @@ class ZendeskProvider:
         self, request: StartRequest, user: ProviderUser, *, timeout: float
     ) -> StartResult:
         self.histories.append(request.history)
+        self.groups.append(request.group_id)
         return StartResult(ProviderChat(f"zd-chat-{request.session_id}", {}), "g1")
 
     async def send(

@@ -89,9 +89,8 @@ class HitlServicer(pb_grpc.HitlServiceServicer):
         self, request: pb.StartHitlRequest, context: Context
     ) -> pb.StartHitlResponse:
         """See proto."""
-        session = await self._core.start_handoff(
-            validation.parse_start(request), self._budget(context)
-        )
+        cmd = validation.parse_start(request, self._core.check_start)
+        session = await self._core.start_handoff(cmd, self._budget(context))
         return pb.StartHitlResponse(session=session_to_pb(session))
 
     async def SendMessage(

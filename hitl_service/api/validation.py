@@ -13,14 +13,18 @@ import json
 import math
 import re
 from datetime import datetime, timedelta
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from hitl_service.api.convert import STATE_FROM_PB, message_from_pb
 from hitl_service.core.commands import CreateUser, SendUserMessage, StartHandoff, StopHandoff
 from hitl_service.errors import FieldViolation, InvalidArgument
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from providers.types import StartFields
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
     from hitl_service.domain import SessionState
 
 ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -186,8 +190,16 @@ def parse_create_user(request: pb.CreateUserRequest) -> CreateUser:
     )
 
 
-def parse_start(request: pb.StartHitlRequest) -> StartHandoff:
-    """StartHitlRequest → StartHandoff."""
+def parse_start(
+    request: pb.StartHitlRequest,
+    provider_check: Callable[[StartFields], Sequence[FieldViolation]] | None = None,
+) -> StartHandoff:
+    """StartHitlRequest → StartHandoff.
+
+    ``provider_check`` adds the provider's own violations (``HitlCore.check_start``)
+    to the service's, in one ``InvalidArgument``: a field the provider alone
+    refuses must not first open a session the provider then fails.
+    """
     check = _Checker()
     check.id("user_id", request.user_id)
     check.request_id("request_id", request.request_id)
@@ -208,16 +220,34 @@ def parse_start(request: pb.StartHitlRequest) -> StartHandoff:
             check.add(f"metadata[{key[:64]!r}]", "values are at most 512 characters")
         elif "\x00" in value:
             check.add(f"metadata[{key[:64]!r}]", "values must not contain NUL characters")
+    # The provider sees a field we refused empty (a bad history message may
+    # not even convert), and its violations of that field add nothing.
+    refused = {_root(v.field) for v in check.violations}
+    metadata = {} if "metadata" in refused else dict(request.metadata)
+    fields = StartFields(
+        title="" if "title" in refused else request.title,
+        description="" if "description" in refused else request.description,
+        history=() if "history" in refused else tuple(message_from_pb(m) for m in request.history),
+        group_id="" if "group_id" in refused else request.group_id,
+        metadata=MappingProxyType(metadata),  # the hook must not change the request
+    )
+    if provider_check is not None:
+        check.violations.extend(v for v in provider_check(fields) if _root(v.field) not in refused)
     check.done()
     return StartHandoff(
         user_id=request.user_id,
         request_id=request.request_id,
-        title=request.title,
-        description=request.description,
-        history=tuple(message_from_pb(m) for m in request.history),
-        group_id=request.group_id,
-        metadata=dict(request.metadata),
+        title=fields.title,
+        description=fields.description,
+        history=fields.history,
+        group_id=fields.group_id,
+        metadata=metadata,
     )
+
+
+def _root(field: str) -> str:
+    """The request field a violation's path starts with: ``metadata['k']`` → ``metadata``."""
+    return re.split(r"[.\[]", field, maxsplit=1)[0]
 
 
 def parse_send(request: pb.SendMessageRequest) -> SendUserMessage:

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from hitl_service.core.messages import SendOutcome
     from hitl_service.core.sessions import SessionPage
     from hitl_service.domain import LogEvent, Session, SessionState, User
-    from providers.types import ProviderUser, WebhookBatch
+    from hitl_service.errors import FieldViolation
+    from providers.types import ProviderUser, StartFields, WebhookBatch
 
 log = structlog.get_logger(__name__)
 
@@ -101,6 +102,10 @@ class HitlCore:
     async def create_user(self, cmd: CreateUser) -> User:
         """See ``users.create_user``."""
         return await users.create_user(self.ctx, cmd)
+
+    def check_start(self, fields: StartFields) -> list[FieldViolation]:
+        """See ``sessions.check_start``."""
+        return sessions.check_start(self.ctx, fields)
 
     async def start_handoff(self, cmd: StartHandoff, budget: float) -> Session:
         """See ``sessions.start_handoff``.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -24,6 +26,7 @@ from hitl_service.domain import (
 )
 from hitl_service.errors import (
     FailedPrecondition,
+    FieldViolation,
     HitlError,
     NotFound,
     StoreUnavailable,
@@ -31,22 +34,24 @@ from hitl_service.errors import (
     provider_reason,
 )
 from hitl_service.store.base import OpenSessionExists
-from providers.base import SupportsAbandon
+from providers.base import SupportsAbandon, SupportsValidation
 from providers.errors import ProviderAuthError, ProviderRejected, ProviderUnavailable
 from providers.fallback import fit_to
 from providers.types import (
     EndedBy,
     Failed,
+    InvalidField,
     ProviderChat,
     ProviderUser,
     Started,
+    StartFields,
     StartRequest,
     StartResult,
     UserProfile,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from hitl_service.core.commands import StartHandoff, StopHandoff
     from hitl_service.core.context import CoreContext
@@ -97,6 +102,53 @@ async def list_sessions(
     page = rows[:limit]
     more = len(rows) > limit
     return SessionPage(page, (page[-1].created_at, page[-1].id) if more and page else None)
+
+
+# A provider's violation names a field it was given (``group_id``,
+# ``metadata['plan']``, ``history[3].text``), never one it was not.
+_START_FIELD = re.compile(
+    rf"(?:{'|'.join(f.name for f in dataclasses.fields(StartFields))})(?:[.\[].{{0,190}})?",
+    re.DOTALL,
+)
+# Violations travel in the status trailers, which clients refuse over 8 KiB
+# (``InvalidArgument`` keeps the first one whatever its size).
+_MAX_DESCRIPTION = 300
+
+
+def check_start(ctx: CoreContext, start: StartFields) -> list[FieldViolation]:
+    """The fields of a StartHitl the provider cannot take (``SupportsValidation``);
+    empty for a provider without the hook. Runs before anything is stored.
+
+    Raises:
+        TypeError: The provider answered something else than violations of
+            the fields it was given (a provider bug, as any exception of
+            its hook).
+    """
+    provider = ctx.provider
+    if not isinstance(provider, SupportsValidation):
+        return []
+    violations: list[FieldViolation] = []
+    answer: Iterable[object] = provider.validate_start(start)
+    for item in answer:
+        # A third party's answer, checked: it goes to the caller.
+        path = getattr(item, "field", None)
+        description = getattr(item, "description", None)
+        if not (
+            isinstance(item, InvalidField)
+            and isinstance(path, str)
+            and _START_FIELD.fullmatch(path)
+            and isinstance(description, str)
+            and description.strip()
+        ):
+            raise TypeError(
+                f"{provider.name}.validate_start returned {type(item).__name__}, "
+                "not an InvalidField naming a field of StartFields, with a description"
+            )
+        description = description.strip()
+        if len(description) > _MAX_DESCRIPTION:
+            description = description[: _MAX_DESCRIPTION - 1] + "…"
+        violations.append(FieldViolation(path, description))
+    return violations
 
 
 async def start_handoff(

@@ -2,7 +2,8 @@
 
 An in-memory "ticket desk": one ticket per handoff, text only (no media,
 locations or cards), no transfers, no queue reports, no history to catch up
-from, no webhooks and no ``abandon``. The desk pushes what its agents do
+from, no webhooks and no ``abandon``; its ``validate_start`` (``SupportsValidation``)
+refuses nothing unless a test sets ``Desk.validate``. The desk pushes what its agents do
 through ``ProviderDeps.sink``, as a backend holding a socket would.
 
 The desk (``Desk``) outlives the service: tests restart the service on the
@@ -32,12 +33,14 @@ from providers import (
     EventKind,
     EventSink,
     InboundEvent,
+    InvalidField,
     Message,
     ProviderChat,
     ProviderConfigError,
     ProviderDeps,
     ProviderUser,
     SendResult,
+    StartFields,
     StartRequest,
     StartResult,
     UserProfile,
@@ -77,6 +80,7 @@ class Desk:
     tickets: dict[str, Ticket] = field(default_factory=dict)
     sink: EventSink | None = None  # the running service's, set by ``open``
     hooks: dict[str, Hook] = field(default_factory=dict)
+    validate: Callable[[StartFields], Any] | None = None  # ``validate_start``'s answer
     calls: list[str] = field(default_factory=list)  # operation names, in order
     capabilities: Capabilities = field(default_factory=Capabilities)  # text only
     routes_error: Exception | None = None  # what ``routes()`` raises, if set
@@ -158,6 +162,13 @@ class TicketDeskProvider:
     async def probe(self, *, timeout: float) -> Sequence[str]:
         """See base class."""
         return []
+
+    def validate_start(self, fields: StartFields) -> Sequence[InvalidField]:
+        """See ``SupportsValidation``: what ``Desk.validate`` answers, if set."""
+        self.desk.calls.append("validate_start")
+        if self.desk.validate is None:
+            return ()
+        return self.desk.validate(fields)  # type: ignore[no-any-return]
 
     async def upsert_user(
         self, profile: UserProfile, user: ProviderUser | None, *, timeout: float
