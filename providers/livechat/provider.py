@@ -50,12 +50,14 @@ from providers.types import (
     Capabilities,
     CatchUp,
     InboundEvent,
+    InvalidField,
     Location,
     Media,
     Message,
     ProviderChat,
     ProviderUser,
     SendResult,
+    StartFields,
     StartRequest,
     StartResult,
     UserProfile,
@@ -75,6 +77,11 @@ log = structlog.get_logger(__name__)
 _NO_ACCESS: Final = ("authorization", "missing_access")
 # The part of a send's remaining time a media download may use.
 _MEDIA_FETCH_SHARE: Final = 0.5
+_GROUP_ID_RULE: Final = 'LiveChat group ids are decimal numbers, e.g. "0" (General) or "19"'
+
+
+def _is_group_number(group_id: str) -> bool:
+    return group_id.isascii() and group_id.isdecimal()
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,15 +218,19 @@ class LiveChatProvider:
 
     # -- start ---------------------------------------------------------------------
 
+    def validate_start(self, fields: StartFields) -> Sequence[InvalidField]:
+        """See ``SupportsValidation``: a group id must be a LiveChat group number."""
+        if fields.group_id and not _is_group_number(fields.group_id):
+            return [InvalidField("group_id", _GROUP_ID_RULE)]
+        return ()
+
     def _group(self, group_id: str) -> int:
         if not group_id:
             return self.settings.group_id
-        text = group_id.strip()
-        if not text.isdecimal() or not text.isascii():
-            raise ProviderRejected(
-                "INVALID_GROUP_ID", f"LiveChat group ids are numbers; got {group_id[:40]!r}"
-            )
-        return int(text)
+        if not _is_group_number(group_id):
+            # The core refuses it before the start (``validate_start``).
+            raise ProviderRejected("INVALID_GROUP_ID", f"{_GROUP_ID_RULE}; got {group_id[:40]!r}")
+        return int(group_id)
 
     def _group_failure(self, err: ApiError, group: int) -> Exception:
         if is_group_error(err):

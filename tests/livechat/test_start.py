@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from providers.base import SupportsValidation
 from providers.errors import ProviderAuthError, ProviderRejected, ProviderUnavailable
 from providers.livechat import LiveChatProvider
 from providers.types import (
@@ -14,6 +15,7 @@ from providers.types import (
     MediaKind,
     Message,
     Queued,
+    StartFields,
     Transferred,
 )
 from tests.fake_livechat import FakeLiveChat
@@ -93,7 +95,18 @@ async def test_queue_position_is_reported(provider: LiveChatProvider, fake: Fake
     assert queued[0].dedupe_key.startswith(f"queued:{session.chat_id}:")
 
 
+async def test_a_group_id_that_is_no_number_fails_validation(provider: LiveChatProvider) -> None:
+    assert isinstance(provider, SupportsValidation)
+    assert provider.validate_start(StartFields()) == ()
+    assert provider.validate_start(StartFields(group_id="19")) == ()
+    for group_id in ("support", "1.5", "-1", "١٩"):  # Arabic-Indic digits: decimal, not ASCII
+        (violation,) = provider.validate_start(StartFields(group_id=group_id))
+        assert violation.field == "group_id"
+        assert "decimal numbers" in violation.description
+
+
 async def test_non_numeric_group_is_rejected(provider: LiveChatProvider) -> None:
+    """The start refuses it too, for a service that does not validate first."""
     with pytest.raises(ProviderRejected) as info:
         await start_session(provider, group_id="support")
     assert info.value.code == "INVALID_GROUP_ID"
