@@ -1012,7 +1012,10 @@ class StartHitlRequest(_message.Message):
     """Longer description for the agent; optional, up to 4000 characters."""
     group_id: _builtins.str
     """The group to route to (1 to 64 letters, digits, "_", ".", "-"); empty
-    means the provider's configured default.
+    means the provider's configured default. The provider may ask more
+    (LiveChat: a decimal group number, e.g. "19"): a group_id it cannot
+    take is INVALID_ARGUMENT with a field violation on group_id, as for the
+    rule above, and nothing is stored or sent.
     """
     request_id: _builtins.str
     """Idempotency key, 1 to 128 visible ASCII characters (no spaces);
