@@ -3,7 +3,8 @@
 For internal Python services; other languages use stubs generated from
 ``proto/`` (see ``examples/``). What it adds to the generated stub:
 
-* a deadline on every unary call (``default_timeout``, or ``timeout=``);
+* a deadline on every unary call (``default_timeout``, or ``timeout=``),
+  which covers all its attempts: no retry goes past it;
 * retries with jittered exponential backoff on ``UNAVAILABLE``,
   ``DEADLINE_EXCEEDED`` and the server's ``CANCELLED`` (a replica short of
   CPU drops calls it has not handled yet so) for calls that are safe to repeat: ``GetSession``,
@@ -11,7 +12,8 @@ For internal Python services; other languages use stubs generated from
   ``CreateUser`` when it has an ``external_id`` (an upsert), and
   ``StartHitl``/``SendMessage``, which always carry a ``request_id`` (one is
   generated when the caller gives none) and repeat it on every attempt, so
-  the service never acts twice;
+  the service never acts twice; by default for at least about 12 s (a
+  restart of a one-process deployment: ``RetryPolicy``);
 * ``events()``, an event iterator that reconnects when a stream ends or the
   service is briefly unreachable, and resumes after the last cursor it
   returned: no event is missed and none is returned twice;
@@ -83,6 +85,10 @@ _CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.max_receive_message_length", 1024 * 1024),
+    # gRPC's own reconnect backoff grows 1.6 times per failed connect, to
+    # 120 s: after a 7 s restart the channel came back 3 s after the server
+    # (measured), and later in a longer one, failing every retry meanwhile.
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 )
 _REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")  # the contract's request_id
 T = TypeVar("T")
@@ -207,6 +213,12 @@ def decode_error(exc: grpc.aio.AioRpcError) -> HitlRpcError:
 class RetryPolicy:
     """How retryable calls and stream reconnects back off.
 
+    The default rides out a restart of a one-process deployment (a few
+    seconds at every deploy): its 15 pauses add up to 12.5-25 s (18.75 s on
+    average; the jitter takes half to all of each bound: 0.2, 0.4, 0.8, 1.6,
+    then 2 s), within the call's deadline (``default_timeout``, 30 s), which
+    no retry goes past.
+
     Attributes:
         attempts: Tries of one unary call in all (1 means no retries).
         initial_backoff: Upper bound of the first pause, in seconds.
@@ -214,9 +226,9 @@ class RetryPolicy:
         multiplier: Growth of the bound per consecutive failure.
     """
 
-    attempts: int = 4
+    attempts: int = 16
     initial_backoff: float = 0.2
-    max_backoff: float = 5.0
+    max_backoff: float = 2.0
     multiplier: float = 2.0
 
     def backoff(self, failures: int) -> float:
@@ -246,7 +258,8 @@ class HitlClient:
         target: ``host:port`` of the service's gRPC address.
         token: API token, sent as ``authorization: Bearer <token>`` (needed
             when the service has ``HITL_API_TOKENS`` set).
-        default_timeout: Deadline in seconds of each unary call attempt.
+        default_timeout: Deadline in seconds of each unary call, all its
+            attempts and pauses together.
         tls: ``False`` for a plaintext channel, ``True`` for TLS with the
             system roots, or ``grpc.ChannelCredentials`` (for example with a
             private CA or a client certificate).
@@ -433,7 +446,9 @@ class HitlClient:
         """Calls ``method`` with a deadline, retrying retryable failures.
 
         The request object is sent unchanged on every attempt, so a
-        ``request_id`` in it is repeated, never regenerated.
+        ``request_id`` in it is repeated, never regenerated. Each attempt
+        gets what is left of the deadline, and a pause that would end past
+        it is not taken: the last attempt's error is raised instead.
         """
         attempts = self.retry.attempts if retry else 1
         metadata = self._metadata
@@ -444,19 +459,24 @@ class HitlClient:
         # limit (RESOURCE_EXHAUSTED); the service's INVALID_FIELDS says why.
         if request_id and _REQUEST_ID_RE.fullmatch(request_id):
             metadata = (*metadata, ("x-request-id", request_id))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.default_timeout if timeout is None else timeout)
         failures = 0
         while True:
             try:
                 return await method(
-                    request,
-                    timeout=self.default_timeout if timeout is None else timeout,
-                    metadata=metadata,
+                    request, timeout=max(0.0, deadline - loop.time()), metadata=metadata
                 )
             except grpc.aio.AioRpcError as exc:
                 failures += 1
-                if exc.code() not in _RETRYABLE or failures >= attempts:
+                pause = self.retry.backoff(failures)
+                if (
+                    exc.code() not in _RETRYABLE
+                    or failures >= attempts
+                    or loop.time() + pause >= deadline
+                ):
                     raise decode_error(exc) from None
-            await asyncio.sleep(self.retry.backoff(failures))
+            await asyncio.sleep(pause)
 
 
 class EventStream:

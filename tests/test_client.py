@@ -171,13 +171,20 @@ class TestHandoff:
 
 
 class TestRetries:
+    @pytest.fixture
+    def service_env(self, service_env: dict[str, str]) -> dict[str, str]:
+        # The service answers DELIVERY_PENDING after 0.5 s, well within the
+        # client's deadline (which covers the retries too).
+        service_env["HITL_REQUEST_BUDGET"] = "0.5s"
+        return service_env
+
     async def test_send_message_is_retried_with_the_same_request_id(
         self, scripted_app: App, scripted: ScriptedProvider
     ) -> None:
         recorder = Recorder()
         target = f"127.0.0.1:{scripted_app.grpc_port}"
         async with HitlClient(
-            target, default_timeout=1.0, retry=FAST, interceptors=[recorder]
+            target, default_timeout=5.0, retry=FAST, interceptors=[recorder]
         ) as client:
             user = await client.create_user("Cy")
             session = await client.start_hitl(user.id)

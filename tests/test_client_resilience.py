@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
 from hitl_service.app import App
-from hitl_service.client import HitlClient, InvalidArgumentError, RetryPolicy
+from hitl_service.client import (
+    DEFAULT_TIMEOUT,
+    HitlClient,
+    InvalidArgumentError,
+    RetryPolicy,
+    UnavailableError,
+)
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from tests.conftest import start_app
 from tests.e2e.helpers import free_port
+from tests.processes import ServiceProcess
 from tests.support import wait_for
 from tests.test_client import Follower, Recorder
 
@@ -321,3 +330,86 @@ async def test_streams_the_servers_grpc_core_drops_reconnect() -> None:
             await holding
     assert [event.cursor for event in events] == ["7"] * 5
     assert any(stream.reconnects for stream in streams)
+
+
+async def test_the_default_policy_rides_out_a_restart(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A one-process (SQLite) deployment is unreachable for a few seconds
+    at every deploy. A caller with the default policy (and default channel
+    options) must see its call through a restart of the real process on the
+    same port and file; the old default gave up after about 1.4 s of pauses."""
+    env = {
+        **service_env,
+        "HITL_GRPC_ADDR": f"127.0.0.1:{free_port()}",
+        "HITL_HTTP_ADDR": f"127.0.0.1:{free_port()}",
+    }
+    service = await ServiceProcess(env, cwd=tmp_path).start()
+    recorder = Recorder()
+    try:
+        async with HitlClient(service.grpc_target, interceptors=[recorder]) as client:
+            user = await client.create_user("Pia", external_id="crm-pia")
+            assert await service.terminate() == 0
+            starting = asyncio.create_task(client.start_hitl(user.id, title="during a deploy"))
+            await wait_for(lambda: recorder.of("StartHitl"), what="an attempt on the stopped port")
+            # A deploy's outage: the new process comes up 3 s after the call
+            # first failed (a slow start: image pull, migrations, a busy host).
+            failing_since = time.monotonic()
+            await wait_for(
+                lambda: starting.done() or time.monotonic() - failing_since >= 3.0,
+                what="3 s of outage",
+            )
+            assert not starting.done(), f"the call gave up in the outage: {starting.exception()!r}"
+            await service.start()
+            session = await asyncio.wait_for(starting, 30)
+    finally:
+        await service.terminate()
+    attempts = recorder.of("StartHitl")
+    assert attempts[-1].code == grpc.StatusCode.OK
+    assert {a.code for a in attempts[:-1]} == {grpc.StatusCode.UNAVAILABLE}
+    assert len({a.request_id for a in attempts}) == 1
+    assert session.user_id == user.id
+
+
+def test_the_default_policy_retries_for_at_least_ten_seconds() -> None:
+    """The restart test above holds 3 s; a deploy can take longer. Even at
+    the jitter's lowest, the default's pauses add up to over 10 s, and at
+    its highest they stay within the default deadline."""
+    policy = RetryPolicy()
+    bounds = [
+        min(policy.max_backoff, policy.initial_backoff * policy.multiplier ** (n - 1))
+        for n in range(1, policy.attempts)
+    ]
+    assert sum(bounds) / 2 >= 10.0
+    assert sum(bounds) < DEFAULT_TIMEOUT
+
+
+async def test_retries_stop_at_the_calls_deadline() -> None:
+    """timeout= bounds the whole call: each attempt gets what is left of
+    it, and no pause ends past it, so a caller's deadline holds however many
+    attempts the policy allows."""
+    recorder = Recorder()
+    timeouts: list[float] = []
+
+    class Deadlines(grpc.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(
+            self,
+            continuation: Callable[[Any, Any], Awaitable[Any]],
+            client_call_details: grpc.aio.ClientCallDetails,
+            request: Any,
+        ) -> Any:
+            timeouts.append(float(client_call_details.timeout or 0.0))
+            return await continuation(client_call_details, request)
+
+    target = f"127.0.0.1:{free_port()}"  # nothing listens there
+    policy = RetryPolicy(attempts=1000, initial_backoff=0.05, max_backoff=0.1)
+    async with HitlClient(target, retry=policy, interceptors=[Deadlines(), recorder]) as client:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with pytest.raises(UnavailableError):
+            await client.get_session("ses_x", timeout=1.5)
+        elapsed = loop.time() - began
+    assert 2 <= len(timeouts) < 1000
+    assert timeouts == sorted(timeouts, reverse=True)
+    assert all(0 < t <= 1.5 for t in timeouts)
+    assert elapsed < 1.5 + 1.0  # generous: the deadline, not 1000 attempts
