@@ -208,11 +208,28 @@ class App:
         if exposure:
             log.warning("service.api_exposed", grpc_addr=self.settings.grpc_addr, problem=exposure)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Graceful shutdown in the documented order; safe to call twice."""
+    async def stop(
+        self,
+        grace: float | None = None,
+        *,
+        delay: float = 0.0,
+        cut_short: asyncio.Event | None = None,
+    ) -> None:
+        """Graceful shutdown in the documented order; safe to call twice.
+
+        Args:
+            grace: Seconds for calls, then outbox attempts, to finish
+                (``HITL_GRACE_SECONDS`` if None).
+            delay: Seconds to go on serving, not ready, before the listeners
+                close (``HITL_SHUTDOWN_DELAY_SECONDS``; ``serve`` passes it).
+            cut_short: Set (a second SIGTERM or SIGINT), it ends the delay.
+        """
         grace = self.settings.grace_seconds if grace is None else grace
         if "grpc" in self._started:
             await self.health.enter_graceful_shutdown()
+        self.sidecar.state.stopping.set()
+        if delay > 0 and "http" in self._started:
+            await self._pre_stop_delay(delay, cut_short or asyncio.Event())
         if self._http is not None and self._http_task is not None:
             self.sidecar.state.draining.set()  # streamed answers end now
             await self._http.drain(self._http_task)
@@ -230,6 +247,15 @@ class App:
             await self.store.close()
         self._started.clear()
         log.info("service.stopped")
+
+    async def _pre_stop_delay(self, delay: float, cut_short: asyncio.Event) -> None:
+        """Serves on, not ready, until ``delay`` passes or ``cut_short`` is
+        set: a load balancer that still routes here until its next probe
+        gets answers instead of refused connections (LiveChat retries a
+        webhook only a few times)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(cut_short.wait(), delay)
+            log.info("service.shutdown_delay_skipped")
 
 
 def _listen(host: str, port: int, variable: str) -> socket.socket:

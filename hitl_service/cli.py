@@ -229,11 +229,14 @@ async def _serve(settings: Settings) -> int:
         _print_banner(app, sys.stderr)
     freeze_startup_heap()
     await stop.wait()
+    stop.clear()  # a second SIGTERM or SIGINT sets it again: it skips the delay
+    delay = settings.shutdown_delay
     if console:
-        print("hitl-service: stopping (draining calls and the outbox)", file=sys.stderr)
+        waiting = f"not ready, serving for {delay:g} s more, then " if delay else ""
+        print(f"hitl-service: stopping ({waiting}draining calls and the outbox)", file=sys.stderr)
     else:
-        log.info("service.stopping")
-    await app.stop()
+        log.info("service.stopping", delay_seconds=delay)
+    await app.stop(delay=delay, cut_short=stop)
     return 0
 
 

@@ -31,6 +31,10 @@ MIN_RETENTION = 2 * 86400.0
 # beyond them every sweep raised.
 MAX_RETENTION = 36500 * 86400.0
 MAX_ABANDON_AFTER = 12 * 3600.0
+# The pre-stop delay holds a process that says it is not ready: minutes
+# more are a mistake (a value meant in milliseconds), which the
+# orchestrator's grace period would cut with SIGKILL before the drain.
+MAX_SHUTDOWN_DELAY = 600.0
 # HITL_GRPC_MAX_CONNECTIONS's ceiling: gRPC's core takes its connection
 # quota as a C int below INT_MAX, and aborts the process (SIGABRT, a failed
 # check) on 2**31 - 1, or raises OverflowError beyond it, when the server
@@ -158,6 +162,10 @@ class Settings:
     idle_timeout: float = 0.0
     reconcile_interval: float = 300.0
     grace_seconds: float = 10.0
+    # From SIGTERM, this long not ready (/readyz 503, gRPC health
+    # NOT_SERVING) while still serving, so load balancers stop routing here
+    # before the listeners close; 0: the shutdown starts at once.
+    shutdown_delay: float = 0.0
     retention: float = 0.0  # ended sessions are deleted this long after; 0 keeps them
     # A start given up without the provider's answer may have opened a
     # chat: this long after, unless the user has a handoff open again (a
@@ -279,6 +287,7 @@ class Settings:
                 env, "HITL_RECONCILE_INTERVAL", cls.reconcile_interval, 0.0
             ),
             grace_seconds=_duration(env, "HITL_GRACE_SECONDS", cls.grace_seconds, 0.0),
+            shutdown_delay=_shutdown_delay(env),
             retention=_retention(env),
             abandon_after=_abandon_after(env),
             api_tokens=tokens,
@@ -416,6 +425,17 @@ def _grpc_idle_timeout(env: Mapping[str, str]) -> float:
             "HITL_GRPC_IDLE_TIMEOUT",
             "must be 0 (never) or at least 100ms: shorter, a connection is closed "
             "before its first call",
+        )
+    return value
+
+
+def _shutdown_delay(env: Mapping[str, str]) -> float:
+    value = _duration(env, "HITL_SHUTDOWN_DELAY_SECONDS", Settings.shutdown_delay, 0.0)
+    if value > MAX_SHUTDOWN_DELAY:
+        raise ConfigError(
+            "HITL_SHUTDOWN_DELAY_SECONDS",
+            "must be at most 10m: a few seconds let load balancers see the replica "
+            "not ready; the orchestrator's grace period has to cover it and the drain",
         )
     return value
 

@@ -357,14 +357,17 @@ def build_sidecar(
     # so, provider routes with streamed answers end them (``Provider.routes``),
     # and requests the drain cuts short are answered (``_AnsweredAtShutdown``).
     draining = asyncio.Event()
+    # Set at SIGTERM, before the pre-stop delay (HITL_SHUTDOWN_DELAY_SECONDS,
+    # while everything is still served) and the drain: /readyz says 503.
+    stopping = asyncio.Event()
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        if draining.is_set():
-            # Until the listener closes, a moment later: gRPC health says
-            # NOT_SERVING from the same moment.
+        if stopping.is_set() or draining.is_set():
+            # Until the listener closes (after the pre-stop delay): gRPC
+            # health says NOT_SERVING from the same moment.
             problems = {"service": "shutting down"}
             return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
         problems = await readiness.check(timeout=min(5.0, settings.provider_timeout))
@@ -485,6 +488,7 @@ def build_sidecar(
         middleware=[Middleware(_AnsweredAtShutdown, draining=draining)],
     )
     app.state.draining = draining
+    app.state.stopping = stopping
     return app
 
 

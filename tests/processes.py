@@ -122,6 +122,10 @@ class ServiceProcess:
         """SIGTERM, then waits for the exit status."""
         return await self._signal(signal.SIGTERM, timeout)
 
+    async def interrupt(self, timeout: float = 30.0) -> int:
+        """SIGINT (Ctrl-C), then waits for the exit status."""
+        return await self._signal(signal.SIGINT, timeout)
+
     async def kill(self) -> int:
         """SIGKILL: no shutdown code runs."""
         return await self._signal(signal.SIGKILL, 30.0)
