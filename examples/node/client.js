@@ -84,12 +84,16 @@ function richError(err) {
 }
 
 // --- calls -------------------------------------------------------------------------------
-const client = new hitl.HitlService(args.target, grpc.credentials.createInsecure());
+// gRPC's reconnect backoff grows to 120 s: capped, a restarted service is
+// found again within 2 s.
+const client = new hitl.HitlService(args.target, grpc.credentials.createInsecure(), {
+  "grpc.max_reconnect_backoff_ms": 2000,
+});
 const metadata = new grpc.Metadata();
 if (args.token) metadata.set("authorization", `Bearer ${args.token}`);
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const backoff = (failures) => {
-  const bound = Math.min(5000, 200 * 2 ** (failures - 1));
+  const bound = Math.min(2000, 200 * 2 ** (failures - 1));
   return bound / 2 + Math.random() * (bound / 2); // jittered
 };
 
@@ -98,20 +102,24 @@ const backoff = (failures) => {
 // calls it has not handed to the service yet when too many wait.
 const TRANSIENT = [grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDED, grpc.status.CANCELLED];
 
-// One unary call with a deadline. Retries the TRANSIENT codes: only pass
-// retry=true for calls that are safe to repeat (the request carries a
-// request_id, or the call only reads).
+// One unary call with one deadline for all its attempts. Retries the
+// TRANSIENT codes, up to 16 attempts (12.5-25 s of pauses: a restart of a
+// one-process deployment takes a few seconds): only pass retry=true for
+// calls that are safe to repeat (the request carries a request_id, or the
+// call only reads).
 async function call(method, request, { retry = false, seconds = 30 } = {}) {
+  const deadline = Date.now() + seconds * 1000;
   for (let failures = 1; ; failures++) {
     try {
       return await new Promise((resolve, reject) =>
-        client[method](request, metadata, { deadline: Date.now() + seconds * 1000 }, (err, res) =>
-          err ? reject(err) : resolve(res),
-        ),
+        client[method](request, metadata, { deadline }, (err, res) => (err ? reject(err) : resolve(res))),
       );
     } catch (err) {
-      if (!retry || !TRANSIENT.includes(err.code) || failures >= 5) throw Object.assign(err, { rich: richError(err) });
-      await sleep(backoff(failures));
+      const pause = backoff(failures);
+      if (!retry || !TRANSIENT.includes(err.code) || failures >= 16 || Date.now() + pause >= deadline) {
+        throw Object.assign(err, { rich: richError(err) });
+      }
+      await sleep(pause);
     }
   }
 }
