@@ -111,6 +111,19 @@ def test_every_warning_and_error_event_is_documented() -> None:
     assert not missing, "undocumented warning/error events: " + ", ".join(missing)
 
 
+def test_every_setting_the_code_reads_is_documented() -> None:
+    """An operator finds every ``HITL_*`` variable the service or a provider
+    reads in a configuration table (README, or the provider's page)."""
+    pages = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    rows = [
+        line for p in pages for line in p.read_text().splitlines() if line.startswith("| `HITL_")
+    ]
+    documented = set(re.findall(r"`(HITL_[A-Z0-9_]+)`", "\n".join(rows)))
+    read = {s for s in _source_strings() if re.fullmatch(r"HITL_[A-Z0-9_]*[A-Z0-9]", s)}
+    assert read, "no setting names found in the source"
+    assert not read - documented, f"settings in no configuration table: {sorted(read - documented)}"
+
+
 def _source_strings() -> set[str]:
     """Every string literal in the service and provider packages."""
     found: set[str] = set()
