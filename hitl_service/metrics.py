@@ -137,6 +137,11 @@ class Metrics:
             "Sessions not ended or failed (refreshed by the maintenance loop).",
             registry=registry,
         )
+        self.clock_skew = Gauge(
+            "hitl_clock_skew_seconds",
+            "This replica's clock minus the database's (PostgreSQL; refreshed every minute).",
+            registry=registry,
+        )
         self.stream_subscribers = Gauge(
             "hitl_stream_subscribers",
             "Open StreamEvents streams on this replica.",

@@ -45,6 +45,11 @@ REFUSED_STOP_BACKOFF = timedelta(minutes=10)
 """A timeout's stop the provider refused for good is asked again after this."""
 _TIMED = (SessionState.REQUESTED, SessionState.QUEUED, SessionState.ASSIGNED)
 _PRUNE_EVERY = 3600.0  # seconds
+_CLOCK_EVERY = 60.0  # seconds between comparisons of this replica's clock with the database's
+CLOCK_SKEW_WARNING = 5.0
+"""Seconds this replica's clock may differ from the database's before
+``maintenance.clock_skew``: replicas compare each other's times (outbox
+leases of 26 s, upkeep turns, timeouts), so they need clocks in step."""
 _PAGE = 500
 _FAILURES_IN_A_ROW = 3  # store errors on consecutive sessions that end a sweep
 
@@ -66,6 +71,7 @@ class Maintenance:
         self._hub = hub
         self._last_prune = float("-inf")
         self._last_catch_up = float("-inf")
+        self._last_clock_check = float("-inf")
         self._start_pass_done = False  # the start-up catch-up pass has completed
 
     @property
@@ -88,6 +94,7 @@ class Maintenance:
             self._every(self.sweep_timeouts),
             self._every(self.sweep_prune),
             self._every(self.sweep_catch_up),
+            self._every(self.sweep_clock),
         )
 
     async def _every(self, sweep: Callable[[], Awaitable[None]]) -> None:
@@ -125,6 +132,31 @@ class Maintenance:
             now = self._ctx.clock.now()
             if await self._take_turn("prune", now, _PRUNE_EVERY):
                 await self._prune(now)
+
+    async def sweep_clock(self, *, force: bool = False) -> None:
+        """Compares this replica's clock with the database's, once a minute
+        (``hitl_clock_skew_seconds``). A replica ahead by more than a lease
+        takes items other replicas are still sending (sent twice), and one
+        behind holds turns and timeouts late; NTP keeps clocks far closer
+        than ``CLOCK_SKEW_WARNING``, so a warning means a clock to fix."""
+        ctx = self._ctx
+        mono = ctx.clock.monotonic()
+        if mono - self._last_clock_check < _CLOCK_EVERY and not force:
+            return
+        self._last_clock_check = mono
+        before = ctx.clock.now()
+        database = await ctx.store.database_time()
+        if database is None:
+            return  # one process, one clock
+        after = ctx.clock.now()
+        skew = ((before + (after - before) / 2) - database).total_seconds()
+        ctx.metrics.clock_skew.set(skew)
+        if abs(skew) > CLOCK_SKEW_WARNING:
+            log.warning(
+                "maintenance.clock_skew",
+                seconds=round(skew, 3),
+                round_trip_ms=round((after - before).total_seconds() * 1000, 1),
+            )
 
     async def sweep_catch_up(self, *, force: bool = False) -> None:
         """Catches up every open chat, when due and this replica's turn."""

@@ -241,6 +241,11 @@ class Store(Protocol):
         """The newest applied migration."""
         ...
 
+    async def database_time(self) -> datetime | None:
+        """The database server's clock, to compare replicas' clocks with;
+        None where the store runs on this process's clock (SQLite)."""
+        ...
+
     def transaction(self, *, lazy: bool = False) -> AbstractAsyncContextManager[Tx]:
         """A write transaction; commits on success, rolls back on error.
 

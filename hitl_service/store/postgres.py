@@ -301,6 +301,13 @@ class PostgresStore:
         if read_only:
             raise StoreUnavailable("PostgreSQL takes no writes here (a standby, or read-only)")
 
+    async def database_time(self) -> datetime | None:
+        """See base class."""
+        with self._mapped("does not answer"):
+            async with asyncio.timeout(self._ping_timeout):
+                now: datetime = await self._database().fetchval("SELECT clock_timestamp()")
+        return now
+
     async def schema_version(self) -> int:
         """See base class."""
         return int(await self._database().fetchval("SELECT MAX(version) FROM schema_version") or 0)

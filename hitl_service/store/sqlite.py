@@ -1011,6 +1011,10 @@ class SqliteStore:
         row = await self._queries()._one("SELECT MAX(version) AS v FROM schema_version", ())
         return int(row["v"] or 0) if row else 0
 
+    async def database_time(self) -> datetime | None:
+        """See base class: one process, one clock."""
+        return None
+
     def transaction(self, *, lazy: bool = False) -> _Transaction:
         """See base class.
 
