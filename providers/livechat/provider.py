@@ -742,41 +742,75 @@ class LiveChatProvider:
     async def stop(
         self, chat: ProviderChat, user: ProviderUser, reason: str, *, timeout: float
     ) -> None:
-        """See base class. Uses ``deactivate_chat``; LiveChat has no ``close_chat``."""
+        """See base class. Uses ``deactivate_chat``; LiveChat has no ``close_chat``.
+
+        ``deactivate_chat`` closes whatever thread is active in the chat, and
+        a customer has one chat: once the session's thread is closed (its
+        webhook lost or not yet processed), the active one may be a later
+        handoff of the same end user. So when the session's thread is known,
+        the chat is read first and only that thread is closed.
+        """
         chat_id = chat.external_chat_id
+        own_thread = as_str(chat.state.get(THREAD_STATE_KEY))
         facts = self.memory.facts(chat_id)
-        was_stopped, facts.stopped_by_us = facts.stopped_by_us, True  # its webhook may come first
+        was_stopped = facts.stopped_by_us
         try:
             async with bounded("stop", timeout) as budget:
-                try:
-                    await self.client.agent(
-                        "deactivate_chat",
-                        {"id": chat_id, "ignore_requester_presence": True},
-                        timeout=budget.left(),
-                        idempotent=True,
-                    )
-                except ApiError as err:
-                    if err.type == "chat_inactive":
-                        log.info("livechat.already_inactive", chat_id=chat_id)
-                        return
-                    if err.type in ("authorization", "missing_access"):
-                        # Moved to a group the bridge agent is not in (like catch_up).
-                        await self._deactivate_as_customer(chat_id, user, err, budget)
-                        log.info("livechat.stopped_as_customer", chat_id=chat_id)
-                        return
-                    if err.type == "authentication":
-                        raise
-                    current = await self._get_chat(chat_id, "", budget)
-                    if current is not None and (
-                        current.thread is None or not current.thread.active
-                    ):
-                        log.info("livechat.already_inactive", chat_id=chat_id)
-                        return
-                    raise
-            log.info("livechat.stopped", chat_id=chat_id)
+                if own_thread and not await self._still_active(chat_id, own_thread, user, budget):
+                    return
+                facts.stopped_by_us = True  # its webhook may come before the answer
+                await self._deactivate(chat_id, user, budget)
         except BaseException:
             facts.stopped_by_us = was_stopped
             raise
+
+    async def _still_active(
+        self, chat_id: str, thread_id: str, user: ProviderUser, budget: Budget
+    ) -> bool:
+        """Whether the chat's active thread is ``thread_id`` (True also when
+        LiveChat does not have the chat: ``deactivate_chat`` answers that)."""
+        current = await self._chat_as_it_is(chat_id, user, budget)
+        if current is None:
+            return True
+        if current.thread is None or not current.thread.active:
+            log.info("livechat.already_inactive", chat_id=chat_id, thread_id=thread_id)
+            return False
+        if current.thread.id != thread_id:
+            log.info(
+                "livechat.stop_left_newer_thread",
+                chat_id=chat_id,
+                thread_id=thread_id,
+                active_thread_id=current.thread.id,
+            )
+            return False
+        return True
+
+    async def _deactivate(self, chat_id: str, user: ProviderUser, budget: Budget) -> None:
+        """Closes the chat's active thread; an inactive chat is left as it is."""
+        try:
+            await self.client.agent(
+                "deactivate_chat",
+                {"id": chat_id, "ignore_requester_presence": True},
+                timeout=budget.left(),
+                idempotent=True,
+            )
+        except ApiError as err:
+            if err.type == "chat_inactive":
+                log.info("livechat.already_inactive", chat_id=chat_id)
+                return
+            if err.type in _NO_ACCESS:
+                # Moved to a group the bridge agent is not in (like catch_up).
+                await self._deactivate_as_customer(chat_id, user, err, budget)
+                log.info("livechat.stopped_as_customer", chat_id=chat_id)
+                return
+            if err.type == "authentication":
+                raise
+            current = await self._get_chat(chat_id, "", budget)
+            if current is not None and (current.thread is None or not current.thread.active):
+                log.info("livechat.already_inactive", chat_id=chat_id)
+                return
+            raise
+        log.info("livechat.stopped", chat_id=chat_id)
 
     async def abandon(
         self, user: ProviderUser, *, session_id: str, request_id: str, timeout: float

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import structlog
 
 from providers.errors import ProviderAuthError, ProviderRejected
 from providers.livechat import LiveChatProvider
+from providers.types import ProviderChat
 from tests.fake_livechat import FakeLiveChat
 from tests.livechat.conftest import start_session
 
@@ -62,3 +64,42 @@ async def test_stop_without_access_names_the_token(
     with pytest.raises(ProviderAuthError) as info:
         await provider.stop(session.chat, session.user, "done", timeout=5)
     assert info.value.setting == "HITL_LIVECHAT_AGENT_TOKEN"
+
+
+async def test_stop_leaves_a_newer_thread_of_the_chat_alone(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    """A customer has one chat: deactivate_chat closes whatever thread is
+    active in it, which after the router closed ours (its webhook lost or
+    not yet processed) may be a later handoff of the same end user."""
+    old = await start_session(provider, session_id="s-1", request_id="start-1")
+    fake.router_close(old.chat_id)
+    new = await start_session(provider, user=old.user, session_id="s-2", request_id="start-2")
+    assert new.chat_id == old.chat_id
+    old_thread, new_thread = old.chat.state["thread_id"], new.chat.state["thread_id"]
+    assert old_thread != new_thread
+
+    with structlog.testing.capture_logs() as logs:
+        await provider.stop(old.chat, old.user, "done", timeout=5)
+    assert fake.chat(old.chat_id).active
+    assert fake.chat(old.chat_id).thread.id == new_thread
+    assert fake.calls("deactivate_chat") == []
+    [line] = [e for e in logs if e["event"] == "livechat.stop_left_newer_thread"]
+    assert (line["thread_id"], line["active_thread_id"]) == (old_thread, new_thread)
+    # The newer thread's own end is not taken for the bot's stop.
+    assert not provider.memory.facts(old.chat_id).stopped_by_us
+
+    await provider.stop(new.chat, new.user, "done", timeout=5)
+    assert not fake.chat(new.chat_id).active
+    assert len(fake.calls("deactivate_chat")) == 1
+
+
+async def test_stop_without_a_known_thread_closes_the_active_one(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    """State from before the thread id was kept: stop closes the chat as before."""
+    session = await start_session(provider)
+    reads = len(fake.calls("get_chat"))
+    await provider.stop(ProviderChat(session.chat_id, {}), session.user, "done", timeout=5)
+    assert not fake.chat(session.chat_id).active
+    assert len(fake.calls("get_chat")) == reads  # nothing to compare: no read
