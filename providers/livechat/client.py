@@ -75,6 +75,21 @@ PERMANENT_TYPES: Final = frozenset(
 )
 # LiveChat gave up waiting, which the docs do not say stops the work itself.
 _STILL_RUNNING_TYPES: Final = frozenset({"request_timeout"})
+# Statuses something in between (a proxy, a load balancer) answers, without
+# LiveChat's error body, for trouble that passes, as the type to treat them
+# as: a 408 is that something giving up, so the call may still run behind it.
+_PASSING_STATUSES: Final = {
+    408: "request_timeout",
+    425: "too_early",
+    429: "too_many_requests",
+}
+_EXCERPT_LIMIT: Final = 80
+_HIDDEN_RE: Final = re.compile(r"<(script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_TAG_RE: Final = re.compile(r"<[^<>]*>|<")
+# Credentials a page might echo back from our request.
+_CREDENTIAL_RE: Final = re.compile(
+    r"\b(?:basic|bearer)\s+\S+|\b[a-z]{2,8}:(?!//)[A-Za-z0-9_~+/=.-]{8,}", re.IGNORECASE
+)
 _COOKIE_NAME_RE: Final = re.compile(r"^__lc[A-Za-z0-9_]*$")
 _COOKIE_VALUE_RE: Final = re.compile(r"^[A-Za-z0-9._~+/=:-]*$")
 _USER_AGENT: Final = "hitl-service-livechat/1"
@@ -95,6 +110,9 @@ class ApiError(Exception):
         detail: LiveChat's message, shortened; never holds our secrets.
         status: The HTTP status.
         data: ``error.data``, if any.
+        foreign: The answer was not LiveChat's error body (a proxy's error
+            page, say): ``type`` is then ``http_<status>`` and ``detail``
+            quotes the start of the page, which is not LiveChat's word.
     """
 
     def __init__(
@@ -105,6 +123,8 @@ class ApiError(Exception):
         detail: str,
         status: int,
         data: Mapping[str, Any] | None = None,
+        *,
+        foreign: bool = False,
     ) -> None:
         super().__init__(f"LiveChat {api} {method} refused: {type_}: {detail}")
         self.api = api
@@ -113,6 +133,7 @@ class ApiError(Exception):
         self.detail = detail
         self.status = status
         self.data: Mapping[str, Any] = data or {}
+        self.foreign = foreign
 
 
 class AnsweredUnavailable(ProviderUnavailable):
@@ -185,6 +206,24 @@ def _retry_after(headers: httpx.Headers) -> float | None:
 
 def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def excerpt(response: httpx.Response) -> str:
+    """What an answer that is not LiveChat's says, in a few words: enough to
+    recognize the proxy or page that sent it, as one line of plain text,
+    markup and anything like a credential left out (a debugging proxy may
+    echo our request's headers)."""
+    text = response.content[:4096].decode("utf-8", "replace")
+    text = _TAG_RE.sub(" ", _HIDDEN_RE.sub(" ", text))
+    sent = response.request.headers
+    for value in (sent.get("authorization", "").partition(" ")[2], sent.get("cookie", "")):
+        for part in filter(None, (p.strip() for p in value.replace(";", " ").split())):
+            text = text.replace(part.partition("=")[2] or part, "…")
+    text = _CREDENTIAL_RE.sub("…", text)
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    kind = response.headers.get("content-type", "").split(";")[0].strip() or "no content type"
+    head = f"HTTP {response.status_code} ({_short(kind, 40)})"
+    return f"{head}: “{_short(text, _EXCERPT_LIMIT)}”" if text else f"{head} without text"
 
 
 def cookie_header(cookies: Mapping[str, str]) -> str:
@@ -497,16 +536,21 @@ class LiveChatClient:
             return body
         error = as_dict(as_dict(body).get("error"))
         error_type = as_str(error.get("type"))
-        # A 5xx without LiveChat's error body comes from something in between
-        # (a gateway timing out, say) while LiveChat may still run the call.
-        still_running = (not error_type and status >= 500) or error_type in _STILL_RUNNING_TYPES
-        if not error_type:
-            error_type = (
-                "too_many_requests" if status == 429 else "internal" if status >= 500 else "unknown"
+        # Without LiveChat's error body the answer comes from something in
+        # between (a gateway timing out, a proxy's page): the status is all
+        # there is to go by, and a 5xx may leave LiveChat running the call.
+        foreign = not error_type
+        if foreign:
+            error_type = _PASSING_STATUSES.get(status) or (
+                "internal" if status >= 500 else f"http_{status}"
             )
+        still_running = (foreign and status >= 500) or error_type in _STILL_RUNNING_TYPES
         if error_type != "too_many_requests":
             self._rate_limited = 0
-        detail = _short(as_str(error.get("message")) or f"HTTP {status}")
+        if foreign:
+            detail = excerpt(response)  # the page's own words, not LiveChat's
+        else:
+            detail = _short(as_str(error.get("message")) or f"HTTP {status}")
         log.warning(
             "livechat.error",
             api=api,
@@ -514,9 +558,12 @@ class LiveChatClient:
             status=status,
             error_type=error_type,
             debug_id=debug_id,
+            **({"foreign": True, "bytes": len(response.content)} if foreign else {}),
         )
-        transient = error_type in TRANSIENT_TYPES or (
-            status >= 500 and error_type not in PERMANENT_TYPES
+        transient = (
+            error_type in TRANSIENT_TYPES
+            or (status >= 500 and error_type not in PERMANENT_TYPES)
+            or (foreign and status in _PASSING_STATUSES)
         )
         self._requests.labels(api, method, "unavailable" if transient else "refused").inc()
         if still_running:
@@ -535,7 +582,9 @@ class LiveChatClient:
                 retry_after=retry_after,
                 uncertain=server_side and not idempotent,
             )
-        raise ApiError(api, method, error_type, detail, status, as_dict(error.get("data")))
+        raise ApiError(
+            api, method, error_type, detail, status, as_dict(error.get("data")), foreign=foreign
+        )
 
     async def customer_token(self, cookies: Mapping[str, str], *, timeout: float) -> TokenGrant:
         """Runs the ``cookie`` grant: a token for the customer the cookies name.
@@ -576,7 +625,7 @@ class LiveChatClient:
         outcome = "ok" if 200 <= status < 300 else "refused"
         if status != 429:
             self._rate_limited = 0
-        if status == 429 or status >= 500:
+        if status in _PASSING_STATUSES or status >= 500:
             outcome = "unavailable"
         self._requests.labels("accounts", "customer_token", outcome).inc()
         if outcome == "unavailable":
@@ -594,7 +643,16 @@ class LiveChatClient:
                 as_dict(payload.get("error")).get("message")
             )
             log.warning("livechat.error", api="accounts", status=status, error_type=kind)
-            raise ApiError("accounts", "customer_token", kind or "unknown", _short(detail), status)
+            if not kind:  # not the accounts API's error body: a proxy's page, say
+                raise ApiError(
+                    "accounts",
+                    "customer_token",
+                    f"http_{status}",
+                    excerpt(response),
+                    status,
+                    foreign=True,
+                )
+            raise ApiError("accounts", "customer_token", kind, _short(detail), status)
         access_token = as_str(payload.get("access_token"))
         customer_id = as_str(payload.get("entity_id"))
         if not access_token or not customer_id:

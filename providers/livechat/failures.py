@@ -47,8 +47,22 @@ def group_error(err: ApiError, group_id: int, default_group: int) -> ProviderErr
     return ProviderRejected("GROUP_NOT_FOUND", f"LiveChat has no group {group_id}")
 
 
+def foreign_error(err: ApiError) -> ProviderError:
+    """A refusal that is not LiveChat's (its error body missing): a proxy,
+    a load balancer or a wrong base URL answered. Its page is not read for
+    LiveChat's wording: "client" on a proxy's page names no setting."""
+    setting = names.ACCOUNTS_URL if err.api == "accounts" else names.API_URL
+    return ProviderRejected(
+        code_for(err.type),
+        f"LiveChat {err.method}: {err.detail}, not LiveChat's error answer: something between "
+        f"the service and LiveChat answered (a proxy or load balancer), or {setting} is wrong",
+    )
+
+
 def token_error(err: ApiError) -> ProviderError:
     """The accounts API refused the customer-token grant."""
+    if err.foreign:
+        return foreign_error(err)
     text = err.detail.lower()
     if "redirect" in text:
         return ProviderAuthError(
@@ -76,6 +90,8 @@ def token_error(err: ApiError) -> ProviderError:
 def map_api_error(err: ApiError) -> ProviderError:
     """The contract error for a refusal no caller handled more precisely."""
     kind = err.type
+    if err.foreign:
+        return foreign_error(err)
     if err.api == "accounts":
         return token_error(err)
     if kind == "chat_inactive":

@@ -62,7 +62,9 @@ async def _pre_fault(fake: FakeLiveChat, fault: Fault | None, call: Call) -> Res
         return DroppedResponse()
     if fault.kind == "status":
         call.status = fault.status or 500
-        return Response("upstream trouble", status_code=call.status, headers=headers)
+        return Response(
+            fault.body, status_code=call.status, headers=headers, media_type=fault.content_type
+        )
     if fault.kind == "error" and call.api == "accounts":
         # The accounts host has its own error format (livechat-api.md §4.3).
         oauth = OAuthError(fault.error_type, fault.message, fault.status or 401)

@@ -18,7 +18,8 @@ class Fault:
             before the answer), ``drop`` (the connection drops, the action does
             not run), ``delay`` (wait ``delay`` seconds, then act normally),
             ``bad_json`` (the action runs, the answer is not JSON), ``status``
-            (answer ``status`` with a non-JSON body, the action does not run).
+            (answer ``status`` with ``body``, not LiveChat's error answer, as
+            a proxy or load balancer would; the action does not run).
         api: Restrict to ``agent``, ``customer``, ``configuration`` or
             ``accounts``; None for any.
         error_type: For ``error``: the LiveChat error type (accounts: the
@@ -27,6 +28,8 @@ class Fault:
         data: For ``error``: ``error.data`` (e.g. ``{"region": "fra"}``).
         status: HTTP status override (``error``/``status``).
         retry_after: ``Retry-After`` header value, if any.
+        body: For ``status``: the answer's body.
+        content_type: For ``status``: its ``Content-Type``.
         delay: For ``delay``: seconds (released early when the fake stops).
         times: How many requests it hits; None for all of them.
         hits: How many it has hit so far.
@@ -40,6 +43,8 @@ class Fault:
     data: dict[str, Any] | None = None
     status: int | None = None
     retry_after: str | None = None
+    body: str = "upstream trouble"
+    content_type: str = "text/plain"
     delay: float = 0.0
     times: int | None = 1
     hits: int = field(default=0)

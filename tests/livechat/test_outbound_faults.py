@@ -115,9 +115,11 @@ async def test_gateway_504_then_retry_does_not_duplicate(
     "fault",
     [
         {"kind": "status", "status": 502},
+        {"kind": "status", "status": 503, "body": "<html>503</html>", "content_type": "text/html"},
+        {"kind": "status", "status": 504, "body": "<html>504</html>", "content_type": "text/html"},
         {"kind": "error", "error_type": "request_timeout"},
     ],
-    ids=["5xx without LiveChat's body", "request_timeout"],
+    ids=["502 without LiveChat's body", "503 page", "504 page", "request_timeout"],
 )
 async def test_unfinished_calls_make_the_retry_wait(
     provider: LiveChatProvider, fake: FakeLiveChat, clock: FakeClock, fault: dict[str, Any]
@@ -156,6 +158,112 @@ async def test_livechat_error_body_on_a_5xx_is_an_answer(
         session.chat, session.user, Message("hi"), request_id="m1", uncertain=True, timeout=5
     )
     assert customer_texts(fake, session) == ["hi"]
+
+
+# -- a 4xx that is not LiveChat's answer ---------------------------------------------
+
+_PROXY_PAGE = (
+    "<html><head><title>{status} {title}</title><style>body {{ color: red }}</style></head>"
+    "<body><h1>{title}</h1><p>Your client has issued a request this organization's group "
+    "proxy would not pass.</p><pre>Authorization: Basic {token}\nBearer dal:Cx1abcDEF</pre>"
+    + "<p>padding</p>" * 200
+    + "<p>END-OF-PAGE</p></body></html>"
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "uncertain", "wait"),
+    [
+        (408, None, True, None),  # the proxy gave up; LiveChat may run the call
+        (425, None, False, None),
+        (429, "7", False, 7.0),
+        (429, None, False, 1.0),  # the rate-limit back-off
+    ],
+)
+async def test_a_proxys_transient_4xx_is_worth_retrying(
+    provider: LiveChatProvider,
+    fake: FakeLiveChat,
+    status: int,
+    retry_after: str | None,
+    uncertain: bool,
+    wait: float | None,
+) -> None:
+    session = await start_session(provider)
+    page = _PROXY_PAGE.format(status=status, title="Request Timeout", token="x")
+    fake.add_fault(
+        "send_event",
+        api="customer",
+        kind="status",
+        status=status,
+        body=page,
+        content_type="text/html",
+        retry_after=retry_after,
+    )
+    with pytest.raises(ProviderUnavailable) as info:
+        await provider.send(
+            session.chat, session.user, Message("hi"), request_id="m1", uncertain=False, timeout=5
+        )
+    assert info.value.uncertain is uncertain
+    assert isinstance(info.value, AnsweredUnavailable) is not uncertain
+    # A call that may still run makes the retry wait as long as LiveChat may take.
+    assert info.value.retry_after == (provider.settings.server_timeout if uncertain else wait)
+
+
+@pytest.mark.parametrize("status", [408, 425])
+async def test_a_proxys_transient_4xx_on_the_token_endpoint_is_worth_retrying(
+    provider: LiveChatProvider, fake: FakeLiveChat, status: int
+) -> None:
+    fake.add_fault("customer_token", kind="status", status=status, body="<html>busy</html>")
+    with pytest.raises(ProviderUnavailable):
+        await start_session(provider)
+
+
+@pytest.mark.parametrize(
+    ("api", "method", "status"),
+    [("customer", "send_event", 400), ("customer", "send_event", 403), ("agent", "get_chat", 404)],
+)
+async def test_a_proxys_other_4xx_is_a_refusal_quoting_a_little_of_it(
+    provider: LiveChatProvider, fake: FakeLiveChat, api: str, method: str, status: int
+) -> None:
+    session = await start_session(provider)
+    page = _PROXY_PAGE.format(status=status, title="Forbidden", token=fake.agent_token)
+    fake.add_fault(
+        method, api=api, kind="status", status=status, body=page, content_type="text/html"
+    )
+    call = (
+        provider.send(
+            session.chat, session.user, Message("hi"), request_id="m1", uncertain=False, timeout=5
+        )
+        if method == "send_event"
+        else provider.catch_up(session.chat, session.user, "", timeout=5)
+    )
+    with pytest.raises(ProviderRejected) as info:
+        await call
+    # Not taken for a LiveChat refusal naming a setting (the page says
+    # "client", "organization", "group").
+    assert not isinstance(info.value, ProviderAuthError)
+    assert info.value.code == f"HTTP_{status}"
+    text = str(info.value)
+    assert f"HTTP {status}" in text
+    assert f"{status} Forbidden" in text  # enough to recognize the page
+    assert "END-OF-PAGE" not in text
+    assert "<" not in text
+    assert len(text) < 400
+    assert fake.agent_token not in text
+    assert "dal:Cx1abcDEF" not in text
+
+
+async def test_a_proxys_4xx_on_the_token_endpoint_is_a_clear_refusal(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    page = _PROXY_PAGE.format(status=403, title="Forbidden", token="x")
+    fake.add_fault("customer_token", kind="status", status=403, body=page)
+    with pytest.raises(ProviderRejected) as info:
+        await start_session(provider)
+    assert not isinstance(info.value, ProviderAuthError)  # the page says "client"
+    assert info.value.code == "HTTP_403"
+    assert "403 Forbidden" in str(info.value)
+    assert "END-OF-PAGE" not in str(info.value)
 
 
 # -- a slow media host ---------------------------------------------------------------
