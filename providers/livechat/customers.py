@@ -4,8 +4,8 @@ Each end user gets a customer through the ``cookie`` grant. The grant's
 ``__lc_cid``/``__lc_cst`` cookies are kept in ``ProviderUser.state``, so the
 identity stays stable and the 8-hour token can be renewed by replaying them.
 State keys: ``customer_id``, ``access_token``, ``expires_at`` (Unix seconds),
-``cookies``, ``profile`` (a fingerprint of what was last sent) and ``chat_id``
-(the customer's one chat, once known).
+``lifetime`` (the token's, in seconds), ``cookies``, ``profile`` (a fingerprint
+of what was last sent) and ``chat_id`` (the customer's one chat, once known).
 """
 
 from __future__ import annotations
@@ -33,7 +33,11 @@ from providers.types import ProviderUser, UserProfile
 log = structlog.get_logger(__name__)
 
 REFRESH_MARGIN: Final = 15 * 60
-"""Renew a customer token this many seconds before it expires."""
+"""Renew a customer token this many seconds before it expires, or at
+``REFRESH_SHARE`` of its lifetime left if that is less."""
+REFRESH_SHARE: Final = 0.5
+"""Of a token living less than twice ``REFRESH_MARGIN``: with the full
+margin, every call would find it about to expire and renew it."""
 RECENT_GRANT: Final = 60.0
 """How long a renewal serves calls that waited for it (or read the user's
 state before it was saved) instead of a grant of their own."""
@@ -46,7 +50,16 @@ class _Renewal:
     at: float  # monotonic
     access_token: str = field(repr=False)  # credentials
     expires_at: float = 0.0  # Unix seconds
+    lifetime: float = 0.0  # seconds
     cookies: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+def refresh_margin(lifetime: object) -> float:
+    """How long before expiry to renew a token that lasts ``lifetime``
+    seconds (unknown, as in state saved before it was kept: the full margin)."""
+    if isinstance(lifetime, int | float) and not isinstance(lifetime, bool) and lifetime > 0:
+        return min(float(REFRESH_MARGIN), float(lifetime) * REFRESH_SHARE)
+    return float(REFRESH_MARGIN)
 
 
 class Customers:
@@ -84,6 +97,7 @@ class Customers:
         state["customer_id"] = grant.customer_id
         state["access_token"] = grant.access_token.reveal()
         state["expires_at"] = self._clock.now().timestamp() + grant.expires_in
+        state["lifetime"] = grant.expires_in
         state["cookies"] = dict(grant.cookies)
         self._renewed.put(
             grant.customer_id,
@@ -91,6 +105,7 @@ class Customers:
                 self._clock.monotonic(),
                 state["access_token"],
                 state["expires_at"],
+                grant.expires_in,
                 dict(grant.cookies),
             ),
         )
@@ -145,12 +160,13 @@ class Customers:
             recent is None
             or hmac.compare_digest(recent.access_token.encode(), held.encode())
             or self._clock.monotonic() - recent.at > RECENT_GRANT
-            or recent.expires_at - self._clock.now().timestamp() < REFRESH_MARGIN
+            or recent.expires_at - self._clock.now().timestamp() < refresh_margin(recent.lifetime)
         ):
             return False
         user.state["customer_id"] = user.external_user_id
         user.state["access_token"] = recent.access_token
         user.state["expires_at"] = recent.expires_at
+        user.state["lifetime"] = recent.lifetime
         user.state["cookies"] = dict(recent.cookies)
         log.info("livechat.customer_token_shared", customer_id=user.external_user_id)
         return True
@@ -176,11 +192,13 @@ class Customers:
         log.info("livechat.customer_token_refreshed", customer_id=grant.customer_id)
 
     def needs_refresh(self, user: ProviderUser) -> bool:
-        """True when the token is missing or expires within the margin."""
+        """True when the token is missing or expires within its margin
+        (see :func:`refresh_margin`)."""
         expires_at = user.state.get("expires_at")
         if not as_str(user.state.get("access_token")) or not isinstance(expires_at, int | float):
             return True
-        return float(expires_at) - self._clock.now().timestamp() < REFRESH_MARGIN
+        left = float(expires_at) - self._clock.now().timestamp()
+        return left < refresh_margin(user.state.get("lifetime"))
 
     async def ensure_fresh(
         self, user: ProviderUser, budget: Budget, *, adopt: bool = False

@@ -76,6 +76,58 @@ async def test_token_is_refreshed_before_expiry_with_the_same_identity(
     assert [c.error_type for c in fake.calls("send_event")] == [""]
 
 
+async def test_a_short_lived_token_is_renewed_at_half_its_life_not_on_every_call(
+    make_provider: MakeProvider, fake: FakeLiveChat, clock: FakeClock
+) -> None:
+    """Tokens shorter-lived than the 15-minute margin (10 minutes here) are
+    renewed when half their lifetime is left, not by every call."""
+    fake.state.config.token_lifetime = 600
+    provider = await make_provider()
+    session = await start_session(provider)
+    grants = len(fake.calls("customer_token"))
+    assert grants == 1  # the new customer's, and none for its first calls
+
+    async def send(request_id: str) -> None:
+        await provider.send(
+            session.chat,
+            session.user,
+            Message("hi"),
+            request_id=request_id,
+            timeout=5,
+            uncertain=False,
+        )
+
+    await send("m1")
+    await send("m2")
+    clock.advance(299)  # 301 s left: more than half
+    await send("m3")
+    assert len(fake.calls("customer_token")) == grants
+    clock.advance(2)  # 299 s left
+    await send("m4")
+    await send("m5")
+    assert len(fake.calls("customer_token")) == grants + 1
+    assert [c.error_type for c in fake.calls("send_event")] == [""] * 5
+
+
+async def test_a_token_of_unknown_lifetime_keeps_the_15_minute_margin(
+    provider: LiveChatProvider, fake: FakeLiveChat, clock: FakeClock
+) -> None:
+    """State saved before the lifetime was kept."""
+    session = await start_session(provider)
+    session.user.state.pop("lifetime", None)
+    grants = len(fake.calls("customer_token"))
+    clock.advance(8 * 3600 - 16 * 60)
+    await provider.send(
+        session.chat, session.user, Message("a"), request_id="m1", uncertain=False, timeout=5
+    )
+    assert len(fake.calls("customer_token")) == grants
+    clock.advance(2 * 60)
+    await provider.send(
+        session.chat, session.user, Message("b"), request_id="m2", uncertain=False, timeout=5
+    )
+    assert len(fake.calls("customer_token")) == grants + 1
+
+
 async def test_authentication_error_refreshes_once_and_retries(
     provider: LiveChatProvider, fake: FakeLiveChat
 ) -> None:
