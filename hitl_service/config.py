@@ -126,7 +126,9 @@ class Settings:
     http_request_timeout: float = 30.0
     # Webhook (and provider route) requests handled at once: each may hold
     # up to http_max_body until it is answered, so 256 of them hold at most
-    # 256 MiB at the default body limit (LiveChat's webhooks are a few KB).
+    # 256 MiB at the default body limit (LiveChat's webhooks are mostly a
+    # few KB; an incoming_chat carries the whole transcript of the start it
+    # reports, which can pass 1 MiB: README, HITL_HTTP_MAX_BODY).
     http_max_in_flight: int = 256
     # Open sidecar connections (one file descriptor each): at the cap, the
     # oldest one with no request in progress is closed to make room for a
