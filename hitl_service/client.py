@@ -12,7 +12,7 @@ For internal Python services; other languages use stubs generated from
   ``CreateUser`` when it has an ``external_id`` (an upsert), and
   ``StartHitl``/``SendMessage``, which always carry a ``request_id`` (one is
   generated when the caller gives none) and repeat it on every attempt, so
-  the service never acts twice; by default for at least about 12 s (a
+  the service never acts twice; by default for 12.5 to 25 s (a
   restart of a one-process deployment: ``RetryPolicy``);
 * ``events()``, an event iterator that reconnects when a stream ends or the
   service is briefly unreachable, and resumes after the last cursor it
