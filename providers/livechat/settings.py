@@ -129,14 +129,19 @@ def decode_agent_token(token: str) -> tuple[str, str]:
     return account_id.strip(), pat
 
 
-def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
+# Seconds, or a duration as the core's settings take it (``15s``, ``500ms``, ``1m``).
+_SECONDS_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "": 1.0}
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     value = _get(env, name)
     if not value:
         return default
-    try:
-        number = float(value)
-    except ValueError:
-        raise ProviderConfigError(name, "must be a number of seconds") from None
+    match = _SECONDS_RE.fullmatch(value)
+    if match is None:
+        raise ProviderConfigError(name, "must be a number of seconds, or a duration like 15s")
+    number = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     if not 0 < number < 3600:
         raise ProviderConfigError(name, "must be between 0 and 3600 seconds")
     return number
@@ -194,8 +199,8 @@ def parse_settings(env: Mapping[str, str]) -> LiveChatSettings:
         api_url=_base_url(env, API_URL, DEFAULT_API_URL),
         accounts_url=_base_url(env, ACCOUNTS_URL, DEFAULT_ACCOUNTS_URL),
         region=region,
-        request_timeout=_positive_float(env, REQUEST_TIMEOUT, 15.0),
+        request_timeout=_seconds(env, REQUEST_TIMEOUT, 15.0),
         max_upload_bytes=int(max_upload) if max_upload else _TEN_MB,
         media_hosts=media_hosts,
-        server_timeout=_positive_float(env, SERVER_TIMEOUT, 15.0),
+        server_timeout=_seconds(env, SERVER_TIMEOUT, 15.0),
     )

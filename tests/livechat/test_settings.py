@@ -97,6 +97,23 @@ class TestParseSettings:
             parse_settings(env(**{name: value}))
         assert info.value.setting == name
 
+    @pytest.mark.parametrize(
+        ("value", "seconds"),
+        [("20", 20.0), ("2.5", 2.5), ("15s", 15.0), ("500ms", 0.5), ("1m", 60.0)],
+    )
+    def test_timeouts_take_seconds_or_a_duration(self, value: str, seconds: float) -> None:
+        """Like the core's durations (HITL_PROVIDER_TIMEOUT=10s): ``15s`` was refused."""
+        settings = parse_settings(
+            env(HITL_LIVECHAT_REQUEST_TIMEOUT=value, HITL_LIVECHAT_SERVER_TIMEOUT=value)
+        )
+        assert (settings.request_timeout, settings.server_timeout) == (seconds, seconds)
+
+    @pytest.mark.parametrize("value", ["0", "0s", "60m", "15x", "1e3", "nan", "-5"])
+    def test_timeouts_out_of_range_or_malformed(self, value: str) -> None:
+        with pytest.raises(ProviderConfigError) as info:
+            parse_settings(env(HITL_LIVECHAT_SERVER_TIMEOUT=value))
+        assert info.value.setting == "HITL_LIVECHAT_SERVER_TIMEOUT"
+
     def test_secret_values_never_in_messages(self) -> None:
         bad_token = base64.b64encode(b"secret-value-without-any-colon").decode()
         with pytest.raises(ProviderConfigError) as info:
