@@ -442,6 +442,16 @@ class LiveChatProvider:
                 ) from None
             raise self._group_failure(err, group) from None
 
+    async def _deactivate_as_agent(self, chat_id: str, budget: Budget) -> None:
+        """Agent ``deactivate_chat``: closes the chat's active thread, whatever
+        it is (LiveChat takes no thread id)."""
+        await self.client.agent(
+            "deactivate_chat",
+            {"id": chat_id, "ignore_requester_presence": True},
+            timeout=budget.left(),
+            idempotent=True,
+        )
+
     async def _deactivate_quietly(self, chat_id: str, budget: Budget) -> None:
         """Closes a chat the start opened and is refusing.
 
@@ -452,12 +462,7 @@ class LiveChatProvider:
                 later (``abandon``) instead of leaving it open unheard.
         """
         try:
-            await self.client.agent(
-                "deactivate_chat",
-                {"id": chat_id, "ignore_requester_presence": True},
-                timeout=budget.left(),
-                idempotent=True,
-            )
+            await self._deactivate_as_agent(chat_id, budget)
         except ApiError as err:
             log.warning("livechat.cleanup_failed", chat_id=chat_id, error=type(err).__name__)
         except ProviderUnavailable as err:
@@ -788,12 +793,7 @@ class LiveChatProvider:
     async def _deactivate(self, chat_id: str, user: ProviderUser, budget: Budget) -> None:
         """Closes the chat's active thread; an inactive chat is left as it is."""
         try:
-            await self.client.agent(
-                "deactivate_chat",
-                {"id": chat_id, "ignore_requester_presence": True},
-                timeout=budget.left(),
-                idempotent=True,
-            )
+            await self._deactivate_as_agent(chat_id, budget)
         except ApiError as err:
             if err.type == "chat_inactive":
                 log.info("livechat.already_inactive", chat_id=chat_id)
