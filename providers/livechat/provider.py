@@ -75,6 +75,7 @@ log = structlog.get_logger(__name__)
 
 # Refusals meaning the chat is in a group the bridge agent cannot access.
 _NO_ACCESS: Final = ("authorization", "missing_access")
+_GONE: Final = ("not_found", "chat_not_found")  # LiveChat has no such chat
 # The part of a send's remaining time a media download may use.
 _MEDIA_FETCH_SHARE: Final = 0.5
 _GROUP_ID_RULE: Final = 'LiveChat group ids are decimal numbers, e.g. "0" (General) or "19"'
@@ -369,7 +370,7 @@ class LiveChatProvider:
                 raise  # ``start`` decides; from ``_start_chat`` it is mapped
             if is_group_error(err) or err.type == "authentication":
                 raise self._group_failure(err, group) from None
-            if err.type in ("not_found", "chat_not_found"):
+            if err.type in _GONE:
                 return ""
             chat = await self._get_chat(chat_id, "", budget)
             if chat is None or chat.thread is None or not chat.thread.active:
@@ -798,6 +799,12 @@ class LiveChatProvider:
             if err.type == "chat_inactive":
                 log.info("livechat.already_inactive", chat_id=chat_id)
                 return
+            if err.type in _GONE:
+                # Deleted or anonymised at LiveChat: nothing left to close.
+                # Raised, it failed every stop for good, and the session
+                # stayed open, refusing the user's next handoffs.
+                log.warning("livechat.chat_gone", chat_id=chat_id)
+                return
             if err.type in _NO_ACCESS:
                 # Moved to a group the bridge agent is not in (like catch_up).
                 await self._deactivate_as_customer(chat_id, user, err, budget)
@@ -856,7 +863,7 @@ class LiveChatProvider:
         try:
             return await self._get_chat(chat_id, "", budget)
         except ApiError as err:
-            if err.type in ("not_found", "chat_not_found"):
+            if err.type in _GONE:
                 return None
             if err.type not in ("authorization", "missing_access"):
                 raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import structlog
+from structlog.testing import capture_logs
 
 from providers.errors import ProviderAuthError, ProviderRejected
 from providers.livechat import LiveChatProvider
@@ -103,3 +104,22 @@ async def test_stop_without_a_known_thread_closes_the_active_one(
     await provider.stop(ProviderChat(session.chat_id, {}), session.user, "done", timeout=5)
     assert not fake.chat(session.chat_id).active
     assert len(fake.calls("get_chat")) == reads  # nothing to compare: no read
+
+
+@pytest.mark.parametrize("thread_known", [True, False])
+async def test_a_chat_livechat_no_longer_has_counts_as_closed(
+    provider: LiveChatProvider, fake: FakeLiveChat, thread_known: bool
+) -> None:
+    """A chat deleted or anonymised at LiveChat: ``deactivate_chat`` answers
+    ``not_found``. Raised, it failed every stop for good, so the session
+    stayed open for ever and the end user could start no other handoff."""
+    session = await start_session(provider)
+    del fake.state.chats[session.chat_id]
+    chat = session.chat
+    if not thread_known:  # state saved before the thread was kept
+        chat = ProviderChat(chat.external_chat_id, {})
+    with capture_logs() as logs:
+        await provider.stop(chat, session.user, "done", timeout=5)
+    assert [(e["event"], e["log_level"]) for e in logs if e["event"] == "livechat.chat_gone"] == [
+        ("livechat.chat_gone", "warning")
+    ]
