@@ -799,10 +799,10 @@ class LiveChatProvider:
             if err.type == "chat_inactive":
                 log.info("livechat.already_inactive", chat_id=chat_id)
                 return
-            if err.type in _GONE:
-                # Deleted or anonymised at LiveChat: nothing left to close.
-                # Raised, it failed every stop for good, and the session
-                # stayed open, refusing the user's next handoffs.
+            if err.type in _GONE and await self._chat_as_it_is(chat_id, user, budget) is None:
+                # Deleted or anonymised at LiveChat (get_chat agrees): nothing
+                # left to close. Raised, it failed every stop for good, and
+                # the session stayed open, refusing the user's next handoffs.
                 log.warning("livechat.chat_gone", chat_id=chat_id)
                 return
             if err.type in _NO_ACCESS:
