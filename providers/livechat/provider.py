@@ -799,12 +799,6 @@ class LiveChatProvider:
             if err.type == "chat_inactive":
                 log.info("livechat.already_inactive", chat_id=chat_id)
                 return
-            if err.type in _GONE and await self._chat_as_it_is(chat_id, user, budget) is None:
-                # Deleted or anonymised at LiveChat (get_chat agrees): nothing
-                # left to close. Raised, it failed every stop for good, and
-                # the session stayed open, refusing the user's next handoffs.
-                log.warning("livechat.chat_gone", chat_id=chat_id)
-                return
             if err.type in _NO_ACCESS:
                 # Moved to a group the bridge agent is not in (like catch_up).
                 await self._deactivate_as_customer(chat_id, user, err, budget)
@@ -812,7 +806,16 @@ class LiveChatProvider:
                 return
             if err.type == "authentication":
                 raise
-            current = await self._get_chat(chat_id, "", budget)
+            try:
+                current = await self._chat_as_it_is(chat_id, user, budget)
+            except ApiError:
+                raise err from None  # the refusal to report is the close's, not the read's
+            if current is None and err.type in _GONE:
+                # Deleted or anonymised at LiveChat (get_chat agrees): nothing
+                # left to close. Raised, it failed every stop for good, and
+                # the session stayed open, refusing the user's next handoffs.
+                log.warning("livechat.chat_gone", chat_id=chat_id)
+                return
             if current is not None and (current.thread is None or not current.thread.active):
                 log.info("livechat.already_inactive", chat_id=chat_id)
                 return

@@ -123,3 +123,19 @@ async def test_a_chat_livechat_no_longer_has_counts_as_closed(
     assert [(e["event"], e["log_level"]) for e in logs if e["event"] == "livechat.chat_gone"] == [
         ("livechat.chat_gone", "warning")
     ]
+
+
+async def test_a_refused_close_is_reported_even_when_the_check_after_it_fails(
+    provider: LiveChatProvider, fake: FakeLiveChat
+) -> None:
+    """After an unexpected refusal the stop reads the chat, to tell a chat
+    already closed; that read failing reported its own error (here the
+    token's) instead of the close's."""
+    session = await start_session(provider)
+    chat = ProviderChat(session.chat.external_chat_id, {})  # no thread id: no read before
+    fake.add_fault("deactivate_chat", error_type="validation", message="Something else")
+    fake.add_fault("get_chat", error_type="authentication")
+    with pytest.raises(ProviderRejected) as info:
+        await provider.stop(chat, session.user, "done", timeout=5)
+    assert "Something else" in str(info.value)
+    assert fake.chat(session.chat_id).active
