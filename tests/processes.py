@@ -154,8 +154,11 @@ class ServiceProcess:
 class FakeLiveChatProcess:
     """The fake LiveChat as its own process (survives service kills)."""
 
-    def __init__(self, *, webhook_secret: str = "whsec-test-0123456789") -> None:
+    def __init__(
+        self, *, webhook_secret: str = "whsec-test-0123456789", live_clock: bool = False
+    ) -> None:
         self.webhook_secret = webhook_secret
+        self.live_clock = live_clock  # LiveChat's time moves (else it stands still)
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
         self.env: dict[str, str] = {}
@@ -168,6 +171,7 @@ class FakeLiveChatProcess:
             "tests.fake_livechat",
             "--webhook-secret",
             self.webhook_secret,
+            *(["--live-clock"] if self.live_clock else []),
             cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             stdout=asyncio.subprocess.PIPE,

@@ -37,6 +37,30 @@ class FakeClock:
         self._offset += max(0.0, seconds)
 
 
+class LiveClock(FakeClock):
+    """The fake's clock moving with real time, and jumping when advanced.
+
+    The provider tests freeze the fake's time; end to end, two queue entries
+    of one thread must not share a ``queued_at``, as they never do at LiveChat.
+    """
+
+    def __init__(self) -> None:
+        # From the real time, as LiveChat's own clock: the service compares
+        # the times LiveChat reports with its own (what an agent wrote
+        # before the session went back to the queue, or before our stop).
+        super().__init__(datetime.now(UTC))
+        self._real_start = time.monotonic()
+
+    def _elapsed(self) -> float:
+        return time.monotonic() - self._real_start
+
+    def now(self) -> datetime:
+        return super().now() + timedelta(seconds=self._elapsed())
+
+    def monotonic(self) -> float:
+        return super().monotonic() + self._elapsed()
+
+
 def rfc3339(moment: datetime) -> str:
     """LiveChat's timestamp format: microseconds and ``Z``."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -4,7 +4,7 @@ Each ``POST /_control/<action>`` takes a JSON object of keyword arguments for
 the ``FakeLiveChat`` method of the same name (``agent_join``,
 ``agent_message``, ``transfer``, ``agent_leave``, ``agent_close``,
 ``customer_close``, ``router_close``, ``add_fault``, ``clear_faults``,
-``set_config``, ``advance_clock``). ``GET /_control/calls``,
+``set_config``, ``webhook_chaos``, ``advance_clock``). ``GET /_control/calls``,
 ``/_control/deliveries`` and ``/_control/chats/<id>`` inspect the state.
 """
 
@@ -34,6 +34,7 @@ ACTIONS = frozenset(
         "add_fault",
         "clear_faults",
         "set_config",
+        "webhook_chaos",
         "advance_clock",
     }
 )

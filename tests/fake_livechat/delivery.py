@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -13,13 +14,32 @@ from tests.fake_livechat.model import Chat, Delivery, Webhook
 from tests.fake_livechat.state import FakeState
 
 
+@dataclass(frozen=True)
+class Chaos:
+    """Random misbehaviour of every delivery (``WebhookDelivery.chaos``).
+
+    Attributes:
+        drop: Probability that a delivery is never sent (LiveChat gave up).
+        duplicate: Probability that a delivery is sent twice.
+        max_delay: Each copy waits a random 0 to ``max_delay`` seconds
+            before its first attempt, concurrently with the others, so
+            later deliveries overtake earlier ones.
+    """
+
+    drop: float = 0.0
+    duplicate: float = 0.0
+    max_delay: float = 0.0
+
+
 class WebhookDelivery:
     """Delivers fired webhooks to registered URLs, one at a time, in order.
 
     Knobs (attributes a test may set): ``drop_next`` deliveries are dropped
     (never sent, as after LiveChat's last retry), ``duplicate_next`` are sent
     twice, ``delay`` waits before each send, and :meth:`hold`/:meth:`release`
-    collect deliveries and let them go in another order.
+    collect deliveries and let them go in another order. :meth:`chaos` makes
+    every delivery a random draw instead: dropped, doubled, delayed and
+    reordered (each copy then goes on its own, retried as usual).
     """
 
     def __init__(self, state: FakeState) -> None:
@@ -35,6 +55,17 @@ class WebhookDelivery:
         self._client: httpx.AsyncClient | None = None
         self._worker: asyncio.Task[None] | None = None
         self._rng = random.Random(11)
+        self._chaos: Chaos | None = None
+        self._chaos_rng = random.Random(0)
+        self._chaos_tasks: set[asyncio.Task[None]] = set()
+
+    def chaos(
+        self, drop: float = 0.0, duplicate: float = 0.0, max_delay: float = 0.0, seed: int = 0
+    ) -> None:
+        """Turns random misbehaviour on (all zero: off), drawn from ``seed``."""
+        on = bool(drop or duplicate or max_delay)
+        self._chaos = Chaos(drop, duplicate, max_delay) if on else None
+        self._chaos_rng = random.Random(seed)
 
     async def start(self) -> None:
         """Starts the delivery worker."""
@@ -43,6 +74,9 @@ class WebhookDelivery:
 
     async def stop(self) -> None:
         """Stops the worker; undelivered webhooks stay pending."""
+        for task in list(self._chaos_tasks):
+            task.cancel()
+        await asyncio.gather(*self._chaos_tasks, return_exceptions=True)
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -93,6 +127,9 @@ class WebhookDelivery:
                 "payload": payload,
                 "additional_data": {},
             }
+            if self._chaos is not None:
+                self._chaotic(self._chaos, hook, action, envelope)
+                continue
             copies = 1
             if self.duplicate_next > 0:
                 self.duplicate_next -= 1
@@ -106,6 +143,22 @@ class WebhookDelivery:
                     continue
                 self._pending.append(delivery)
         self._notify()
+
+    def _chaotic(self, chaos: Chaos, hook: Webhook, action: str, envelope: dict[str, Any]) -> None:
+        """Queues one delivery the ``chaos`` way: each copy on its own task."""
+        rng = self._chaos_rng
+        copies = 2 if rng.random() < chaos.duplicate else 1
+        for copy in range(copies):
+            delivery = Delivery(len(self.deliveries) + 1, hook.id, action, hook.url, envelope)
+            delivery.copy = copy
+            self.deliveries.append(delivery)
+            if rng.random() < chaos.drop:
+                delivery.outcome = "dropped"
+                continue
+            wait = rng.uniform(0, chaos.max_delay)
+            task = asyncio.create_task(self._deliver(delivery, wait))
+            self._chaos_tasks.add(task)
+            task.add_done_callback(self._chaos_tasks.discard)
 
     def _notify(self) -> None:
         if self._pending and not self._held:
@@ -129,6 +182,8 @@ class WebhookDelivery:
         """Waits until nothing is pending or in flight (held ones excepted)."""
         async with asyncio.timeout(timeout):
             await self._idle.wait()
+            while self._chaos_tasks:
+                await asyncio.gather(*self._chaos_tasks, return_exceptions=True)
 
     async def _run(self) -> None:
         while True:
@@ -140,11 +195,11 @@ class WebhookDelivery:
             self._idle.clear()
             await self._deliver(self._pending.pop(0))
 
-    async def _deliver(self, delivery: Delivery) -> None:
+    async def _deliver(self, delivery: Delivery, wait: float = 0.0) -> None:
         assert self._client is not None
         config = self.state.config
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        if self.delay or wait:
+            await asyncio.sleep(self.delay + wait)
         for attempt in range(max(1, config.webhook_attempts)):
             if attempt:
                 delays = config.webhook_retry_delays

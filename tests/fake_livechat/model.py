@@ -203,3 +203,4 @@ class Delivery:
     envelope: dict[str, Any]
     attempts: list[str] = field(default_factory=list)  # status codes or error names
     outcome: str = "pending"  # pending, delivered, failed, dropped
+    copy: int = 0  # 1 for the second copy of a delivery sent twice

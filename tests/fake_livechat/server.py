@@ -182,6 +182,13 @@ class FakeLiveChat:
                 raise TypeError(f"unknown knob {key}")
             setattr(self.state.config, key, tuple(value) if isinstance(value, list) else value)
 
+    def webhook_chaos(
+        self, drop: float = 0.0, duplicate: float = 0.0, max_delay: float = 0.0, seed: int = 0
+    ) -> None:
+        """Every webhook delivery from now on dropped, doubled, delayed and
+        reordered at random (``WebhookDelivery.chaos``); all zero: off."""
+        self.delivery.chaos(drop, duplicate, max_delay, seed)
+
     def advance_clock(self, seconds: float) -> None:
         """Moves the fake's clock forward."""
         self.state.clock.advance(seconds)

@@ -16,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -37,36 +35,13 @@ from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from providers.livechat import LiveChatProvider
 from tests.conftest import start_app
-from tests.fake_livechat import FakeClock, FakeConfig, FakeLiveChat, ServedApp
+from tests.fake_livechat import FakeConfig, FakeLiveChat, ServedApp
+from tests.fake_livechat.clock import LiveClock
 from tests.support import TIMEOUT, EventCollector, rid, wait_for
 
 WEBHOOK_SECRET = "whsec-integration-7d41c2e9b05a"
 JANE = ("jane@acme.example", "Jane Doe", "https://cdn.example/jane.png")
 JOE = ("joe@acme.example", "Joe Roe", "")
-
-
-class LiveClock(FakeClock):
-    """The fake's clock moving with real time, and jumping when advanced.
-
-    The provider tests freeze the fake's time; end to end, two queue entries
-    of one thread must not share a ``queued_at``, as they never do at LiveChat.
-    """
-
-    def __init__(self) -> None:
-        # From the real time, as LiveChat's own clock: the service compares
-        # the times LiveChat reports with its own (what an agent wrote
-        # before the session went back to the queue, or before our stop).
-        super().__init__(datetime.now(UTC))
-        self._real_start = time.monotonic()
-
-    def _elapsed(self) -> float:
-        return time.monotonic() - self._real_start
-
-    def now(self) -> datetime:
-        return super().now() + timedelta(seconds=self._elapsed())
-
-    def monotonic(self) -> float:
-        return super().monotonic() + self._elapsed()
 
 
 def media_bytes(name: str, size: int) -> bytes:
