@@ -12,7 +12,7 @@ the same time:
 - stream consumers following the whole log: one ``HitlClient.events()``
   that is dropped and resumed from its saved cursor now and then (a consumer
   restarting), and one on the raw stub that reconnects itself and keeps
-  everything it was sent, unfiltered;
+  everything it was sent, unfiltered; and one following a single session;
 - agents writing in LiveChat (the fake's control API) to the chats of the
   open handoffs;
 - the fake delivering every webhook at random: dropped (LiveChat gave up),
@@ -27,7 +27,10 @@ Then the load stops, and catch-up (``HITL_RECONCILE_INTERVAL`` 2 s) is let
 recover what the dropped webhooks and the kills lost. The checks:
 
 - every agent message LiveChat holds in a handoff's thread is in that
-  session's events exactly once, in LiveChat's order, ahead of its ``ended``;
+  session's events exactly once, ahead of its ``ended``; in the order its
+  webhook came (LiveChat does not order deliveries, and a message recovered
+  by catch-up comes after later ones), with LiveChat's time, by which it
+  sorts back into LiveChat's order;
 - every acknowledged SendMessage is in the chat exactly once, in the order
   acknowledged, and none refused is;
 - each consumer saw the log exactly as it is, across its reconnects and
@@ -178,6 +181,7 @@ class Chaos:
     killed: set[int] = field(default_factory=set)  # pids killed
     stats: Stats = field(default_factory=Stats)
     resumed: list[pb.Event] = field(default_factory=list)  # HitlClient.events, resumed
+    one_session: list[pb.Event] = field(default_factory=list)  # HitlClient.events(session)
     raw: list[pb.Event] = field(default_factory=list)  # the raw stub, unfiltered
 
     # -- handoffs -----------------------------------------------------------------
@@ -299,6 +303,11 @@ class Chaos:
             cursor = stream.cursor
             self.stats.consumer_restarts += 1
 
+    async def session_consumer(self, session_id: str) -> None:
+        """One session's events only, through ``HitlClient.events``."""
+        async for event in self.client.events(session_id=session_id, after="0"):
+            self.one_session.append(event)
+
     async def raw_consumer(self) -> None:
         """The raw stub, reconnecting after the last cursor it got, keeping
         everything it is sent (so a repeat or a gap shows)."""
@@ -340,6 +349,7 @@ class Chaos:
             self.killed.add(service.proc.pid)
             await service.kill()
             self.stats.kills += 1
+            cut_line(service)
             await self.pause(0.0, 1.0)  # down for a while
             started = time.monotonic()
             await service.start()
@@ -391,15 +401,28 @@ def custom_ids(chat: dict[str, Any], thread_id: str) -> list[str]:
     raise AssertionError(f"no thread {thread_id}")
 
 
+CUT = " [cut by kill -9]"
+
+
+def cut_line(service: ServiceProcess) -> None:
+    """Marks the end of a killed process's log: its last line may have been
+    cut short (a line and its newline are two writes)."""
+    text = service.log()
+    if text and not text.endswith("\n"):
+        with service.log_path.open("a") as log:
+            log.write(CUT + "\n")
+
+
 def log_problems(service: ServiceProcess) -> list[str]:
-    """Lines at error level or with a traceback (JSON lines only; the
-    gRPC C core writes plain text, listed too)."""
+    """Lines at error level or with a traceback, and lines that are not JSON
+    (the gRPC C core's plain text), except the last line of a killed process."""
     found = []
     for line in service.log().splitlines():
         try:
-            entry = json.loads(line)
+            entry = json.loads(line.removesuffix(CUT))
         except json.JSONDecodeError:
-            found.append(line)
+            if not line.endswith(CUT):
+                found.append(line)
             continue
         if entry.get("level") in ("error", "critical") or "exception" in entry:
             found.append(line)
@@ -454,6 +477,8 @@ async def run_chaos(seed: int, tmp_path: Path, topology: Topology, label: str) -
             async with slot.lock:
                 await chaos.open_handoff(slot, 0)
             chaos.slots.append(slot)
+        assert chaos.slots[0].session is not None
+        first = chaos.slots[0].session.id
         await fake.control("webhook_chaos", drop=0.08, duplicate=0.2, max_delay=0.6, seed=seed)
         load = [
             *(asyncio.create_task(chaos.sender(slot)) for slot in chaos.slots),
@@ -464,6 +489,7 @@ async def run_chaos(seed: int, tmp_path: Path, topology: Topology, label: str) -
         consumers = [
             asyncio.create_task(chaos.resumed_consumer()),
             asyncio.create_task(chaos.raw_consumer()),
+            asyncio.create_task(chaos.session_consumer(first)),
         ]
         tasks = [*load, *consumers]
         ends = time.monotonic() + LOAD_SECONDS
@@ -522,6 +548,12 @@ async def run_chaos(seed: int, tmp_path: Path, topology: Topology, label: str) -
         for name, seen in (("resumed", chaos.resumed), ("raw", chaos.raw)):
             got = [int(e.cursor) for e in seen if int(e.cursor) <= head]
             assert got == cursors, f"the {name} consumer: {_diff(got, cursors)}"
+        own = [int(e.cursor) for e in log if e.session_id == first]
+        await until(
+            lambda: [int(e.cursor) for e in chaos.one_session] == own,
+            timeout=30,
+            what=f"the consumer of session {first}",
+        )
 
         # Agents' messages: each LiveChat holds, once, before the end of its
         # session. In the order their webhooks came (a late or lost one,
@@ -529,9 +561,10 @@ async def run_chaos(seed: int, tmp_path: Path, topology: Topology, label: str) -
         # LiveChat's time, by which it sorts back into LiveChat's order.
         wanted, have = await at_livechat(), logged(log)
         written = {
-            e.agent_message.message.id: e.agent_message.message.created_at.ToNanoseconds()
+            e.agent_message.message.id: e.occurred_at.ToNanoseconds()
             for e in log
             if e.WhichOneof("kind") == "agent_message"
+            and e.occurred_at == e.agent_message.message.created_at
         }
         late = 0  # streamed after a message the agent wrote later
         for session_id, ids in wanted.items():
