@@ -7,7 +7,9 @@ import io
 import json
 import logging
 import math
+import sys
 
+import pytest
 import structlog
 
 from hitl_service.logs import SecretRedactor, configure_logging
@@ -61,6 +63,40 @@ class TestLogLines:
         ]
         assert lines[0]["text"] == "é"
         assert lines[2]["thing"] == "<opaque>"
+
+    def test_each_line_is_written_whole_in_one_write(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # A line and its newline written apart: a kill -9 between them leaves
+        # the process's last line unterminated (glued to whatever comes
+        # next in the file), and a standard-library line written by another
+        # thread in between ends up inside it.
+        root = logging.getLogger()
+        saved_handlers, saved_level = root.handlers[:], root.level
+        err = _Writes()
+        monkeypatch.setattr(sys, "stderr", err)
+        try:
+            configure_logging(
+                log_format="json", level="info", redactor=SecretRedactor(), cache=False
+            )
+            structlog.get_logger("t").info("ours", n=1)
+            logging.getLogger("uvicorn.error").warning("theirs")
+        finally:
+            root.handlers[:] = saved_handlers
+            root.setLevel(saved_level)
+            structlog.reset_defaults()
+        assert all(w.endswith("\n") and w.count("\n") == 1 for w in err.writes), err.writes
+        assert [json.loads(w)["event"] for w in err.writes] == ["ours", "theirs"]
+
+
+class _Writes(io.StringIO):
+    """A stream recording each ``write`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
 
 
 class _Opaque:
