@@ -159,6 +159,7 @@ class Stats:
     retried_sends: int = 0
     agent_messages: int = 0
     consumer_restarts: int = 0
+    faults: int = 0
     raw_reconnects: int = 0
 
 
@@ -344,16 +345,26 @@ class Chaos:
             await self.pause(1.5, 4.0)
             if self.stopping.is_set():
                 return
-            service = self.rng.choice(self.services)
-            assert service.proc is not None
-            self.killed.add(service.proc.pid)
-            await service.kill()
-            self.stats.kills += 1
-            cut_line(service)
+            # Now and then every replica at once.
+            everyone = len(self.services) > 1 and self.rng.random() < 0.2
+            victims = self.services if everyone else [self.rng.choice(self.services)]
+            for service in victims:
+                assert service.proc is not None
+                self.killed.add(service.proc.pid)
+                await service.kill()
+                self.stats.kills += 1
             await self.pause(0.0, 1.0)  # down for a while
             started = time.monotonic()
-            await service.start()
+            await asyncio.gather(*(service.start() for service in victims))
             self.stats.restarts_s.append(time.monotonic() - started)
+
+    async def faults(self) -> None:
+        """LiveChat failing a call now and then (each fault hits one call)."""
+        while not self.stopping.is_set():
+            await self.pause(0.3, 1.5)
+            method, fault = self.rng.choice(FAULTS)
+            await self.fake.control("add_fault", method=method, times=1, **fault)
+            self.stats.faults += 1
 
     async def pause(self, low: float, high: float) -> None:
         """A random wait that ends early when the load stops (pacing)."""
@@ -401,34 +412,35 @@ def custom_ids(chat: dict[str, Any], thread_id: str) -> list[str]:
     raise AssertionError(f"no thread {thread_id}")
 
 
-CUT = " [cut by kill -9]"
-
-
-def cut_line(service: ServiceProcess) -> None:
-    """Marks the end of a killed process's log: its last line may have been
-    cut short (a line and its newline are two writes)."""
-    text = service.log()
-    if text and not text.endswith("\n"):
-        with service.log_path.open("a") as log:
-            log.write(CUT + "\n")
-
-
 def log_problems(service: ServiceProcess) -> list[str]:
     """Lines at error level or with a traceback, and lines that are not JSON
-    (the gRPC C core's plain text), except the last line of a killed process."""
+    (the gRPC C core's plain text, or a line a kill cut: each is one write,
+    which a kill does not cut)."""
     found = []
     for line in service.log().splitlines():
         try:
-            entry = json.loads(line.removesuffix(CUT))
+            entry = json.loads(line)
         except json.JSONDecodeError:
-            if not line.endswith(CUT):
-                found.append(line)
+            found.append(line)
             continue
         if entry.get("level") in ("error", "critical") or "exception" in entry:
             found.append(line)
     return found
 
 
+# What LiveChat does wrong now and then: fail, answer late (past the
+# service's timeouts: an uncertain send, looked for before it is sent again)
+# or act and lose the answer.
+FAULTS: list[tuple[str, dict[str, Any]]] = [
+    ("send_event", {"kind": "lost_response"}),
+    ("send_event", {"kind": "error", "error_type": "internal"}),
+    ("send_event", {"kind": "error", "error_type": "service_unavailable", "retry_after": "1"}),
+    ("send_event", {"kind": "delay", "delay": 3.0}),
+    ("get_chat", {"kind": "error", "error_type": "internal"}),
+    ("list_threads", {"kind": "error", "error_type": "internal"}),
+    ("deactivate_chat", {"kind": "lost_response"}),
+    ("resume_chat", {"kind": "lost_response"}),
+]
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -485,6 +497,7 @@ async def run_chaos(seed: int, tmp_path: Path, topology: Topology, label: str) -
             asyncio.create_task(chaos.agents()),
             asyncio.create_task(chaos.churn()),
             asyncio.create_task(chaos.killer()),
+            asyncio.create_task(chaos.faults()),
         ]
         consumers = [
             asyncio.create_task(chaos.resumed_consumer()),
@@ -505,6 +518,7 @@ async def run_chaos(seed: int, tmp_path: Path, topology: Topology, label: str) -
         chaos.stopping.set()
         await asyncio.wait_for(asyncio.gather(*load), 90)
         await fake.control("webhook_chaos")  # off: what is left goes as usual
+        await fake.control("clear_faults")
         await until(fake.deliveries_settled, timeout=60, what="the fake's webhooks")
 
         # Catch-up: every agent message LiveChat holds for an open handoff
@@ -589,6 +603,11 @@ async def run_chaos(seed: int, tmp_path: Path, topology: Topology, label: str) -
             assert ended_at[session_id] == last_at[session_id], f"{session_id}: after its end"
         for session_id in chaos.threads:
             assert kinds[(session_id, "started")] == 1, session_id
+        for slot in chaos.slots:  # the open handoffs: held by the agent who joined
+            assert slot.session is not None
+            now = await client.get_session(slot.session.id)
+            assert now.state == pb.SESSION_STATE_ASSIGNED, now
+            assert now.agent.id == AGENT, now
 
         # Sends: each acknowledged one at LiveChat once, in order; none refused.
         sent = 0
@@ -607,7 +626,8 @@ async def run_chaos(seed: int, tmp_path: Path, topology: Topology, label: str) -
         agent_logged = sum(len(ids) for ids in have.values())
         stats = chaos.stats
         print(
-            f"\nchaos {label} seed {seed}: {LOAD_SECONDS:.0f} s, {stats.kills} kills "
+            f"\nchaos {label} seed {seed}: {LOAD_SECONDS:.0f} s, {stats.kills} kills, "
+            f"{stats.faults} LiveChat faults, "
             f"(restarts {', '.join(f'{t:.1f}' for t in stats.restarts_s)} s), "
             f"{sent} sends acked ({stats.refused} refused after a stop, "
             f"{stats.retried_sends} retried past the client), "
