@@ -518,6 +518,56 @@ class TestWebhooks:
         ]
         assert fake.delivery.deliveries[0].attempts == ["500", "200"]
 
+    async def test_chaos_drops_doubles_and_reorders_deliveries(self, fake) -> None:
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import Response
+        from starlette.routing import Route
+
+        from tests.fake_livechat import ServedApp
+
+        got: list[str] = []
+
+        async def hook(request: Request) -> Response:
+            got.append((await request.json())["payload"]["event"]["text"])
+            return Response(status_code=200)
+
+        served = ServedApp(Starlette(routes=[Route("/h", hook, methods=["POST"])]))
+        await served.start()
+        try:
+            fake.state.register_webhook(
+                {
+                    "action": "incoming_event",
+                    "secret_key": "s3cret",
+                    "url": served.url + "/h",
+                    "owner_client_id": fake.state.seed.client_id,
+                    "type": "license",
+                    "filters": {"author_type": "agent"},
+                }
+            )
+            async with httpx.AsyncClient(base_url=fake.url) as http:
+                chat_id, _, _ = await started_chat(http, fake)
+            fake.agent_join(chat_id)
+            texts = [f"m{n}" for n in range(40)]
+            fake.webhook_chaos(drop=0.2, duplicate=0.3, max_delay=0.2, seed=5)
+            for text in texts:
+                fake.agent_message(chat_id, text=text)
+            await fake.delivery.idle()
+            fake.webhook_chaos()  # off: in order again
+            fake.agent_message(chat_id, text="after")
+            await fake.delivery.idle()
+        finally:
+            await fake.delivery.stop()
+            await served.stop()
+        chaotic = [d for d in fake.delivery.deliveries if d.action == "incoming_event"][:-1]
+        sent = [d.envelope["payload"]["event"]["text"] for d in chaotic if d.outcome == "delivered"]
+        assert sorted(got[:-1]) == sorted(sent)
+        assert any(d.outcome == "dropped" for d in chaotic)
+        assert any(d.copy == 1 for d in chaotic)
+        assert len(set(sent)) < len(sent)  # some twice
+        assert got[:-1] != sorted(got[:-1], key=texts.index)  # some overtaken
+        assert got[-1] == "after"
+
 
 class TestControl:
     async def test_http_control_endpoints(self, http, fake) -> None:
