@@ -63,6 +63,9 @@ class ServiceProcess:
     async def start(self) -> ServiceProcess:
         """Starts the process and waits until it is SERVING."""
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1", "HITL_LOG_FORMAT": "json"}
+        # The code of this checkout, not what an editable install (of another
+        # worktree sharing the virtualenv) points at: the process runs in cwd.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         self._log = self.log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
