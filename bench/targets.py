@@ -394,6 +394,7 @@ class Postgres:
         """A running cluster, or None when PostgreSQL is not installed."""
         try:
             from tests import postgres_fixture as fx
+            from tests.ports import free_port
         except ImportError:
             return None
         bin_dir = fx.find_bin_dir()
@@ -406,7 +407,7 @@ class Postgres:
         cluster = install.new_cluster()
 
         def durable_start() -> None:
-            port = fx._free_port()
+            port = free_port()
             options = " ".join(
                 [
                     f"-p {port}",

@@ -39,11 +39,11 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from tests.ports import free_port
 from tests.postgres_fixture import (
     REQUIRE_ENV,
     PostgresServer,
     RunAs,
-    _free_port,
     _traversable_tmp,
 )
 
@@ -138,7 +138,7 @@ class PgBouncer:
     def start(self, **settings: object) -> PgBouncer:
         """Starts PgBouncer on a free port; returns once it lets a client in."""
         for _ in range(5):
-            port = _free_port()
+            port = free_port()
             config = self._write_config(port, settings)
             self.proc = subprocess.Popen(
                 [self.binary, str(config)],

@@ -49,7 +49,6 @@ import pwd
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -61,6 +60,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+
+from tests.ports import free_port as _free_port
 
 URL_ENV = "HITL_TEST_POSTGRES_URL"
 REQUIRE_ENV = "HITL_REQUIRE_POSTGRES"
@@ -152,12 +153,6 @@ def _traversable_tmp() -> str:
         if not os.stat(part).st_mode & 0o001:
             return "/tmp"  # noqa: S108 - sticky, world-traversable; our subdir is 0700
     return str(base)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- clusters --------------------------------------------------------------------

@@ -50,7 +50,6 @@ import functools
 import json
 import os
 import random
-import socket
 import sys
 import time
 from collections import Counter
@@ -72,6 +71,7 @@ from hitl_service.client import (
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from providers.livechat.memory import OWN_CUSTOM_ID_PREFIX
+from tests.ports import free_port
 from tests.processes import ROOT, FakeLiveChatProcess, ServiceProcess
 from tests.replicas.helpers import Fake, until
 
@@ -92,12 +92,6 @@ def _seeds() -> list[int]:
 SEEDS = _seeds()
 LOAD_SECONDS = float(os.environ.get("HITL_TEST_CHAOS_SECONDS", "20"))
 TIMEOUT = 120 + 2 * LOAD_SECONDS  # pytest-timeout per seed
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def run_cli(env: dict[str, str], cwd: Path, *args: str) -> str:

@@ -28,7 +28,7 @@ from hitl_service.client import (
 )
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from tests.conftest import start_app
-from tests.e2e.helpers import free_port
+from tests.ports import free_port
 from tests.scripted import ScriptedProvider
 from tests.support import wait_for
 

@@ -23,7 +23,7 @@ from hitl_service.client import (
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from tests.conftest import start_app
-from tests.e2e.helpers import free_port
+from tests.ports import free_port
 from tests.processes import ServiceProcess
 from tests.support import wait_for
 from tests.test_client import Follower, Recorder

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import httpx
 import pytest
 
 from tests.e2e.cancelling_proxy import CancellingProxy
+from tests.ports import free_port
 from tests.support import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,13 +47,6 @@ def need(condition: bool, reason: str) -> None:
     if required():
         pytest.fail(f"{message} (HITL_REQUIRE_E2E=1)")
     pytest.skip(message)
-
-
-def free_port() -> int:
-    """A port nothing listens on now, so a service can restart on it."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _serve_command() -> list[str]:

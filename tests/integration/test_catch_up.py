@@ -10,17 +10,10 @@ chat's history when it starts again (and periodically, every
 
 from __future__ import annotations
 
-import socket
-
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from tests.integration.conftest import JANE, MakeService, kinds
+from tests.ports import free_port
 from tests.support import EventCollector, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def agent_texts(events: list[pb.Event]) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from tests.integration.conftest import JANE, LiveChatService, MakeService, kinds
-from tests.integration.test_catch_up import free_port
+from tests.ports import free_port
 from tests.support import wait_for
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import socket
 import sys
 import time
 from collections import Counter
@@ -36,6 +35,7 @@ import pytest
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from tests.integration.conftest import JANE
+from tests.ports import free_port
 from tests.processes import ROOT, FakeLiveChatProcess, ServiceProcess
 from tests.support import rich_error, wait_for
 
@@ -49,12 +49,6 @@ RETRYABLE = {
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.UNKNOWN,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def run_cli(env: dict[str, str], cwd: Path, *args: str) -> str:

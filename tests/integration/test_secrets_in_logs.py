@@ -28,7 +28,7 @@ from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from tests.fake_livechat import FakeLiveChat
 from tests.integration.conftest import JANE, MediaServer
-from tests.integration.test_crash import free_port
+from tests.ports import free_port
 from tests.processes import ROOT
 from tests.support import TIMEOUT, rich_error, wait_for
 

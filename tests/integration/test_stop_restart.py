@@ -7,7 +7,6 @@ once, and ends the session once.
 from __future__ import annotations
 
 import contextlib
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +17,11 @@ import pytest
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from tests.integration.test_crash import run_cli
+from tests.ports import free_port
 from tests.processes import FakeLiveChatProcess, ServiceProcess
 from tests.support import EventCollector, expect_error, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def read_log(stub: pb_grpc.HitlServiceAsyncStub, session_id: str) -> list[Any]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -40,6 +39,7 @@ import pytest
 
 from hitl_service.client import HitlClient, RetryPolicy
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from tests.ports import free_port
 from tests.processes import FakeLiveChatProcess, ServiceProcess
 from tests.replicas.helpers import Fake, replica_env, until
 
@@ -51,12 +51,6 @@ PROVIDER_TIMEOUT = 2.0  # replica_env's HITL_PROVIDER_TIMEOUT
 # docs/operations.md: 5 s + 2 x HITL_GRACE_SECONDS, 5 s to fail cut-off
 # starts, then up to HITL_PROVIDER_TIMEOUT for the provider and 10 s for the store.
 DRAIN_BOUND = 5 + 2 * GRACE + 5 + PROVIDER_TIMEOUT + 10
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Codes(grpc.aio.UnaryUnaryClientInterceptor):
