@@ -27,6 +27,23 @@ ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60.0
 
 
+async def run_cli(env: dict[str, str], cwd: Path, *args: str) -> str:
+    """``python -m hitl_service ARGS`` in a subprocess; returns its output."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "hitl_service",
+        *args,
+        env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, out.decode()
+    return out.decode()
+
+
 class ServiceProcess:
     """One ``hitl-service serve`` process."""
 

@@ -50,7 +50,6 @@ import functools
 import json
 import os
 import random
-import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -72,7 +71,7 @@ from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from providers.livechat.memory import OWN_CUSTOM_ID_PREFIX
 from tests.ports import free_port
-from tests.processes import ROOT, FakeLiveChatProcess, ServiceProcess
+from tests.processes import FakeLiveChatProcess, ServiceProcess, run_cli
 from tests.replicas.helpers import Fake, until
 
 pytestmark = [pytest.mark.slow]
@@ -92,23 +91,6 @@ def _seeds() -> list[int]:
 SEEDS = _seeds()
 LOAD_SECONDS = float(os.environ.get("HITL_TEST_CHAOS_SECONDS", "20"))
 TIMEOUT = 120 + 2 * LOAD_SECONDS  # pytest-timeout per seed
-
-
-async def run_cli(env: dict[str, str], cwd: Path, *args: str) -> str:
-    """``python -m hitl_service ARGS`` in a subprocess; returns its output."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "hitl_service",
-        *args,
-        env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, out.decode()
-    return out.decode()
 
 
 def service_env(fake: FakeLiveChatProcess, cwd: Path, store_url: str) -> dict[str, str]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from tests.integration.conftest import JANE
 from tests.ports import free_port
-from tests.processes import ROOT, FakeLiveChatProcess, ServiceProcess
+from tests.processes import FakeLiveChatProcess, ServiceProcess, run_cli
 from tests.support import rich_error, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -49,23 +48,6 @@ RETRYABLE = {
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.UNKNOWN,
 }
-
-
-async def run_cli(env: dict[str, str], cwd: Path, *args: str) -> str:
-    """``python -m hitl_service ARGS`` in a subprocess; returns its output."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "hitl_service",
-        *args,
-        env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, out.decode()
-    return out.decode()
 
 
 @dataclass

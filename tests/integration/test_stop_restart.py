@@ -16,9 +16,8 @@ import pytest
 
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
-from tests.integration.test_crash import run_cli
 from tests.ports import free_port
-from tests.processes import FakeLiveChatProcess, ServiceProcess
+from tests.processes import FakeLiveChatProcess, ServiceProcess, run_cli
 from tests.support import EventCollector, expect_error, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
