@@ -199,3 +199,19 @@ def install_providers(site: Path, dist: str, entry_points: dict[str, str]) -> Pa
     lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
     (info / "entry_points.txt").write_text(f"[hitl_service.providers]\n{lines}")
     return site
+
+
+async def read_log(stub: Any) -> list[pb.Event]:
+    """The whole event log up to its head when called, in one stream."""
+    call = stub.StreamEvents(pb.StreamEventsRequest(after_cursor="0"))
+    try:
+        head = int(dict(await call.initial_metadata())["x-stream-head"])
+        events: list[pb.Event] = []
+        if head:
+            async for event in call:
+                events.append(event)
+                if int(event.cursor) >= head:
+                    break
+        return events
+    finally:
+        call.cancel()

@@ -73,6 +73,7 @@ from providers.livechat.memory import OWN_CUSTOM_ID_PREFIX
 from tests.ports import free_port
 from tests.processes import FakeLiveChatProcess, ServiceProcess, run_cli
 from tests.replicas.helpers import Fake, until
+from tests.support import read_log
 
 pytestmark = [pytest.mark.slow]
 
@@ -346,22 +347,6 @@ class Chaos:
         """A random wait that ends early when the load stops (pacing)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), self.rng.uniform(low, high))
-
-
-async def read_log(stub: pb_grpc.HitlServiceAsyncStub) -> list[pb.Event]:
-    """The whole log up to the head, in one stream."""
-    call = stub.StreamEvents(pb.StreamEventsRequest(after_cursor="0"))
-    try:
-        head = int(dict(await call.initial_metadata())["x-stream-head"])
-        events: list[pb.Event] = []
-        if head:
-            async for event in call:
-                events.append(event)
-                if int(event.cursor) >= head:
-                    break
-        return events
-    finally:
-        call.cancel()
 
 
 def agent_events(chat: dict[str, Any], thread_id: str) -> list[str]:

@@ -36,7 +36,7 @@ from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from tests.integration.conftest import JANE
 from tests.ports import free_port
 from tests.processes import FakeLiveChatProcess, ServiceProcess, run_cli
-from tests.support import rich_error, wait_for
+from tests.support import read_log, rich_error, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -147,20 +147,6 @@ class Driver:
 
             await wait_for(reached, timeout=60, what="progress")
             await self.crash_and_restart()
-
-
-async def read_log(stub: Any) -> list[pb.Event]:
-    """The whole event log, read through StreamEvents up to the head."""
-    call = stub.StreamEvents(pb.StreamEventsRequest(after_cursor="0"))
-    head = int(dict(await call.initial_metadata())["x-stream-head"])
-    events: list[pb.Event] = []
-    if head:
-        async for event in call:
-            events.append(event)
-            if int(event.cursor) >= head:
-                break
-    call.cancel()
-    return events
 
 
 async def test_kill_9_at_random_points_loses_and_doubles_nothing(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ once, and ends the session once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from pathlib import Path
 from typing import Any
@@ -18,22 +19,15 @@ from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from tests.ports import free_port
 from tests.processes import FakeLiveChatProcess, ServiceProcess, run_cli
-from tests.support import EventCollector, expect_error, wait_for
+from tests.support import expect_error, read_log, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
-async def read_log(stub: pb_grpc.HitlServiceAsyncStub, session_id: str) -> list[Any]:
+async def session_log(stub: pb_grpc.HitlServiceAsyncStub, session_id: str) -> list[Any]:
     """The session's events, up to the head of the log when called."""
-    async with EventCollector(stub, after="0") as collector:
-        metadata = await collector._call.initial_metadata()
-        head = int(dict(metadata)["x-stream-head"])
-        await wait_for(
-            lambda: collector.events and int(collector.events[-1].cursor) >= head,
-            timeout=30,
-            what="the log",
-        )
-    return [e for e in collector.events if e.session_id == session_id]
+    async with asyncio.timeout(30):
+        return [e for e in await read_log(stub) if e.session_id == session_id]
 
 
 @pytest.mark.parametrize(
@@ -149,7 +143,7 @@ async def test_a_stop_pending_across_a_restart_closes_the_chat_once(
                 return all(d["outcome"] != "pending" for d in found)
 
             await wait_for(quiet, timeout=30, what="webhooks delivered")
-            events = await read_log(stub, session.id)
+            events = await session_log(stub, session.id)
             all_events = [e for e in events if e.WhichOneof("kind") == "ended"]
             assert [(e.ended.by, e.ended.reason) for e in all_events] == [
                 (pb.ENDED_BY_CALLER, "bye")
