@@ -43,7 +43,7 @@ from providers.livechat.models import (
     parse_threads,
     str_list,
 )
-from providers.livechat.settings import LiveChatSettings
+from providers.livechat.settings import LiveChatSettings, is_group_number
 from providers.livechat.webhooks import WebhookParser
 from providers.types import (
     THREAD_STATE_KEY,
@@ -78,11 +78,9 @@ _NO_ACCESS: Final = ("authorization", "missing_access")
 _GONE: Final = ("not_found", "chat_not_found")  # LiveChat has no such chat
 # The part of a send's remaining time a media download may use.
 _MEDIA_FETCH_SHARE: Final = 0.5
-_GROUP_ID_RULE: Final = 'LiveChat group ids are decimal numbers, e.g. "0" (General) or "19"'
-
-
-def _is_group_number(group_id: str) -> bool:
-    return group_id.isascii() and group_id.isdecimal()
+_GROUP_ID_RULE: Final = (
+    'LiveChat group ids are decimal numbers up to 2147483647, e.g. "0" (General) or "19"'
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,14 +219,14 @@ class LiveChatProvider:
 
     def validate_start(self, fields: StartFields) -> Sequence[InvalidField]:
         """See ``SupportsValidation``: a group id must be a LiveChat group number."""
-        if fields.group_id and not _is_group_number(fields.group_id):
+        if fields.group_id and not is_group_number(fields.group_id):
             return [InvalidField("group_id", _GROUP_ID_RULE)]
         return ()
 
     def _group(self, group_id: str) -> int:
         if not group_id:
             return self.settings.group_id
-        if not _is_group_number(group_id):
+        if not is_group_number(group_id):
             # The core refuses it before the start (``validate_start``).
             raise ProviderRejected("INVALID_GROUP_ID", f"{_GROUP_ID_RULE}; got {group_id[:40]!r}")
         return int(group_id)

@@ -12,6 +12,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 from urllib.parse import urlsplit
 
 from hitl_service.secret import Secret
@@ -82,6 +83,17 @@ class LiveChatSettings:
     max_upload_bytes: int = _TEN_MB
     media_hosts: tuple[str, ...] = ()
     server_timeout: float = 15.0
+
+
+MAX_GROUP_ID: Final = 2**31 - 1
+
+
+def is_group_number(text: str) -> bool:
+    """Whether ``text`` is a LiveChat group number: ASCII digits, at most
+    ``MAX_GROUP_ID`` (LiveChat numbers a license's groups from 0; a larger
+    number is a mistake, and one past 2^53 would not survive a JSON parser)."""
+    digits = text.lstrip("0")  # int() of a string past 4300 digits raises
+    return text.isascii() and text.isdecimal() and len(digits) <= 10 and int(text) <= MAX_GROUP_ID
 
 
 def _get(env: Mapping[str, str], name: str) -> str:
@@ -168,8 +180,10 @@ def parse_settings(env: Mapping[str, str]) -> LiveChatSettings:
     if previous := _get(env, WEBHOOK_SECRET_PREVIOUS):
         secrets.append(Secret(previous))
     group = _get(env, GROUP_ID) or "0"
-    if not group.isdecimal() or not group.isascii():
-        raise ProviderConfigError(GROUP_ID, "must be a LiveChat group number such as 0 or 19")
+    if not is_group_number(group):
+        raise ProviderConfigError(
+            GROUP_ID, "must be a LiveChat group number such as 0 or 19 (up to 2147483647)"
+        )
     redirect_uri = _required(env, REDIRECT_URI, "one of your app's registered redirect URIs")
     if urlsplit(redirect_uri).scheme not in ("http", "https"):
         raise ProviderConfigError(REDIRECT_URI, "must be an http(s) URL registered for the app")

@@ -81,6 +81,8 @@ class TestParseSettings:
             ("HITL_LIVECHAT_AGENT_TOKEN", base64.b64encode(b":pat-without-account").decode()),
             ("HITL_LIVECHAT_GROUP_ID", "support"),
             ("HITL_LIVECHAT_GROUP_ID", "-1"),
+            ("HITL_LIVECHAT_GROUP_ID", "2147483648"),
+            ("HITL_LIVECHAT_GROUP_ID", "1" * 5000),
             ("HITL_LIVECHAT_REDIRECT_URI", "ftp://x"),
             ("HITL_LIVECHAT_API_URL", "api.livechatinc.com"),
             ("HITL_LIVECHAT_ACCOUNTS_URL", "file:///etc"),

@@ -98,8 +98,11 @@ async def test_queue_position_is_reported(provider: LiveChatProvider, fake: Fake
 async def test_a_group_id_that_is_no_number_fails_validation(provider: LiveChatProvider) -> None:
     assert isinstance(provider, SupportsValidation)
     assert provider.validate_start(StartFields()) == ()
-    assert provider.validate_start(StartFields(group_id="19")) == ()
-    for group_id in ("support", "1.5", "-1", "١٩"):  # Arabic-Indic digits: decimal, not ASCII
+    for accepted in ("19", "019", "2147483647"):
+        assert provider.validate_start(StartFields(group_id=accepted)) == ()
+    # Arabic-Indic digits are decimal, not ASCII; past int32 is no LiveChat
+    # group, and 5000 digits are past what int() parses.
+    for group_id in ("support", "1.5", "-1", "١٩", "2147483648", "9" * 30, "1" * 5000):
         (violation,) = provider.validate_start(StartFields(group_id=group_id))
         assert violation.field == "group_id"
         assert "decimal numbers" in violation.description
