@@ -99,7 +99,7 @@ def _host_names(netloc: str) -> list[str]:
             port = rest[1:] if rest.startswith(":") else ("?" if rest else "")
         elif ":" in entry:
             host, _, port = entry.partition(":")
-        if port and not (port.isdigit() and 0 < int(port) < 65536):
+        if port and not (re.fullmatch("[0-9]{1,5}", port) and 0 < int(port) < 65536):
             raise ConfigError("HITL_STORE_URL", "the PostgreSQL URL has a malformed port")
         names.append(host)
     return names
@@ -212,14 +212,16 @@ class Settings:
         default_format: LogFormat = "console" if sys.stderr.isatty() else "json"
         raw_format = get("HITL_LOG_FORMAT", default_format)
         if raw_format not in ("json", "console"):
-            raise ConfigError("HITL_LOG_FORMAT", f"must be json or console, not {raw_format!r}")
+            raise ConfigError(
+                "HITL_LOG_FORMAT", f"must be json or console, not {_shown(raw_format)}"
+            )
         log_format: LogFormat = "json" if raw_format == "json" else "console"
         log_level = get("HITL_LOG_LEVEL", "info").lower()
         if log_level not in _LEVELS:
             raise ConfigError("HITL_LOG_LEVEL", f"must be one of {', '.join(_LEVELS)}")
         provider = get("HITL_PROVIDER", "local").strip()
         if not re.fullmatch(r"[a-z][a-z0-9_-]*", provider):
-            raise ConfigError("HITL_PROVIDER", f"{provider!r} is not a provider name")
+            raise ConfigError("HITL_PROVIDER", f"{_shown(provider)} is not a provider name")
         tls = {
             name: _optional_path(env, f"HITL_GRPC_TLS_{name.upper()}")
             for name in ("cert", "key", "client_ca")
@@ -235,7 +237,7 @@ class Settings:
         raw_sync = get("HITL_SQLITE_SYNCHRONOUS", "normal").strip().lower()
         if raw_sync not in ("normal", "full"):
             raise ConfigError(
-                "HITL_SQLITE_SYNCHRONOUS", f"must be normal or full, not {raw_sync!r}"
+                "HITL_SQLITE_SYNCHRONOUS", f"must be normal or full, not {_shown(raw_sync)}"
             )
         sqlite_synchronous: SqliteSync = "full" if raw_sync == "full" else "normal"
         tokens = tuple(
@@ -352,15 +354,15 @@ def parse_store_url(raw: str) -> StoreUrl:
             raise ConfigError(var, "the PostgreSQL URL names no host")
         return StoreUrl("postgresql", dsn=Secret(raw))
     scheme = raw.split(":", 1)[0] if ":" in raw else ""
-    shown = f"scheme {scheme!r}" if scheme else "a value without a scheme"
+    shown = f"scheme {_shown(scheme)}" if scheme else "a value without a scheme"
     raise ConfigError(var, f"expected sqlite:///PATH or postgresql://..., got {shown}")
 
 
 def parse_addr(variable: str, raw: str) -> str:
     """Validates ``host:port`` (``[v6]:port`` too); port 0 means any free port."""
-    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})", raw.strip())
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})", raw.strip())
     if match is None or int(match.group(2)) > 65535:
-        raise ConfigError(variable, f"expected HOST:PORT, got {raw!r}")
+        raise ConfigError(variable, f"expected HOST:PORT, got {_shown(raw)}")
     return raw.strip()
 
 
@@ -378,7 +380,7 @@ def _int(
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigError(variable, f"expected a whole number, got {raw!r}") from None
+        raise ConfigError(variable, f"expected a whole number, got {_shown(raw)}") from None
     if value < minimum:
         raise ConfigError(variable, f"must be at least {minimum}")
     if maximum is not None and value > maximum:
@@ -393,9 +395,9 @@ def _duration(env: Mapping[str, str], variable: str, default: float, minimum: fl
     raw = env.get(variable)
     if raw is None or raw.strip() == "":
         return default
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|)\s*", raw)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d|)\s*", raw)
     if match is None:
-        raise ConfigError(variable, f"expected a duration like 30s, 5m or 1h, got {raw!r}")
+        raise ConfigError(variable, f"expected a duration like 30s, 5m or 1h, got {_shown(raw)}")
     value = float(match.group(1)) * _UNITS[match.group(2)]
     if value < minimum:
         raise ConfigError(variable, f"must be at least {minimum}s")
@@ -461,7 +463,13 @@ def _bool(env: Mapping[str, str], variable: str, *, default: bool) -> bool:
         return True
     if raw in ("0", "false", "no", "off"):
         return False
-    raise ConfigError(variable, f"expected true or false, got {raw!r}")
+    raise ConfigError(variable, f"expected true or false, got {_shown(raw)}")
+
+
+def _shown(raw: str) -> str:
+    """A setting's value quoted for an error, cut short (a pasted file is
+    no one-line error)."""
+    return repr(raw if len(raw) <= 80 else raw[:80] + "...")
 
 
 def _check_tls(cert: Path, key: Path, client_ca: Path | None) -> None:
@@ -499,6 +507,10 @@ def _optional_path(env: Mapping[str, str], variable: str) -> Path | None:
     if not raw:
         return None
     path = Path(raw)
-    if not path.is_file():
-        raise ConfigError(variable, f"no readable file at {raw}")
+    try:
+        found = path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system
+        found = False
+    if not found:
+        raise ConfigError(variable, f"no readable file at {_shown(raw)}")
     return path

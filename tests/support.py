@@ -3,12 +3,15 @@ gRPC errors, collecting stream events."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -18,13 +21,28 @@ from grpc_status import rpc_status
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from hitl_service.clock import Clock
     from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 TIMEOUT = 10.0
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def source_strings() -> set[str]:
+    """Every string literal in the service and provider packages."""
+    found: set[str] = set()
+    for package in ("hitl_service", "providers"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    found.add(node.value)
+    return found
+
+
+def settings_read_by_source() -> set[str]:
+    """The ``HITL_*`` names in the source: the settings it reads."""
+    return {s for s in source_strings() if re.fullmatch(r"HITL_[A-Z0-9_]*[A-Z0-9]", s)}
 
 
 async def wait_for(

@@ -27,7 +27,15 @@ from tests.alert_rules import (
     total,
 )
 from tests.scripted import Fault
-from tests.support import TIMEOUT, expect_error, make_user, rid, wait_for
+from tests.support import (
+    TIMEOUT,
+    expect_error,
+    make_user,
+    rid,
+    settings_read_by_source,
+    source_strings,
+    wait_for,
+)
 from tests.test_restart_and_upkeep import with_session
 
 
@@ -119,20 +127,9 @@ def test_every_setting_the_code_reads_is_documented() -> None:
         line for p in pages for line in p.read_text().splitlines() if line.startswith("| `HITL_")
     ]
     documented = set(re.findall(r"`(HITL_[A-Z0-9_]+)`", "\n".join(rows)))
-    read = {s for s in _source_strings() if re.fullmatch(r"HITL_[A-Z0-9_]*[A-Z0-9]", s)}
+    read = settings_read_by_source()
     assert read, "no setting names found in the source"
     assert not read - documented, f"settings in no configuration table: {sorted(read - documented)}"
-
-
-def _source_strings() -> set[str]:
-    """Every string literal in the service and provider packages."""
-    found: set[str] = set()
-    for package in ("hitl_service", "providers"):
-        for path in (ROOT / package).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                    found.add(node.value)
-    return found
 
 
 async def test_every_alert_rule_uses_metrics_labels_and_values_the_service_exports(
@@ -153,7 +150,7 @@ async def test_every_alert_rule_uses_metrics_labels_and_values_the_service_expor
         for metric in vars(app.metrics).values()
         if isinstance(metric, MetricWrapperBase)
     }
-    values = _source_strings() | {code.name for code in grpc.StatusCode}
+    values = source_strings() | {code.name for code in grpc.StatusCode}
     for service in pb.DESCRIPTOR.services_by_name.values():
         values |= {service.full_name, *(m.name for m in service.methods)}
     rules = alert_rules()

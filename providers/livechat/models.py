@@ -272,14 +272,6 @@ def parse_threads(value: object) -> list[LcThread]:
     return [t for t in (parse_thread(v) for v in as_list(as_dict(value).get("threads"))) if t]
 
 
-def event_sequence(event_id: str) -> tuple[str, int] | None:
-    """Splits ``<thread_id>_<n>``; None for other id shapes."""
-    thread, sep, number = event_id.rpartition("_")
-    if not sep or not thread or not number.isdecimal():
-        return None
-    return thread, int(number)
-
-
 def first(values: Sequence[str]) -> str:
     """The first item, or ``""``."""
     return values[0] if values else ""

@@ -92,8 +92,13 @@ def is_group_number(text: str) -> bool:
     """Whether ``text`` is a LiveChat group number: ASCII digits, at most
     ``MAX_GROUP_ID`` (LiveChat numbers a license's groups from 0; a larger
     number is a mistake, and one past 2^53 would not survive a JSON parser)."""
-    digits = text.lstrip("0")  # int() of a string past 4300 digits raises
-    return text.isascii() and text.isdecimal() and len(digits) <= 10 and int(text) <= MAX_GROUP_ID
+    return _is_count(text, 10) and int(text) <= MAX_GROUP_ID
+
+
+def _is_count(text: str, digits: int) -> bool:
+    """ASCII digits, at most ``digits`` of them past leading zeros (int()
+    of a string past 4300 digits raises, and takes any script's digits)."""
+    return text.isascii() and text.isdecimal() and len(text.lstrip("0")) <= digits
 
 
 def _get(env: Mapping[str, str], name: str) -> str:
@@ -191,7 +196,7 @@ def parse_settings(env: Mapping[str, str]) -> LiveChatSettings:
     if region and not _REGION_RE.match(region):
         raise ProviderConfigError(REGION, "must be a data-centre prefix such as dal or fra")
     max_upload = _get(env, MAX_UPLOAD_BYTES)
-    if max_upload and (not max_upload.isdecimal() or not 0 < int(max_upload) <= _TEN_MB):
+    if max_upload and not (_is_count(max_upload, 8) and 0 < int(max_upload) <= _TEN_MB):
         raise ProviderConfigError(MAX_UPLOAD_BYTES, "must be a byte count up to 10485760")
     media_hosts = tuple(h.strip().lower() for h in _get(env, MEDIA_HOSTS).split(",") if h.strip())
     for host in media_hosts:
