@@ -54,7 +54,12 @@ def _error(status: int, reason: str) -> JSONResponse:
 
 async def _json_body(request: Request) -> dict[str, Any]:
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > _MAX_BODY:
+    # ASCII digits only: int() takes other scripts' digits and raises past 4300.
+    if (
+        declared.isascii()
+        and declared.isdigit()
+        and (len(declared) > 18 or int(declared) > _MAX_BODY)
+    ):
         raise ValueError(f"body larger than {_MAX_BODY} bytes")
     raw = b""
     async for chunk in request.stream():
