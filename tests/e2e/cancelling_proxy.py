@@ -1,6 +1,8 @@
 """A gRPC proxy in front of the service that answers the first call of
 chosen methods with ``CANCELLED``, as a replica's gRPC core does when more
 calls wait than it queues (docs/errors.md): clients must retry or reconnect.
+It can also answer the first few calls of a method ``UNAVAILABLE``, as a
+service restarting behind a load balancer is.
 
 Every other call is forwarded as raw bytes, and the service's status,
 details and trailing metadata come back unchanged (UNAVAILABLE while the
@@ -26,9 +28,15 @@ class CancellingProxy:
     clients connect to ``proxy.target``; ``proxy.cancelled`` lists the
     methods it cancelled, in order."""
 
-    def __init__(self, upstream: str, cancel_first: set[str]) -> None:
+    def __init__(
+        self, upstream: str, cancel_first: set[str], *, unavailable_first: int = 0
+    ) -> None:
         self._to_cancel = set(cancel_first)
         self.cancelled: list[str] = []
+        # The first ``unavailable_first`` calls of the methods in ``cancel_first``
+        # are answered UNAVAILABLE instead (then one is cancelled, as above).
+        self._unavailable_left = dict.fromkeys(cancel_first, unavailable_first)
+        self.unavailable: list[str] = []
         self._server = aio.server()
         self._server.add_generic_rpc_handlers((_Handler(self),))
         self._port = self._server.add_insecure_port("127.0.0.1:0")
@@ -49,7 +57,12 @@ class CancellingProxy:
         await self._channel.close()
 
     async def cancel_first(self, method: str, context: aio.ServicerContext[bytes, bytes]) -> None:
-        """Ends the call with CANCELLED the first time ``method`` comes."""
+        """Ends the call with UNAVAILABLE its first ``unavailable_first``
+        times, then with CANCELLED once."""
+        if self._unavailable_left.get(method, 0) > 0:
+            self._unavailable_left[method] -= 1
+            self.unavailable.append(method)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the service is restarting (test)")
         if method in self._to_cancel:
             self._to_cancel.discard(method)
             self.cancelled.append(method)

@@ -259,6 +259,41 @@ async def run_handoff_scenario(
     return output
 
 
+async def run_through_refusals(
+    tmp_path: Path, command: list[str], *, cwd: Path, refusals: int
+) -> CancellingProxy:
+    """The client's first call (CreateUser) answered ``UNAVAILABLE``
+    ``refusals`` times and then ``CANCELLED``, as by a service restarting
+    behind a load balancer: the client must get through and start its
+    handoff. Returns the proxy, to check what it refused."""
+    create_user = "/hitl.v1.HitlService/CreateUser"
+    service = ServiceProcess(tmp_path / "service", {})
+    await service.start()
+    try:
+        async with CancellingProxy(
+            service.target, {create_user}, unavailable_first=refusals
+        ) as proxy:
+            process = await asyncio.create_subprocess_exec(
+                *command,
+                "--target",
+                proxy.target,
+                "--message",
+                "Hello.",
+                cwd=cwd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            output = ProcessOutput(process)
+            try:
+                await output.line(r"session ses_\w+ started")
+            finally:
+                await output.kill()
+    finally:
+        await service.stop()
+    return proxy
+
+
 async def _run_client(
     service: ServiceProcess, command: list[str], cwd: Path, target: str, prints_reconnects: bool
 ) -> ProcessOutput:

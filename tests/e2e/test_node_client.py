@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import EXAMPLE_METHODS, ROOT, need, run_handoff_scenario
+from tests.e2e.helpers import (
+    EXAMPLE_METHODS,
+    ROOT,
+    need,
+    run_handoff_scenario,
+    run_through_refusals,
+)
 
 NODE_DIR = ROOT / "examples" / "node"
 
@@ -54,3 +60,20 @@ async def test_node_client_follows_a_handoff_across_reconnects(tmp_path: Path) -
     assert any("UNAVAILABLE" in line for line in reconnects)
     assert reconnects[0].startswith("reconnecting after cursor 0 (CANCELLED"), reconnects
     assert output.lines[-1] == "handoff over (ended)"
+
+
+async def test_node_client_rides_out_a_restart_of_several_seconds(tmp_path: Path) -> None:
+    """Seven refusals in a row (six UNAVAILABLE, then CANCELLED): the example
+    gave up after five attempts, short of a one-process restart."""
+    node = shutil.which("node")
+    need(node is not None, "node is not installed (apt-get install nodejs npm)")
+    assert node is not None
+    need(
+        (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir(),
+        "the Node example's dependencies are missing (run: cd examples/node && npm ci)",
+    )
+    proxy = await run_through_refusals(
+        tmp_path, [node, str(NODE_DIR / "client.js")], cwd=NODE_DIR, refusals=6
+    )
+    assert len(proxy.unavailable) == 6
+    assert proxy.cancelled == ["/hitl.v1.HitlService/CreateUser"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import EXAMPLE_METHODS, ROOT, run_handoff_scenario
+from tests.e2e.helpers import EXAMPLE_METHODS, ROOT, run_handoff_scenario, run_through_refusals
 
 pytestmark = pytest.mark.e2e
 
@@ -46,3 +46,13 @@ async def test_python_example_retries_the_cancelled_a_stopping_replica_answers(
     )
     assert [cursor for cursor, _, _ in output.events()] == [1, 2, 3, 4, 5, 6]
     assert output.lines[-1] == "handoff over (ended)"
+
+
+async def test_python_example_rides_out_a_restart_of_several_seconds(tmp_path: Path) -> None:
+    """See the Node example's test of the same name."""
+    script = ROOT / "examples" / "python" / "handoff.py"
+    proxy = await run_through_refusals(
+        tmp_path, [sys.executable, str(script)], cwd=tmp_path, refusals=6
+    )
+    assert len(proxy.unavailable) == 6
+    assert proxy.cancelled == ["/hitl.v1.HitlService/CreateUser"]
