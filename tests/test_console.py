@@ -560,3 +560,46 @@ async def test_a_lone_surrogate_is_refused_with_a_reason(
     response = await http.post(url, content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 400
     assert response.json()["error"] == "text is not valid Unicode text (a lone surrogate)"
+
+
+async def test_open_pages_share_one_encoding_of_each_change(
+    http: httpx.AsyncClient, stub: Stub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every change went to every open page encoded anew: the whole console
+    (up to ~16 MB) once per page per change."""
+    from providers.local.provider import LocalProvider
+
+    encoded: list[int] = []  # the version of each snapshot taken
+    real_snapshot = LocalProvider.snapshot
+
+    def counting(self: LocalProvider) -> tuple[int, list[dict[str, Any]]]:
+        taken = real_snapshot(self)
+        encoded.append(taken[0])
+        return taken
+
+    monkeypatch.setattr(LocalProvider, "snapshot", counting)
+    async with contextlib.AsyncExitStack() as pages:
+        readers = []
+        for _ in range(3):
+            response = await pages.enter_async_context(http.stream("GET", "/console/api/stream"))
+            readers.append(response.aiter_lines())
+        first = [json.loads((await anext(r)).removeprefix("data: ")) for r in readers]
+        assert len({page["version"] for page in first}) == 1
+        user = await make_user(stub)
+        await start_session(stub, user.id)
+
+        async def next_data(lines: AsyncIterator[str]) -> dict[str, Any]:
+            async for line in lines:
+                if line.startswith("data: "):
+                    data: dict[str, Any] = json.loads(line.removeprefix("data: "))
+                    if data["conversations"]:
+                        return data
+            raise AssertionError("the stream ended")
+
+        seen = [await asyncio.wait_for(next_data(r), TIMEOUT) for r in readers]
+    versions = {page["version"] for page in first + seen}
+    assert (await http.get("/console/api/state")).json()["version"] == max(versions)
+    # Each version the pages (and the state call) got was taken and encoded
+    # once, whichever asked first.
+    assert versions <= set(encoded)
+    assert len(encoded) == len(set(encoded)), encoded

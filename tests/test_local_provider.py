@@ -451,3 +451,13 @@ async def test_open_makes_the_folder_and_leaves_no_file_behind(tmp_path: Path) -
     await local.open()
     await local.close()
     assert list(folder.iterdir()) == []  # nothing changed, nothing written
+
+
+def test_state_json_falls_back_for_what_orjson_refuses() -> None:
+    """A lone surrogate (a hand-edited state file can hold one) is written
+    as the standard library writes it, and reads back the same."""
+    from providers.local.provider import dumps
+
+    value = {"conversations": [{"title": "\ud800 and é", "seq": 1}]}
+    assert json.loads(dumps(value)) == value
+    assert json.loads(dumps({"title": "é"})) == {"title": "é"}

@@ -214,8 +214,7 @@ def console_routes(provider: LocalProvider) -> list[BaseRoute]:
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     async def state(request: Request) -> Response:
-        version, conversations = provider.snapshot()
-        return JSONResponse({"version": version, "conversations": conversations})
+        return Response(provider.console_json()[1], media_type="application/json")
 
     open_streams = 0
 
@@ -240,10 +239,9 @@ def console_routes(provider: LocalProvider) -> list[BaseRoute]:
             deadline = loop.time() + _STREAM_SECONDS
             version = -1
             while True:
-                current, conversations = provider.snapshot()
+                current, payload = provider.console_json()
                 if current != version:
                     version = current
-                    payload = json.dumps({"version": version, "conversations": conversations})
                     yield f"data: {payload}\n\n"
                 remaining = deadline - loop.time()
                 if remaining <= 0 or (draining is not None and draining.is_set()):
