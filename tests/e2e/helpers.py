@@ -259,6 +259,19 @@ async def run_handoff_scenario(
     return output
 
 
+async def start_client(command: list[str], cwd: Path, *args: str) -> ProcessOutput:
+    """An example client started with ``args``, its output collected."""
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        *args,
+        cwd=cwd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    return ProcessOutput(process)
+
+
 async def run_through_refusals(
     tmp_path: Path, command: list[str], *, cwd: Path, refusals: int
 ) -> CancellingProxy:
@@ -273,18 +286,7 @@ async def run_through_refusals(
         async with CancellingProxy(
             service.target, {create_user}, unavailable_first=refusals
         ) as proxy:
-            process = await asyncio.create_subprocess_exec(
-                *command,
-                "--target",
-                proxy.target,
-                "--message",
-                "Hello.",
-                cwd=cwd,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-            output = ProcessOutput(process)
+            output = await start_client(command, cwd, "--target", proxy.target)
             try:
                 await output.line(r"session ses_\w+ started")
             finally:
@@ -297,20 +299,16 @@ async def run_through_refusals(
 async def _run_client(
     service: ServiceProcess, command: list[str], cwd: Path, target: str, prints_reconnects: bool
 ) -> ProcessOutput:
-    process = await asyncio.create_subprocess_exec(
-        *command,
+    output = await start_client(
+        command,
+        cwd,
         "--target",
         target,
         "--message",
         "Hello, my parcel never arrived.",
         "--max-seconds",
         "90",
-        cwd=cwd,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
     )
-    output = ProcessOutput(process)
     try:
         async with httpx.AsyncClient(base_url=service.http_url, timeout=10) as http:
             console = Console(http)

@@ -24,7 +24,8 @@ NODE_DIR = ROOT / "examples" / "node"
 pytestmark = pytest.mark.e2e
 
 
-async def test_node_client_follows_a_handoff_across_reconnects(tmp_path: Path) -> None:
+def _node() -> str:
+    """The ``node`` binary, with the example's dependencies installed."""
     node = shutil.which("node")
     need(node is not None, "node is not installed (apt-get install nodejs npm)")
     assert node is not None
@@ -32,6 +33,11 @@ async def test_node_client_follows_a_handoff_across_reconnects(tmp_path: Path) -
         (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir(),
         "the Node example's dependencies are missing (run: cd examples/node && npm ci)",
     )
+    return node
+
+
+async def test_node_client_follows_a_handoff_across_reconnects(tmp_path: Path) -> None:
+    node = _node()
     # The first call of each method is answered CANCELLED, as a replica's
     # gRPC core does under load or when it begins to stop: the client
     # retries the unary calls and reconnects the stream.
@@ -65,13 +71,7 @@ async def test_node_client_follows_a_handoff_across_reconnects(tmp_path: Path) -
 async def test_node_client_rides_out_a_restart_of_several_seconds(tmp_path: Path) -> None:
     """Seven refusals in a row (six UNAVAILABLE, then CANCELLED): the example
     gave up after five attempts, short of a one-process restart."""
-    node = shutil.which("node")
-    need(node is not None, "node is not installed (apt-get install nodejs npm)")
-    assert node is not None
-    need(
-        (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir(),
-        "the Node example's dependencies are missing (run: cd examples/node && npm ci)",
-    )
+    node = _node()
     proxy = await run_through_refusals(
         tmp_path, [node, str(NODE_DIR / "client.js")], cwd=NODE_DIR, refusals=6
     )
