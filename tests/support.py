@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -233,3 +233,24 @@ async def read_log(stub: Any) -> list[pb.Event]:
         return events
     finally:
         call.cancel()
+
+
+class SteppedClock:
+    """The real clock, whose wall time the test steps as NTP or an operator
+    would: monotonic time and sleeps go on unaffected."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + timedelta(seconds=self.offset)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def step(self, seconds: float) -> None:
+        """Steps the wall clock ``seconds`` forward (back if negative)."""
+        self.offset += seconds

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from hitl_service.clock import WallSteps
 from hitl_service.codec import message_from_json
 from hitl_service.core.provider_state import StateWatch
 from hitl_service.core.retry import CallTimedOut
@@ -58,7 +59,8 @@ LATE_CLAIM = timedelta(minutes=1)
 """Claimed this long after it was due and past its TTL, an item is given up."""
 UNQUEUE_EVERY = 60.0
 """Seconds between looks for queued items with nothing pending ahead of them
-any more, which only an older release leaves (``unqueue_stranded_outbox``)."""
+any more, which only an older release leaves (``unqueue_stranded_outbox``),
+and for times a clock stepped back since (``pull_in_outbox``)."""
 
 
 class Outbox:
@@ -85,6 +87,7 @@ class Outbox:
         # behind their session's head, or beyond the concurrency): only then
         # does a settle need to wake it.
         self._backlog = False
+        self._steps = WallSteps(ctx.clock)
         # Reads the agent's messages the provider has and we lack, before a
         # stop ends the session (set by ``HitlCore``; see ``core.ingest``),
         # with the provider user as the stop left it (renewed credentials
@@ -585,11 +588,13 @@ class Outbox:
             pending: int | None = None  # unknown while the store cannot be read
             try:
                 looked_at = ctx.clock.monotonic()
-                if looked_at - unqueued_at >= UNQUEUE_EVERY:
+                stepped = self._steps.look()
+                if looked_at - unqueued_at >= UNQUEUE_EVERY or stepped:
                     unqueued_at = looked_at
                     freed = await ctx.store.unqueue_stranded_outbox()
                     if freed:
                         log.info("outbox.unqueued", items=freed)
+                    await self._pull_in()
                 # The count (the depth gauge) reads every pending item: once
                 # a poll interval, not once per settle of a long backlog.
                 if looked_at - counted_at >= self.poll_interval:
@@ -628,6 +633,39 @@ class Outbox:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+
+    async def _pull_in(self) -> None:
+        """Brings in due times and leases further ahead than any this code
+        sets: a clock stepped back since they were written (this process's,
+        noticed at once; another's, or before a restart, within a minute)
+        would hold their items up for as long as the step. Slack of a lease
+        for clocks of replicas a little apart (``maintenance.clock_skew``)."""
+        ctx = self._ctx
+        now = ctx.clock.now()
+        database = await ctx.store.database_time()
+        if database is not None and database > now:
+            # This replica's clock is behind the database's (stepped back
+            # from right, or off): by it, the other replicas' leases of
+            # attempts in flight would look far ahead. Only times far ahead
+            # of both clocks were set by a clock that is right no more.
+            now = database
+        slack = ctx.lease
+        # A retry waits at most the backoff's cap on a backend's Retry-After;
+        # after an uncertain attempt, as long as the provider says it may
+        # still act, but a send waiting past its TTL is given up at once (a
+        # stop asked again early closes nothing twice).
+        retry = timedelta(seconds=ctx.calls.backoff.cap * 4)
+        scheduled_to = now + timedelta(seconds=ctx.settings.abandon_after)  # see abandon_later
+        leases, due = await ctx.store.pull_in_outbox(
+            now,
+            lease_by=now + ctx.lease + slack,
+            due_by=now + retry + slack,
+            uncertain_by=now + max(retry, SEND_TTL) + slack,
+            scheduled_by=scheduled_to + slack,
+            scheduled_to=scheduled_to,
+        )
+        if leases or due:
+            log.warning("outbox.clock_stepped_back", leases=leases, due=due)
 
     async def _claim_and_start(self) -> int:
         """Claims due items and starts their attempts; returns how many."""

@@ -326,6 +326,30 @@ class Store(Protocol):
         without letting the next one out. Reads every queued item."""
         ...
 
+    async def pull_in_outbox(
+        self,
+        now: datetime,
+        *,
+        lease_by: datetime,
+        due_by: datetime,
+        uncertain_by: datetime,
+        scheduled_by: datetime,
+        scheduled_to: datetime,
+    ) -> tuple[int, int]:
+        """Brings pending items' times back from further ahead than any a
+        writer sets: written before their clock was stepped back, they would
+        hold an item up for as long as the step.
+
+        A lease ending after ``lease_by`` ends ``now``. A first attempt
+        scheduled at creation (an abandon: never attempted, due after its
+        creation) due after ``scheduled_by`` is due at ``scheduled_to``,
+        created ``now``; an item whose last attempt is uncertain due after
+        ``uncertain_by``, or any other due after ``due_by``, is due ``now``.
+        Returns (leases ended, due times brought in). On PostgreSQL, rows
+        another transaction holds are skipped (the next call sees them).
+        """
+        ...
+
     async def outbox_stats(self) -> tuple[int, datetime | None]:
         """(pending items, the earliest time one of them may be claimed).
 

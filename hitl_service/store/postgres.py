@@ -484,6 +484,48 @@ class PostgresStore:
                 "FOR UPDATE SKIP LOCKED)"
             )
 
+    async def pull_in_outbox(
+        self,
+        now: datetime,
+        *,
+        lease_by: datetime,
+        due_by: datetime,
+        uncertain_by: datetime,
+        scheduled_by: datetime,
+        scheduled_to: datetime,
+    ) -> tuple[int, int]:
+        """See base class. Each statement reads the pending items in range
+        of it through the outbox_due or the outbox_queued index."""
+        scheduled = "attempts = 0 AND next_attempt_at > created_at"
+        due = 0
+        async with self.transaction() as tx:
+            leases = await tx._db.execute(
+                "UPDATE outbox SET lease_until = $1 WHERE pos IN (SELECT pos FROM outbox "
+                "WHERE status = 'pending' AND NOT queued AND lease_until > $2 "
+                "FOR UPDATE SKIP LOCKED)",
+                ts(now),
+                ts(lease_by),
+            )
+            for queued in ("NOT queued", "queued"):
+                due += await tx._db.execute(
+                    "UPDATE outbox SET next_attempt_at = $1, created_at = $2 WHERE pos IN "
+                    f"(SELECT pos FROM outbox WHERE status = 'pending' AND {queued} "
+                    f"AND next_attempt_at > $3 AND {scheduled} FOR UPDATE SKIP LOCKED)",
+                    ts(scheduled_to),
+                    ts(now),
+                    ts(scheduled_by),
+                )
+                due += await tx._db.execute(
+                    "UPDATE outbox SET next_attempt_at = $1 WHERE pos IN (SELECT pos FROM outbox "
+                    f"WHERE status = 'pending' AND {queued} AND next_attempt_at > $2 "
+                    "AND (attempts <= attempts_settled OR next_attempt_at > $3) "
+                    f"AND NOT ({scheduled}) FOR UPDATE SKIP LOCKED)",
+                    ts(now),
+                    ts(due_by),
+                    ts(uncertain_by),
+                )
+        return leases, due
+
     async def list_dead_letters(self, limit: int) -> list[DeadLetter]:
         """See base class."""
         rows = await self._database().fetch(

@@ -269,6 +269,24 @@ _SQL_UNQUEUE_STRANDED = (
     "AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.session_id = outbox.session_id "
     "AND p.status = 'pending' AND p.pos < outbox.pos)"
 )
+# ``Store.pull_in_outbox``, once per partial index (queued or not): each
+# reads the pending items in range of it only. An abandon is scheduled at
+# creation and never attempted yet; it keeps that shape when pulled in.
+_SQL_PULL_IN_SCHEDULED = (
+    "UPDATE outbox INDEXED BY {index} SET next_attempt_at = :scheduled_to, created_at = :now "
+    "WHERE status = 'pending' AND queued = {queued} AND next_attempt_at > :scheduled_by "
+    "AND attempts = 0 AND next_attempt_at > created_at"
+)
+_SQL_PULL_IN_DUE = (
+    "UPDATE outbox INDEXED BY {index} SET next_attempt_at = :now "
+    "WHERE status = 'pending' AND queued = {queued} AND next_attempt_at > :due_by "
+    "AND (attempts <= attempts_settled OR next_attempt_at > :uncertain_by) "
+    "AND NOT (attempts = 0 AND next_attempt_at > created_at)"
+)
+_SQL_PULL_IN_LEASES = (
+    "UPDATE outbox INDEXED BY outbox_due SET lease_until = :now "
+    "WHERE status = 'pending' AND queued = 0 AND lease_until > :lease_by"
+)
 _SQL_UPDATE_OUTBOX = f"UPDATE outbox SET {_assignments(OUTBOX_MUTABLE)} WHERE id = :id"
 _SQL_UPDATE_LEASED_OUTBOX = f"{_SQL_UPDATE_OUTBOX} AND lease_owner = :leased_by"
 _SQL_GET_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?"
@@ -1360,6 +1378,35 @@ class SqliteStore:
         """See base class."""
         async with self.transaction() as tx:
             return await tx._exec(_SQL_UNQUEUE_STRANDED, ())
+
+    async def pull_in_outbox(
+        self,
+        now: datetime,
+        *,
+        lease_by: datetime,
+        due_by: datetime,
+        uncertain_by: datetime,
+        scheduled_by: datetime,
+        scheduled_to: datetime,
+    ) -> tuple[int, int]:
+        """See base class."""
+        values = _params(
+            {
+                "now": now,
+                "lease_by": lease_by,
+                "due_by": due_by,
+                "uncertain_by": uncertain_by,
+                "scheduled_by": scheduled_by,
+                "scheduled_to": scheduled_to,
+            }
+        )
+        due = 0
+        async with self.transaction() as tx:
+            leases = await tx._exec(_SQL_PULL_IN_LEASES, values)
+            for index, queued in (("outbox_due", 0), ("outbox_queued", 1)):
+                for sql in (_SQL_PULL_IN_SCHEDULED, _SQL_PULL_IN_DUE):
+                    due += await tx._exec(sql.format(index=index, queued=queued), values)
+        return leases, due
 
     async def list_dead_letters(self, limit: int) -> list[DeadLetter]:
         """See base class."""

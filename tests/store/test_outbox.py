@@ -262,6 +262,66 @@ class TestStats:
         assert await store.outbox_stats() == (2, T0)
 
 
+class TestPullIn:
+    """Times further ahead than any writer sets: its clock was stepped back
+    since (``Store.pull_in_outbox``). ``now`` is 0; the bounds 60 s ahead,
+    960 s after an uncertain attempt; a scheduled first attempt is brought
+    to 600 s."""
+
+    async def _pull_in(self, store: Store) -> tuple[int, int]:
+        return await store.pull_in_outbox(
+            T0,
+            lease_by=at(60),
+            due_by=at(60),
+            uncertain_by=at(960),
+            scheduled_by=at(660),
+            scheduled_to=at(600),
+        )
+
+    async def test_leases_and_due_times_beyond_the_bounds_come_in(self, store: Store) -> None:
+        leased = make_outbox("A", attempts=1, lease_owner="w1", lease_until=at(3630))
+        queued = make_outbox("A", created_at=at(3600), next_attempt_at=at(3600))
+        retry = make_outbox("B", attempts=2, attempts_settled=2, next_attempt_at=at(3610))
+        uncertain = make_outbox("E", attempts=2, attempts_settled=1, next_attempt_at=at(3615))
+        abandon = make_outbox(
+            "C", kind=OutboxKind.STOP, created_at=at(3600), next_attempt_at=at(4200)
+        )
+        retried_abandon = make_outbox(
+            "D", kind=OutboxKind.STOP, attempts=1, created_at=at(3600), next_attempt_at=at(3610)
+        )
+        await _insert(store, leased, queued, retry, uncertain, abandon, retried_abandon)
+        assert await self._pull_in(store) == (1, 5)
+        pulled = (leased, queued, retry, uncertain)
+        got = {item.id: await store.get_outbox(item.id) for item in pulled}
+        assert {i: (g.lease_until, g.next_attempt_at) for i, g in got.items() if g} == {
+            leased.id: (T0, T0),
+            queued.id: (None, T0),
+            retry.id: (None, T0),
+            uncertain.id: (None, T0),
+        }
+        # An abandon keeps the time a retry of its start has to reuse the chat.
+        stored = await store.get_outbox(abandon.id)
+        assert stored is not None
+        assert (stored.created_at, stored.next_attempt_at) == (T0, at(600))
+        stored = await store.get_outbox(retried_abandon.id)
+        assert stored is not None
+        assert stored.next_attempt_at == T0
+        assert await self._pull_in(store) == (0, 0)  # once
+
+    async def test_times_within_the_bounds_stay(self, store: Store) -> None:
+        items = [
+            make_outbox("A", attempts=1, lease_owner="w1", lease_until=at(60)),
+            make_outbox("B", attempts=1, attempts_settled=1, next_attempt_at=at(60)),
+            # The provider may still act on the uncertain attempt for 900 s.
+            make_outbox("E", attempts=1, next_attempt_at=at(900)),
+            make_outbox("C", kind=OutboxKind.STOP, next_attempt_at=at(660)),
+            make_outbox("D", status=OutboxStatus.DONE, done_at=T0, next_attempt_at=at(3600)),
+        ]
+        await _insert(store, *items)
+        assert await self._pull_in(store) == (0, 0)
+        assert [await store.get_outbox(item.id) for item in items] == items
+
+
 class TestIdempotency:
     async def test_put_get_duplicate_delete(self, store: Store) -> None:
         record = IdempotencyRecord("start", "req-1", "hash-1", "ses_1", T0)
