@@ -145,3 +145,40 @@ class TestOutbox:
             answer = await call
             assert answer.external_message_id == f"ev-{request.request_id}"
             assert a_scripted.calls.sends == []
+
+
+class TestUpkeepTurns:
+    async def test_catch_up_goes_on_when_the_clock_is_set_back(
+        self, store_env: dict[str, str]
+    ) -> None:
+        """Catch-up every second, in turns taken through the store: the turn
+        taken while the clock was an hour ahead must not stop catch-up for
+        an hour once the clock is set right (on SQLite, the same as a clock
+        stepped back an hour)."""
+        store_env["HITL_RECONCILE_INTERVAL"] = "1s"
+        clock = SteppedClock()
+        clock.step(HOUR)
+        async with scripted_on_clock(store_env, clock) as (_app, stub, scripted):
+            await start_session(stub, (await make_user(stub)).id)
+            catch_ups = scripted.calls.catch_ups
+            await wait_for(lambda: len(catch_ups) >= 2, what="catch-up passes")  # turns taken
+            clock.step(-HOUR)
+            seen = len(catch_ups)
+            await wait_for(lambda: len(catch_ups) >= seen + 2, what="passes after the step")
+
+    @pytest.mark.postgres
+    async def test_a_replica_whose_clock_goes_back_takes_no_turn_another_holds(
+        self, service_env: dict[str, str], postgres_dsn: str
+    ) -> None:
+        """By a clock stepped back an hour, behind the database's, replica
+        B's current catch-up turn looks an hour too long, but it is no stale
+        one: A taking it would double the provider calls of every pass."""
+        env = {**service_env, "HITL_STORE_URL": postgres_dsn, "HITL_STORE_POOL_MIN": "1"}
+        a_env = {**env, "HITL_DATA_DIR": env["HITL_DATA_DIR"] + "-a"}
+        clock = SteppedClock()
+        async with scripted_on_clock(dict(env), SystemClock()) as (b, _b_stub, _b_scripted):
+            await wait_for(lambda: b.core.maintenance._start_pass_done, what="B's first pass")
+            async with scripted_on_clock(a_env, clock) as (a, _a_stub, _a_scripted):
+                clock.step(-HOUR)
+                interval = a.settings.reconcile_interval
+                assert not await a.core.maintenance._take_turn("catch_up", clock.now(), interval)

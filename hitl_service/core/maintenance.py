@@ -241,11 +241,19 @@ class Maintenance:
         that one lasts longer). A turn lasts 90 % of ``every``: the replica
         that took it finds the next one free when its own timer comes round,
         even if its wall clock ran a little slower than its monotonic one.
+        A turn ending further ahead than one is taken to (clocks of replicas
+        a little apart allowed for) was taken before a clock was stepped
+        back: it is free, not held for as long as the step. On PostgreSQL,
+        further ahead of the database's clock too: a replica whose clock is
+        behind the database's does not take the others' turns.
         """
         until = now + timedelta(seconds=every * 0.9)
+        database = await self._ctx.store.database_time()
+        latest = max(now, database) if database is not None else now
+        stale_after = latest + timedelta(seconds=every + CLOCK_SKEW_WARNING)
         async with self._ctx.store.transaction() as tx:
             # Forced, "now" is the turn's own end: past any shorter turn.
-            return await tx.take_turn(job, until if force else now, until)
+            return await tx.take_turn(job, until if force else now, until, stale_after=stale_after)
 
     async def _check_timeouts(self, session: Session, now: datetime) -> None:
         settings = self._ctx.settings

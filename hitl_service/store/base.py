@@ -135,12 +135,16 @@ class Tx(Protocol):
         """
         ...
 
-    async def take_turn(self, job: str, now: datetime, until: datetime) -> bool:
+    async def take_turn(
+        self, job: str, now: datetime, until: datetime, *, stale_after: datetime | None = None
+    ) -> bool:
         """Takes the turn of a periodic job the replicas share, until ``until``.
 
         False, changing nothing, while another turn of ``job`` lasts (it ends
-        after ``now``); the first caller of a job always gets it. Concurrent
-        callers on one database: one gets the turn.
+        after ``now``), unless it ends after ``stale_after``: later than any
+        turn is taken to, its taker's clock has been stepped back since. The
+        first caller of a job always gets it. Concurrent callers on one
+        database: one gets the turn.
         """
         ...
 

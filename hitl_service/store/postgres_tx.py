@@ -346,15 +346,19 @@ class PostgresTx(Queries):
         )
         return added == 1
 
-    async def take_turn(self, job: str, now: datetime, until: datetime) -> bool:
+    async def take_turn(
+        self, job: str, now: datetime, until: datetime, *, stale_after: datetime | None = None
+    ) -> bool:
         """See base class."""
         # A concurrent caller waits on the row's lock, then sees the new end.
         taken = await self._db.execute(
             "INSERT INTO upkeep_turns (job, until) VALUES ($1, $2) ON CONFLICT (job) "
-            "DO UPDATE SET until = EXCLUDED.until WHERE upkeep_turns.until <= $3",
+            "DO UPDATE SET until = EXCLUDED.until "
+            "WHERE upkeep_turns.until <= $3 OR upkeep_turns.until > $4",  # NULL: never
             job,
             ts(until),
             ts(now),
+            ts(stale_after),
         )
         return taken == 1
 

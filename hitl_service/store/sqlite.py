@@ -525,11 +525,14 @@ class SqliteTx(_Queries):
         )
         return added == 1
 
-    async def take_turn(self, job: str, now: datetime, until: datetime) -> bool:
+    async def take_turn(
+        self, job: str, now: datetime, until: datetime, *, stale_after: datetime | None = None
+    ) -> bool:
         taken = await self._exec(
             "INSERT INTO upkeep_turns (job, until) VALUES (?, ?) ON CONFLICT (job) "
-            "DO UPDATE SET until = excluded.until WHERE upkeep_turns.until <= ?",
-            (job, _ts(until), _ts(now)),
+            "DO UPDATE SET until = excluded.until "
+            "WHERE upkeep_turns.until <= ? OR upkeep_turns.until > ?",  # NULL: never
+            (job, _ts(until), _ts(now), _ts(stale_after)),
         )
         return taken == 1
 

@@ -9,9 +9,12 @@ from tests.store.conftest import OpenStore
 from tests.store.factories import at
 
 
-async def take(store: Store, job: str, now: float, until: float) -> bool:
+async def take(
+    store: Store, job: str, now: float, until: float, stale_after: float | None = None
+) -> bool:
+    stale = None if stale_after is None else at(stale_after)
     async with store.transaction() as tx:
-        return await tx.take_turn(job, at(now), at(until))
+        return await tx.take_turn(job, at(now), at(until), stale_after=stale)
 
 
 class TestTakeTurn:
@@ -31,6 +34,16 @@ class TestTakeTurn:
         assert await take(store, "prune", 0, 100)
         assert not await take(store, "prune", 50, 500)  # would end later: refused
         assert await take(store, "prune", 100, 200)  # still ends at 100
+
+    async def test_a_turn_ending_further_ahead_than_any_is_taken_to_is_free(
+        self, store: Store
+    ) -> None:
+        # Taken for 54 s by a clock an hour ahead of the one now asking.
+        assert await take(store, "catch_up", 3600, 3654)
+        assert not await take(store, "catch_up", 0, 54)  # as before, without the bound
+        assert not await take(store, "catch_up", 0, 54, stale_after=3654)
+        assert await take(store, "catch_up", 0, 54, stale_after=65)
+        assert not await take(store, "catch_up", 10, 64, stale_after=75)  # this turn holds
 
     async def test_concurrent_replicas_get_one_turn_between_them(
         self, store: Store, open_store: OpenStore
