@@ -237,16 +237,18 @@ async def read_log(stub: Any) -> list[pb.Event]:
 
 class SteppedClock:
     """The real clock, whose wall time the test steps as NTP or an operator
-    would: monotonic time and sleeps go on unaffected."""
+    would (``step``: monotonic time goes on unaffected), or moves on as time
+    passing would (``advance``: both). Sleeps are real."""
 
     def __init__(self) -> None:
-        self.offset = 0.0
+        self.offset = 0.0  # steps
+        self.elapsed = 0.0  # time passed
 
     def now(self) -> datetime:
-        return datetime.now(UTC) + timedelta(seconds=self.offset)
+        return datetime.now(UTC) + timedelta(seconds=self.offset + self.elapsed)
 
     def monotonic(self) -> float:
-        return time.monotonic()
+        return time.monotonic() + self.elapsed
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -254,3 +256,7 @@ class SteppedClock:
     def step(self, seconds: float) -> None:
         """Steps the wall clock ``seconds`` forward (back if negative)."""
         self.offset += seconds
+
+    def advance(self, seconds: float) -> None:
+        """Moves wall and monotonic time ``seconds`` on."""
+        self.elapsed += seconds

@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 
 from hitl_service.clock import SystemClock, WallSteps
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from providers.types import Agent, AgentAssigned
 from tests.conftest import scripted_on_clock
 from tests.scripted import Fault
 from tests.support import (
@@ -182,3 +183,106 @@ class TestUpkeepTurns:
                 clock.step(-HOUR)
                 interval = a.settings.reconcile_interval
                 assert not await a.core.maintenance._take_turn("catch_up", clock.now(), interval)
+
+
+class TestTimeouts:
+    """HITL_QUEUE_TIMEOUT and HITL_IDLE_TIMEOUT, 10 minutes each, and the
+    limit on a start (StartHitl's budget twice and the provider timeout)."""
+
+    @pytest.fixture
+    def timed_env(self, service_env: dict[str, str]) -> dict[str, str]:
+        service_env.update(HITL_QUEUE_TIMEOUT="10m", HITL_IDLE_TIMEOUT="10m")
+        return service_env
+
+    async def test_a_clock_stepped_forward_ends_no_handoff(self, timed_env: dict[str, str]) -> None:
+        """An hour's step forward: handoffs that waited a moment are not
+        ended as if they had waited an hour; they time out once they have
+        waited ten minutes. The step is logged once."""
+        clock = SteppedClock()
+        async with scripted_on_clock(timed_env, clock) as (app, stub, scripted):
+            queued = await start_session(stub, (await make_user(stub)).id)
+            assigned = await start_session(stub, (await make_user(stub)).id)
+            agent = Agent("jane", "Jane")
+            await scripted.push(assigned.external_chat_id, AgentAssigned(agent), "assigned")
+            upkeep = app.core.maintenance
+            await upkeep.sweep_timeouts()  # as every few seconds
+
+            async def states() -> list[str]:
+                found = []
+                for session in (queued, assigned):
+                    answer = await stub.GetSession(pb.GetSessionRequest(session_id=session.id))
+                    found.append(pb.SessionState.Name(answer.session.state))
+                return found
+
+            assert await states() == ["SESSION_STATE_QUEUED", "SESSION_STATE_ASSIGNED"]
+            with capture_logs() as logs:
+                clock.step(HOUR)
+                await upkeep.sweep_timeouts()
+                for session in (queued, assigned):
+                    stored = await app.store.get_session(session.id)
+                    assert stored is not None
+                    assert stored.stop_requested_at is None  # no timeout's stop
+                clock.advance(601)
+                await upkeep.sweep_timeouts()
+                await wait_for(lambda: len(scripted.calls.stops) == 2, what="the timeouts")
+            steps = [e for e in logs if e["event"] == "maintenance.clock_stepped"]
+            assert [(e["log_level"], round(e["seconds"])) for e in steps] == [("warning", HOUR)]
+            timeouts = [e["kind"] for e in logs if e["event"] == "session.timeout"]
+            assert sorted(timeouts) == ["idle", "queue"]
+
+    async def test_a_clock_stepped_back_holds_no_timeout_back(
+        self, timed_env: dict[str, str]
+    ) -> None:
+        clock = SteppedClock()
+        async with scripted_on_clock(timed_env, clock) as (app, stub, scripted):
+            session = await start_session(stub, (await make_user(stub)).id)
+            await app.core.maintenance.sweep_timeouts()
+            clock.step(-HOUR)
+            clock.advance(601)
+            await app.core.maintenance.sweep_timeouts()
+            await wait_for(lambda: scripted.calls.stops, what="the timeout")
+            assert scripted.calls.stops == [session.external_chat_id]
+
+    async def test_a_clock_stepped_forward_gives_up_no_start_under_way(
+        self, timed_env: dict[str, str]
+    ) -> None:
+        """A start the provider is still answering is not failed as
+        interrupted because the clock jumped past its limit."""
+        clock = SteppedClock()
+        async with scripted_on_clock(timed_env, clock) as (app, stub, scripted):
+            user = await make_user(stub)
+            gate = scripted.hold("start")
+            call = asyncio.ensure_future(start_session(stub, user.id))
+            await wait_for(lambda: scripted.waiting.get("start") == 1, what="the held start")
+            await app.core.maintenance.sweep_timeouts()
+            clock.step(HOUR)
+            await app.core.maintenance.sweep_timeouts()
+            gate.set()
+            started = await call
+            assert started.state == pb.SESSION_STATE_QUEUED
+
+    async def test_a_refused_timeout_stop_is_asked_again_after_a_step_back(
+        self, timed_env: dict[str, str]
+    ) -> None:
+        """The provider refused a timeout's stop for good: it is asked again
+        ten minutes later, not ten minutes after the clock has made up an
+        hour's step back."""
+        clock = SteppedClock()
+        async with scripted_on_clock(timed_env, clock) as (app, stub, scripted):
+            session = await start_session(stub, (await make_user(stub)).id)
+            scripted.fail("stop", Fault("rejected"), Fault("rejected"))
+            refusals = scripted.faults["stop"]  # each stop asked takes one
+            upkeep = app.core.maintenance
+            await upkeep.sweep_timeouts()
+            clock.advance(601)
+            await upkeep.sweep_timeouts()
+
+            async def refused(count: int) -> bool:
+                stored = await app.store.get_session(session.id)
+                assert stored is not None
+                return len(refusals) == 2 - count and stored.stop_requested_at is None
+
+            await wait_for(lambda: refused(1), what="the first refusal")
+            clock.step(-HOUR)
+            await upkeep.sweep_timeouts()
+            await wait_for(lambda: refused(2), what="the stop asked again")

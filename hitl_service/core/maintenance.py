@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from hitl_service.clock import WallSteps
 from hitl_service.core.ingest import apply_inbound, clean, first_sight
 from hitl_service.core.provider_state import StateWatch
 from hitl_service.core.sessions import START_SCOPE, abandon_later, request_stop
@@ -73,6 +74,10 @@ class Maintenance:
         self._last_catch_up = float("-inf")
         self._last_clock_check = float("-inf")
         self._start_pass_done = False  # the start-up catch-up pass has completed
+        self._steps = WallSteps(ctx.clock)
+        # (session id, timer) -> (its stored start, the monotonic time that
+        # stands for): see ``_waited``.
+        self._timers: dict[tuple[str, str], tuple[datetime, float]] = {}
 
     @property
     def sweep_interval(self) -> float:
@@ -117,7 +122,20 @@ class Maintenance:
         """Times out the open sessions that are due."""
         ctx = self._ctx
         now = ctx.clock.now()
-        open_sessions = await self._each_open(lambda session: self._check_timeouts(session, now))
+        step = self._steps.look()
+        if step:
+            # Timeouts count on the monotonic clock (``_waited``); the
+            # outbox and upkeep turns bring in what a step back left ahead.
+            log.warning("maintenance.clock_stepped", seconds=round(step, 3))
+        seen: set[str] = set()
+
+        async def check(session: Session) -> None:
+            seen.add(session.id)
+            await self._check_timeouts(session, now)
+
+        open_sessions = await self._each_open(check)
+        # Only the open sessions' timers are kept (all of them were read).
+        self._timers = {key: value for key, value in self._timers.items() if key[0] in seen}
         ctx.metrics.active_sessions.set(open_sessions)
         if ctx.settings.retention > 0 and self._hub is not None:
             # On every replica, whichever prunes: what the prune deletes must
@@ -255,12 +273,28 @@ class Maintenance:
             # Forced, "now" is the turn's own end: past any shorter turn.
             return await tx.take_turn(job, until if force else now, until, stale_after=stale_after)
 
+    def _waited(self, session: Session, timer: str, since: datetime, now: datetime) -> float:
+        """Seconds since ``since``, a time the session stored (for ``timer``).
+
+        Counted by the wall clock until a sweep first sees that time, then by
+        the monotonic one: a step of the wall clock since (NTP, a VM resumed,
+        the date set by hand) neither ends every handoff at once nor holds
+        their timeouts back for as long as the step. A time ahead of the
+        clock (stepped back before this process saw it) counts from then.
+        """
+        mono = self._ctx.clock.monotonic()
+        key = (session.id, timer)
+        known = self._timers.get(key)
+        if known is None or known[0] != since:
+            known = (since, mono - max(0.0, (now - since).total_seconds()))
+            self._timers[key] = known
+        return mono - known[1]
+
     async def _check_timeouts(self, session: Session, now: datetime) -> None:
         settings = self._ctx.settings
-        age = (now - session.created_at).total_seconds()
         if session.state is SessionState.STARTING:
             limit = settings.request_budget * 2 + settings.provider_timeout
-            if age > limit:
+            if self._waited(session, "start", session.created_at, now) > limit:
                 await self.fail_interrupted_start(session.id, now)
             return
         due = self._due(session, now)
@@ -272,12 +306,20 @@ class Maintenance:
         settings = self._ctx.settings
         if session.stop_requested_at is not None or session.state not in _TIMED:
             return None
-        waited = (now - (session.waiting_since or session.created_at)).total_seconds()
-        if session.state.is_waiting and 0 < settings.queue_timeout < waited:
-            return "queue", f"no agent took the handoff within {_words(settings.queue_timeout)}"
+        if session.state.is_waiting and settings.queue_timeout > 0:
+            waited = self._waited(
+                session, "queue", session.waiting_since or session.created_at, now
+            )
+            if waited > settings.queue_timeout:
+                return (
+                    "queue",
+                    f"no agent took the handoff within {_words(settings.queue_timeout)}",
+                )
         idle_since = session.last_activity_at or session.created_at
-        idle = (now - idle_since).total_seconds()
-        if settings.idle_timeout > 0 and idle > settings.idle_timeout:
+        if (
+            settings.idle_timeout > 0
+            and self._waited(session, "idle", idle_since, now) > settings.idle_timeout
+        ):
             return "idle", f"the user was silent for {_words(settings.idle_timeout)}"
         return None
 

@@ -563,7 +563,13 @@ async def request_stop(
                     return existing, False
                 if existing is not None:  # refused for good: ask again, later
                     refused_at = existing.done_at or existing.created_at
-                    if refused_backoff is not None and now - refused_at < refused_backoff:
+                    # Dated further ahead than the backoff, by a clock stepped
+                    # back since: no recent refusal, or it would hold an hour's
+                    # step longer.
+                    if (
+                        refused_backoff is not None
+                        and -refused_backoff < now - refused_at < refused_backoff
+                    ):
                         return None, False
                     if existing.payload.get("by") == by.value:  # the same stop, asked again
                         retry_of = existing.id
