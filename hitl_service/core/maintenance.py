@@ -153,10 +153,11 @@ class Maintenance:
 
     async def sweep_clock(self, *, force: bool = False) -> None:
         """Compares this replica's clock with the database's, once a minute
-        (``hitl_clock_skew_seconds``). A replica ahead by more than a lease
-        takes items other replicas are still sending (sent twice), and one
-        behind holds turns and timeouts late; NTP keeps clocks far closer
-        than ``CLOCK_SKEW_WARNING``, so a warning means a clock to fix."""
+        (``hitl_clock_skew_seconds``). A replica ahead takes upkeep turns
+        early (an attempt's lease waits for the database's clock too: see
+        ``PostgresTx.claim_outbox``), one behind retries late; NTP keeps
+        clocks far closer than ``CLOCK_SKEW_WARNING``, so a warning means a
+        clock to fix."""
         ctx = self._ctx
         mono = ctx.clock.monotonic()
         if mono - self._last_clock_check < _CLOCK_EVERY and not force:
