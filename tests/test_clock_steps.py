@@ -109,6 +109,33 @@ class TestOutbox:
         warnings = [e for e in logs if e["event"] == "outbox.clock_stepped_back"]
         assert [(e["leases"], e["due"]) for e in warnings] == [(1, 1)]
 
+    async def test_a_clock_stepped_forward_mid_attempt_sends_nothing_twice(
+        self, service_env: dict[str, str]
+    ) -> None:
+        """One process: the step ends its own attempt's lease early and its
+        loop claims the item again, but starts no second attempt while the
+        first one runs."""
+        service_env["HITL_PROVIDER_TIMEOUT"] = "30s"  # the attempt stays held meanwhile
+        clock = SteppedClock()
+        async with scripted_on_clock(service_env, clock) as (app, stub, scripted):
+            session = await start_session(stub, (await make_user(stub)).id)
+            gate = scripted.hold("send")
+            request = _send(session, "in flight")
+            call = asyncio.ensure_future(stub.SendMessage(request, timeout=TIMEOUT))
+            await wait_for(lambda: scripted.waiting.get("send") == 1, what="the attempt")
+            (item,) = app.core.outbox._inflight
+            clock.step(HOUR)
+
+            async def claimed_again() -> bool:
+                stored = await app.store.get_outbox(item)
+                return stored is not None and stored.attempts == 2
+
+            await wait_for(claimed_again, what="the item claimed again")
+            gate.set()
+            answer = await call
+            assert answer.external_message_id == f"ev-{request.request_id}"
+            assert [s[2] for s in scripted.calls.sends] == [request.request_id]
+
     @pytest.mark.postgres
     async def test_a_replica_whose_clock_jumps_ahead_takes_over_no_send_in_flight(
         self, service_env: dict[str, str], postgres_dsn: str
