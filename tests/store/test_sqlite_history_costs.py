@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -153,5 +154,37 @@ async def test_claims_read_the_heads_not_the_queue_behind_them(tmp_path: Path) -
             for n in range(2000):
                 await tx.insert_outbox(make_outbox(f"more{n}", next_attempt_at=at(600 + n)))
         assert await steps_of_a_pass() == before
+    finally:
+        await store.close()
+
+
+async def test_a_page_deep_in_the_listing_reads_from_its_cursor(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "hitl.db")
+    await store.open()
+
+    async def add(count: int, first: int) -> None:
+        async with store.transaction() as tx:
+            for n in range(first, first + count):
+                user = make_user()
+                await tx.insert_user(user)
+                await tx.insert_session(
+                    make_session(user.id, state=SessionState.ENDED, created_at=at(n), ended_at=T0)
+                )
+
+    async def steps_of_the_page_before(cursor: tuple[datetime, str]) -> int:
+        with _steps(store._writer, store._reader) as counted:
+            found = await store.list_sessions(user_id="", state=None, before=cursor, limit=50)
+        assert len(found) == 50
+        return counted[0]
+
+    try:
+        await add(100, 0)
+        oldest = await store.list_sessions(user_id="", state=None, before=None, limit=100)
+        cursor = (oldest[-51].created_at, oldest[-51].id)  # 50 older ones below it
+        before = await steps_of_the_page_before(cursor)
+        # Paging an operator's history: each page walked every session newer
+        # than its cursor (35 ms a page 100,000 sessions deep, on the loop).
+        await add(2000, 100)
+        assert await steps_of_the_page_before(cursor) == before
     finally:
         await store.close()
