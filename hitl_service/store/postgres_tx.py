@@ -113,6 +113,11 @@ _SQL_INSERT_OUTBOX = (
     "EXISTS (SELECT 1 FROM ahead)) RETURNING NOT EXISTS (SELECT 1 FROM outbox p "
     "WHERE p.session_id = outbox.session_id AND p.status = 'pending' AND p.pos < outbox.pos)"
 )
+# Asked for every webhook event about a chat that is not ours: matches the
+# partial index sessions_starting (migration 0009), the starts in flight.
+_SQL_HAS_STARTING = (
+    "SELECT EXISTS (SELECT 1 FROM sessions WHERE provider = $1 AND state = 'starting')"
+)
 # The session's first pending item leaves the queue: see ``insert_outbox``
 # and ``_unqueue_head``. True: the item let out was no longer pending.
 _SQL_UNQUEUE_HEAD = (
@@ -278,10 +283,7 @@ class PostgresTx(Queries):
 
     async def has_starting_sessions(self, provider: str) -> bool:
         """See base class."""
-        found = await self._db.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM sessions WHERE provider = $1 AND state = 'starting')",
-            provider,
-        )
+        found = await self._db.fetchval(_SQL_HAS_STARTING, provider)
         return bool(found)
 
     async def insert_session(self, session: Session) -> None:

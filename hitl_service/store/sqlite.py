@@ -463,13 +463,13 @@ class SqliteTx(_Queries):
         )
 
     async def has_starting_sessions(self, provider: str) -> bool:
-        # Asked for every webhook event about a chat that is not ours. Through
-        # sessions_open (whose condition the query repeats, so that it may):
-        # the provider's index would walk every session ever kept.
+        # Asked for every webhook event about a chat that is not ours: through
+        # sessions_starting (migration 0009), which holds the starts in flight
+        # only; the provider's index would walk every session ever kept, and
+        # sessions_open every open one.
         row = await self._one(
-            "SELECT 1 AS one FROM sessions INDEXED BY sessions_open "
-            "WHERE state NOT IN ('ended', 'failed') AND provider = ? AND state = 'starting' "
-            "LIMIT 1",
+            "SELECT 1 AS one FROM sessions INDEXED BY sessions_starting "
+            "WHERE provider = ? AND state = 'starting' LIMIT 1",
             (provider,),
         )
         return row is not None

@@ -188,3 +188,16 @@ async def test_a_page_deep_in_the_listing_reads_from_its_cursor(tmp_path: Path) 
         assert await steps_of_the_page_before(cursor) == before
     finally:
         await store.close()
+
+
+async def test_the_starting_check_does_not_read_the_open_sessions(kept: SqliteStore) -> None:
+    store = kept
+    # Through sessions_open it read every open session: 10 ms per webhook
+    # event of a foreign chat at 10,000 open, in the write transaction.
+    before = await _steps_of_has_starting_sessions(store, False)
+    async with store.transaction() as tx:
+        for _ in range(2000):
+            user = make_user()
+            await tx.insert_user(user)
+            await tx.insert_session(make_session(user.id, state=SessionState.ASSIGNED))
+    assert await _steps_of_has_starting_sessions(store, False) == before

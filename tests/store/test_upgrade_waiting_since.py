@@ -18,6 +18,7 @@ async def back_to_version_3(backend: Backend) -> None:
     if backend.name == "sqlite":  # PostgreSQL has had this one since version 1
         await backend.execute("DROP INDEX dead_letters_by_received")  # version 6
     await backend.execute(
+        "DROP INDEX sessions_starting",  # version 9
         "DROP INDEX sessions_failed",  # version 8
         "DROP INDEX outbox_due",  # version 7
         "DROP INDEX outbox_queued",
