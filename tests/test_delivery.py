@@ -25,6 +25,7 @@ from hitl_service.core.commands import SendUserMessage, StopHandoff
 from hitl_service.domain import OutboxItem, OutboxKind, OutboxStatus
 from hitl_service.errors import StoreUnavailable
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from hitl_service.store.postgres_tx import PostgresTx
 from providers.types import Agent, AgentMessage, Author, InboundEvent, Message
 from tests.conftest import scripted_on_clock
 from tests.scripted import Fault, ScriptedProvider
@@ -825,6 +826,44 @@ class TestCancelledStart:
         documented = " ".join(line.strip().removeprefix("//").strip() for line in before[-5:])
         assert "empty external_chat_id" in documented
         assert "SESSION_STARTING" in documented
+
+
+@pytest.mark.postgres
+async def test_a_retried_start_whose_start_was_given_up_meanwhile_starts_afresh(
+    service_env: dict[str, str], postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upkeep (another replica's, in production) fails a start cut off
+    and forgets its request id while the caller's retry is between reading
+    the request id and reading the session: the retry starts afresh. It
+    answered START_FAILED, read committed letting the second read see what
+    the first did not (seen in the chaos test on two replicas)."""
+    service_env.update(HITL_STORE_URL=postgres_dsn, HITL_STORE_POOL_MIN="1")
+    async with scripted_on_clock(service_env, SystemClock()) as (app, stub, scripted):
+        gate, request, call = await _start_held_at_the_provider(stub, scripted)
+        listed = pb.ListSessionsRequest(user_id=request.user_id)
+        (cut,) = (await stub.ListSessions(listed, timeout=TIMEOUT)).sessions
+        real = PostgresTx.get_idempotency
+        given_up = asyncio.Event()
+
+        async def read_then_give_up(tx: PostgresTx, scope: str, key: str) -> Any:
+            record = await real(tx, scope, key)
+            if key == request.request_id and not given_up.is_set():
+                given_up.set()
+                await app.core.maintenance.fail_interrupted_start(cut.id)
+            return record
+
+        monkeypatch.setattr(PostgresTx, "get_idempotency", read_then_give_up)
+        retry = asyncio.ensure_future(stub.StartHitl(request, timeout=TIMEOUT))
+        await wait_for(
+            lambda: retry.done() or scripted.waiting.get("start") == 2, what="the retry's answer"
+        )
+        assert given_up.is_set()
+        gate.set()
+        started = (await retry).session  # not START_FAILED
+        assert started.id != cut.id
+        assert started.state == pb.SESSION_STATE_QUEUED
+        error = await expect_error(call, grpc.StatusCode.UNAVAILABLE)
+        assert error.reason == "START_INTERRUPTED"
 
 
 class TestStartFailures:

@@ -176,7 +176,15 @@ async def start_handoff(
         record = await earlier_request(tx, START_SCOPE, cmd.request_id, request_hash)
         if record is not None:
             existing = await tx.get_session(record.resource_id)
-            if existing is not None:
+            if existing is not None and (
+                existing.state is not SessionState.FAILED
+                # Read committed (PostgreSQL) reads each statement at its own
+                # time: a failed start that forgot this request id (another
+                # replica's upkeep) may have committed between the two reads.
+                # The session read waited for it, so reading the record again
+                # tells whether the retry starts afresh.
+                or await tx.get_idempotency(START_SCOPE, cmd.request_id) is not None
+            ):
                 return _replay(existing)
             # HITL_RETENTION pruned its session, which ended over 48 h ago (a
             # prune deletes sessions before records, and a replica's clock may
