@@ -658,33 +658,41 @@ async def test_a_broken_third_party_provider_is_one_line(
     assert repr(name) in one_line(err, "hitl-service: configuration error: HITL_PROVIDER")
 
 
-@pytest.mark.parametrize("kind", ["not an object", "a directory", "in a file"])
+@pytest.mark.parametrize("kind", ["not an object", "a directory", "in a file", "data dir"])
 async def test_an_unusable_state_file_is_one_line(
     service_env: dict[str, str], tmp_path: Path, kind: str
 ) -> None:
     # "in a file": its folder cannot be made. The service used to serve and
-    # fail every handoff (the file could never be written) instead.
+    # fail every handoff (the file could never be written) instead. "data
+    # dir": the same, the file being HITL_DATA_DIR's default one, whose
+    # error named HITL_LOCAL_STATE_FILE, a setting the user never set.
     state = tmp_path / "state"
+    setting = "HITL_LOCAL_STATE_FILE"
     if kind == "a directory":
         state.mkdir()
-    elif kind == "in a file":
+    elif kind in ("in a file", "data dir"):
         (tmp_path / "taken").write_text("[]")
         state = tmp_path / "taken" / "state.json"
     else:
         state.write_text("[]")
     env = {**service_env, "HITL_LOCAL_STATE_FILE": str(state)}
+    if kind == "data dir":
+        del env["HITL_LOCAL_STATE_FILE"]
+        env["HITL_DATA_DIR"] = str(state.parent)
+        setting = "HITL_DATA_DIR"
     code, out, err = await run(["check"], env, tmp_path)
     assert code == 2
     assert "Traceback" not in out + err
-    assert "provider local: PROBLEM: HITL_LOCAL_STATE_FILE" in out
+    assert f"provider local: PROBLEM: {setting}" in out
     code, _, err = await run(["local", "list"], env, tmp_path)
     assert code == 2
-    one_line(err, "hitl-service: configuration error: HITL_LOCAL_STATE_FILE")
+    one_line(err, f"hitl-service: configuration error: {setting}")
     code, _, err = await run(["serve"], env, tmp_path)
     assert code == 2
-    one_line(err, "hitl-service: configuration error: HITL_LOCAL_STATE_FILE")
+    one_line(err, f"hitl-service: configuration error: {setting}")
     # Left for a person to look at.
-    assert state.is_dir() or (state.parent if kind == "in a file" else state).read_text() == "[]"
+    taken = kind in ("in a file", "data dir")
+    assert state.is_dir() or (state.parent if taken else state).read_text() == "[]"
 
 
 async def demo_started(app: App, tmp_path: Path) -> asyncio.subprocess.Process:

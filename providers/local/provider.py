@@ -203,10 +203,14 @@ class LocalProvider:
         state_file: Path | None,
         default_group: str,
         http_host: str = "",
+        state_setting: str = STATE_SETTING,
     ) -> None:
         self._sink = sink
         self._clock = clock
         self._state_file = state_file
+        # The setting an error about the file names: HITL_DATA_DIR when the
+        # file is its default, inside that directory.
+        self._state_setting = state_setting
         self._default_group = default_group
         self.http_host = http_host  # the sidecar's bind host, which the console accepts
         self._chats: dict[str, Conversation] = {}
@@ -257,7 +261,7 @@ class LocalProvider:
         except (OSError, ValueError) as exc:
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise ProviderConfigError(
-                STATE_SETTING, f"cannot use {path} as the console state file: {detail}"
+                self._state_setting, f"cannot use {path} as the console state file: {detail}"
             ) from None
         self._flusher = asyncio.create_task(self._flush_loop(), name="local-console-state")
 
@@ -324,7 +328,8 @@ class LocalProvider:
             pass
         if self._saved_version < version:
             raise ProviderUnavailable(
-                f"the console state file could not be written ({STATE_SETTING})", uncertain=True
+                f"the console state file could not be written ({self._state_setting})",
+                uncertain=True,
             )
 
     async def _try_write_state(self) -> bool:
@@ -334,7 +339,7 @@ class LocalProvider:
         except OSError as exc:
             log.error(
                 "local.state_write_failed",
-                setting=STATE_SETTING,
+                setting=self._state_setting,
                 path=str(self._state_file),
                 error=str(exc),
             )
@@ -797,6 +802,7 @@ def create(deps: ProviderDeps) -> LocalProvider:
         sink=deps.sink,
         clock=deps.clock,
         state_file=Path(raw) if raw else None,
+        state_setting=STATE_SETTING if STATE_SETTING in deps.env else "HITL_DATA_DIR",
         default_group=deps.env.get("HITL_LOCAL_GROUP_ID", "general") or "general",
         http_host=http_host,
     )
