@@ -23,7 +23,7 @@ from hitl_service.codec import message_to_json
 from hitl_service.core import outbox as outbox_module
 from hitl_service.core.commands import SendUserMessage, StopHandoff
 from hitl_service.domain import OutboxItem, OutboxKind, OutboxStatus
-from hitl_service.errors import StoreUnavailable
+from hitl_service.errors import FailedPrecondition, StoreUnavailable
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.store.postgres_tx import PostgresTx
 from providers.types import Agent, AgentMessage, Author, InboundEvent, Message
@@ -678,6 +678,41 @@ class TestStop:
             pb.StopHitlRequest(session_id=session.id), timeout=TIMEOUT
         )
         assert stopped.session.state == pb.SESSION_STATE_ENDED
+
+    async def test_a_stop_refused_once_its_wait_is_over_reports_the_refusal(
+        self,
+        scripted_app: App,
+        scripted_stub: Stub,
+        scripted: ScriptedProvider,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The provider refuses the stop for good after StopHitl's wait last
+        read it pending, before the session is read (an attempt of another
+        replica, in production): the caller is told the refusal. It was told
+        STOP_PENDING, retried in the background, while nothing retried it and
+        the session stayed open."""
+        session = await open_session(scripted_stub)
+        gate = scripted.hold("stop")
+        outbox = scripted_app.core.outbox
+        real = outbox.wait
+
+        async def refused_after_the_wait(item: OutboxItem, timeout: float) -> OutboxItem:
+            seen = await real(item, timeout)
+            assert seen.status is OutboxStatus.PENDING
+            scripted.fail("stop", Fault("rejected"))
+            gate.set()
+
+            async def refused() -> bool:
+                stored = await scripted_app.store.get_outbox(item.id)
+                return stored is not None and stored.status is OutboxStatus.FAILED
+
+            await wait_for(refused, what="the refusal")
+            return seen
+
+        monkeypatch.setattr(outbox, "wait", refused_after_the_wait)
+        with pytest.raises(FailedPrecondition) as raised:  # not STOP_PENDING
+            await scripted_app.core.stop_handoff(StopHandoff(session.id), budget=0.2)
+        assert raised.value.reason == "SCRIPTED_REFUSAL"
 
 
 async def _start_held_at_the_provider(

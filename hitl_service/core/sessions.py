@@ -508,6 +508,20 @@ async def stop_handoff(
         return await get_session(ctx, cmd.session_id)
     outbox.dispatch(item, head)
     item = await outbox.wait(item, budget)
+    if item.status is OutboxStatus.PENDING:
+        # The session first, then the item again: a settle committed after the
+        # wait's last read changes both, and a refusal for good leaves the
+        # session open (read the other way round, it was told STOP_PENDING).
+        session = await get_session(ctx, cmd.session_id)
+        if not session.state.is_open:
+            return session
+        item = await ctx.store.get_outbox(item.id) or item
+        if item.status is OutboxStatus.PENDING:
+            raise Unavailable(
+                "STOP_PENDING",
+                "the provider has not confirmed the stop yet; it is retried in the background",
+                session_id=cmd.session_id,
+            )
     if item.status is OutboxStatus.FAILED:
         raise FailedPrecondition(
             item.error_code or "STOP_FAILED",
@@ -515,14 +529,7 @@ async def stop_handoff(
             session_id=cmd.session_id,
             **({"setting": item.result["setting"]} if item.result.get("setting") else {}),
         )
-    session = await get_session(ctx, cmd.session_id)
-    if item.status is OutboxStatus.PENDING and session.state.is_open:
-        raise Unavailable(
-            "STOP_PENDING",
-            "the provider has not confirmed the stop yet; it is retried in the background",
-            session_id=cmd.session_id,
-        )
-    return session
+    return await get_session(ctx, cmd.session_id)
 
 
 async def request_stop(
