@@ -32,6 +32,7 @@ from tests.scripted import Fault, ScriptedProvider
 from tests.support import (
     TIMEOUT,
     EventCollector,
+    ShiftedClock,
     expect_error,
     make_user,
     rid,
@@ -861,6 +862,43 @@ class TestCancelledStart:
         documented = " ".join(line.strip().removeprefix("//").strip() for line in before[-5:])
         assert "empty external_chat_id" in documented
         assert "SESSION_STARTING" in documented
+
+
+async def test_a_timeout_the_upkeep_stops_while_the_outbox_drains_is_not_left_running(
+    service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shutdown drains the outbox (attempts in flight get the grace
+    period, then are cut off) before the provider and the store close. The
+    upkeep ran on through that drain: a session timing out meanwhile got a
+    stop attempt the drain had not listed, neither waited for nor cut off,
+    which ran on with the provider and the store closed under it (its item
+    leased to a process gone, the chat left open until the lease ran out)."""
+    service_env["HITL_IDLE_TIMEOUT"] = "600s"
+    service_env["HITL_RECONCILE_INTERVAL"] = "1"  # an upkeep sweep every second
+    clock = ShiftedClock(SystemClock())
+    async with scripted_on_clock(service_env, clock) as (app, stub, scripted):
+        busy = await open_session(stub)
+        await open_session(stub)  # another, silent from here on
+        send, send_gate = await held_send(stub, scripted, busy, "in flight")
+        send.cancel()  # the attempt runs on, held: the drain waits for it
+        scripted.hold("stop")  # never let go
+        calls_at_close: list[dict[str, int]] = []
+
+        async def close() -> None:
+            calls_at_close.append(dict(scripted.waiting))
+
+        monkeypatch.setattr(scripted, "close", close)
+        upkeep = next(t for t in app.core._tasks if t.get_name() == "core-maintenance")
+        stopping = asyncio.create_task(app.stop(grace=TIMEOUT))
+        await wait_for(lambda: app.core.outbox._stopping, what="the outbox drain")
+        clock.offset = 700  # both sessions are past HITL_IDLE_TIMEOUT now
+        await wait_for(
+            lambda: scripted.waiting.get("stop") == 1 or upkeep.done(),
+            what="a timeout's stop at the provider, or the upkeep stopped",
+        )
+        send_gate.set()  # the drain's attempt ends: the drain is over
+        await stopping
+        assert [sum(held.values()) for held in calls_at_close] == [0]  # none still at it
 
 
 @pytest.mark.postgres

@@ -50,6 +50,7 @@ class HitlCore:
         self.ingestor = Ingestor(ctx, self.outbox, before_end=before_end)
         self.outbox.before_end = before_end
         self._tasks: list[asyncio.Task[None]] = []
+        self._outbox_loop: asyncio.Task[None] | None = None
         # Starts running (see start_handoff), each with its session's id once stored.
         self._starts: dict[asyncio.Task[Session], list[str]] = {}
 
@@ -62,6 +63,7 @@ class HitlCore:
             ("maintenance", self.maintenance.run()),
         ):
             self._tasks.append(asyncio.create_task(coro, name=f"core-{name}"))
+        self._outbox_loop = self._tasks[1]
 
     def close_streams(self) -> None:
         """Ends every StreamEvents subscription (first step of shutdown)."""
@@ -92,11 +94,23 @@ class HitlCore:
                         await self.maintenance.fail_interrupted_start(session_id)
             except (StoreUnavailable, TimeoutError):
                 pass  # the upkeep of the next replica fails them
-        await self.outbox.stop(max(0.0, deadline - self.ctx.clock.monotonic()))
+        # The loops end before the outbox drains: the upkeep ran on through
+        # the drain, and an attempt it started meanwhile (a timeout's stop)
+        # was neither waited for nor cut off: it ran on with the provider
+        # and the store closed under it. The outbox's own loop ends after
+        # its pass (a claim under way starts its attempts, which the drain
+        # then waits for); cut off, it would leave what it claimed unstarted.
+        self.outbox.stop_claiming()
+        for task in self._tasks:
+            if task is not self._outbox_loop:
+                task.cancel()
+        left = max(0.0, deadline - self.ctx.clock.monotonic())
+        await asyncio.wait(self._tasks, timeout=left)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await self.outbox.stop(max(0.0, deadline - self.ctx.clock.monotonic()))
 
     # --- operations -------------------------------------------------------------
     async def create_user(self, cmd: CreateUser) -> User:

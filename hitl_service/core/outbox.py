@@ -695,10 +695,14 @@ class Outbox:
                 self.start_attempt(item)
         return len(items)
 
-    async def stop(self, timeout: float) -> None:
-        """Stops claiming and waits up to ``timeout`` for attempts in flight."""
+    def stop_claiming(self) -> None:
+        """Has the background loop end after its current pass."""
         self._stopping = True
         self.kick()
+
+    async def stop(self, timeout: float) -> None:
+        """Stops claiming and waits up to ``timeout`` for attempts in flight."""
+        self.stop_claiming()
         deadline = self._ctx.clock.monotonic() + timeout
         if self._chores:
             await asyncio.wait(self._chores, timeout=timeout)  # they may start attempts
