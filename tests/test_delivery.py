@@ -26,7 +26,15 @@ from hitl_service.domain import OutboxItem, OutboxKind, OutboxStatus
 from hitl_service.errors import FailedPrecondition, StoreUnavailable
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.store.postgres_tx import PostgresTx
-from providers.types import Agent, AgentMessage, Author, InboundEvent, Message
+from providers.types import (
+    Agent,
+    AgentMessage,
+    Author,
+    InboundEvent,
+    Message,
+    ProviderUser,
+    SendResult,
+)
 from tests.conftest import scripted_on_clock
 from tests.scripted import Fault, ScriptedProvider
 from tests.support import (
@@ -899,6 +907,38 @@ async def test_a_timeout_the_upkeep_stops_while_the_outbox_drains_is_not_left_ru
         send_gate.set()  # the drain's attempt ends: the drain is over
         await stopping
         assert [sum(held.values()) for held in calls_at_close] == [0]  # none still at it
+
+
+async def test_what_an_attempt_cut_off_by_the_shutdown_changed_at_the_provider_is_kept(
+    service_env: dict[str, str],
+    scripted_app: App,
+    scripted_stub: Stub,
+    scripted: ScriptedProvider,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A provider updates its user's state during a call (a token renewed,
+    the old refresh token spent); the outbox keeps it whatever the call's
+    outcome. An attempt still at the provider when the grace period ends is
+    cut off (cancelled): what the call changed was dropped then, and the
+    delivery after the restart used the spent credentials."""
+    session = await open_session(scripted_stub)
+    renewed = asyncio.Event()
+
+    async def send(chat: Any, user: ProviderUser, *args: Any, **kwargs: Any) -> SendResult:
+        user.state["token"] = "renewed"
+        renewed.set()
+        await asyncio.Event().wait()  # slow: still at it when the grace period ends
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(scripted, "send", send)
+    call = scripted_stub.SendMessage(send_request(session, "hi"), timeout=TIMEOUT)
+    await wait_for(renewed.is_set, what="the renewal")
+    call.cancel()
+    await scripted_app.stop(grace=0.2)
+    async with scripted_on_clock(service_env, SystemClock()) as (app, _stub, _scripted):
+        kept = await app.store.get_provider_user(session.user_id, "scripted")
+    assert kept is not None
+    assert kept.state.get("token") == "renewed"
 
 
 @pytest.mark.postgres

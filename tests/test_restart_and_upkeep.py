@@ -547,6 +547,34 @@ class TestTimeouts:
 
 
 class TestCatchUp:
+    async def test_what_a_catch_up_cut_off_changed_at_the_provider_is_kept(
+        self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """As for a send: a catch-up the shutdown cuts off (the upkeep stops
+        first) keeps the token its call renewed, the old one being spent."""
+        async with with_session(service_env) as (app, _stub, provider, session):
+            renewed = asyncio.Event()
+
+            async def catch_up(
+                _chat: ProviderChat, user: ProviderUser, _checkpoint: str, *, timeout: float
+            ) -> CatchUp:
+                user.state["token"] = "renewed"
+                renewed.set()
+                await asyncio.Event().wait()  # still at it when it is cut off
+                raise AssertionError("unreachable")
+
+            monkeypatch.setattr(provider, "catch_up", catch_up)
+            stored = await app.store.get_session(session.id)
+            assert stored is not None
+            task = asyncio.create_task(app.core.maintenance.catch_up(stored))
+            await wait_for(renewed.is_set, what="the renewal")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            kept = await app.store.get_provider_user(session.user_id, "scripted")
+            assert kept is not None
+            assert kept.state.get("token") == "renewed"
+
     async def test_missed_agent_messages_reach_the_stream_once_and_in_order(
         self, service_env: dict[str, str]
     ) -> None:

@@ -421,11 +421,12 @@ class Maintenance:
             return await self._apply_listing(session, listing, watch, messages_only)
         except StoreUnavailable:
             raise
-        except Exception:
+        except BaseException:
             # A provider's bug, or a listing the core cannot apply (its
-            # transaction, rolled back, held the save): what the provider
-            # changed on the way (a token renewed, its refresh token spent)
-            # is kept all the same, as for a send.
+            # transaction, rolled back, held the save), or the pass cut off
+            # (the shutdown): what the provider changed on the way (a token
+            # renewed, its refresh token spent) is kept all the same, as for
+            # a send.
             await watch.save_after_failure(ctx, session.id, session.user_id)
             raise
 

@@ -361,10 +361,13 @@ class Outbox:
         self, item: OutboxItem, session: Session, watch: StateWatch
     ) -> dict[str, str]:
         """``_call``; what the provider changed in its state before failing
-        is kept too (a token renewed, its refresh token spent, before a 503)."""
+        or being cut off is kept too (a token renewed, its refresh token
+        spent, before a 503)."""
         try:
             return await self._call(item, watch.chat, watch.user)
-        except Exception:
+        except BaseException:
+            # Cut off too (the shutdown's grace period ended): the call may
+            # have spent the credentials it renewed.
             await watch.save_after_failure(self._ctx, session.id, session.user_id)
             raise
 
