@@ -17,6 +17,7 @@ import structlog
 
 from hitl_service.app import App
 from hitl_service.clock import Clock, SystemClock
+from hitl_service.core import provider_state
 from hitl_service.core.maintenance import Maintenance
 from hitl_service.domain import SessionState
 from hitl_service.errors import StoreUnavailable
@@ -546,12 +547,25 @@ class TestTimeouts:
             assert "silent" in ended.ended.reason
 
 
+class _Hangs:
+    """A store transaction that never begins."""
+
+    async def __aenter__(self) -> None:
+        await asyncio.Event().wait()
+
+    async def __aexit__(self, *_: object) -> None:
+        return None
+
+
 class TestCatchUp:
+    @pytest.mark.parametrize("store", ["up", "hanging"])
     async def test_what_a_catch_up_cut_off_changed_at_the_provider_is_kept(
-        self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+        self, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, store: str
     ) -> None:
         """As for a send: a catch-up the shutdown cuts off (the upkeep stops
-        first) keeps the token its call renewed, the old one being spent."""
+        first) keeps the token its call renewed, the old one being spent. A
+        store that hangs then holds the cut-off (which the shutdown waits
+        for) only briefly, and the cancellation goes on."""
         async with with_session(service_env) as (app, _stub, provider, session):
             renewed = asyncio.Event()
 
@@ -568,12 +582,16 @@ class TestCatchUp:
             assert stored is not None
             task = asyncio.create_task(app.core.maintenance.catch_up(stored))
             await wait_for(renewed.is_set, what="the renewal")
+            if store == "hanging":
+                monkeypatch.setattr(provider_state, "CUT_OFF_SAVE_SECONDS", 0.1)
+                monkeypatch.setattr(app.store, "transaction", lambda **_: _Hangs())
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
-                await task
+                await asyncio.wait_for(asyncio.shield(task), TIMEOUT)
+            monkeypatch.undo()
             kept = await app.store.get_provider_user(session.user_id, "scripted")
             assert kept is not None
-            assert kept.state.get("token") == "renewed"
+            assert kept.state.get("token") == ("renewed" if store == "up" else None)
 
     async def test_missed_agent_messages_reach_the_stream_once_and_in_order(
         self, service_env: dict[str, str]

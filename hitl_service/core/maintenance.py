@@ -421,13 +421,15 @@ class Maintenance:
             return await self._apply_listing(session, listing, watch, messages_only)
         except StoreUnavailable:
             raise
-        except BaseException:
+        except BaseException as exc:
             # A provider's bug, or a listing the core cannot apply (its
             # transaction, rolled back, held the save), or the pass cut off
             # (the shutdown): what the provider changed on the way (a token
             # renewed, its refresh token spent) is kept all the same, as for
             # a send.
-            await watch.save_after_failure(ctx, session.id, session.user_id)
+            await watch.save_after_failure(
+                ctx, session.id, session.user_id, cut_off=not isinstance(exc, Exception)
+            )
             raise
 
     async def _apply_listing(

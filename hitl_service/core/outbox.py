@@ -365,10 +365,12 @@ class Outbox:
         spent, before a 503)."""
         try:
             return await self._call(item, watch.chat, watch.user)
-        except BaseException:
+        except BaseException as exc:
             # Cut off too (the shutdown's grace period ended): the call may
             # have spent the credentials it renewed.
-            await watch.save_after_failure(self._ctx, session.id, session.user_id)
+            await watch.save_after_failure(
+                self._ctx, session.id, session.user_id, cut_off=not isinstance(exc, Exception)
+            )
             raise
 
     async def _call(

@@ -8,12 +8,18 @@ kept whatever the call's outcome.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from hitl_service.core.context import CoreContext
     from hitl_service.store.base import Tx
     from providers.types import ProviderChat, ProviderUser
+
+# How long the save after a call cut off (cancelled) may take: the shutdown
+# waits for the cancelled call, and a store that hangs must not hold it.
+CUT_OFF_SAVE_SECONDS = 2.0
 
 
 class StateWatch:
@@ -43,8 +49,21 @@ class StateWatch:
                 current.chat_state = dict(self.chat.state)
                 await tx.update_session(current)
 
-    async def save_after_failure(self, ctx: CoreContext, session_id: str, user_id: str) -> None:
-        """Writes what a failed call changed, in a transaction of its own."""
-        if self.user_changed or self.chat_changed:
+    async def save_after_failure(
+        self, ctx: CoreContext, session_id: str, user_id: str, *, cut_off: bool = False
+    ) -> None:
+        """Writes what a failed call changed, in a transaction of its own.
+
+        After a call ``cut_off`` (cancelled), within ``CUT_OFF_SAVE_SECONDS``
+        and raising nothing: the cancellation must go on (the shutdown waits
+        for it); unsaved, a token is renewed once more by the next call.
+        """
+        if not (self.user_changed or self.chat_changed):
+            return
+        if not cut_off:
             async with ctx.store.transaction() as tx:
+                await self.save(tx, ctx, session_id, user_id)
+            return
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CUT_OFF_SAVE_SECONDS), ctx.store.transaction() as tx:
                 await self.save(tx, ctx, session_id, user_id)
