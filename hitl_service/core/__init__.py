@@ -57,13 +57,12 @@ class HitlCore:
     async def start(self) -> None:
         """Starts the background work: fan-out, outbox, maintenance."""
         await self.hub.start()
-        for name, coro in (
-            ("hub", self.hub.run()),
-            ("outbox", self.outbox.run()),
-            ("maintenance", self.maintenance.run()),
-        ):
-            self._tasks.append(asyncio.create_task(coro, name=f"core-{name}"))
-        self._outbox_loop = self._tasks[1]
+        self._outbox_loop = asyncio.create_task(self.outbox.run(), name="core-outbox")
+        self._tasks = [
+            asyncio.create_task(self.hub.run(), name="core-hub"),
+            self._outbox_loop,
+            asyncio.create_task(self.maintenance.run(), name="core-maintenance"),
+        ]
 
     def close_streams(self) -> None:
         """Ends every StreamEvents subscription (first step of shutdown)."""
