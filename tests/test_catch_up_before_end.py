@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from hitl_service.app import App
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from providers.errors import ProviderAuthError
@@ -20,7 +22,7 @@ from providers.types import (
     ProviderChat,
     ProviderUser,
 )
-from tests.scripted import ScriptedProvider
+from tests.scripted import Fault, ScriptedProvider
 from tests.support import TIMEOUT, make_user, start_session
 
 JANE = Agent(id="jane@acme.test", name="Jane")
@@ -101,3 +103,26 @@ async def test_the_stop_s_read_uses_and_keeps_the_provider_user_state(
     user = await scripted_app.store.get_provider_user(stopped.session.user_id, "scripted")
     assert user is not None
     assert user.state["refresh"] == 2  # the read's renewal, not the stop's
+
+
+@pytest.mark.parametrize("end", ["stop", "provider"])
+async def test_a_history_read_failing_once_before_an_end_is_tried_again(
+    scripted_app: App, scripted_stub: Any, scripted: ScriptedProvider, end: str
+) -> None:
+    """The read before an end is the last chance for an agent message whose
+    webhook was lost: after the end no catch-up reads the chat again. One
+    transient failure of that read lost the message for good (seen in the
+    chaos test, whose LiveChat fails a read now and then)."""
+    session = await _open(scripted_stub)
+    chat = session.external_chat_id
+    late = AgentMessage(Message("your reference is R-42", Author.AGENT), JANE)
+    written = datetime.now(UTC)  # before the stop was asked
+    scripted.catch_up_events[chat] = [InboundEvent(chat, late, "m-late", occurred_at=written)]
+    scripted.fail("catch_up", Fault("unavailable"))
+    if end == "stop":
+        await scripted_stub.StopHitl(pb.StopHitlRequest(session_id=session.id), timeout=TIMEOUT)
+    else:
+        await scripted.push(chat, Ended(by=EndedBy.AGENT), "end-1")
+    events = await scripted_app.store.read_events(after=0, limit=50, session_id=session.id)
+    assert [type(e.kind).__name__ for e in events][-2:] == ["AgentMessage", "Ended"]
+    assert len(scripted.calls.catch_ups) == 2

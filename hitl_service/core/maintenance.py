@@ -392,8 +392,9 @@ class Maintenance:
                 read from the store when None.
             messages_only: Apply only the agent's messages, and keep the
                 checkpoint (the catch-up before a provider's end: the end
-                itself comes with the webhook, which says who closed).
-            budget: At most this long for the provider call.
+                itself comes with the webhook, which says who closed); the
+                read is retried within ``budget``.
+            budget: At most this long for the provider call(s).
 
         Returns:
             How many log events this added (events webhooks never delivered).
@@ -405,15 +406,19 @@ class Maintenance:
             return 0
         chat = ProviderChat(session.external_chat_id, dict(session.chat_state))
         watch = StateWatch(user, chat)
+
+        def read(timeout: float) -> Awaitable[CatchUp]:
+            return ctx.provider.catch_up(chat, user, session.catch_up_checkpoint, timeout=timeout)
+
         try:
             try:
-                listing = await ctx.calls.once(
-                    "catch_up",
-                    lambda t: ctx.provider.catch_up(
-                        chat, user, session.catch_up_checkpoint, timeout=t
-                    ),
-                    budget=budget,
-                )
+                if messages_only and budget is not None:
+                    # Before an end, the last read of the chat: a message
+                    # whose webhook was lost is recovered now or never (a
+                    # read is safe to repeat). Others wait for the next pass.
+                    listing = await ctx.calls.with_retries("catch_up", read, budget=budget)
+                else:
+                    listing = await ctx.calls.once("catch_up", read, budget=budget)
             except ProviderError as exc:
                 log.info("catch_up.failed", session_id=session.id, error=str(exc))
                 await watch.save_after_failure(ctx, session.id, session.user_id)
