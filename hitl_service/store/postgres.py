@@ -326,6 +326,7 @@ class PostgresStore:
         pool = self._pool
         with self._mapped("refused a transaction"):
             conn = await pool.acquire(timeout=self._connect_timeout)
+        ended = False  # committed or rolled back: the connection goes back clean
         try:
             xact = conn.transaction()
             with self._mapped("refused a transaction"):
@@ -334,15 +335,24 @@ class PostgresStore:
             try:
                 yield tx
             except BaseException:
-                # A dead connection has rolled back already; the pool resets it.
+                # A dead connection has rolled back already (closed below).
                 with contextlib.suppress(Exception):
                     await xact.rollback()
+                    ended = True
                 raise
             with self._mapped("could not commit"):
                 if tx.last_seq:
                     await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(tx.last_seq))
                 await xact.commit()
+            ended = True
         finally:
+            if not ended:
+                # Cut off (cancelled) in its BEGIN, COMMIT or ROLLBACK, or
+                # its connection lost: closed, and the server rolls back what
+                # did not commit. Handed back open, asyncpg would reset it
+                # and report "Resetting connection with an active
+                # transaction" to the loop, which logs it as an error.
+                conn.terminate()
             with contextlib.suppress(Exception):
                 await pool.release(conn)
         if tx.last_seq:

@@ -483,6 +483,61 @@ class TestLocksAcrossReplicas:
         assert seen is not None
         assert (seen.state, seen.updated_at) == (SessionState.ASSIGNED, at(9))
 
+    @pytest.mark.parametrize("moment", ["statement", "commit"])
+    async def test_a_transaction_cut_off_is_closed_without_an_error(
+        self,
+        make: Make,
+        monitor: asyncpg.Connection,
+        monkeypatch: pytest.MonkeyPatch,
+        moment: str,
+    ) -> None:
+        """A task cancelled in a transaction (the shutdown stopping the
+        upkeep mid-pass). Cut off in its COMMIT, the connection was handed
+        back with the transaction open, and asyncpg, resetting it, reported
+        "Resetting connection with an active transaction" to the loop's
+        error handler, which logs it as an error (seen in the chaos test)."""
+        a, b = await opened(make), await opened(make)
+        session = await _session(a)
+        reported: list[str] = []
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
+        committing = asyncio.Event()
+        commit = asyncpg.transaction.Transaction.commit
+        commits: list[object] = []
+
+        async def second_held(xact: asyncpg.transaction.Transaction) -> None:
+            commits.append(xact)
+            if len(commits) == 2:  # B's, after A's
+                committing.set()
+                await asyncio.Event().wait()  # cut off here
+            await commit(xact)
+
+        if moment == "commit":
+            monkeypatch.setattr(asyncpg.transaction.Transaction, "commit", second_held)
+
+        async def in_b() -> None:
+            async with b.transaction() as tx:
+                await tx.get_session(session.id)
+
+        try:
+            async with a.transaction() as tx:
+                await tx.get_session(session.id)
+                task = asyncio.create_task(in_b())
+                await until_blocked(monitor, task, "B's locking read")
+                if moment == "statement":
+                    task.cancel()
+            if moment == "commit":
+                await eventually(committing.is_set, "B's commit")
+                task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            monkeypatch.undo()
+            async with b.transaction() as tx:  # B's pool serves again
+                assert await tx.get_session(session.id) is not None
+        finally:
+            loop.set_exception_handler(None)
+        assert reported == []
+
     async def test_one_open_session_under_concurrent_starts(
         self, make: Make, monitor: asyncpg.Connection
     ) -> None:
