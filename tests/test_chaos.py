@@ -98,6 +98,11 @@ def service_env(fake: FakeLiveChatProcess, cwd: Path, store_url: str) -> dict[st
     """One service process: fixed ports (the same after a restart)."""
     return {
         **fake.env,
+        # As docs/livechat.md says to with replicas: a process just
+        # restarted (kill -9) has not learned the bridge's id yet, and took
+        # the late webhook of its own start-up transfer, after the agent
+        # joined, for a transfer back to the queue (a documented limit).
+        "HITL_LIVECHAT_AGENT_ID": "bridge@acme.example",
         "HITL_PROVIDER": "livechat",
         "HITL_GRPC_ADDR": f"127.0.0.1:{free_port()}",
         "HITL_HTTP_ADDR": f"127.0.0.1:{free_port()}",
