@@ -138,6 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _provider_commands_note() -> str:
+    """The end of ``hitl-service --help``: the providers' own commands
+    (``hitl-service livechat register-webhooks``, ...) are no subcommands of
+    the parser, so the help says where they are. Only built for the help:
+    listing the installed providers reads the distributions' metadata."""
+    from providers.registry import available_providers
+
+    return (
+        "A provider's own commands run as 'hitl-service PROVIDER COMMAND' (providers: "
+        f"{', '.join(available_providers())}); 'hitl-service PROVIDER --help' lists them "
+        "(a provider may need its settings for that)."
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hitl-service`` command."""
     try:
@@ -151,6 +165,8 @@ def _main(argv: list[str]) -> int:
     parser = build_parser()
     if argv and argv[0] not in ("serve", "check", "demo", "-h", "--help", "--version"):
         return _provider_command(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.epilog = _provider_commands_note()
     args = parser.parse_args(argv)
     if args.version:
         print(f"hitl-service {_version()}")

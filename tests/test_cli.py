@@ -297,6 +297,23 @@ async def test_provider_subcommands(service_env: dict[str, str], tmp_path: Path)
     assert "unknown command" in err
 
 
+async def test_help_says_where_the_provider_commands_are(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The docs send operators to ``hitl-service livechat register-webhooks``,
+    which is no subcommand of the parser: ``--help`` listed only serve,
+    check and demo, so nothing led from it to the provider's commands."""
+    code, out, _ = await run(["--help"], service_env, tmp_path)
+    assert code == 0
+    note = " ".join(out.split())
+    assert "'hitl-service PROVIDER COMMAND' (providers: livechat, local)" in note, out
+    assert "'hitl-service PROVIDER --help' lists them" in note, out
+    # ... and a provider's --help is an answer, not a usage error.
+    code, out, _ = await run(["local", "--help"], service_env, tmp_path)
+    assert code == 0
+    assert out.startswith("usage: hitl-service local list"), out
+
+
 async def test_serve_then_sigterm_drains_and_exits_cleanly(
     service_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -580,8 +580,8 @@ class LocalProvider:
     async def run_command(self, argv: Sequence[str], out: TextIO) -> int:
         """``hitl-service local list``: prints the conversations."""
         if list(argv) != ["list"]:
-            out.write("usage: hitl-service local list\n")
-            return 2
+            out.write("usage: hitl-service local list   (prints the console's conversations)\n")
+            return 0 if list(argv) in (["-h"], ["--help"]) else 2
         for conv in self._chats.values():
             out.write(f"{conv.id}  {conv.status:8}  {conv.user.get('name', '')}  {conv.title}\n")
         return 0
