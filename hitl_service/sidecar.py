@@ -247,6 +247,43 @@ class _AnsweredAtShutdown:
             await response(scope, receive, send)
 
 
+def head_size(scope: Scope) -> int:
+    """The bytes of a request's line and headers as they were sent (but for
+    the spelling of the HTTP version and of the header names' case)."""
+    raw_path = scope.get("raw_path") or scope["path"].encode()
+    query = scope.get("query_string", b"")
+    # "METHOD SP path[?query] SP HTTP/1.1 CRLF", the headers, "CRLF"
+    size = len(scope["method"]) + len(raw_path) + (len(query) + 1 if query else 0) + 14
+    for name, value in scope["headers"]:
+        size += len(name) + len(value) + 4  # ": " and CRLF
+    return size
+
+
+class _BoundedHead:
+    """Middleware around every route: a request whose line and headers pass
+    ``MAX_HEAD_BYTES`` is answered 431, whole as it may have arrived.
+
+    The HTTP protocol (``_timed_protocol``, h11's own limit) bounds a head
+    while it is still arriving, counting after each read: a complete head
+    that came in one read (uvicorn reads up to 256 KiB at once) got past
+    them and was served, up to four times the documented limit.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.refusal = error(
+            431,
+            f"request line and headers larger than {MAX_HEAD_BYTES} bytes",
+        )
+        self.refusal.headers["Connection"] = "close"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and head_size(scope) > MAX_HEAD_BYTES:
+            await self.refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def _with_bounded_bodies(
     routes: Sequence[BaseRoute], settings: Settings, admission: Admission
 ) -> list[BaseRoute]:
@@ -487,7 +524,10 @@ def build_sidecar(
     app = Starlette(
         routes=routes,
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
-        middleware=[Middleware(_AnsweredAtShutdown, draining=draining)],
+        middleware=[
+            Middleware(_BoundedHead),
+            Middleware(_AnsweredAtShutdown, draining=draining),
+        ],
     )
     app.state.draining = draining
     app.state.stopping = stopping

@@ -162,6 +162,53 @@ async def test_without_httptools_the_head_limit_is_the_same(
         await app.stop(grace=1)
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+@pytest.mark.parametrize(
+    "size",
+    # Not far beyond: the protocol may refuse a much larger head before it
+    # has all been read, and closing with data unread resets the connection
+    # (the answer may be lost).
+    [MAX_HEAD_BYTES, MAX_HEAD_BYTES + 1, 100_000],
+    ids=["at-the-limit", "one-byte-over", "100k"],
+)
+async def test_a_whole_head_beyond_the_limit_is_refused_however_it_arrives(
+    service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, parser: str, size: int
+) -> None:
+    """The protocol counts a head after each read: a complete head that came
+    in one read (up to 256 KiB) was served (100,000 bytes: 200). The limit is
+    the same for a head sent whole: at most MAX_HEAD_BYTES, then 431."""
+    if parser == "h11":
+        monkeypatch.setattr(sidecar, "AutoHTTPProtocol", H11Protocol)
+    app = await start_app(service_env)
+    try:
+        start = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nX-Big: "
+        end = b"\r\n\r\n"
+        request = start + b"a" * (size - len(start) - len(end)) + end
+        assert len(request) == size
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
+        writer.write(request)
+        await writer.drain()
+        try:
+            answer = await asyncio.wait_for(reader.read(), WAIT)  # until the server closes
+        finally:
+            writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        if size <= MAX_HEAD_BYTES:
+            assert head.startswith(b"HTTP/1.1 200 "), answer[:80]
+            return
+        # h11 refuses on its own (400) a head still incomplete past the limit,
+        # if the head happened to arrive in pieces.
+        accepted = (
+            (b"HTTP/1.1 431 ",) if parser == "httptools" else (b"HTTP/1.1 431 ", b"HTTP/1.1 400 ")
+        )
+        assert head.startswith(accepted), answer[:80]
+        assert json.loads(body)["error"], body
+        if size == MAX_HEAD_BYTES + 1:
+            assert head.startswith(b"HTTP/1.1 431 "), answer[:80]  # never incomplete past it
+    finally:
+        await app.stop(grace=1)
+
+
 async def test_a_request_the_http_parser_refuses_gets_a_json_reason(
     service_env: dict[str, str],
 ) -> None:
