@@ -159,6 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C in check or a provider command: no traceback
         print("hitl-service: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The output's reader left (`| head`): no traceback, and none again
+        # when the interpreter flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _main(argv: list[str]) -> int:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import grpc
 
+from hitl_service.client import decode_error
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 
@@ -95,7 +96,7 @@ async def run_demo(args: argparse.Namespace, settings: Settings, out: TextIO) ->
             ).user
             session = await _start(stub, user, args, metadata)
         except grpc.aio.AioRpcError as exc:
-            out.write(f"demo: {exc.code().name}: {exc.details()}\n")
+            out.write(f"demo: {exc.code().name}: {_explained(exc)}\n")
             return 1
         out.write(f"session {session.id} started; type a line and press Enter to send it\n")
         out.flush()
@@ -155,6 +156,14 @@ async def _start(
         return (await stub.StartHitl(request, timeout=_TIMEOUT, metadata=metadata)).session
 
 
+def _explained(exc: grpc.aio.AioRpcError) -> str:
+    """The error's message, with why each field was refused (the message
+    names the fields only; the reasons are in its ``BadRequest`` detail)."""
+    violations = decode_error(exc).violations
+    reasons = "; ".join(f"{v.field}: {v.description}" for v in violations)
+    return f"{exc.details()} ({reasons})" if reasons else str(exc.details())
+
+
 async def _send(
     stub: pb_grpc.HitlServiceAsyncStub,
     session_id: str,
@@ -173,7 +182,7 @@ async def _send(
             return
         except grpc.aio.AioRpcError as exc:
             if exc.code() is not grpc.StatusCode.UNAVAILABLE:
-                out.write(f"not sent: {exc.details()}\n")
+                out.write(f"not sent: {_explained(exc)}\n")
                 return
     out.write("not confirmed yet; it stays queued and will be delivered\n")
 

@@ -974,3 +974,47 @@ def test_ctrl_c_in_check_exits_130_without_a_traceback(
     monkeypatch.setenv("HITL_DATA_DIR", str(tmp_path / "data"))
     assert cli.main(["check"]) == 130
     assert capsys.readouterr().err == "hitl-service: interrupted\n"
+
+
+async def test_the_demo_says_why_a_field_was_refused(app: App, tmp_path: Path) -> None:
+    """The status message names the refused fields only; the reasons are in
+    its BadRequest detail, which the demo did not print."""
+    target = ["--target", f"127.0.0.1:{app.grpc_port}", "--exit-after-send"]
+    code, out, err = await run(
+        ["demo", *target, "--group", "bad group"], dict(os.environ), tmp_path
+    )
+    assert code == 1, err
+    assert "Traceback" not in err, err
+    assert "group_id: must be 1-64 characters" in out, out
+
+
+async def test_the_demo_whose_reader_left_exits_without_a_traceback(
+    app: App, tmp_path: Path
+) -> None:
+    """``hitl-service demo | head -1``: the next line written met a closed
+    pipe and the demo ended with a BrokenPipeError traceback."""
+    read_end, write_end = os.pipe()
+    proc = await asyncio.create_subprocess_exec(
+        *HITL,
+        "demo",
+        "--target",
+        f"127.0.0.1:{app.grpc_port}",
+        "--message",
+        "hello",
+        "--exit-after-send",
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=tmp_path,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=write_end,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as reader:
+            first = await asyncio.to_thread(reader.readline)  # like head -1
+        assert b"started" in first, first
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        await reap(proc)
+    assert "Traceback" not in err.decode(), err.decode()
+    assert proc.returncode == 1
