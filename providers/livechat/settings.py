@@ -160,7 +160,7 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
         raise ProviderConfigError(name, "must be a number of seconds, or a duration like 15s")
     number = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     if not 0 < number < 3600:
-        raise ProviderConfigError(name, "must be between 0 and 3600 seconds")
+        raise ProviderConfigError(name, "must be more than 0 seconds and under an hour")
     return number
 
 

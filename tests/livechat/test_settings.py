@@ -115,6 +115,10 @@ class TestParseSettings:
         with pytest.raises(ProviderConfigError) as info:
             parse_settings(env(HITL_LIVECHAT_SERVER_TIMEOUT=value))
         assert info.value.setting == "HITL_LIVECHAT_SERVER_TIMEOUT"
+        if value in ("0", "0s", "60m"):
+            # Well formed, out of range: the bounds in words ("between 0 and
+            # 3600 seconds" left open whether 3600 was allowed).
+            assert "under an hour" in str(info.value), info.value
 
     def test_secret_values_never_in_messages(self) -> None:
         bad_token = base64.b64encode(b"secret-value-without-any-colon").decode()
