@@ -247,7 +247,7 @@ class _AnsweredAtShutdown:
             await response(scope, receive, send)
 
 
-def head_size(scope: Scope) -> int:
+def _head_size(scope: Scope) -> int:
     """The bytes of a request's line and headers as they were sent (but for
     the spelling of the HTTP version and of the header names' case)."""
     raw_path = scope.get("raw_path") or scope["path"].encode()
@@ -261,7 +261,7 @@ def head_size(scope: Scope) -> int:
 
 class _BoundedHead:
     """Middleware around every route: a request whose line and headers pass
-    ``MAX_HEAD_BYTES`` is answered 431, whole as it may have arrived.
+    ``MAX_HEAD_BYTES`` is answered 431, even one that arrived whole.
 
     The HTTP protocol (``_timed_protocol``, h11's own limit) bounds a head
     while it is still arriving, counting after each read: a complete head
@@ -278,7 +278,7 @@ class _BoundedHead:
         self.refusal.headers["Connection"] = "close"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and head_size(scope) > MAX_HEAD_BYTES:
+        if scope["type"] == "http" and _head_size(scope) > MAX_HEAD_BYTES:
             await self.refusal(scope, receive, send)
             return
         await self.app(scope, receive, send)
