@@ -720,8 +720,9 @@ def _timed_protocol(
     them all in memory without a limit (one unauthenticated connection grew
     the process by 400 MB in a second, and each header is joined piece by
     piece). h11 has a limit of its own, which ``build_http_server`` sets to
-    ``MAX_HEAD_BYTES`` too (beyond it: a 400). A request the parser refuses
-    is answered 400 with a JSON reason.
+    ``MAX_HEAD_BYTES`` too (beyond it: a 400). Both count a head still
+    arriving; a complete one is measured by ``_BoundedHead``. A request the
+    parser refuses is answered 400 with a JSON reason.
 
     With ``limit``, connections beyond it are shed (``ConnectionLimit``);
     one closed at once never reaches uvicorn's protocol."""
