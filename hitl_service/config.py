@@ -354,7 +354,11 @@ def parse_store_url(raw: str) -> StoreUrl:
             raise ConfigError(var, "the PostgreSQL URL names no host")
         return StoreUrl("postgresql", dsn=Secret(raw))
     scheme = raw.split(":", 1)[0] if ":" in raw else ""
-    shown = f"scheme {_shown(scheme)}" if scheme else "a value without a scheme"
+    shown = "a value without a scheme"
+    # Only a scheme is quoted: the text before a colon may be anything else,
+    # such as a libpq key=value DSN with its password.
+    if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,31}", scheme):
+        shown = f"scheme {_shown(scheme)}"
     raise ConfigError(var, f"expected sqlite:///PATH or postgresql://..., got {shown}")
 
 

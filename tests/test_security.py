@@ -69,6 +69,11 @@ class TestSecret:
             with pytest.raises(ConfigError) as bad:
                 parse_store_url(malformed)
             assert "hunter2" not in str(bad.value)
+        # A libpq key=value DSN is no URL: the text before its first colon
+        # (here inside the password) was quoted as the scheme.
+        with pytest.raises(ConfigError) as bad:
+            parse_store_url("host=db user=u password=hunter2:x dbname=d")
+        assert "hunter2" not in str(bad.value)
         several = parse_store_url("postgresql://u:hunter2@h1:5432,[::1]:5433/d?sslmode=require")
         assert several.redacted() == "postgresql://u:***@h1:5432,[::1]:5433/d"
 
