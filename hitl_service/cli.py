@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import io
 import os
 import shlex
 import signal
@@ -364,6 +365,22 @@ def _demo_command(target: str) -> str:
     return command
 
 
+class _ScrubbedOut(io.StringIO):
+    """Passes a provider command's output on with the configured secrets
+    masked: a command may print an error from its backend, which can quote
+    what it was sent (LiveChat's validation message naming the secret_key)."""
+
+    def __init__(self, out: TextIO, scrub: Callable[[str], str]) -> None:
+        super().__init__()
+        self._out = out
+        self._scrub = scrub
+
+    def write(self, text: str) -> int:
+        self._out.write(self._scrub(text))
+        self._out.flush()
+        return len(text)
+
+
 class _NoService:
     """The sink of a provider built outside ``serve`` (``check``, provider
     commands): no core runs to store what it delivers, so every batch is
@@ -546,7 +563,7 @@ async def _run_provider_command(settings: Settings, argv: list[str]) -> int:
             print(f"hitl-service {provider.name}: {scrub(problem)}", file=sys.stderr)
         return EXIT_PROBLEMS
     try:
-        return await provider.run_command(argv, sys.stdout)
+        return await provider.run_command(argv, _ScrubbedOut(sys.stdout, scrub))
     except ProviderError as exc:
         print(f"hitl-service {provider.name}: {scrub(str(exc))}", file=sys.stderr)
         return EXIT_PROBLEMS

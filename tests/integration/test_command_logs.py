@@ -46,3 +46,24 @@ async def test_commands_keep_to_the_configured_level(tmp_path: Path, fake: FakeL
         assert await done.wait() == 0, done.output
         assert done.stderr == [], command
         assert not [line for line in done.stdout if "livechat.call" in line], command
+
+
+async def test_a_command_s_output_masks_a_secret_the_backend_quoted(
+    tmp_path: Path, fake: FakeLiveChat
+) -> None:
+    """The command prints LiveChat's refusal on stdout; LiveChat's message
+    may quote what it was sent. stdout passed the provider's text on as it
+    was, while the logs beside it were masked."""
+    secret = "whsec-quoted-back-6c1f09e2d7ab"
+    env = {**_env(fake, tmp_path, "warning"), "HITL_LIVECHAT_WEBHOOK_SECRET": secret}
+    fake.add_fault(
+        "register_webhook",
+        api="configuration",
+        error_type="validation",
+        message=f"secret_key {secret} is not valid",
+        status=400,
+    )
+    done = await run(*COMMANDS[1], env=env, cwd=tmp_path)
+    assert await done.wait() == 1, done.output
+    assert "failed: LiveChat refused register_webhook: validation: secret_key" in done.output
+    assert secret not in done.output
