@@ -196,7 +196,10 @@ class Settings:
         for key, value in self.env.items():
             upper = key.upper()
             if upper.startswith("HITL_") and any(w in upper for w in SECRET_WORDS):
-                found.extend(Secret(v) for v in value.split(",") if v)
+                # Stripped, as the settings are read: a secret mounted from a
+                # file often ends in a newline, and the bare value is what is
+                # sent (and what a backend may quote back).
+                found.extend(Secret(v.strip()) for v in value.split(",") if v.strip())
         return found
 
     @classmethod

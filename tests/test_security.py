@@ -97,6 +97,16 @@ class TestRedactor:
         assert "Basic abc" not in text
         assert event["count"] == 3
 
+    def test_a_secret_setting_with_a_trailing_newline_is_masked_bare(self) -> None:
+        # The provider strips the value and sends it bare; the redactor had
+        # registered it with the newline (a Kubernetes secret read from a
+        # file), so the bare value went unmasked.
+        settings = Settings.from_env({"HITL_LIVECHAT_WEBHOOK_SECRET": "whsec-mounted-4e1d7a\n"})
+        scrub = SecretRedactor(settings.secrets()).scrub
+        assert scrub("secret_key whsec-mounted-4e1d7a is invalid") == (
+            "secret_key ********** is invalid"
+        )
+
     def test_very_short_values_are_not_registered(self) -> None:
         # Masking every "abc" in every log line would hide ordinary words.
         redactor = SecretRedactor([Secret("abc")])
