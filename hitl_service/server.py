@@ -14,6 +14,7 @@ from hitl_service.api.servicer import MAX_MESSAGE_BYTES, HitlServicer
 from hitl_service.config import Settings
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
+from hitl_service.logs import SecretRedactor
 
 if TYPE_CHECKING:
     from hitl_service.core import HitlCore
@@ -80,6 +81,7 @@ def build_grpc_server(
                 settings.api_tokens,
                 activity,
                 max_in_flight=settings.rpc_max_in_flight,
+                scrub=SecretRedactor(settings.secrets()).scrub,
             )
         ],
         options=grpc_options(settings),

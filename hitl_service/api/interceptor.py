@@ -91,8 +91,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         activity: Activity | None = None,
         *,
         max_in_flight: int = 1000,
+        scrub: Callable[[str], str] | None = None,
     ) -> None:
         self._metrics = metrics
+        # Masks the configured secrets in error texts callers get (logs
+        # have the redactor; a status's message went out as it was).
+        self._scrub = scrub or (lambda text: text)
         self._tokens = api_tokens
         self._activity = activity or Activity()
         self._max_in_flight = max_in_flight
@@ -281,7 +285,7 @@ class _Rpc:
         if exc is None:
             code = _code(self._context, grpc.StatusCode.OK)
         elif isinstance(exc, HitlError):
-            status, reason = to_status(exc), exc.reason
+            status, reason = to_status(exc, self._owner._scrub), exc.reason
         elif isinstance(exc, StoreUnavailable):
             # The detail names the database (host, user): logs only.
             log.warning("rpc.store_unavailable", error=str(exc))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -45,14 +47,25 @@ def _pack(message: object) -> any_pb2.Any:
     return packed
 
 
-def to_status(error: HitlError) -> grpc.Status:
-    """A ``grpc.Status`` carrying ErrorInfo and, for bad input, BadRequest."""
+def _unchanged(text: str) -> str:
+    return text
+
+
+def to_status(error: HitlError, scrub: Callable[[str], str] = _unchanged) -> grpc.Status:
+    """A ``grpc.Status`` carrying ErrorInfo and, for bad input, BadRequest.
+
+    ``scrub`` masks secrets in the texts (before they are cut short, so no
+    piece of one is left): a provider's error, which messages quote, may
+    carry what it was sent.
+    """
     details = [
         _pack(
             error_details_pb2.ErrorInfo(
                 reason=error.reason,
                 domain=DOMAIN,
-                metadata={k: _bounded(v, _METADATA_BYTES) for k, v in error.metadata.items()},
+                metadata={
+                    k: _bounded(scrub(v), _METADATA_BYTES) for k, v in error.metadata.items()
+                },
             )
         )
     ]
@@ -62,7 +75,7 @@ def to_status(error: HitlError) -> grpc.Status:
                 error_details_pb2.BadRequest(
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description
+                            field=v.field, description=scrub(v.description)
                         )
                         for v in error.violations
                     ]
@@ -70,7 +83,7 @@ def to_status(error: HitlError) -> grpc.Status:
             )
         )
     status = status_pb2.Status(
-        code=_CODES[error.code], message=_bounded(error.message), details=details
+        code=_CODES[error.code], message=_bounded(scrub(error.message)), details=details
     )
     return rpc_status.to_status(status)
 
