@@ -6,6 +6,7 @@ Every problem is reported as a ``ConfigError`` naming the variable to fix;
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import ssl
@@ -199,7 +200,8 @@ class Settings:
                 # Stripped, as the settings are read: a secret mounted from a
                 # file often ends in a newline, and the bare value is what is
                 # sent (and what a backend may quote back).
-                found.extend(Secret(v.strip()) for v in value.split(",") if v.strip())
+                for part in (v.strip() for v in value.split(",")):
+                    found.extend(Secret(form) for form in (part, *_basic_parts(part)) if form)
         return found
 
     @classmethod
@@ -330,6 +332,18 @@ def load_environment(dotenv: Path = Path(".env")) -> dict[str, str]:
         merged.update({k: v for k, v in values.items() if v is not None})
     merged.update(os.environ)
     return merged
+
+
+def _basic_parts(value: str) -> tuple[str, ...]:
+    """For a secret in HTTP Basic form, base64 of ``user:password`` (like
+    LiveChat's agent token around its PAT): the decoded text and the
+    password, which is what a backend's error would quote; else nothing."""
+    try:
+        decoded = base64.b64decode(value, validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        return ()
+    user, colon, password = decoded.partition(":")
+    return (decoded, password) if colon and user and password.isprintable() else ()
 
 
 def parse_store_url(raw: str) -> StoreUrl:

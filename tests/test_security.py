@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import pickle
 import shutil
@@ -106,6 +107,19 @@ class TestRedactor:
         assert scrub("secret_key whsec-mounted-4e1d7a is invalid") == (
             "secret_key ********** is invalid"
         )
+
+    def test_the_password_inside_a_basic_credential_is_masked_too(self) -> None:
+        # LiveChat's agent token is base64 of account_id:PAT and only that
+        # form was registered: an error quoting the bare PAT went unmasked.
+        token = base64.b64encode(b"acct-2f6c:pat-secret-9d81c3e5").decode()
+        settings = Settings.from_env({"HITL_LIVECHAT_AGENT_TOKEN": token})
+        scrub = SecretRedactor(settings.secrets()).scrub
+        assert scrub(f"refused {token}") == "refused **********"
+        assert "pat-secret-9d81c3e5" not in scrub("token pat-secret-9d81c3e5 is invalid")
+        assert "pat-secret" not in scrub("sent acct-2f6c:pat-secret-9d81c3e5")
+        # A secret that merely looks like base64 adds nothing odd.
+        plain = Settings.from_env({"HITL_LIVECHAT_WEBHOOK_SECRET": "abcdefgh"}).secrets()
+        assert [s.reveal() for s in plain] == ["abcdefgh"]
 
     def test_very_short_values_are_not_registered(self) -> None:
         # Masking every "abc" in every log line would hide ordinary words.
