@@ -22,6 +22,17 @@ from tests.support import EventCollector, make_user, start_session, wait_for
 WAIT = 20.0  # a generous bound on waiting for a state, never asserted on
 
 
+async def exchange(port: int, data: bytes) -> bytes:
+    """Sends ``data`` on a new connection; all the server answers, until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), WAIT)
+    finally:
+        writer.close()
+
+
 async def test_unauthenticated_health_watch_cannot_park_large_requests(
     service_env: dict[str, str],
 ) -> None:
@@ -96,16 +107,10 @@ async def test_request_headers_beyond_the_limit_are_refused(service_env: dict[st
     MAX_HEAD_BYTES the sidecar answers 431 (h11: 400) and closes."""
     app = await start_app(service_env)
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
         # No more than this, then stop: what the server has not read when it
         # closes would reset the connection and could drop its answer.
         head = b"POST /webhooks/local HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
-        writer.write(head + b"a" * (MAX_HEAD_BYTES + 16_384 - len(head)))
-        await writer.drain()
-        try:
-            answer = await asyncio.wait_for(reader.read(), WAIT)  # until the server closes
-        finally:
-            writer.close()
+        answer = await exchange(app.http_port, head + b"a" * (MAX_HEAD_BYTES + 16_384 - len(head)))
         assert answer.startswith((b"HTTP/1.1 431 ", b"HTTP/1.1 400 ")), answer[:80]
         # A request within the limit is served.
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as http:
@@ -117,13 +122,7 @@ async def test_request_headers_beyond_the_limit_are_refused(service_env: dict[st
         first = b"POST /webhooks/local HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         first += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
         second = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
-        writer.write(first + body + second)
-        await writer.drain()
-        try:
-            answers = await asyncio.wait_for(reader.read(), WAIT)
-        finally:
-            writer.close()
+        answers = await exchange(app.http_port, first + body + second)
         assert answers.startswith(b"HTTP/1.1 404 "), answers[:80]  # local takes no webhooks
         assert answers.count(b"HTTP/1.1 ") == 2, answers
         assert b"HTTP/1.1 200 " in answers, answers
@@ -144,14 +143,8 @@ async def test_without_httptools_the_head_limit_is_the_same(
     service_env["HITL_HTTP_REQUEST_TIMEOUT"] = "1s"
     app = await start_app(service_env)
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
         head = b"POST /webhooks/local HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
-        writer.write(head + b"a" * (size - len(head)))
-        await writer.drain()
-        try:
-            answer = await asyncio.wait_for(reader.read(), WAIT)  # until the server closes
-        finally:
-            writer.close()
+        answer = await exchange(app.http_port, head + b"a" * (size - len(head)))
         if size <= MAX_HEAD_BYTES:
             assert answer == b"", answer[:80]
             return
@@ -185,13 +178,7 @@ async def test_a_whole_head_beyond_the_limit_is_refused_however_it_arrives(
         end = b"\r\n\r\n"
         request = start + b"a" * (size - len(start) - len(end)) + end
         assert len(request) == size
-        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
-        writer.write(request)
-        await writer.drain()
-        try:
-            answer = await asyncio.wait_for(reader.read(), WAIT)  # until the server closes
-        finally:
-            writer.close()
+        answer = await exchange(app.http_port, request)
         head, _, body = answer.partition(b"\r\n\r\n")
         if size <= MAX_HEAD_BYTES:
             assert head.startswith(b"HTTP/1.1 200 "), answer[:80]
@@ -214,13 +201,10 @@ async def test_a_request_the_http_parser_refuses_gets_a_json_reason(
 ) -> None:
     app = await start_app(service_env)
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", app.http_port)
-        writer.write(b"POST /webhooks/local HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header: x\r\n\r\n")
-        await writer.drain()
-        try:
-            answer = await asyncio.wait_for(reader.read(), WAIT)  # until the server closes
-        finally:
-            writer.close()
+        answer = await exchange(
+            app.http_port,
+            b"POST /webhooks/local HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header: x\r\n\r\n",
+        )
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 400 "), answer[:80]
         assert b"content-type: application/json" in head.lower(), head
