@@ -351,8 +351,11 @@ class PostgresStore:
                 # its connection lost: closed, and the server rolls back what
                 # did not commit. Handed back open, asyncpg would reset it
                 # and report "Resetting connection with an active
-                # transaction" to the loop, which logs it as an error.
-                conn.terminate()
+                # transaction" to the loop, which logs it as an error. A
+                # connection the server ended is back in the pool already
+                # (its proxy raises InterfaceError): nothing to close.
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    conn.terminate()
             with contextlib.suppress(Exception):
                 await pool.release(conn)
         if tx.last_seq:

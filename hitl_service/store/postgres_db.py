@@ -57,8 +57,14 @@ def is_unavailable(exc: BaseException) -> bool:
     # ..; another operation (2) is in progress"), and the pool discards it.
     if isinstance(exc, pgerr.InternalClientError) and "another operation" in str(exc):
         return True
-    # asyncpg reports a closed pool or connection as a bare InterfaceError.
-    return isinstance(exc, pgerr.InterfaceError) and ("closed" in str(exc) or "closing" in str(exc))
+    # asyncpg reports a closed pool or connection as a bare InterfaceError;
+    # a pooled connection the server ended is taken back by the pool at
+    # once, and a transaction still holding it gets "released back to the
+    # pool" on its next statement.
+    text = str(exc)
+    return isinstance(exc, pgerr.InterfaceError) and (
+        "closed" in text or "closing" in text or "released back to the pool" in text
+    )
 
 
 class Redactor:

@@ -825,6 +825,43 @@ class TestOutage:
         await asyncio.wait_for(waiter, 30)
         assert [e.seq for e in await store.read_events(after=0, limit=10)] == [before, after]
 
+    async def test_a_connection_killed_inside_a_transaction_is_unavailable(
+        self, make: Make, monitor: asyncpg.Connection
+    ) -> None:
+        """The server ends a transaction's connection (a restart's fast
+        shutdown, ``pg_terminate_backend``): the caller gets StoreUnavailable.
+        The pool had already taken the dead connection back, so closing it
+        raised asyncpg's InterfaceError ("released back to the pool") over
+        the StoreUnavailable: SendMessage answered INTERNAL (seen in a
+        restart drill)."""
+        store = await opened(make, check_interval=3600)
+        session = await _session(store)
+
+        async def cut_off() -> None:
+            async with store.transaction() as tx:
+                await tx.get_session(session.id)
+                await monitor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name = 'hitl-service' AND datname = current_database()"
+                )
+                conn = tx._db._target  # the transaction's pooled connection
+
+                def closed() -> bool:
+                    # Once the client has seen the socket close; detached from
+                    # the pool by then (asyncpg's proxy then raises).
+                    try:
+                        return bool(conn.is_closed())
+                    except asyncpg.InterfaceError:
+                        return True
+
+                await eventually(closed, "the client saw its connection end")
+                await tx.get_session(session.id)
+
+        with pytest.raises(StoreUnavailable):
+            await cut_off()
+        async with store.transaction() as tx:  # the pool serves again
+            assert await tx.get_session(session.id) is not None
+
 
 class TestBoundedWaits:
     """A replica frozen while it holds a row lock (SIGSTOP, a paused VM, a
