@@ -160,6 +160,24 @@ def configure_logging(
     # Chatty libraries: their INFO lines duplicate our canonical ones.
     for name in ("uvicorn.access", "httpx", "httpcore", "asyncio"):
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+    pool = logging.getLogger("asyncpg.pool")
+    if not any(isinstance(f, _ErrorWithoutTraceback) for f in pool.filters):
+        pool.addFilter(_ErrorWithoutTraceback())
+
+
+class _ErrorWithoutTraceback(logging.Filter):
+    """asyncpg's pool warns "Failed to restore the pool connection floor;
+    retrying" with a whole traceback each time it cannot reconnect (an
+    expected outage: a database restart, a failover): the error's text is
+    what helps, a traceback of asyncpg's internals reads as a crash."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR and record.exc_info and record.exc_info[1]:
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
 
 
 def _json_renderer() -> Processor:

@@ -322,7 +322,8 @@ def _fail_with_the_secret() -> None:
         raise RuntimeError(f"the upstream refused {SECRET}")
     except RuntimeError:
         structlog.get_logger("t").exception("outbox.error")
-        logging.getLogger("asyncpg.pool").warning("pool trouble", exc_info=True)
+        logging.getLogger("a.library").warning("library trouble", exc_info=True)
+        logging.getLogger("asyncpg.pool").warning("pool trouble; retrying", exc_info=True)
 
 
 @pytest.mark.parametrize("log_format", ["json", "console"])
@@ -338,10 +339,26 @@ def test_a_secret_in_an_exception_message_is_masked(
 def test_standard_library_tracebacks_are_structured(capsys: pytest.CaptureFixture[str]) -> None:
     err = logged(capsys, _fail_with_the_secret, secrets=(SECRET,))
     lines = [json.loads(line) for line in err.splitlines()]
-    foreign = next(line for line in lines if line.get("logger") == "asyncpg.pool")
+    foreign = next(line for line in lines if line.get("logger") == "a.library")
     assert "exc_info" not in foreign  # not a list of reprs with "<traceback object at ...>"
     assert foreign["exception"][0]["exc_type"] == "RuntimeError"
     assert foreign["exception"][0]["frames"]
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_asyncpg_pool_retries_are_one_line_without_a_traceback(
+    log_format: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """asyncpg's pool warned with a whole traceback of its internals each
+    time it could not reconnect (5 in a 30 s database outage): read as a
+    crash. The error's text stays, masked like everything else."""
+    err = logged(capsys, _fail_with_the_secret, log_format=log_format, secrets=(SECRET,))
+    (line,) = [line for line in err.splitlines() if "pool trouble" in line]
+    assert "pool trouble; retrying: RuntimeError: the upstream refused" in line
+    assert SECRET not in err
+    assert "exception" not in line, line  # JSON: no traceback structure
+    rest = err.split(line, 1)[1]
+    assert "Traceback" not in rest, rest  # console: none printed after it
 
 
 def test_logged_tracebacks_carry_no_frame_locals(capsys: pytest.CaptureFixture[str]) -> None:
