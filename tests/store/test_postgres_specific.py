@@ -845,6 +845,7 @@ class TestOutage:
                     " WHERE application_name = 'hitl-service' AND datname = current_database()"
                 )
                 conn = tx._db._target  # the transaction's pooled connection
+                assert isinstance(conn, asyncpg.pool.PoolConnectionProxy)
 
                 def closed() -> bool:
                     # Once the client has seen the socket close; detached from
