@@ -207,6 +207,20 @@ class App:
         exposure = api_exposure(self.settings)
         if exposure:
             log.warning("service.api_exposed", grpc_addr=self.settings.grpc_addr, problem=exposure)
+        in_flight = self.settings.http_max_in_flight
+        if http_cap <= in_flight:
+            log.warning(
+                "service.http_connections_low",
+                http_max_connections=http_cap,
+                http_max_in_flight=in_flight,
+                problem=(
+                    f"HITL_HTTP_MAX_CONNECTIONS ({http_cap}) is not above "
+                    f"HITL_HTTP_MAX_IN_FLIGHT ({in_flight}): when every sidecar connection "
+                    "has a request in progress, probes and further webhooks are closed "
+                    "unanswered instead of getting /readyz or a 503 with Retry-After; "
+                    "raise HITL_HTTP_MAX_CONNECTIONS well above it"
+                ),
+            )
 
     async def stop(
         self,

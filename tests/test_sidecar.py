@@ -29,7 +29,7 @@ from providers.types import (
     StartResult,
     WebhookBatch,
 )
-from tests.conftest import scripted_on_clock
+from tests.conftest import scripted_on_clock, start_app
 from tests.scripted import SECRET, Fault, ScriptedProvider
 from tests.support import TIMEOUT, EventCollector, make_user, start_session, wait_for
 
@@ -486,6 +486,25 @@ class TestInFlightLimit:
             for request in held:
                 await request.close()
         await wait_for(lambda: app.activity.http == 0, what="all requests done")
+
+
+@pytest.mark.parametrize(("connections", "warned"), [("8", True), ("9", False)])
+async def test_a_connection_cap_not_above_the_in_flight_limit_is_warned_at_start(
+    service_env: dict[str, str], connections: str, warned: bool
+) -> None:
+    # At 8 connections and 8 in flight, 8 slow webhooks fill the connection
+    # cap, so a probe is closed unanswered before the in-flight 503 is due.
+    env = {**service_env, "HITL_HTTP_MAX_IN_FLIGHT": "8", "HITL_HTTP_MAX_CONNECTIONS": connections}
+    with structlog.testing.capture_logs() as logs:
+        app = await start_app(env)
+        await app.stop(grace=0)
+    assert "service.ready" in [e["event"] for e in logs]
+    low = [e for e in logs if e["event"] == "service.http_connections_low"]
+    assert len(low) == int(warned)
+    if warned:
+        assert low[0]["log_level"] == "warning"
+        assert (low[0]["http_max_connections"], low[0]["http_max_in_flight"]) == (8, 8)
+        assert "HITL_HTTP_MAX_CONNECTIONS (8)" in low[0]["problem"]
 
 
 class TestStartRace:
