@@ -357,20 +357,42 @@ class TestAgentIds:
         assert agent_from_name("🙂").id == agent_from_name("🙂").id
 
 
-def test_the_console_learns_the_sidecar_host(tmp_path: Path) -> None:
-    def build(env: dict[str, str]) -> LocalProvider:
-        deps = ProviderDeps(
-            env=env,
-            sink=Sink(),
-            clock=SystemClock(),
-            registry=CollectorRegistry(),
-            data_dir=tmp_path,
-        )
-        return create(deps)
+def built(env: dict[str, str], data_dir: Path) -> LocalProvider:
+    """The local provider as ``serve`` builds it from these settings."""
+    deps = ProviderDeps(
+        env=env, sink=Sink(), clock=SystemClock(), registry=CollectorRegistry(), data_dir=data_dir
+    )
+    return create(deps)
 
-    assert build({"HITL_HTTP_ADDR": "console.internal:8080"}).http_host == "console.internal"
-    assert build({"HITL_HTTP_ADDR": "[::]:8080"}).http_host == "::"
-    assert build({}).http_host == ""
+
+def test_the_console_learns_the_sidecar_host(tmp_path: Path) -> None:
+    assert built({"HITL_HTTP_ADDR": "console.internal:8080"}, tmp_path).http_host == (
+        "console.internal"
+    )
+    assert built({"HITL_HTTP_ADDR": "[::]:8080"}, tmp_path).http_host == "::"
+    assert built({}, tmp_path).http_host == ""
+
+
+@pytest.mark.parametrize("group", ["sales team", "x" * 65, "ventes/été"])
+def test_a_default_group_starthitl_would_refuse_names_the_setting(
+    tmp_path: Path, group: str
+) -> None:
+    # Sessions report their group to callers, who may pass it to StartHitl.
+    with pytest.raises(ProviderConfigError) as refused:
+        built({"HITL_LOCAL_GROUP_ID": group}, tmp_path)
+    assert refused.value.setting == "HITL_LOCAL_GROUP_ID"
+
+
+@pytest.mark.parametrize(("group", "used"), [(" sales ", "sales"), ("", "general")])
+async def test_the_default_group_is_where_a_handoff_without_one_goes(
+    tmp_path: Path, group: str, used: str
+) -> None:
+    local = built({"HITL_LOCAL_GROUP_ID": group, "HITL_LOCAL_STATE_FILE": ""}, tmp_path)
+    await local.open()
+    try:
+        assert (await local.start(request("ses_1"), USER, timeout=1)).group_id == used
+    finally:
+        await local.close()
 
 
 async def test_an_uncertain_retry_of_a_delivered_send_finds_it_after_the_agent_ended() -> None:

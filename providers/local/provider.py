@@ -20,6 +20,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 import threading
 import unicodedata
@@ -81,6 +82,7 @@ _MAX_ENDED = 200  # ended conversations kept for the console's history
 # event log keeps the whole conversation.
 _MAX_MESSAGES = 200
 STATE_SETTING = "HITL_LOCAL_STATE_FILE"
+GROUP_SETTING = "HITL_LOCAL_GROUP_ID"
 _ACTION_PERSIST_TIMEOUT = 5.0  # seconds a console action waits for the state file
 
 
@@ -803,6 +805,19 @@ def create(deps: ProviderDeps) -> LocalProvider:
         clock=deps.clock,
         state_file=Path(raw) if raw else None,
         state_setting=STATE_SETTING if STATE_SETTING in deps.env else "HITL_DATA_DIR",
-        default_group=deps.env.get("HITL_LOCAL_GROUP_ID", "general") or "general",
+        default_group=_default_group(deps.env.get(GROUP_SETTING, "").strip() or "general"),
         http_host=http_host,
     )
+
+
+# The group ids StartHitl accepts (hitl.v1): a session's group_id comes back
+# to callers, who may pass it to a later StartHitl.
+_GROUP_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _default_group(group: str) -> str:
+    if not _GROUP_ID.fullmatch(group):
+        raise ProviderConfigError(
+            GROUP_SETTING, "must be 1-64 characters of letters, digits, '_', '.' or '-'"
+        )
+    return group
