@@ -89,6 +89,17 @@ def _hosts(netloc: str) -> str:
     return netloc.rpartition("@")[2]
 
 
+def _userinfo_cut_short(netloc: str, path: str, query: str, fragment: str) -> bool:
+    """Whether a '/', '?' or '#' in the user name or password ended the URL's
+    authority early, leaving the rest of the password where the host, port
+    and database name are read (and shown, by ``redacted``): an '@' after
+    the authority, unless it is in a query value (``?user=me@corp``)."""
+    if "@" in netloc:
+        return False
+    first_key = re.split("[=&]", query, maxsplit=1)[0]
+    return "@" in path or "@" in fragment or "@" in first_key
+
+
 def _host_names(netloc: str) -> list[str]:
     """The host names of a PostgreSQL URL's authority, ports checked."""
     names = []
@@ -364,6 +375,12 @@ def parse_store_url(raw: str) -> StoreUrl:
             parts = urlsplit(raw)
         except ValueError:  # an unclosed [v6 address
             raise ConfigError(var, "the PostgreSQL URL is malformed") from None
+        if _userinfo_cut_short(parts.netloc, parts.path, parts.query, parts.fragment):
+            raise ConfigError(
+                var,
+                "the PostgreSQL URL has an '@' after its host: percent-encode '/', '?', "
+                "'#' and '@' in the user name, password and database name (%2F, %3F, %23, %40)",
+            )
         hosts = _host_names(parts.netloc)
         if len(hosts) > 1 and not all(hosts):
             raise ConfigError(var, "the PostgreSQL URL lists an empty host")

@@ -75,6 +75,15 @@ class TestSecret:
         with pytest.raises(ConfigError) as bad:
             parse_store_url("host=db user=u password=hunter2:x dbname=d")
         assert "hunter2" not in str(bad.value)
+        # A '/', '?' or '#' left unencoded in a password ends the authority
+        # early: "12" read as a port and the rest as the database name,
+        # "redacted" showed the whole password.
+        for cut in ("12/hunter2", "12?hunter2", "12#hunter2", "hunter2/x"):
+            with pytest.raises(ConfigError, match="percent-encode") as bad:
+                parse_store_url(f"postgresql://u:{cut}@h:5432/d")
+            assert "hunter2" not in str(bad.value)
+        encoded = parse_store_url("postgresql://u:12%2Fhunter2@h:5432/d?user=me@corp")
+        assert encoded.redacted() == "postgresql://u:***@h:5432/d"
         several = parse_store_url("postgresql://u:hunter2@h1:5432,[::1]:5433/d?sslmode=require")
         assert several.redacted() == "postgresql://u:***@h1:5432,[::1]:5433/d"
 
