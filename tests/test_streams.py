@@ -213,6 +213,56 @@ class TestReplayAndFollow:
             str(i) for i in range(60)
         ]
 
+    async def test_a_reader_that_stops_in_the_buffer_keeps_no_copy_of_it(
+        self, service_env: dict[str, str]
+    ) -> None:
+        """A stream within the buffer took a copy of the buffer's tail (up
+        to 2 x HITL_STREAM_BUFFER events) and wrote it out: a client that
+        stopped reading kept that copy, and the events in it, for as long as
+        its stream was open, even after the buffer had dropped them. Each
+        such stream held its own stretch of the log: 11 clients that read one
+        event each, started 1,100 events apart behind 1,000 agent messages
+        of 16,000 characters, took the process from 120 to 274 MB. A stream
+        now holds the event it is writing, not the rest of the buffer."""
+        async with _behind_a_small_buffer(service_env) as (app, provider, _stub, session):
+            long_text = "x" * 100_000
+            hub = app.core.hub
+            for i in range(20):
+                await provider.push(session.external_chat_id, say(f"{i} {long_text}"), f"a{i}")
+            await wait_for(lambda: hub.head == 23)
+            # A client that reads one event of a stretch of the buffer, then
+            # no more: its server side is soon blocked in a write (gRPC's
+            # flow control), 2 MB of events from where it started.
+            async with grpc.aio.insecure_channel(
+                f"127.0.0.1:{app.grpc_port}", options=[("grpc.http2.bdp_probe", 0)]
+            ) as channel:
+                call = pb_grpc.HitlServiceStub(channel).StreamEvents(
+                    pb.StreamEventsRequest(session_id=session.id, after_cursor="3")
+                )
+                first = await call.read()
+                assert isinstance(first, pb.Event)
+                assert first.agent_message.message.text.startswith("0 ")
+                # The buffer moves on past everything that stream has seen.
+                for i in range(40):
+                    await provider.push(session.external_chat_id, say(f"{i} {long_text}"), f"b{i}")
+                await wait_for(lambda: hub.head == 63)
+                floor = hub.head - 2 * 16  # the buffer holds at most this far back
+
+                def held() -> int:
+                    gc.collect()
+                    return sum(
+                        len(o.kind.message.body)
+                        for o in gc.get_objects()
+                        if isinstance(o, LogEvent)
+                        and o.seq <= floor
+                        and isinstance(o.kind, AgentMessage)
+                        and isinstance(o.kind.message.body, str)
+                    )
+
+                # At most the one the stream is writing (the copy: 20 of them).
+                await wait_for(lambda: held() <= 100_010, what="the events a stalled stream holds")
+                call.cancel()
+
 
 class TestOrderWithinASession:
     async def test_a_message_reported_after_the_requeue_does_not_reassign_its_writer(

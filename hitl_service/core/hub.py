@@ -78,6 +78,7 @@ class EventHub:
         self._poll = poll_interval
         self._buf: list[LogEvent] = []
         self._floor = 0  # the buffer holds every event with floor < seq <= head
+        self._trims = 0  # times the buffer's front was cut (its indexes moved)
         self._head = 0
         self._signal = asyncio.Event()
         self._woken_at = 0.0
@@ -129,6 +130,7 @@ class EventHub:
             cut = len(self._buf) - self._size
             self._floor = self._buf[cut - 1].seq
             del self._buf[:cut]
+            self._trims += 1
         self._wake()
 
     def forget_before(self, cutoff: datetime) -> None:
@@ -145,6 +147,7 @@ class EventHub:
         if last >= 0:
             self._floor = self._buf[last].seq
             del self._buf[: last + 1]
+            self._trims += 1
 
     def _wake(self) -> None:
         """Wakes every waiting subscriber (they re-read from their cursor)."""
@@ -198,15 +201,24 @@ class EventHub:
                         if self._expired(until):
                             return
                     continue
-                start = bisect_right(self._buf, cursor, key=_seq)
-                fresh = self._buf[start:]
-                if fresh:
-                    for event in fresh:
+                buf = self._buf
+                index = bisect_right(buf, cursor, key=_seq)
+                if index < len(buf):
+                    # Walk the shared buffer itself, one event at a time: a
+                    # copy of its tail (up to 2 x buffer_size events) would be
+                    # kept alive, trimmed or not, for as long as the client
+                    # takes to read it (forever, for one that stops reading).
+                    trims = self._trims
+                    while index < len(buf):
+                        event = buf[index]
+                        index += 1
+                        cursor = event.seq
                         if not session_id or event.session_id == session_id:
                             yield event
                             if self._expired(until):
                                 return
-                    cursor = fresh[-1].seq
+                            if self._trims != trims:
+                                break  # the front was cut: find the cursor again
                     continue
                 signal = self._signal
                 if self._head > cursor:
