@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HitlService"].full_name
 
+MAX_METADATA_BYTES = 16 * 1024
+"""What a call's metadata may take (docs/errors.md): gRPC's own hard limit."""
+
 # grpc.max_connection_idle_ms for HITL_GRPC_IDLE_TIMEOUT=0: never.
 _NEVER_MS = 2**31 - 1
 
@@ -35,6 +38,13 @@ def _options(
     return (
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        # A call's metadata (headers) may take MAX_METADATA_BYTES, counted
+        # as HPACK does (name + value + 32 per entry); beyond it the call is
+        # RESOURCE_EXHAUSTED. gRPC's defaults refuse beyond 8 KiB only at
+        # random (more often the closer to 16 KiB): the same call passed or
+        # failed by chance.
+        ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+        ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
         # Keep idle StreamEvents connections alive through proxies and NATs.
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),

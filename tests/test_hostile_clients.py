@@ -15,6 +15,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from hitl_service import sidecar
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
+from hitl_service.server import MAX_METADATA_BYTES
 from hitl_service.sidecar import MAX_HEAD_BYTES
 from tests.conftest import start_app
 from tests.support import EventCollector, make_user, start_session, wait_for
@@ -548,3 +549,33 @@ async def test_a_connection_flood_on_the_http_port_takes_only_that_port(
     finally:
         flood.close()
         await app.stop(grace=1)
+
+
+async def test_a_calls_metadata_has_one_limit_not_a_chance(app: Any) -> None:
+    """gRPC's defaults refuse a call's metadata beyond 8 KiB only at random
+    (a soft limit, more often the closer to 16 KiB): with 12 KB of headers
+    (a long token, tracing baggage) the same GetSession passed 17 times in
+    40 and failed 23 with RESOURCE_EXHAUSTED. Now up to MAX_METADATA_BYTES
+    always passes, and beyond it always fails, as docs/errors.md says."""
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{app.grpc_port}", options=[("grpc.max_metadata_size", 1 << 20)]
+    ) as channel:
+        stub: Any = pb_grpc.HitlServiceStub(channel)
+
+        async def code(header_bytes: int) -> grpc.StatusCode:
+            try:
+                await stub.GetSession(
+                    pb.GetSessionRequest(session_id="nope"),
+                    metadata=(("x-baggage", "v" * header_bytes),),
+                    timeout=WAIT,
+                )
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        # Within the limit with the call's own headers (HPACK counts each
+        # entry as name + value + 32 bytes).
+        within = [await code(MAX_METADATA_BYTES - 1024) for _ in range(20)]
+        beyond = [await code(MAX_METADATA_BYTES + 1) for _ in range(5)]
+    assert within == [grpc.StatusCode.NOT_FOUND] * 20
+    assert beyond == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 5
