@@ -30,7 +30,7 @@ _NEVER_MS = 2**31 - 1
 
 
 def _options(
-    max_connections: int, idle_timeout: float, handshake_timeout: float
+    max_connections: int, idle_timeout: float, handshake_timeout: float, max_calls: int
 ) -> tuple[tuple[str, int], ...]:
     def ms(seconds: float) -> int:
         return min(round(seconds * 1000), _NEVER_MS)
@@ -64,11 +64,22 @@ def _options(
         ("grpc.max_allowed_incoming_connections", max_connections),
         ("grpc.max_connection_idle_ms", ms(idle_timeout) or _NEVER_MS),
         ("grpc.server_handshake_timeout_ms", ms(handshake_timeout)),
+        # Calls one connection carries at once (HTTP/2 MAX_CONCURRENT_STREAMS):
+        # as many as the process takes (streams and unary calls), so no
+        # client is held below the process's own caps. Unlimited (gRPC's
+        # default), one connection opening streams and resetting them at
+        # once ("rapid reset") filled the queue of calls gRPC's core keeps
+        # for the service, and it answered 75 of 85 other clients' calls
+        # CANCELLED; with a limit, its pushback refuses such streams early.
+        ("grpc.max_concurrent_streams", min(max_calls, _NEVER_MS)),
     )
 
 
 GRPC_OPTIONS = _options(
-    Settings.grpc_max_connections, Settings.grpc_idle_timeout, Settings.grpc_handshake_timeout
+    Settings.grpc_max_connections,
+    Settings.grpc_idle_timeout,
+    Settings.grpc_handshake_timeout,
+    Settings.stream_max_open + Settings.rpc_max_in_flight,
 )
 """The server's options with the default settings (the bench's floor uses them)."""
 
@@ -76,8 +87,17 @@ GRPC_OPTIONS = _options(
 def grpc_options(settings: Settings) -> tuple[tuple[str, int], ...]:
     """The server's options with the connection limits ``settings`` give."""
     return _options(
-        settings.grpc_max_connections, settings.grpc_idle_timeout, settings.grpc_handshake_timeout
+        settings.grpc_max_connections,
+        settings.grpc_idle_timeout,
+        settings.grpc_handshake_timeout,
+        max_calls_per_connection(settings),
     )
+
+
+def max_calls_per_connection(settings: Settings) -> int:
+    """Calls one gRPC connection may carry at once: every stream and unary
+    call the process itself takes (HITL_STREAM_MAX_OPEN + HITL_RPC_MAX_IN_FLIGHT)."""
+    return settings.stream_max_open + settings.rpc_max_in_flight
 
 
 def build_grpc_server(

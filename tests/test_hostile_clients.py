@@ -579,3 +579,66 @@ async def test_a_calls_metadata_has_one_limit_not_a_chance(app: Any) -> None:
         beyond = [await code(MAX_METADATA_BYTES + 1) for _ in range(5)]
     assert within == [grpc.StatusCode.NOT_FOUND] * 20
     assert beyond == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 5
+
+
+def _h2_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return (
+        len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload
+    )
+
+
+async def _read_h2_frame(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
+    head = await asyncio.wait_for(reader.readexactly(9), WAIT)
+    payload = await asyncio.wait_for(reader.readexactly(int.from_bytes(head[:3], "big")), WAIT)
+    return head[3], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF, payload
+
+
+async def test_one_connection_carries_at_most_the_calls_the_process_takes(
+    service_env: dict[str, str],
+) -> None:
+    """gRPC's default lets one connection carry any number of calls at once
+    (no HTTP/2 MAX_CONCURRENT_STREAMS). A client that opened streams and
+    reset them at once ("rapid reset", 330,000 in 15 s on one connection)
+    filled the queue of calls gRPC's core keeps for the service: 75 of 85
+    GetSession calls of another client were answered CANCELLED meanwhile.
+    The server now announces HITL_STREAM_MAX_OPEN + HITL_RPC_MAX_IN_FLIGHT
+    and refuses streams beyond it, which also arms gRPC's pushback against
+    such resets (the same flood: 0 to 3 in 250 calls CANCELLED)."""
+    service_env["HITL_STREAM_MAX_OPEN"] = "4"
+    service_env["HITL_RPC_MAX_IN_FLIGHT"] = "2"
+    app = await start_app(service_env)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.grpc_port)
+        writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0))
+        kind, _, payload = await _read_h2_frame(reader)
+        assert kind == 4  # the server's SETTINGS come first
+        settings = {
+            int.from_bytes(payload[i : i + 2], "big"): int.from_bytes(payload[i + 2 : i + 6], "big")
+            for i in range(0, len(payload), 6)
+        }
+        assert settings.get(3) == 6, f"MAX_CONCURRENT_STREAMS: {settings.get(3)}"
+        # Seven calls that never send their request: the seventh is refused
+        # (RST_STREAM) by gRPC, not queued for the service.
+        headers = b"".join(
+            b"\x00" + bytes((len(name),)) + name + bytes((len(value),)) + value
+            for name, value in (
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":path", b"/hitl.v1.HitlService/GetSession"),
+                (b":authority", b"127.0.0.1"),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+            )
+        )
+        writer.write(_h2_frame(4, 1, 0))  # acknowledge the server's SETTINGS
+        writer.write(b"".join(_h2_frame(1, 4, 2 * i + 1, headers) for i in range(7)))
+        await writer.drain()
+        reset: list[int] = []
+        while not reset:
+            kind, stream, _ = await _read_h2_frame(reader)
+            if kind == 3:  # RST_STREAM
+                reset.append(stream)
+        writer.close()
+        assert reset == [13]
+    finally:
+        await app.stop(grace=1)
