@@ -160,9 +160,13 @@ def configure_logging(
     # Chatty libraries: their INFO lines duplicate our canonical ones.
     for name in ("uvicorn.access", "httpx", "httpcore", "asyncio"):
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
-    pool = logging.getLogger("asyncpg.pool")
-    if not any(isinstance(f, _ErrorWithoutTraceback) for f in pool.filters):
-        pool.addFilter(_ErrorWithoutTraceback())
+    for name, kind in (
+        ("asyncpg.pool", _ErrorWithoutTraceback),
+        ("grpc._cython.cygrpc", _PeerGoneIsAWarning),
+    ):
+        library = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in library.filters):
+            library.addFilter(kind())
 
 
 class _ErrorWithoutTraceback(logging.Filter):
@@ -175,6 +179,25 @@ class _ErrorWithoutTraceback(logging.Filter):
         if record.levelno < logging.ERROR and record.exc_info and record.exc_info[1]:
             exc = record.exc_info[1]
             record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+class _PeerGoneIsAWarning(logging.Filter):
+    """grpc.aio logs "ExecuteBatchError raised in core by servicer method"
+    at ERROR, with a traceback, when its core refuses to write a call's
+    answer: the call is over, mostly because its client went away while a
+    stream was blocked in a write (a reader that stopped, then left). That
+    is the client's doing, already told by the call's ``rpc.done`` line
+    (``CANCELLED``), and must not page anyone: it stays, as one warning
+    line without gRPC's internals."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if type(exc).__name__ == "ExecuteBatchError" and record.levelno >= logging.ERROR:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = f"{record.getMessage()}: the call was over before its answer was written"
             record.args = None
             record.exc_info = record.exc_text = None
         return True

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,6 +13,8 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import pytest
+import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hitl_service.app import App
@@ -19,6 +23,7 @@ from hitl_service.core.hub import PAGE_BYTES
 from hitl_service.domain import LogEvent
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
+from hitl_service.logs import SecretRedactor, configure_logging
 from providers.types import (
     Agent,
     AgentAssigned,
@@ -262,6 +267,56 @@ class TestReplayAndFollow:
                 # At most the one the stream is writing (the copy: 20 of them).
                 await wait_for(lambda: held() <= 100_010, what="the events a stalled stream holds")
                 call.cancel()
+
+    async def test_a_client_leaving_a_stream_blocked_in_a_write_is_a_warning(
+        self, service_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """grpc.aio logged ERROR "ExecuteBatchError raised in core by servicer
+        method", with a traceback, every time a client left while its stream
+        was blocked in a write (a reader that stopped, then went away): the
+        client's doing, told by the call's rpc.done line, but an error-level
+        alert. It is one warning line, without gRPC's internals."""
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        seen: list[str] = []
+
+        def logged_it() -> bool:
+            seen.extend(capsys.readouterr().err.splitlines())
+            return any("ExecuteBatchError" in line for line in seen)
+
+        try:
+            configure_logging(
+                log_format="json", level="info", redactor=SecretRedactor([]), cache=False
+            )
+            async with _behind_a_small_buffer(service_env) as (app, provider, _stub, session):
+                for i in range(30):
+                    await provider.push(
+                        session.external_chat_id, say(f"{i} {'x' * 100_000}"), f"k{i}"
+                    )
+                await wait_for(lambda: app.core.hub.head == 33)
+                async with grpc.aio.insecure_channel(
+                    f"127.0.0.1:{app.grpc_port}", options=[("grpc.http2.bdp_probe", 0)]
+                ) as channel:
+                    call = pb_grpc.HitlServiceStub(channel).StreamEvents(
+                        pb.StreamEventsRequest(session_id=session.id, after_cursor="0")
+                    )
+                    assert isinstance(await call.read(), pb.Event)
+                    # Events 1-3 are short, 4 fills the 64 KB window: the 5th
+                    # (counted before its write) waits for the reader.
+                    sent = app.metrics.grpc_msg_sent.labels(
+                        "server_stream", "hitl.v1.HitlService", "StreamEvents"
+                    )
+                    await wait_for(lambda: sent._value.get() >= 5, what="a write held")
+                    call.cancel()
+                await wait_for(logged_it, what="gRPC's line about the abandoned write")
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
+            structlog.reset_defaults()
+        (line,) = [json.loads(line) for line in seen if "ExecuteBatchError" in line]
+        assert (line["logger"], line["level"]) == ("grpc._cython.cygrpc", "warning"), line
+        assert "exception" not in line, line
+        assert "StreamEvents" in line["event"]
 
 
 class TestOrderWithinASession:
