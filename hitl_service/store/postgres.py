@@ -207,23 +207,10 @@ class PostgresStore:
         # table lock is asked with a short lock_timeout, and asked again: while
         # it waits (behind a backup, a report, a frozen replica), PostgreSQL
         # queues every other query of that table behind it, and the replicas
-        # still running (a rolling upgrade) would stall for as long.
-        delay = 0.1
-        while True:
-            try:
-                await self._migrate_once(pool)
-                return
-            except asyncpg.LockNotAvailableError as exc:
-                log.warning(
-                    "store.migrate_waiting",
-                    backend=self.backend,
-                    error=str(exc),
-                    hint="a table to migrate is in use (a long transaction); retrying",
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def _migrate_once(self, pool: asyncpg.Pool[asyncpg.Record]) -> None:
+        # still running (a rolling upgrade) would stall for as long. The pause
+        # between attempts keeps the migration lock: released, the next new
+        # replica waiting for it would ask for the table at once, and with two
+        # or more starting together the running ones never got through.
         async with pool.acquire(timeout=self._connect_timeout) as conn, conn.transaction():
             await conn.execute("SET LOCAL statement_timeout = 0")
             await conn.execute(
@@ -231,21 +218,40 @@ class PostgresStore:
             )
             # After the advisory lock: waiting for another replica's migration is fine.
             await conn.execute(f"SET LOCAL lock_timeout = '{_MIGRATION_LOCK_TIMEOUT_MS}ms'")
+            delay = 0.1
+            while True:
+                try:
+                    async with conn.transaction():  # a savepoint: undone alone
+                        await self._migrate_once(conn)
+                    return
+                except asyncpg.LockNotAvailableError as exc:
+                    log.warning(
+                        "store.migrate_waiting",
+                        backend=self.backend,
+                        error=str(exc),
+                        hint="a table to migrate is in use (a long transaction); retrying",
+                    )
+                    # Paused in the server, not idle in the transaction:
+                    # idle_in_transaction_session_timeout does not end it.
+                    await conn.execute("SELECT pg_sleep($1)", delay, timeout=_NO_LIMIT)
+                    delay = min(delay * 2, 5.0)
+
+    async def _migrate_once(self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]) -> None:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version "
+            "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL)"
+        )
+        current = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        known = migrations("postgres")
+        warn_if_newer(self.backend, current, known)
+        for version, sql in known:
+            if version <= current:
+                continue
+            log.info("store.migrate", backend=self.backend, version=version)
+            await conn.execute(sql, timeout=_NO_LIMIT)  # no parameters: one batch
             await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_version "
-                "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL)"
+                "INSERT INTO schema_version (version, applied_at) VALUES ($1, now())", version
             )
-            current = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
-            known = migrations("postgres")
-            warn_if_newer(self.backend, current, known)
-            for version, sql in known:
-                if version <= current:
-                    continue
-                log.info("store.migrate", backend=self.backend, version=version)
-                await conn.execute(sql, timeout=_NO_LIMIT)  # no parameters: one batch
-                await conn.execute(
-                    "INSERT INTO schema_version (version, applied_at) VALUES ($1, now())", version
-                )
 
     async def _connect_listener(self) -> asyncpg.Connection[Any]:
         return await asyncpg.connect(
