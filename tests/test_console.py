@@ -390,6 +390,25 @@ async def test_every_console_answer_forbids_framing_sniffing_and_referrers(
         assert policy.get("frame-ancestors") == ["'none'"], name
 
 
+async def test_no_console_answer_is_kept_in_a_cache(http: httpx.AsyncClient, stub: Stub) -> None:
+    """The state (every handoff: names, e-mails, transcripts) and the
+    actions' answers had no Cache-Control: a browser's disk cache, or a
+    proxy in front, could keep a copy of it."""
+    session = await start_session(stub, (await make_user(stub, "Ada Lovelace")).id)
+    answers = {
+        "page": await http.get("/console"),
+        "state": await http.get("/console/api/state"),
+        "action": await act(http, session.external_chat_id, "take", agent="Alice"),
+        "refused action": await act(http, "lc_missing", "take", agent="Alice"),
+        "foreign host": await http.get("/console/api/state", headers={"Host": "evil.example"}),
+    }
+    assert "Ada Lovelace" in answers["state"].text
+    for name, response in answers.items():
+        assert response.headers.get("cache-control") == "no-store", name
+    async with http.stream("GET", "/console/api/stream") as stream:
+        assert stream.headers.get("cache-control") == "no-store"
+
+
 async def test_the_page_runs_only_its_own_script(http: httpx.AsyncClient) -> None:
     page = await http.get("/console")
     policy = _directives(page.headers["content-security-policy"])

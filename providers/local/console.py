@@ -140,8 +140,9 @@ def host_allowed(host: str, bound: str) -> bool:
 def security_headers(page: str) -> dict[str, str]:
     """Headers for every console response: no framing (clickjacking), no
     script but the page's own inline one (by hash), fetches only to this
-    origin, no MIME sniffing, and no Referer to the image and link hosts
-    end users choose."""
+    origin, no MIME sniffing, no Referer to the image and link hosts end
+    users choose, and no copy in any cache (the state and the actions'
+    answers carry end users' names, e-mails and transcripts)."""
     scripts = re.findall(r"<script>(.*?)</script>", page, flags=re.S)
     hashes = " ".join(
         "'sha256-" + base64.b64encode(hashlib.sha256(s.encode()).digest()).decode() + "'"
@@ -158,6 +159,7 @@ def security_headers(page: str) -> dict[str, str]:
         "X-Content-Type-Options": "nosniff",
         "Referrer-Policy": "no-referrer",
         "Cross-Origin-Resource-Policy": "same-origin",
+        "Cache-Control": "no-store",
     }
 
 
