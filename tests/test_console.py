@@ -581,6 +581,35 @@ async def test_a_lone_surrogate_is_refused_with_a_reason(
     assert response.json()["error"] == "text is not valid Unicode text (a lone surrogate)"
 
 
+@pytest.mark.parametrize(
+    ("action", "body", "refused"),
+    [
+        ("take", {"agent": "Al\x00ice"}, "agent"),
+        ("reply", {"agent": "Alice", "text": "hi\x00"}, "text"),
+        ("end", {"agent": "Alice", "reason": "done\x00"}, "reason"),
+        ("transfer", {"agent": "Alice", "group_id": "billing\x00"}, "group_id"),
+        ("transfer", {"agent": "Alice", "group_id": "billing team"}, "group_id"),
+        ("transfer", {"agent": "Alice", "group_id": "<b>billing</b>"}, "group_id"),
+    ],
+)
+async def test_text_the_service_cannot_keep_is_refused_with_a_reason(
+    http: httpx.AsyncClient, stub: Stub, action: str, body: dict[str, str], refused: str
+) -> None:
+    """A NUL (an end reason, a group) was taken and failed on PostgreSQL,
+    whose text columns refuse it: HTTP 500 with a traceback logged. A
+    transfer's group was any text: the session then carried a group_id
+    StartHitl refuses, which callers may pass back to it."""
+    session = await start_session(stub, (await make_user(stub)).id)
+    url = f"/console/api/conversations/{session.external_chat_id}/{action}"
+    response = await http.post(url, json=body)
+    assert response.status_code == 400
+    assert response.json()["error"].startswith(f"{refused} must ")
+    (conv,) = (await http.get("/console/api/state")).json()["conversations"]
+    assert (conv["status"], conv["group_id"], conv["messages"]) == ("waiting", "general", [])
+    got = await stub.GetSession(pb.GetSessionRequest(session_id=session.id), timeout=TIMEOUT)
+    assert (got.session.state, got.session.group_id) == (pb.SESSION_STATE_QUEUED, "general")
+
+
 async def test_open_pages_share_one_encoding_of_each_change(
     http: httpx.AsyncClient, stub: Stub, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -27,7 +27,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from providers.errors import ProviderError, ProviderRejected
-from providers.local.provider import agent_from_name
+from providers.local.provider import GROUP_ID, agent_from_name
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -91,6 +91,10 @@ def _text(
         # JSON may carry a lone surrogate ("\ud800"), which no store,
         # provider or client can take.
         raise ValueError(f"{key} is not valid Unicode text (a lone surrogate)") from None
+    if "\x00" in value:
+        # As StartHitl and SendMessage refuse it: PostgreSQL's text columns
+        # (a session's end reason, its group) cannot hold it.
+        raise ValueError(f"{key} must not contain NUL characters")
     if not as_typed:
         value = value.strip()
     if required and not value.strip():
@@ -277,6 +281,12 @@ def console_routes(provider: LocalProvider) -> list[BaseRoute]:
                 )
             elif action == "transfer":
                 group = _text(data, "group_id", limit=64)
+                if group and not GROUP_ID.fullmatch(group):
+                    # The session takes it as its group_id, which callers
+                    # may pass to a later StartHitl: one StartHitl accepts.
+                    raise ValueError(
+                        "group_id must be 1-64 characters of letters, digits, '_', '.' or '-'"
+                    )
                 await provider.transfer(chat_id, agent, group, _text(data, "reason", limit=500))
             else:
                 await provider.end(chat_id, agent, _text(data, "reason", limit=500))

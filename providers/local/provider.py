@@ -811,12 +811,13 @@ def create(deps: ProviderDeps) -> LocalProvider:
 
 
 # The group ids StartHitl accepts (hitl.v1): a session's group_id comes back
-# to callers, who may pass it to a later StartHitl.
-_GROUP_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# to callers, who may pass it to a later StartHitl. The default group and a
+# console transfer's group must be one.
+GROUP_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def _default_group(group: str) -> str:
-    if not _GROUP_ID.fullmatch(group):
+    if not GROUP_ID.fullmatch(group):
         raise ProviderConfigError(
             GROUP_SETTING, "must be 1-64 characters of letters, digits, '_', '.' or '-'"
         )
