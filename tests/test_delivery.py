@@ -28,12 +28,17 @@ from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.store.postgres_tx import PostgresTx
 from providers.types import (
     Agent,
+    AgentAssigned,
     AgentMessage,
     Author,
+    Ended,
+    EventKind,
+    Failed,
     InboundEvent,
     Message,
     ProviderUser,
     SendResult,
+    Transferred,
 )
 from tests.conftest import scripted_on_clock
 from tests.scripted import Fault, ScriptedProvider
@@ -1306,3 +1311,29 @@ class TestOverload:
         assert len(outbox._inflight) == 1  # the queued message's; the late one waits its turn
         later.set()
         await asyncio.gather(*calls)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("kind", "field", "kept"),
+    [
+        (Transferred(to_group_id="tier\x002"), "group_id", "tier\ufffd2"),
+        (Ended(reason="bye\x00"), "end_reason", "bye\ufffd"),
+        (Failed(code="ROUTING_FAILED", detail="no\x00route"), "end_reason", "no\ufffdroute"),
+    ],
+)
+async def test_a_nul_in_what_the_session_keeps_of_an_event_is_stored_not_refused(
+    service_env: dict[str, str], postgres_dsn: str, kind: EventKind, field: str, kept: str
+) -> None:
+    """A provider's group or reason with a NUL went into the session's text
+    columns, which PostgreSQL refuses: the batch failed on every retry of
+    its webhook, and every event beside it with it. The NUL is replaced, as
+    in ids."""
+    service_env.update(HITL_STORE_URL=postgres_dsn)
+    async with scripted_on_clock(service_env, SystemClock()) as (_app, stub, scripted):
+        session = await start_session(stub, (await make_user(stub)).id)
+        chat = session.external_chat_id
+        await scripted.push(chat, AgentAssigned(Agent("ag1", "Al")), "k0")
+        assert await scripted.push(chat, kind, "k1") == 1
+        got = await stub.GetSession(pb.GetSessionRequest(session_id=session.id), timeout=TIMEOUT)
+    assert getattr(got.session, field) == kept

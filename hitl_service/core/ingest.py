@@ -26,7 +26,16 @@ from hitl_service.codec import kind_tag
 from hitl_service.core.links import with_web_urls
 from hitl_service.core.state import Ignored, apply_event, passes_over
 from hitl_service.domain import SessionState
-from providers.types import THREAD_STATE_KEY, AgentLeft, AgentMessage, Ended, InboundEvent
+from providers.types import (
+    THREAD_STATE_KEY,
+    AgentLeft,
+    AgentMessage,
+    Ended,
+    EventKind,
+    Failed,
+    InboundEvent,
+    Transferred,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -201,8 +210,10 @@ async def first_sight(tx: Tx, provider: str, event: InboundEvent, now: datetime)
 
 
 def clean(event: InboundEvent) -> InboundEvent:
-    """The event as the core can use it: ids as the store can keep them
-    (PostgreSQL text refuses NUL), a naive ``occurred_at`` taken as UTC
+    """The event as the core can use it: ids, and what the session keeps of
+    a transfer, an end or a failure (its group, its reason), as the store
+    can keep them (PostgreSQL text refuses NUL: the batch failed on every
+    retry, the events beside it with it), a naive ``occurred_at`` taken as UTC
     (compared with the session's times, it failed the whole batch), and
     links as the contract promises them (``core.links``).
 
@@ -217,17 +228,34 @@ def clean(event: InboundEvent) -> InboundEvent:
     when = event.occurred_at
     if when is not None and when.tzinfo is None:
         event = replace(event, occurred_at=when.replace(tzinfo=UTC))
-    kind = with_web_urls(event.kind)
+    kind = _kept(with_web_urls(event.kind))
     if kind is not event.kind:
         event = replace(event, kind=kind)
     if "\x00" not in event.external_chat_id + event.dedupe_key + event.author_id:
         return event
     return replace(
         event,
-        external_chat_id=event.external_chat_id.replace("\x00", "\ufffd"),
-        dedupe_key=event.dedupe_key.replace("\x00", "\ufffd"),
-        author_id=event.author_id.replace("\x00", "\ufffd"),
+        external_chat_id=_no_nul(event.external_chat_id),
+        dedupe_key=_no_nul(event.dedupe_key),
+        author_id=_no_nul(event.author_id),
     )
+
+
+def _kept(kind: EventKind) -> EventKind:
+    """``kind`` without NUL in the fields the session's columns take."""
+    if isinstance(kind, Transferred):
+        if "\x00" in kind.to_group_id:
+            return replace(kind, to_group_id=_no_nul(kind.to_group_id))
+    elif isinstance(kind, Ended):
+        if "\x00" in kind.reason:
+            return replace(kind, reason=_no_nul(kind.reason))
+    elif isinstance(kind, Failed) and "\x00" in kind.code + kind.detail:
+        return Failed(code=_no_nul(kind.code), detail=_no_nul(kind.detail))
+    return kind
+
+
+def _no_nul(text: str) -> str:
+    return text.replace("\x00", "\ufffd")
 
 
 def other_thread(session: Session, event: InboundEvent) -> bool:
