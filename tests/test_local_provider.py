@@ -5,6 +5,7 @@ that share the state file, and agent identities."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from hitl_service.clock import SystemClock
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from providers.base import ProviderDeps
 from providers.errors import ProviderConfigError, ProviderUnavailable
+from providers.local import provider as local_provider
 from providers.local.provider import _MAX_MESSAGES, LocalProvider, agent_from_name, create
 from providers.types import (
     Author,
@@ -118,6 +120,41 @@ async def test_agent_replies_after_a_crash_reach_the_user(service_env: dict[str,
     finally:
         await app.stop(grace=1)
     assert texts() == ["one", "two", "three"]
+
+
+async def test_console_actions_reach_the_state_file_once_the_disk_has_room(
+    service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Console actions are answered before the file holds them. A write that
+    failed (a full disk) is tried again without waiting for another change:
+    else the file stayed behind the log, and a restart brought back the
+    conversation the agent had ended, open, taking replies nobody got."""
+    monkeypatch.setattr(local_provider, "_RETRY_FIRST", 0.05, raising=False)
+    state_file = Path(service_env["HITL_DATA_DIR"]) / "local-console.json"
+    app = await start_app(service_env)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            stub = pb_grpc.HitlServiceStub(channel)
+            session = await start_session(stub, (await make_user(stub)).id)
+            chat = session.external_chat_id
+            await console(app, chat, "take", agent="Al")
+            real_fsync = os.fsync
+            with monkeypatch.context() as full:
+
+                def no_space(fd: int) -> None:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+                full.setattr(os, "fsync", no_space)
+                await console(app, chat, "reply", agent="Al", text="while full")
+                await console(app, chat, "end", agent="Al")
+                assert saved(state_file)[0]["status"] == "active"
+            assert os.fsync is real_fsync  # the disk has room again; nothing else changes
+            await wait_for(
+                lambda: saved(state_file)[0]["status"] == "ended", what="the file caught up"
+            )
+            assert [m["text"] for m in saved(state_file)[0]["messages"]] == ["while full"]
+    finally:
+        await app.stop(grace=1)
 
 
 async def test_dedupe_keys_never_repeat_across_restarts(tmp_path: Path) -> None:

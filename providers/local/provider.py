@@ -25,7 +25,7 @@ import tempfile
 import threading
 import unicodedata
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -84,6 +84,10 @@ _MAX_MESSAGES = 200
 STATE_SETTING = "HITL_LOCAL_STATE_FILE"
 GROUP_SETTING = "HITL_LOCAL_GROUP_ID"
 _ACTION_PERSIST_TIMEOUT = 5.0  # seconds a console action waits for the state file
+# After a failed write (a full disk), the writer tries again this long after,
+# doubling to _RETRY_MAX, also when nothing changes meanwhile.
+_RETRY_FIRST = 1.0
+_RETRY_MAX = 30.0
 
 
 def render_body(message: Message) -> dict[str, Any]:
@@ -282,24 +286,40 @@ class LocalProvider:
         self._changed.set()
 
     async def _flush_loop(self) -> None:
+        retry = _RETRY_FIRST
         while True:
-            await self._dirty.wait()
+            if self._saved_version == self._version:
+                await self._dirty.wait()
+            else:
+                # The last write failed (a full disk): try again on the next
+                # change, or after a pause without one. Console actions are
+                # answered OK before the file holds them; waiting for another
+                # change would leave the file behind the service's log for
+                # good once the disk has room again, and a restart would
+                # bring back a console that disagrees with it (a conversation
+                # the agent ended, open again, taking replies nobody gets).
+                await self._wait(self._dirty.wait(), retry)
+                retry = min(retry * 2, _RETRY_MAX)
             self._dirty.clear()
             self._urgent.clear()
-            # A failure is retried on the next change (or at close).
-            await self._try_write_state()
+            if await self._try_write_state():
+                retry = _RETRY_FIRST
             written, self._written = self._written, asyncio.Event()
             written.set()
             # Coalesce bursts of the console's changes into one write; a
             # provider call waiting for its change (``_persisted``) does not
             # wait out the pause.
-            pause = asyncio.ensure_future(self._clock.sleep(0.2))
-            urgent = asyncio.ensure_future(self._urgent.wait())
-            try:
-                await asyncio.wait((pause, urgent), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                pause.cancel()
-                urgent.cancel()
+            await self._wait(self._urgent.wait(), 0.2)
+
+    async def _wait(self, until: Coroutine[Any, Any, Any], seconds: float) -> None:
+        """Waits for ``until`` or ``seconds`` on the provider's clock, whichever is first."""
+        pause = asyncio.ensure_future(self._clock.sleep(seconds))
+        event = asyncio.ensure_future(until)
+        try:
+            await asyncio.wait((pause, event), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            pause.cancel()
+            event.cancel()
 
     async def _persisted(self, timeout: float) -> None:
         """Returns once the state file holds every change made so far.
