@@ -207,6 +207,24 @@ class TestStateWriter:
         assert len(saved(state_file)) == 2  # on disk when acknowledged
         await local.close()
 
+    async def test_failing_writes_log_one_line_not_one_each(self, tmp_path: Path) -> None:
+        # A full disk fails every write; each change and each waiting call
+        # tries again, and a line each was some 30 error lines a second.
+        local = provider(tmp_path / "d" / "s.json")
+        await local.open()
+        block(tmp_path / "d")
+        with structlog.testing.capture_logs() as logs:
+            for n in range(5):
+                with pytest.raises(ProviderUnavailable):
+                    await local.start(request(f"ses_{n}"), USER, timeout=1)
+            failed = [e for e in logs if e["event"] == "local.state_write_failed"]
+            assert len(failed) == 1
+            assert failed[0]["failed_writes"] == 1
+            await local.close()  # the last try is logged in any case, with the count
+        failed = [e for e in logs if e["event"] == "local.state_write_failed"]
+        assert len(failed) == 2
+        assert failed[1]["failed_writes"] >= 6
+
     async def test_close_does_not_raise_after_failed_writes(self, tmp_path: Path) -> None:
         blocker = tmp_path / "d"
         local = provider(blocker / "s.json")

@@ -88,6 +88,7 @@ _ACTION_PERSIST_TIMEOUT = 5.0  # seconds a console action waits for the state fi
 # doubling to _RETRY_MAX, also when nothing changes meanwhile.
 _RETRY_FIRST = 1.0
 _RETRY_MAX = 30.0
+_FAILURE_LOG_EVERY = 60.0  # seconds between local.state_write_failed lines of one outage
 
 
 def render_body(message: Message) -> dict[str, Any]:
@@ -241,6 +242,8 @@ class LocalProvider:
         self._file_lock = threading.Lock()
         self._file_version = -1
         self._console_json: tuple[int, str] = (-1, "")  # see ``console_json``
+        self._failed_writes = 0  # in a row, since the last write that succeeded
+        self._next_failure_log = 0.0  # monotonic time from which another failure is logged
 
     # --- lifecycle ----------------------------------------------------------------
     async def open(self) -> None:
@@ -282,7 +285,7 @@ class LocalProvider:
                 await self._flusher
             self._flusher = None
             if self._version != self._saved_version:
-                await self._try_write_state()
+                await self._try_write_state(always_log=True)
         self._changed.set()
 
     async def _flush_loop(self) -> None:
@@ -354,18 +357,27 @@ class LocalProvider:
                 uncertain=True,
             )
 
-    async def _try_write_state(self) -> bool:
+    async def _try_write_state(self, *, always_log: bool = False) -> bool:
         version = self._version
         try:
             await self._write_state(version)
         except OSError as exc:
-            log.error(
-                "local.state_write_failed",
-                setting=self._state_setting,
-                path=str(self._state_file),
-                error=str(exc),
-            )
+            # One line when writes start failing, then at most one a minute:
+            # on a full disk every change and every waiting call tries again
+            # (some 30 lines a second under load, seen in a drill).
+            self._failed_writes += 1
+            now = self._clock.monotonic()
+            if always_log or self._failed_writes == 1 or now >= self._next_failure_log:
+                self._next_failure_log = now + _FAILURE_LOG_EVERY
+                log.error(
+                    "local.state_write_failed",
+                    setting=self._state_setting,
+                    path=str(self._state_file),
+                    error=str(exc),
+                    failed_writes=self._failed_writes,
+                )
             return False
+        self._failed_writes = 0
         self._saved_version = version
         return True
 
