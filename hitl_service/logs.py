@@ -8,11 +8,12 @@ secret-bearing keys and any value that contains a registered secret.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 from collections.abc import Iterable, MutableMapping
-from typing import Any
+from typing import Any, TextIO, cast
 from urllib.parse import quote, quote_plus
 
 import orjson
@@ -135,6 +136,7 @@ def configure_logging(
         else _json_renderer()
     )
     numeric = logging.getLevelName(level.upper())
+    stderr = cast("TextIO", _LineSink(sys.stderr))
     structlog.configure(
         processors=[
             *shared,
@@ -145,14 +147,14 @@ def configure_logging(
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         # One write per line, newline included (print() makes two).
-        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(stderr),
         cache_logger_on_first_use=cache,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, exceptions, redactor],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -167,6 +169,30 @@ def configure_logging(
         library = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in library.filters):
             library.addFilter(kind())
+
+
+class _LineSink:
+    """Standard error for log lines: a line that cannot be written is dropped.
+
+    With the log collector gone (a closed pipe: ``EPIPE``), or standard error
+    a file on a full disk (``ENOSPC``), every write raises. Raised from a log
+    call, it failed whatever logged: a StartHitl that had opened its handoff
+    answered UNKNOWN ("Unexpected BrokenPipeError"), and a process starting
+    stopped at its first line. Nothing is left to report the loss on.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):  # ValueError: the stream was closed
+            return 0
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
 
 
 class _ErrorWithoutTraceback(logging.Filter):
