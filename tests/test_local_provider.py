@@ -9,6 +9,8 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +21,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from hitl_service.clock import SystemClock
+from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.gen.hitl.v1 import hitl_service_pb2_grpc as pb_grpc
 from providers.base import ProviderDeps
 from providers.errors import ProviderConfigError, ProviderUnavailable
@@ -76,6 +79,18 @@ def saved(path: Path) -> list[dict[str, Any]]:
     return conversations
 
 
+@asynccontextmanager
+async def handed_off(service_env: dict[str, str]) -> AsyncIterator[tuple[App, pb.Session]]:
+    """A started service on the local provider, and a session handed off to it."""
+    app = await start_app(service_env)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            stub = pb_grpc.HitlServiceStub(channel)
+            yield app, await start_session(stub, (await make_user(stub)).id)
+    finally:
+        await app.stop(grace=1)
+
+
 async def console(app: App, chat: str, action: str, **body: str) -> None:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as http:
         response = await http.post(f"/console/api/conversations/{chat}/{action}", json=body)
@@ -87,18 +102,12 @@ async def test_agent_replies_after_a_crash_reach_the_user(service_env: dict[str,
     reuse dedupe keys of events the store already has."""
     state_file = Path(service_env["HITL_DATA_DIR"]) / "local-console.json"
     at_crash = state_file.with_name("at-crash.json")
-    app = await start_app(service_env)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
-            stub = pb_grpc.HitlServiceStub(channel)
-            session = await start_session(stub, (await make_user(stub)).id)
-            chat = session.external_chat_id
-            await wait_for(lambda: saved(state_file), what="the handoff on disk")
-            shutil.copy(state_file, at_crash)  # what kill -9 leaves if the writer lags
-            await console(app, chat, "take", agent="Al")
-            await console(app, chat, "reply", agent="Al", text="one")
-    finally:
-        await app.stop(grace=1)
+    async with handed_off(service_env) as (app, session):
+        chat = session.external_chat_id
+        await wait_for(lambda: saved(state_file), what="the handoff on disk")
+        shutil.copy(state_file, at_crash)  # what kill -9 leaves if the writer lags
+        await console(app, chat, "take", agent="Al")
+        await console(app, chat, "reply", agent="Al", text="one")
     shutil.copy(at_crash, state_file)
     app = await start_app(service_env)
     try:
@@ -131,30 +140,22 @@ async def test_console_actions_reach_the_state_file_once_the_disk_has_room(
     conversation the agent had ended, open, taking replies nobody got."""
     monkeypatch.setattr(local_provider, "_RETRY_FIRST", 0.05, raising=False)
     state_file = Path(service_env["HITL_DATA_DIR"]) / "local-console.json"
-    app = await start_app(service_env)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
-            stub = pb_grpc.HitlServiceStub(channel)
-            session = await start_session(stub, (await make_user(stub)).id)
-            chat = session.external_chat_id
-            await console(app, chat, "take", agent="Al")
-            real_fsync = os.fsync
-            with monkeypatch.context() as full:
+    async with handed_off(service_env) as (app, session):
+        chat = session.external_chat_id
+        await console(app, chat, "take", agent="Al")
+        real_fsync = os.fsync
+        with monkeypatch.context() as full:
 
-                def no_space(fd: int) -> None:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            def no_space(fd: int) -> None:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-                full.setattr(os, "fsync", no_space)
-                await console(app, chat, "reply", agent="Al", text="while full")
-                await console(app, chat, "end", agent="Al")
-                assert saved(state_file)[0]["status"] == "active"
-            assert os.fsync is real_fsync  # the disk has room again; nothing else changes
-            await wait_for(
-                lambda: saved(state_file)[0]["status"] == "ended", what="the file caught up"
-            )
-            assert [m["text"] for m in saved(state_file)[0]["messages"]] == ["while full"]
-    finally:
-        await app.stop(grace=1)
+            full.setattr(os, "fsync", no_space)
+            await console(app, chat, "reply", agent="Al", text="while full")
+            await console(app, chat, "end", agent="Al")
+            assert saved(state_file)[0]["status"] == "active"
+        assert os.fsync is real_fsync  # the disk has room again; nothing else changes
+        await wait_for(lambda: saved(state_file)[0]["status"] == "ended", what="the file caught up")
+        assert [m["text"] for m in saved(state_file)[0]["messages"]] == ["while full"]
 
 
 async def test_dedupe_keys_never_repeat_across_restarts(tmp_path: Path) -> None:

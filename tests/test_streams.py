@@ -201,15 +201,7 @@ class TestReplayAndFollow:
             stalled = hub.subscribe(0, session.id)
             while not isinstance((await anext(stalled)).kind, AgentMessage):
                 pass
-            gc.collect()
-            held = sum(
-                len(o.kind.message.body)
-                for o in gc.get_objects()
-                if isinstance(o, LogEvent)
-                and o.seq <= floor
-                and isinstance(o.kind, AgentMessage)
-                and isinstance(o.kind.message.body, str)
-            )
+            held = _held_up_to(floor)
             await stalled.aclose()
             events = await read(stub, 63, session_id=session.id, after_cursor="0")
         assert held <= PAGE_BYTES + 100_010, f"a stalled subscriber holds {held} characters"
@@ -253,19 +245,10 @@ class TestReplayAndFollow:
                 await wait_for(lambda: hub.head == 63)
                 floor = hub.head - 2 * 16  # the buffer holds at most this far back
 
-                def held() -> int:
-                    gc.collect()
-                    return sum(
-                        len(o.kind.message.body)
-                        for o in gc.get_objects()
-                        if isinstance(o, LogEvent)
-                        and o.seq <= floor
-                        and isinstance(o.kind, AgentMessage)
-                        and isinstance(o.kind.message.body, str)
-                    )
-
                 # At most the one the stream is writing (the copy: 20 of them).
-                await wait_for(lambda: held() <= 100_010, what="the events a stalled stream holds")
+                await wait_for(
+                    lambda: _held_up_to(floor) <= 100_010, what="the events a stalled stream holds"
+                )
                 call.cancel()
 
     async def test_a_client_leaving_a_stream_blocked_in_a_write_is_a_warning(
@@ -565,6 +548,19 @@ def test_the_documented_keepalive_policy_is_the_servers() -> None:
     assert pings in proto
     assert allowed in errors
     assert pings in errors
+
+
+def _held_up_to(floor: int) -> int:
+    """Characters of the agent messages numbered up to ``floor`` still alive."""
+    gc.collect()
+    return sum(
+        len(o.kind.message.body)
+        for o in gc.get_objects()
+        if isinstance(o, LogEvent)
+        and o.seq <= floor
+        and isinstance(o.kind, AgentMessage)
+        and isinstance(o.kind.message.body, str)
+    )
 
 
 @asynccontextmanager
