@@ -43,6 +43,7 @@ import asyncio
 import fcntl
 import functools
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -700,6 +701,23 @@ def _check_writable(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
+# Below this, a failing open names the free space: SQLite says only "disk
+# I/O error" when it cannot grow its shared-memory file on a full disk, and
+# the write-ahead log alone takes 10-25 MB under load.
+_LOW_FREE_BYTES = 32 * 1024 * 1024
+
+
+def _free_space_note(path: Path) -> str:
+    """ " (its file system has N MB free)" when that is next to nothing."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return ""
+    if free >= _LOW_FREE_BYTES:
+        return ""
+    return f" (its file system has {free / 1e6:.1f} MB free)"
+
+
 def _close_all(conns: Sequence[sqlite3.Connection]) -> None:
     for conn in conns:
         conn.close()
@@ -862,7 +880,9 @@ class SqliteStore:
             self._head = await self._read_head()
         except (sqlite3.Error, OSError) as exc:
             await self.close()
-            raise StoreUnavailable(f"cannot open SQLite database at {self._path}: {exc}") from exc
+            raise StoreUnavailable(
+                f"cannot open SQLite database at {self._path}: {exc}{_free_space_note(self._path)}"
+            ) from exc
         except BaseException:
             await asyncio.gather(opening, return_exceptions=True)
             await self.close()  # connections and the process lock
