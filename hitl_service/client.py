@@ -116,6 +116,12 @@ class HitlRpcError(Exception):
         domain: ``ErrorInfo.domain`` (``hitl.v1`` for the service's errors).
         metadata: ``ErrorInfo.metadata`` (for example ``session_id``).
         violations: ``BadRequest`` field violations (INVALID_ARGUMENT).
+        request_id: The ``request_id`` the call carried on every attempt
+            (StartHitl, SendMessage: the one generated when the caller gave
+            none); empty for other calls. After ``DEADLINE_EXCEEDED`` or
+            ``DELIVERY_PENDING`` the call may still take effect: call again
+            with ``request_id=exc.request_id`` to learn its outcome without
+            acting twice.
     """
 
     def __init__(
@@ -127,6 +133,7 @@ class HitlRpcError(Exception):
         domain: str = "",
         metadata: Mapping[str, str] | None = None,
         violations: Sequence[FieldViolation] = (),
+        request_id: str = "",
     ) -> None:
         super().__init__(f"{code.name}: {message}" + (f" ({reason})" if reason else ""))
         self.code = code
@@ -135,6 +142,7 @@ class HitlRpcError(Exception):
         self.domain = domain
         self.metadata = dict(metadata or {})
         self.violations = tuple(violations)
+        self.request_id = request_id
 
     @property
     def fields(self) -> dict[str, str]:
@@ -176,8 +184,9 @@ _ERROR_CLASSES: dict[grpc.StatusCode, type[HitlRpcError]] = {
 }
 
 
-def decode_error(exc: grpc.aio.AioRpcError) -> HitlRpcError:
-    """Turns a raw gRPC error into the matching ``HitlRpcError`` subclass."""
+def decode_error(exc: grpc.aio.AioRpcError, *, request_id: str = "") -> HitlRpcError:
+    """Turns a raw gRPC error into the matching ``HitlRpcError`` subclass
+    (``request_id``: the one the failed call carried)."""
     reason = domain = ""
     metadata: dict[str, str] = {}
     violations: list[FieldViolation] = []
@@ -203,6 +212,7 @@ def decode_error(exc: grpc.aio.AioRpcError) -> HitlRpcError:
         domain=domain,
         metadata=metadata,
         violations=violations,
+        request_id=request_id,
     )
 
 
@@ -475,7 +485,7 @@ class HitlClient:
                     or failures >= attempts
                     or loop.time() + pause >= deadline
                 ):
-                    raise decode_error(exc) from None
+                    raise decode_error(exc, request_id=request_id) from None
             await asyncio.sleep(pause)
 
 

@@ -213,6 +213,32 @@ class TestRetries:
         assert len(done) >= 2
         assert {e["request_id"] for e in done} == {request_id}
 
+    async def test_a_failed_send_names_its_request_id_for_the_callers_retry(
+        self, scripted_app: App, scripted: ScriptedProvider
+    ) -> None:
+        """The deadline runs out while the message is pending: the caller
+        learns the generated request_id from the error, and its own retry
+        with it delivers the message once (a new id would send it twice)."""
+        target = f"127.0.0.1:{scripted_app.grpc_port}"
+        async with HitlClient(target, default_timeout=10.0, retry=FAST) as client:
+            user = await client.create_user("Flo")
+            session = await client.start_hitl(user.id)
+            gate = scripted.hold("send")
+            with pytest.raises(HitlRpcError) as caught:
+                await client.send_message(session.id, "still there?", timeout=1.0)
+            assert caught.value.code in (
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.UNAVAILABLE,  # DELIVERY_PENDING
+            )
+            request_id = caught.value.request_id
+            assert request_id
+            gate.set()
+            sent = await client.send_message(session.id, "still there?", request_id=request_id)
+            again = await client.send_message(session.id, "still there?", request_id=request_id)
+        assert again.message_id == sent.message_id
+        assert {rid for _, _, rid, _ in scripted.calls.sends} == {request_id}
+        assert list(scripted.calls.delivered) == [request_id]
+
     async def test_start_hitl_retries_across_a_restart_with_the_same_request_id(
         self, service_env: dict[str, str]
     ) -> None:
