@@ -274,7 +274,9 @@ class HitlClient:
             system roots, or ``grpc.ChannelCredentials`` (for example with a
             private CA or a client certificate).
         retry: Retry and reconnect backoff.
-        options: Extra gRPC channel options.
+        options: Extra gRPC channel options; they take precedence over the
+            client's defaults (keepalive, a 1 MiB receive limit, reconnect
+            backoff).
         interceptors: Client interceptors (tracing, logging); they see every
             attempt of a retried call.
     """
@@ -296,7 +298,9 @@ class HitlClient:
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
-        all_options = (*_CHANNEL_OPTIONS, *options)
+        # gRPC takes the first of repeated options: the caller's come first,
+        # so they replace the defaults above rather than being ignored.
+        all_options = (*options, *_CHANNEL_OPTIONS)
         if tls is False:
             self._channel = grpc.aio.insecure_channel(
                 target, options=all_options, interceptors=interceptors

@@ -16,6 +16,7 @@ from hitl_service.app import App
 from hitl_service.client import (
     DEFAULT_TIMEOUT,
     HitlClient,
+    HitlRpcError,
     InvalidArgumentError,
     RetryPolicy,
     UnavailableError,
@@ -413,3 +414,15 @@ async def test_retries_stop_at_the_calls_deadline() -> None:
     assert timeouts == sorted(timeouts, reverse=True)
     assert all(0 < t <= 1.5 for t in timeouts)
     assert elapsed < 1.5 + 1.0  # generous: the deadline, not 1000 attempts
+
+
+async def test_the_callers_channel_options_replace_the_clients_defaults(app: App) -> None:
+    """gRPC keeps the first of repeated channel options: the caller's must
+    come first, or one of the client's own (here its 1 MiB receive limit)
+    silently wins."""
+    target = f"127.0.0.1:{app.grpc_port}"
+    small = [("grpc.max_receive_message_length", 64)]
+    async with HitlClient(target, default_timeout=10, options=small) as client:
+        with pytest.raises(HitlRpcError) as caught:
+            await client.create_user("A" * 100, external_id="crm-big")
+    assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
