@@ -91,6 +91,9 @@ _CHANNEL_OPTIONS = (
     ("grpc.max_reconnect_backoff_ms", 2_000),
 )
 _REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")  # the contract's request_id
+# What a header value can carry, without the surrounding blanks the service
+# strips from its HITL_API_TOKENS entries.
+_TOKEN_RE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 T = TypeVar("T")
 
 
@@ -267,7 +270,8 @@ class HitlClient:
     Args:
         target: ``host:port`` of the service's gRPC address.
         token: API token, sent as ``authorization: Bearer <token>`` (needed
-            when the service has ``HITL_API_TOKENS`` set).
+            when the service has ``HITL_API_TOKENS`` set); printable ASCII
+            without surrounding blanks, else ``ValueError``.
         default_timeout: Deadline in seconds of each unary call, all its
             attempts and pauses together.
         tls: ``False`` for a plaintext channel, ``True`` for TLS with the
@@ -295,6 +299,13 @@ class HitlClient:
         self.target = target
         self.default_timeout = default_timeout
         self.retry = retry or RetryPolicy()
+        if token and not _TOKEN_RE.fullmatch(token):
+            # gRPC would fail every call with an internal ExecuteBatchError
+            # (no HitlRpcError); say why here, without the token itself.
+            raise ValueError(
+                "token: printable ASCII only, without leading or trailing blanks"
+                " (a token read from a file keeps its trailing newline: strip it)"
+            )
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )

@@ -468,3 +468,14 @@ async def test_closing_the_iterator_from_another_task_ends_it(app: App, client: 
     await asyncio.wait_for(task, 10)
     assert seen == []
     await wait_for(lambda: gauge._value.get() == 0, what="the stream to close")
+
+
+@pytest.mark.parametrize(
+    "token", ["token-from-a-file-1234\n", "t\u00f6ken-1234567890123", " pasted-token-12345 "]
+)
+def test_a_token_no_header_can_carry_is_refused_up_front(token: str) -> None:
+    """gRPC fails each call with a token it cannot send with an internal
+    ExecuteBatchError, which no ``except HitlRpcError`` catches."""
+    with pytest.raises(ValueError, match="token") as caught:
+        HitlClient("127.0.0.1:1", token=token)
+    assert token.strip() not in str(caught.value)
