@@ -90,6 +90,9 @@ _CHANNEL_OPTIONS = (
     # (measured), and later in a longer one, failing every retry meanwhile.
     ("grpc.max_reconnect_backoff_ms", 2_000),
 )
+# UNAVAILABLE that no retry changes (docs/errors.md): the message's record
+# was pruned, so the same request_id can never be answered again.
+_FINAL_REASONS = frozenset({"MESSAGE_EXPIRED"})
 _REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")  # the contract's request_id
 # What a header value can carry, without the surrounding blanks the service
 # strips from its HITL_API_TOKENS entries.
@@ -495,12 +498,14 @@ class HitlClient:
             except grpc.aio.AioRpcError as exc:
                 failures += 1
                 pause = self.retry.backoff(failures)
+                error = decode_error(exc, request_id=request_id)
                 if (
                     exc.code() not in _RETRYABLE
+                    or error.reason in _FINAL_REASONS
                     or failures >= attempts
                     or loop.time() + pause >= deadline
                 ):
-                    raise decode_error(exc, request_id=request_id) from None
+                    raise error from None
             await asyncio.sleep(pause)
 
 

@@ -27,6 +27,7 @@ from hitl_service.client import (
     UnavailableError,
 )
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
+from hitl_service.store.sqlite import SqliteTx
 from tests.conftest import start_app
 from tests.ports import free_port
 from tests.scripted import ScriptedProvider
@@ -238,6 +239,28 @@ class TestRetries:
         assert again.message_id == sent.message_id
         assert {rid for _, _, rid, _ in scripted.calls.sends} == {request_id}
         assert list(scripted.calls.delivered) == [request_id]
+
+    async def test_an_expired_message_record_is_not_retried(self, scripted_app: App) -> None:
+        """MESSAGE_EXPIRED is UNAVAILABLE, but permanent: the record of the
+        request_id is gone, so retrying only took up the caller's deadline
+        (12.5-25 s with the default policy) before the same error."""
+        recorder = Recorder()
+        target = f"127.0.0.1:{scripted_app.grpc_port}"
+        async with HitlClient(target, retry=FAST, interceptors=[recorder]) as client:
+            user = await client.create_user("Ed")
+            session = await client.start_hitl(user.id)
+            sent = await client.send_message(session.id, "hello", request_id="rid-expiring-1")
+            # As the retention prune leaves it: the request id, no message.
+            async with scripted_app.store.transaction() as tx:
+                assert isinstance(tx, SqliteTx)
+                await tx._exec("DELETE FROM outbox WHERE id = ?", (sent.message_id,))
+            with pytest.raises(UnavailableError) as expired:
+                await client.send_message(session.id, "hello", request_id="rid-expiring-1")
+        assert expired.value.reason == "MESSAGE_EXPIRED"
+        assert [a.code for a in recorder.of("SendMessage")] == [
+            grpc.StatusCode.OK,
+            grpc.StatusCode.UNAVAILABLE,
+        ]
 
     async def test_start_hitl_retries_across_a_restart_with_the_same_request_id(
         self, service_env: dict[str, str]
