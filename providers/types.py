@@ -7,6 +7,7 @@ code, and the core converts them to and from the wire format at its edge.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -359,6 +360,14 @@ class StartRequest:
     metadata: Mapping[str, str] = field(default_factory=dict)
     request_id: str = ""
     previous_chat: ProviderChat | None = None
+
+
+GROUP_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+"""The group ids StartHitl accepts (hitl.v1). A session's group comes back to
+callers, who may pass it to a later StartHitl: a provider that names groups
+itself should keep to it."""
+GROUP_ID_RULE = "must be 1-64 characters of letters, digits, '_', '.' or '-'"
+"""What ``GROUP_ID_PATTERN`` asks, as a refusal says it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from hitl_service.api.convert import STATE_FROM_PB, message_from_pb
 from hitl_service.core.commands import CreateUser, SendUserMessage, StartHandoff, StopHandoff
 from hitl_service.errors import FieldViolation, InvalidArgument
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
-from providers.types import StartFields
+from providers.types import GROUP_ID_PATTERN, GROUP_ID_RULE, StartFields
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")  # visible ASCII, no spaces
-GROUP_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 EMAIL_RE = re.compile(r"[^@\s\x00-\x1f]{1,64}@[^@\s\x00-\x1f]+\.[^@\s\x00-\x1f]+")
 MIME_RE = re.compile(r"[\w.+-]+/[\w.+-]+")
@@ -209,8 +208,8 @@ def parse_start(
         check.add("history", f"at most {MAX_HISTORY} messages")
     for i, message in enumerate(request.history[:MAX_HISTORY]):
         check.message(f"history[{i}]", message)
-    if request.group_id and not GROUP_ID_RE.fullmatch(request.group_id):
-        check.add("group_id", "must be 1-64 characters of letters, digits, '_', '.' or '-'")
+    if request.group_id and not GROUP_ID_PATTERN.fullmatch(request.group_id):
+        check.add("group_id", GROUP_ID_RULE)
     if len(request.metadata) > MAX_METADATA:
         check.add("metadata", f"at most {MAX_METADATA} entries")
     for key, value in request.metadata.items():

@@ -27,7 +27,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from providers.errors import ProviderError, ProviderRejected
-from providers.local.provider import GROUP_ID, agent_from_name
+from providers.local.provider import agent_from_name
+from providers.types import GROUP_ID_PATTERN, GROUP_ID_RULE
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -281,12 +282,10 @@ def console_routes(provider: LocalProvider) -> list[BaseRoute]:
                 )
             elif action == "transfer":
                 group = _text(data, "group_id", limit=64)
-                if group and not GROUP_ID.fullmatch(group):
+                if group and not GROUP_ID_PATTERN.fullmatch(group):
                     # The session takes it as its group_id, which callers
                     # may pass to a later StartHitl: one StartHitl accepts.
-                    raise ValueError(
-                        "group_id must be 1-64 characters of letters, digits, '_', '.' or '-'"
-                    )
+                    raise ValueError(f"group_id {GROUP_ID_RULE}")
                 await provider.transfer(chat_id, agent, group, _text(data, "reason", limit=500))
             else:
                 await provider.end(chat_id, agent, _text(data, "reason", limit=500))

@@ -20,7 +20,6 @@ import errno
 import hashlib
 import json
 import os
-import re
 import tempfile
 import threading
 import unicodedata
@@ -41,6 +40,8 @@ from providers.errors import (
     WebhookRejected,
 )
 from providers.types import (
+    GROUP_ID_PATTERN,
+    GROUP_ID_RULE,
     Agent,
     AgentAssigned,
     AgentMessage,
@@ -842,15 +843,8 @@ def create(deps: ProviderDeps) -> LocalProvider:
     )
 
 
-# The group ids StartHitl accepts (hitl.v1): a session's group_id comes back
-# to callers, who may pass it to a later StartHitl. The default group and a
-# console transfer's group must be one.
-GROUP_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-
-
 def _default_group(group: str) -> str:
-    if not GROUP_ID.fullmatch(group):
-        raise ProviderConfigError(
-            GROUP_SETTING, "must be 1-64 characters of letters, digits, '_', '.' or '-'"
-        )
+    """The default group, one StartHitl accepts (as is a console transfer's)."""
+    if not GROUP_ID_PATTERN.fullmatch(group):
+        raise ProviderConfigError(GROUP_SETTING, GROUP_ID_RULE)
     return group
