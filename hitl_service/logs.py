@@ -204,9 +204,7 @@ class _ErrorWithoutTraceback(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR and record.exc_info and record.exc_info[1]:
             exc = record.exc_info[1]
-            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
-            record.args = None
-            record.exc_info = record.exc_text = None
+            _one_line(record, f"{type(exc).__name__}: {exc}")
         return True
 
 
@@ -223,10 +221,15 @@ class _PeerGoneIsAWarning(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if type(exc).__name__ == "ExecuteBatchError" and record.levelno >= logging.ERROR:
             record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg = f"{record.getMessage()}: the call was over before its answer was written"
-            record.args = None
-            record.exc_info = record.exc_text = None
+            _one_line(record, "the call was over before its answer was written")
         return True
+
+
+def _one_line(record: logging.LogRecord, why: str) -> None:
+    """``record`` as its message and ``why``, without its traceback."""
+    record.msg = f"{record.getMessage()}: {why}"
+    record.args = None
+    record.exc_info = record.exc_text = None
 
 
 def _json_renderer() -> Processor:
