@@ -75,29 +75,20 @@ def _options(
     )
 
 
-GRPC_OPTIONS = _options(
-    Settings.grpc_max_connections,
-    Settings.grpc_idle_timeout,
-    Settings.grpc_handshake_timeout,
-    Settings.stream_max_open + Settings.rpc_max_in_flight,
-)
-"""The server's options with the default settings (the bench's floor uses them)."""
-
-
 def grpc_options(settings: Settings) -> tuple[tuple[str, int], ...]:
-    """The server's options with the connection limits ``settings`` give."""
+    """The server's options with the connection limits ``settings`` give;
+    one connection may carry every stream and unary call the process takes
+    (HITL_STREAM_MAX_OPEN + HITL_RPC_MAX_IN_FLIGHT)."""
     return _options(
         settings.grpc_max_connections,
         settings.grpc_idle_timeout,
         settings.grpc_handshake_timeout,
-        max_calls_per_connection(settings),
+        settings.stream_max_open + settings.rpc_max_in_flight,
     )
 
 
-def max_calls_per_connection(settings: Settings) -> int:
-    """Calls one gRPC connection may carry at once: every stream and unary
-    call the process itself takes (HITL_STREAM_MAX_OPEN + HITL_RPC_MAX_IN_FLIGHT)."""
-    return settings.stream_max_open + settings.rpc_max_in_flight
+GRPC_OPTIONS = grpc_options(Settings())
+"""The server's options with the default settings (the bench's floor uses them)."""
 
 
 def build_grpc_server(
