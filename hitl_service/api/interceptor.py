@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 from structlog.contextvars import bind_contextvars, clear_contextvars
 
 from hitl_service.activity import Activity
-from hitl_service.api.status import internal_error, to_status
+from hitl_service.api.status import internal_error, to_status, unchanged
 from hitl_service.errors import Code, HitlError, StoreUnavailable
 from hitl_service.gen.hitl.v1 import hitl_service_pb2 as pb
 from hitl_service.secret import matches_any
@@ -91,12 +91,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         activity: Activity | None = None,
         *,
         max_in_flight: int = 1000,
-        scrub: Callable[[str], str] | None = None,
+        scrub: Callable[[str], str] = unchanged,
     ) -> None:
         self._metrics = metrics
         # Masks the configured secrets in error texts callers get (logs
         # have the redactor; a status's message went out as it was).
-        self._scrub = scrub or (lambda text: text)
+        self._scrub = scrub
         self._tokens = api_tokens
         self._activity = activity or Activity()
         self._max_in_flight = max_in_flight

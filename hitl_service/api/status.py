@@ -47,11 +47,12 @@ def _pack(message: object) -> any_pb2.Any:
     return packed
 
 
-def _unchanged(text: str) -> str:
+def unchanged(text: str) -> str:
+    """No scrubbing: ``to_status``'s default."""
     return text
 
 
-def to_status(error: HitlError, scrub: Callable[[str], str] = _unchanged) -> grpc.Status:
+def to_status(error: HitlError, scrub: Callable[[str], str] = unchanged) -> grpc.Status:
     """A ``grpc.Status`` carrying ErrorInfo and, for bad input, BadRequest.
 
     ``scrub`` masks secrets in the texts (before they are cut short, so no
